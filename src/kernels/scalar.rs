@@ -1,0 +1,98 @@
+//! Scalar reference kernels: the definition every SIMD kernel is tested against.
+//!
+//! Rounding is IEEE round-to-nearest-even everywhere. f32→bf16 sends every NaN to 0x7FC0 as
+//! PyTorch's `c10::BFloat16` does; f16 conversions follow the `half` crate, which matches the
+//! F16C instructions bit for bit (quiet NaNs keep their top payload bits). No fused
+//! multiply-add anywhere: the references we reproduce round between operations.
+
+use half::f16;
+
+#[inline]
+pub fn f16_bits_to_f32(h: u16) -> f32 {
+    f16::from_bits(h).to_f32()
+}
+
+#[inline]
+pub fn f32_to_f16_bits(x: f32) -> u16 {
+    f16::from_f32(x).to_bits()
+}
+
+#[inline]
+pub fn bf16_bits_to_f32(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
+}
+
+#[inline]
+pub fn f32_to_bf16_bits(x: f32) -> u16 {
+    if x.is_nan() {
+        return 0x7FC0;
+    }
+    let b = x.to_bits();
+    let rounding_bias = 0x7FFF + ((b >> 16) & 1);
+    ((b + rounding_bias) >> 16) as u16
+}
+
+pub fn f16_to_f32(src: &[u16], dst: &mut [f32]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = f16_bits_to_f32(s);
+    }
+}
+
+pub fn bf16_to_f32(src: &[u16], dst: &mut [f32]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = bf16_bits_to_f32(s);
+    }
+}
+
+pub fn f32_to_f16(src: &[f32], dst: &mut [u16]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = f32_to_f16_bits(s);
+    }
+}
+
+pub fn f32_to_bf16(src: &[f32], dst: &mut [u16]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = f32_to_bf16_bits(s);
+    }
+}
+
+/// BlockMerge's fp16 blend: `f16(f16(a·wa) + f16(b·wb))`, each product and the sum computed
+/// in f32 and rounded to fp16, as PyTorch does for fp16 tensors on the CPU.
+pub fn blend_f16(a: &[u16], b: &[u16], wa: f32, wb: f32, dst: &mut [u16]) {
+    for ((d, &x), &y) in dst.iter_mut().zip(a).zip(b) {
+        let px = f16_bits_to_f32(f32_to_f16_bits(f16_bits_to_f32(x) * wa));
+        let py = f16_bits_to_f32(f32_to_f16_bits(f16_bits_to_f32(y) * wb));
+        *d = f32_to_f16_bits(px + py);
+    }
+}
+
+/// `dst = a·wa + b·wb` in f32, each product rounded (no FMA).
+pub fn blend_f32(a: &[f32], b: &[f32], wa: f32, wb: f32, dst: &mut [f32]) {
+    for ((d, &x), &y) in dst.iter_mut().zip(a).zip(b) {
+        let px = x * wa;
+        let py = y * wb;
+        *d = px + py;
+    }
+}
+
+/// `dst += delta·s`, the product rounded before the add (PyTorch's `W += Δ * s`).
+pub fn add_scaled(dst: &mut [f32], delta: &[f32], s: f32) {
+    for (d, &x) in dst.iter_mut().zip(delta) {
+        let p = x * s;
+        *d += p;
+    }
+}
+
+/// Round f32 values to fp16 precision in place.
+pub fn round_f16(v: &mut [f32]) {
+    for x in v {
+        *x = f16_bits_to_f32(f32_to_f16_bits(*x));
+    }
+}
+
+/// Round f32 values to bf16 precision in place.
+pub fn round_bf16(v: &mut [f32]) {
+    for x in v {
+        *x = bf16_bits_to_f32(f32_to_bf16_bits(*x));
+    }
+}

@@ -1,0 +1,283 @@
+//! A checkpoint of any supported format: name → (file, dtype, shape, byte range).
+//!
+//! [`Model::open`] accepts a directory (single or sharded safetensors with
+//! `model.safetensors.index.json`) or a single checkpoint file, reads headers only, and
+//! validates everything that can be checked without tensor data. The rest of mergestream
+//! sees only [`TensorInfo`]s, so a new file format plugs in here and nowhere else.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use crate::dtype::DType;
+use crate::error::{Context, Error, Result};
+use crate::format::index::parse_index;
+use crate::format::safetensors::{header_len, parse_header};
+
+/// One tensor of a checkpoint, located in one of its files.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorInfo {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<u64>,
+    /// Index into [`Model::files`].
+    pub file: usize,
+    /// Absolute byte offset of the first element in the file.
+    pub offset: u64,
+    /// Bytes of data (contiguous, little-endian, row-major).
+    pub len: u64,
+}
+
+impl TensorInfo {
+    pub fn numel(&self) -> u64 {
+        self.shape.iter().product()
+    }
+
+    /// Rows for chunked processing: the first dimension (1 for a scalar).
+    pub fn rows(&self) -> u64 {
+        self.shape.first().copied().unwrap_or(1)
+    }
+
+    /// Elements in one row: the product of all dimensions but the first.
+    pub fn row_elems(&self) -> u64 {
+        self.shape.iter().skip(1).product()
+    }
+
+    pub fn row_bytes(&self) -> u64 {
+        self.row_elems() * self.dtype.bits() / 8
+    }
+}
+
+/// A checkpoint, opened and validated from its headers.
+#[derive(Debug)]
+pub struct Model {
+    /// The path the user gave.
+    pub path: PathBuf,
+    /// The folder holding config.json and tokenizer files.
+    pub dir: PathBuf,
+    pub files: Vec<PathBuf>,
+    tensors: Vec<TensorInfo>,
+    by_name: HashMap<String, usize>,
+}
+
+const SAFETENSORS_INDEX: &str = "model.safetensors.index.json";
+
+impl Model {
+    /// Open a checkpoint directory or file.
+    pub fn open(path: &Path) -> Result<Model> {
+        let meta = std::fs::metadata(path).map_err(|e| Error::io("cannot open", e).in_file(path))?;
+        if meta.is_file() {
+            let dir = path
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| PathBuf::from("."));
+            let tensors = read_file_tensors(path, 0)?;
+            return Model::assemble(path, dir, vec![path.to_path_buf()], tensors);
+        }
+        let index_path = path.join(SAFETENSORS_INDEX);
+        if index_path.is_file() {
+            return Model::open_indexed(path, &index_path);
+        }
+        let mut shards: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|e| Error::io("cannot list", e).in_file(path))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors") && p.is_file())
+            .collect();
+        shards.sort();
+        if shards.is_empty() {
+            return Err(Error::invalid(
+                "no checkpoint here: expected *.safetensors files (with model.safetensors.index.json when sharded)",
+            )
+            .in_file(path));
+        }
+        let mut tensors = Vec::new();
+        for (i, shard) in shards.iter().enumerate() {
+            tensors.extend(read_file_tensors(shard, i)?);
+        }
+        Model::assemble(path, path.to_path_buf(), shards, tensors)
+    }
+
+    fn open_indexed(dir: &Path, index_path: &Path) -> Result<Model> {
+        let text = std::fs::read_to_string(index_path)
+            .map_err(|e| Error::io("cannot read", e).in_file(index_path))?;
+        let index = parse_index(&text).in_file(index_path)?;
+        let shard_names = index.shards();
+        let mut files = Vec::with_capacity(shard_names.len());
+        let mut by_shard: HashMap<&str, usize> = HashMap::new();
+        let mut found: Vec<TensorInfo> = Vec::new();
+        for (i, name) in shard_names.iter().enumerate() {
+            let shard = dir.join(name);
+            if !shard.is_file() {
+                return Err(Error::invalid(format!(
+                    "the index names shard `{name}`, which does not exist"
+                ))
+                .in_file(index_path));
+            }
+            found.extend(read_file_tensors(&shard, i)?);
+            files.push(shard);
+            by_shard.insert(name, i);
+        }
+        // A tensor must live in exactly one listed shard, the one the index names.
+        let mut location: HashMap<&str, usize> = HashMap::with_capacity(found.len());
+        for (i, t) in found.iter().enumerate() {
+            if let Some(prev) = location.insert(t.name.as_str(), i) {
+                return Err(Error::invalid(format!(
+                    "tensor is stored in two shards: {} and {}",
+                    files[found[prev].file].display(),
+                    files[t.file].display()
+                ))
+                .at_tensor(&t.name)
+                .in_file(index_path));
+            }
+        }
+        let mut tensors = Vec::with_capacity(index.weight_map.len());
+        for (tensor, shard) in &index.weight_map {
+            let shard_idx = by_shard[shard.as_str()];
+            match location.get(tensor.as_str()) {
+                Some(&i) if found[i].file == shard_idx => tensors.push(found[i].clone()),
+                Some(&i) => {
+                    return Err(Error::invalid(format!(
+                        "the index maps it to `{shard}` but it is in `{}`",
+                        files[found[i].file].display()
+                    ))
+                    .at_tensor(tensor)
+                    .in_file(index_path));
+                }
+                None => {
+                    return Err(Error::invalid(format!(
+                        "the index maps it to `{shard}`, which does not contain it"
+                    ))
+                    .at_tensor(tensor)
+                    .in_file(index_path));
+                }
+            }
+        }
+        Model::assemble(dir, dir.to_path_buf(), files, tensors)
+    }
+
+    fn assemble(
+        path: &Path,
+        dir: PathBuf,
+        files: Vec<PathBuf>,
+        tensors: Vec<TensorInfo>,
+    ) -> Result<Model> {
+        let mut by_name = HashMap::with_capacity(tensors.len());
+        for (i, t) in tensors.iter().enumerate() {
+            if let Some(prev) = by_name.insert(t.name.clone(), i) {
+                return Err(Error::invalid(format!(
+                    "tensor is stored in two files: {} and {}",
+                    files[tensors[prev].file].display(),
+                    files[t.file].display()
+                ))
+                .at_tensor(&t.name)
+                .in_file(path));
+            }
+        }
+        if tensors.is_empty() {
+            return Err(Error::invalid("checkpoint holds no tensors").in_file(path));
+        }
+        Ok(Model {
+            path: path.to_path_buf(),
+            dir,
+            files,
+            tensors,
+            by_name,
+        })
+    }
+
+    pub fn tensors(&self) -> &[TensorInfo] {
+        &self.tensors
+    }
+
+    pub fn get(&self, name: &str) -> Option<&TensorInfo> {
+        self.by_name.get(name).map(|&i| &self.tensors[i])
+    }
+
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.by_name.get(name).copied()
+    }
+
+    pub fn tensor(&self, idx: usize) -> &TensorInfo {
+        &self.tensors[idx]
+    }
+
+    /// Total bytes of tensor data.
+    pub fn data_bytes(&self) -> u64 {
+        self.tensors.iter().map(|t| t.len).sum()
+    }
+
+    /// The model's config.json, if it has one.
+    pub fn config(&self) -> Result<Option<serde_json::Value>> {
+        let p = self.dir.join("config.json");
+        if !p.is_file() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&p).map_err(|e| Error::io("cannot read", e).in_file(&p))?;
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| Error::invalid(format!("config.json is not valid JSON: {e}")).in_file(&p))
+    }
+
+    /// The dtype most of the model's float tensors have (the model's "torch_dtype").
+    pub fn main_dtype(&self) -> Option<DType> {
+        let mut bytes: HashMap<DType, u64> = HashMap::new();
+        for t in &self.tensors {
+            if t.dtype.is_computable() {
+                *bytes.entry(t.dtype).or_default() += t.len;
+            }
+        }
+        bytes.into_iter().max_by_key(|&(d, b)| (b, d)).map(|(d, _)| d)
+    }
+}
+
+/// Read the tensor list of one checkpoint file, dispatching on its format.
+fn read_file_tensors(path: &Path, file_idx: usize) -> Result<Vec<TensorInfo>> {
+    let mut f = File::open(path).map_err(|e| Error::io("cannot open", e).in_file(path))?;
+    let len = f
+        .metadata()
+        .map_err(|e| Error::io("cannot stat", e).in_file(path))?
+        .len();
+    let is_bin = path.extension().is_some_and(|x| x == "bin" || x == "pt" || x == "pth");
+    if is_bin {
+        return Err(Error::invalid(
+            "PyTorch .bin checkpoints are not readable yet; convert to safetensors first",
+        )
+        .in_file(path));
+    }
+    read_safetensors(&mut f, len, file_idx).in_file(path)
+}
+
+fn read_safetensors(f: &mut File, len: u64, file_idx: usize) -> Result<Vec<TensorInfo>> {
+    let mut prefix = [0u8; 8];
+    let got = read_up_to(f, &mut prefix).map_err(|e| Error::io("cannot read", e))?;
+    let n = header_len(&prefix[..got], len)?;
+    let mut bytes = vec![0u8; 8 + n as usize];
+    bytes[..8].copy_from_slice(&prefix);
+    f.read_exact(&mut bytes[8..])
+        .map_err(|e| Error::io("cannot read header", e))?;
+    let header = parse_header(&bytes, len)?;
+    Ok(header
+        .tensors
+        .into_iter()
+        .map(|t| TensorInfo {
+            name: t.name,
+            dtype: t.dtype,
+            shape: t.shape,
+            file: file_idx,
+            offset: header.data_start + t.begin,
+            len: t.end - t.begin,
+        })
+        .collect())
+}
+
+fn read_up_to(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match f.read(&mut buf[got..])? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    Ok(got)
+}

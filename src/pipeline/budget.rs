@@ -1,0 +1,110 @@
+//! A byte budget: a counting semaphore over bytes of working memory.
+//!
+//! The reader takes a [`Permit`] for each chunk before reading it; the permit travels with
+//! the chunk and is released when the writer has written it. So input buffers, f32 working
+//! space and output bytes in flight never exceed the budget, whatever the model size. A
+//! chunk larger than the whole budget waits until it is alone.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+#[derive(Debug)]
+pub struct Budget {
+    capacity: u64,
+    state: Mutex<State>,
+    freed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    used: u64,
+    peak: u64,
+}
+
+/// Bytes held from the budget; returned on drop.
+#[derive(Debug)]
+pub struct Permit {
+    budget: Arc<Budget>,
+    bytes: u64,
+}
+
+impl Budget {
+    pub fn new(capacity: u64) -> Arc<Budget> {
+        Arc::new(Budget {
+            capacity: capacity.max(1),
+            state: Mutex::new(State::default()),
+            freed: Condvar::new(),
+        })
+    }
+
+    /// Wait for `bytes` (or the whole budget, for an oversized request). Returns `None` if
+    /// `cancel` is set while waiting.
+    pub fn acquire(self: &Arc<Self>, bytes: u64, cancel: &AtomicBool) -> Option<Permit> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if cancel.load(Ordering::Relaxed) {
+                return None;
+            }
+            let fits = st.used.saturating_add(bytes) <= self.capacity;
+            if fits || st.used == 0 {
+                st.used += bytes;
+                st.peak = st.peak.max(st.used);
+                return Some(Permit {
+                    budget: Arc::clone(self),
+                    bytes,
+                });
+            }
+            st = self
+                .freed
+                .wait_timeout(st, Duration::from_millis(50))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// The most bytes ever held at once.
+    pub fn peak(&self) -> u64 {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).peak
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let mut st = self.budget.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.used -= self.bytes;
+        drop(st);
+        self.budget.freed.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_until_released_and_admits_oversized_alone() {
+        let b = Budget::new(100);
+        let cancel = AtomicBool::new(false);
+        let p1 = b.acquire(60, &cancel).unwrap();
+        let b2 = Arc::clone(&b);
+        let t = std::thread::spawn(move || {
+            let c = AtomicBool::new(false);
+            let _p = b2.acquire(60, &c).unwrap();
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!t.is_finished());
+        drop(p1);
+        t.join().unwrap();
+        let big = b.acquire(500, &cancel).unwrap();
+        assert_eq!(b.peak(), 500);
+        drop(big);
+        cancel.store(true, Ordering::Relaxed);
+        let _hold = Budget::new(10);
+        assert!(b.acquire(1, &cancel).is_none());
+    }
+}

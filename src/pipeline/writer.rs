@@ -1,0 +1,67 @@
+//! Writing shards in place: each file is created at its final size with its header first,
+//! and chunks are written at their planned offsets (`pwrite`) in whatever order they come,
+//! so no shard is ever buffered in memory.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::plan::Shard;
+
+pub struct ShardFiles {
+    files: Vec<(PathBuf, File)>,
+}
+
+impl ShardFiles {
+    /// Create every shard in `dir`, reserve its space and write its header.
+    pub fn create(dir: &Path, shards: &[Shard]) -> Result<ShardFiles> {
+        let mut files = Vec::with_capacity(shards.len());
+        for s in shards {
+            let path = dir.join(&s.file_name);
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .map_err(|e| Error::io("cannot create", e).in_file(&path))?;
+            reserve(&f, s.size).map_err(|e| Error::io("cannot reserve space", e).in_file(&path))?;
+            f.write_all_at(&s.header, 0)
+                .map_err(|e| Error::io("write failed", e).in_file(&path))?;
+            files.push((path, f));
+        }
+        Ok(ShardFiles { files })
+    }
+
+    pub fn write_at(&self, shard: usize, offset: u64, bytes: &[u8]) -> Result<()> {
+        let (path, f) = &self.files[shard];
+        f.write_all_at(bytes, offset)
+            .map_err(|e| Error::io("write failed", e).in_file(path))
+    }
+
+    /// Flush every shard to disk: one fsync per shard.
+    pub fn sync(&self) -> Result<()> {
+        for (path, f) in &self.files {
+            f.sync_all().map_err(|e| Error::io("fsync failed", e).in_file(path))?;
+        }
+        Ok(())
+    }
+}
+
+/// Give the file its final size, allocating the blocks now so a full disk fails here with
+/// a clear error rather than halfway through the run.
+fn reserve(f: &File, size: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    if size == 0 {
+        return Ok(());
+    }
+    let len = libc::off_t::try_from(size).map_err(|_| std::io::Error::other("file too large"))?;
+    // SAFETY: a valid open file descriptor and a non-negative length.
+    let rc = unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, len) };
+    match rc {
+        0 => Ok(()),
+        // Filesystems without fallocate: fall back to a sparse file of the right size.
+        libc::EOPNOTSUPP | libc::EINVAL => f.set_len(size),
+        e => Err(std::io::Error::from_raw_os_error(e)),
+    }
+}
