@@ -13,14 +13,20 @@ use mergestream::output;
 use mergestream::pipeline::reader::IoMode;
 use mergestream::pipeline::{INTERRUPTED, RunOptions, default_memory_limit};
 use mergestream::plan::Plan;
-use mergestream::plan::blockmerge::{BlockMergeOptions, Operation, Schedule, YamlConfig, plan_blockmerge};
+use mergestream::plan::blockmerge::{
+    BlockMergeOptions, Operation, Schedule, YamlConfig, plan_blockmerge,
+};
 use mergestream::plan::gradient::parse_gradient_list;
 use mergestream::plan::lora::LoraSpec;
 use mergestream::plan::lora_merge::{LoraOptions, plan_lora};
 use mergestream::units::{human, parse_size};
 
 #[derive(Parser)]
-#[command(name = "mergestream", version, about = "Merge LLM checkpoints by streaming them one tensor at a time")]
+#[command(
+    name = "mergestream",
+    version,
+    about = "Merge LLM checkpoints by streaming them one tensor at a time"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -77,7 +83,11 @@ struct BlockMergeArgs {
     #[arg(long = "output_model_path", alias = "output-model-path", short = 'o')]
     output_model_path: Option<PathBuf>,
     /// Gradient values, e.g. "[0.9,0.0]": model2's share along the selected tensors.
-    #[arg(long = "gradient_values", alias = "gradient-values", allow_hyphen_values = true)]
+    #[arg(
+        long = "gradient_values",
+        alias = "gradient-values",
+        allow_hyphen_values = true
+    )]
     gradient_values: Option<String>,
     /// Only blend tensors whose names contain "layer".
     #[arg(long = "layer_only", alias = "layer-only")]
@@ -100,12 +110,22 @@ struct BlockMergeArgs {
     /// LoRA adapter applied to model1 first (as a saved PEFT merge would be).
     #[arg(long)]
     lora1: Option<PathBuf>,
-    #[arg(long = "lora1-weight", alias = "lora1_weight", default_value_t = 1.0, allow_hyphen_values = true)]
+    #[arg(
+        long = "lora1-weight",
+        alias = "lora1_weight",
+        default_value_t = 1.0,
+        allow_hyphen_values = true
+    )]
     lora1_weight: f64,
     /// LoRA adapter applied to model2 first (as a saved PEFT merge would be).
     #[arg(long)]
     lora2: Option<PathBuf>,
-    #[arg(long = "lora2-weight", alias = "lora2_weight", default_value_t = 1.0, allow_hyphen_values = true)]
+    #[arg(
+        long = "lora2-weight",
+        alias = "lora2_weight",
+        default_value_t = 1.0,
+        allow_hyphen_values = true
+    )]
     lora2_weight: f64,
     #[command(flatten)]
     common: Common,
@@ -178,7 +198,9 @@ fn out_dtype(c: &Common) -> Result<Option<DType>> {
         .as_deref()
         .map(|s| {
             DType::parse_float(s).ok_or_else(|| {
-                Error::usage(format!("--out-dtype `{s}`: expected float16, bfloat16 or float32"))
+                Error::usage(format!(
+                    "--out-dtype `{s}`: expected float16, bfloat16 or float32"
+                ))
             })
         })
         .transpose()
@@ -208,13 +230,15 @@ fn blockmerge_plan(a: &BlockMergeArgs) -> Result<(Plan, PathBuf)> {
         }
         None => {
             let need = |v: &Option<PathBuf>, flag: &str| {
-                v.clone().ok_or_else(|| Error::usage(format!("{flag} is required (or --config)")))
+                v.clone()
+                    .ok_or_else(|| Error::usage(format!("{flag} is required (or --config)")))
             };
             let text = a
                 .gradient_values
                 .as_deref()
                 .ok_or_else(|| Error::usage("--gradient_values is required (or --config)"))?;
-            let values = parse_gradient_list(text).map_err(|e| Error::invalid(format!("--gradient_values: {e}")))?;
+            let values = parse_gradient_list(text)
+                .map_err(|e| Error::invalid(format!("--gradient_values: {e}")))?;
             (
                 need(&a.model_path1, "--model_path1")?,
                 need(&a.model_path2, "--model_path2")?,

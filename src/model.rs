@@ -66,7 +66,8 @@ const SAFETENSORS_INDEX: &str = "model.safetensors.index.json";
 impl Model {
     /// Open a checkpoint directory or file.
     pub fn open(path: &Path) -> Result<Model> {
-        let meta = std::fs::metadata(path).map_err(|e| Error::io("cannot open", e).in_file(path))?;
+        let meta =
+            std::fs::metadata(path).map_err(|e| Error::io("cannot open", e).in_file(path))?;
         if meta.is_file() {
             let dir = path
                 .parent()
@@ -213,7 +214,8 @@ impl Model {
         if !p.is_file() {
             return Ok(None);
         }
-        let text = std::fs::read_to_string(&p).map_err(|e| Error::io("cannot read", e).in_file(&p))?;
+        let text =
+            std::fs::read_to_string(&p).map_err(|e| Error::io("cannot read", e).in_file(&p))?;
         serde_json::from_str(&text)
             .map(Some)
             .map_err(|e| Error::invalid(format!("config.json is not valid JSON: {e}")).in_file(&p))
@@ -227,7 +229,10 @@ impl Model {
                 *bytes.entry(t.dtype).or_default() += t.len;
             }
         }
-        bytes.into_iter().max_by_key(|&(d, b)| (b, d)).map(|(d, _)| d)
+        bytes
+            .into_iter()
+            .max_by_key(|&(d, b)| (b, d))
+            .map(|(d, _)| d)
     }
 }
 
@@ -238,7 +243,9 @@ fn read_file_tensors(path: &Path, file_idx: usize) -> Result<Vec<TensorInfo>> {
         .metadata()
         .map_err(|e| Error::io("cannot stat", e).in_file(path))?
         .len();
-    let is_bin = path.extension().is_some_and(|x| x == "bin" || x == "pt" || x == "pth");
+    let is_bin = path
+        .extension()
+        .is_some_and(|x| x == "bin" || x == "pt" || x == "pth");
     if is_bin {
         return Err(Error::invalid(
             "PyTorch .bin checkpoints are not readable yet; convert to safetensors first",

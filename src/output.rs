@@ -27,8 +27,9 @@ impl Staging {
             return Err(Error::usage("the output path is empty"));
         }
         if fs::symlink_metadata(target).is_ok() && !force {
-            return Err(Error::invalid("output already exists; pass --force to replace it")
-                .in_file(target));
+            return Err(
+                Error::invalid("output already exists; pass --force to replace it").in_file(target),
+            );
         }
         let name = target
             .file_name()
@@ -38,7 +39,9 @@ impl Staging {
             _ => PathBuf::from("."),
         };
         if !parent.is_dir() {
-            return Err(Error::invalid("the output's parent folder does not exist").in_file(&parent));
+            return Err(
+                Error::invalid("the output's parent folder does not exist").in_file(&parent)
+            );
         }
         let dir = tempfile::Builder::new()
             .prefix(&format!(".{}.mergestream-", name.to_string_lossy()))
@@ -77,7 +80,11 @@ impl Staging {
             return Err(Error::io("cannot move the output into place", e).in_file(target));
         }
         if let Some(b) = backup {
-            let _ = if b.is_dir() { fs::remove_dir_all(&b) } else { fs::remove_file(&b) };
+            let _ = if b.is_dir() {
+                fs::remove_dir_all(&b)
+            } else {
+                fs::remove_file(&b)
+            };
         }
         Ok(())
     }
@@ -93,7 +100,9 @@ pub fn check_not_an_input(plan: &Plan, target: &Path) -> Result<()> {
             if let Ok(c) = fs::canonicalize(f)
                 && (c == t || c.starts_with(&t))
             {
-                return Err(Error::usage("the output would replace one of the inputs").in_file(target));
+                return Err(
+                    Error::usage("the output would replace one of the inputs").in_file(target)
+                );
             }
         }
     }
@@ -133,7 +142,10 @@ pub fn write_extras(plan: &Plan, dir: &Path) -> Result<()> {
             "metadata": {"total_size": total},
             "weight_map": serde_json::Value::Object(map),
         });
-        write_file(&dir.join("model.safetensors.index.json"), &config_bytes(&index))?;
+        write_file(
+            &dir.join("model.safetensors.index.json"),
+            &config_bytes(&index),
+        )?;
     }
     if let Some(cfg) = &plan.outputs.config {
         write_file(&dir.join("config.json"), &config_bytes(cfg))?;

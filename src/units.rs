@@ -14,7 +14,9 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     let (num, unit) = s.split_at(split);
     let unit = unit.trim();
     if num.is_empty() {
-        return Err(format!("`{text}` is not a size (expected e.g. 2000MiB, 5GB, 5B)"));
+        return Err(format!(
+            "`{text}` is not a size (expected e.g. 2000MiB, 5GB, 5B)"
+        ));
     }
     let value: f64 = num
         .parse()

@@ -50,7 +50,12 @@ impl ShardIndex {
 /// Parse and validate an index file's text.
 pub fn parse_index(text: &str) -> Result<ShardIndex, IndexError> {
     let raw = raw_object(text)?;
-    let Some(wm) = raw.into_iter().rev().find(|(k, _)| k == "weight_map").map(|(_, v)| v) else {
+    let Some(wm) = raw
+        .into_iter()
+        .rev()
+        .find(|(k, _)| k == "weight_map")
+        .map(|(_, v)| v)
+    else {
         return Err(IndexError::MissingWeightMap);
     };
     // Re-parse the weight_map with duplicates kept so a tensor listed twice is caught.
@@ -188,13 +193,19 @@ mod tests {
         assert_eq!(idx.weight_map.len(), 3);
         assert_eq!(
             idx.shards(),
-            vec!["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+            vec![
+                "model-00001-of-00002.safetensors",
+                "model-00002-of-00002.safetensors"
+            ]
         );
     }
 
     #[test]
     fn rejects_bad_indexes() {
-        assert_eq!(parse_index(r#"{"metadata":{}}"#), Err(IndexError::MissingWeightMap));
+        assert_eq!(
+            parse_index(r#"{"metadata":{}}"#),
+            Err(IndexError::MissingWeightMap)
+        );
         assert_eq!(parse_index("[]"), Err(IndexError::NotObject));
         assert!(matches!(parse_index("{"), Err(IndexError::Json(_))));
         assert_eq!(

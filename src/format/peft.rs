@@ -17,10 +17,7 @@ pub enum AdapterConfigError {
     #[error("adapter config lacks `{0}`")]
     Missing(&'static str),
     #[error("`{key}` must be {expected}")]
-    WrongType {
-        key: String,
-        expected: &'static str,
-    },
+    WrongType { key: String, expected: &'static str },
     #[error("`{0}` is set; this LoRA variant cannot be merged by mergestream yet")]
     Unsupported(String),
 }
@@ -204,7 +201,10 @@ pub fn classify_key(key: &str) -> AdapterKey {
     let k = key.strip_prefix("base_model.model.").unwrap_or(key);
     let module_of = |suffix: &str| k.strip_suffix(suffix).map(str::to_string);
     for (suffix, make) in [
-        (".lora_A.weight", AdapterKey::LinearA as fn(String) -> AdapterKey),
+        (
+            ".lora_A.weight",
+            AdapterKey::LinearA as fn(String) -> AdapterKey,
+        ),
         (".lora_B.weight", AdapterKey::LinearB),
         (".lora_embedding_A", AdapterKey::EmbeddingA),
         (".lora_embedding_B", AdapterKey::EmbeddingB),

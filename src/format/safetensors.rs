@@ -89,7 +89,9 @@ pub enum HeaderErrorKind {
     NotStartingAtZero(u64),
     #[error("gap in the data buffer: bytes {prev_end}..{begin} belong to no tensor")]
     Gap { prev_end: u64, begin: u64 },
-    #[error("data overlaps the previous tensor `{other}` (begins at {begin}, previous ends at {prev_end})")]
+    #[error(
+        "data overlaps the previous tensor `{other}` (begins at {begin}, previous ends at {prev_end})"
+    )]
     Overlap {
         other: String,
         begin: u64,
@@ -140,7 +142,8 @@ pub fn parse_header(bytes: &[u8], file_len: u64) -> Result<Header, HeaderError> 
     let json = bytes
         .get(8..data_start as usize)
         .ok_or_else(|| err(HeaderErrorKind::HeaderPastEnd { len: n, file_len }))?;
-    let text = std::str::from_utf8(json).map_err(|e| err(HeaderErrorKind::NotUtf8(e.valid_up_to())))?;
+    let text =
+        std::str::from_utf8(json).map_err(|e| err(HeaderErrorKind::NotUtf8(e.valid_up_to())))?;
     let raw = parse_raw_object(text)?;
 
     let data_len = file_len - data_start;
@@ -268,7 +271,10 @@ fn as_index(v: &Value) -> Result<u64, String> {
 fn parse_entry(name: &str, value: Value) -> Result<TensorEntry, HeaderError> {
     let e = |kind| tensor_err(name, kind);
     let Value::Object(map) = value else {
-        return Err(e(HeaderErrorKind::BadEntry(format!("found {}", kind_of(&value)))));
+        return Err(e(HeaderErrorKind::BadEntry(format!(
+            "found {}",
+            kind_of(&value)
+        ))));
     };
     let dtype = match map.get("dtype") {
         Some(Value::String(s)) => {
@@ -289,7 +295,10 @@ fn parse_entry(name: &str, value: Value) -> Result<TensorEntry, HeaderError> {
             .collect::<Result<Vec<u64>, String>>()
             .map_err(|m| e(HeaderErrorKind::BadShape(m)))?,
         Some(other) => {
-            return Err(e(HeaderErrorKind::BadShape(format!("found {}", kind_of(other)))));
+            return Err(e(HeaderErrorKind::BadShape(format!(
+                "found {}",
+                kind_of(other)
+            ))));
         }
         None => return Err(e(HeaderErrorKind::BadEntry("no shape".into()))),
     };
@@ -300,10 +309,16 @@ fn parse_entry(name: &str, value: Value) -> Result<TensorEntry, HeaderError> {
             (b, en)
         }
         Some(Value::Array(o)) => {
-            return Err(e(HeaderErrorKind::BadOffsets(format!("found {} values", o.len()))));
+            return Err(e(HeaderErrorKind::BadOffsets(format!(
+                "found {} values",
+                o.len()
+            ))));
         }
         Some(other) => {
-            return Err(e(HeaderErrorKind::BadOffsets(format!("found {}", kind_of(other)))));
+            return Err(e(HeaderErrorKind::BadOffsets(format!(
+                "found {}",
+                kind_of(other)
+            ))));
         }
         None => return Err(e(HeaderErrorKind::BadEntry("no data_offsets".into()))),
     };
@@ -339,7 +354,7 @@ pub fn byte_size(dtype: DType, shape: &[u64]) -> Result<u64, HeaderErrorKind> {
         .try_fold(1u64, |acc, &d| acc.checked_mul(d))
         .ok_or_else(overflow)?;
     let bits = numel.checked_mul(dtype.bits()).ok_or_else(overflow)?;
-    if bits % 8 != 0 {
+    if !bits.is_multiple_of(8) {
         return Err(HeaderErrorKind::FractionalBytes {
             shape: shape.to_vec(),
             dtype,
@@ -407,7 +422,10 @@ pub fn write_header(entries: &[OutEntry<'_>]) -> Vec<u8> {
     map.insert("__metadata__".into(), Value::Object(meta));
     for e in entries {
         let mut t = serde_json::Map::new();
-        t.insert("dtype".into(), Value::String(e.dtype.safetensors_name().into()));
+        t.insert(
+            "dtype".into(),
+            Value::String(e.dtype.safetensors_name().into()),
+        );
         t.insert(
             "shape".into(),
             Value::Array(e.shape.iter().map(|&d| Value::from(d)).collect()),
@@ -419,7 +437,7 @@ pub fn write_header(entries: &[OutEntry<'_>]) -> Vec<u8> {
         map.insert(e.name.to_string(), Value::Object(t));
     }
     let mut json = Value::Object(map).to_string().into_bytes();
-    while (8 + json.len()) % 8 != 0 {
+    while !(8 + json.len()).is_multiple_of(8) {
         json.push(b' ');
     }
     let mut out = Vec::with_capacity(8 + json.len());
@@ -480,35 +498,59 @@ mod tests {
         ));
         let t = |s: &str, n| parse(&file(s, n));
         assert_eq!(
-            t(r#"{"a":{"dtype":"Q8","shape":[1],"data_offsets":[0,1]}}"#, 1),
+            t(
+                r#"{"a":{"dtype":"Q8","shape":[1],"data_offsets":[0,1]}}"#,
+                1
+            ),
             Err(K::UnknownDtype("Q8".into()))
         );
         assert!(matches!(
-            t(r#"{"a":{"dtype":"U8","shape":[-1],"data_offsets":[0,1]}}"#, 1),
+            t(
+                r#"{"a":{"dtype":"U8","shape":[-1],"data_offsets":[0,1]}}"#,
+                1
+            ),
             Err(K::BadShape(_))
         ));
         assert!(matches!(
-            t(r#"{"a":{"dtype":"U8","shape":[1.5],"data_offsets":[0,1]}}"#, 1),
+            t(
+                r#"{"a":{"dtype":"U8","shape":[1.5],"data_offsets":[0,1]}}"#,
+                1
+            ),
             Err(K::BadShape(_))
         ));
         assert!(matches!(
-            t(r#"{"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,1]}}"#, 1),
+            t(
+                r#"{"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,1]}}"#,
+                1
+            ),
             Err(K::ShapeOverflow { .. })
         ));
         assert!(matches!(
-            t(r#"{"a":{"dtype":"F4","shape":[3],"data_offsets":[0,1]}}"#, 1),
+            t(
+                r#"{"a":{"dtype":"F4","shape":[3],"data_offsets":[0,1]}}"#,
+                1
+            ),
             Err(K::FractionalBytes { .. })
         ));
         assert!(matches!(
-            t(r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[1,0]}}"#, 1),
+            t(
+                r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[1,0]}}"#,
+                1
+            ),
             Err(K::ReversedOffsets { .. })
         ));
         assert!(matches!(
-            t(r#"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,1]}}"#, 1),
+            t(
+                r#"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,1]}}"#,
+                1
+            ),
             Err(K::SizeMismatch { .. })
         ));
         assert!(matches!(
-            t(r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#, 2),
+            t(
+                r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#,
+                2
+            ),
             Err(K::NotStartingAtZero(1))
         ));
         assert!(matches!(
@@ -526,11 +568,17 @@ mod tests {
             Err(K::Overlap { .. })
         ));
         assert!(matches!(
-            t(r#"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}}"#, 1),
+            t(
+                r#"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}}"#,
+                1
+            ),
             Err(K::PastEnd { .. })
         ));
         assert_eq!(
-            t(r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#, 3),
+            t(
+                r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#,
+                3
+            ),
             Err(K::TrailingBytes(2))
         );
     }
@@ -550,6 +598,9 @@ mod tests {
         bytes.extend_from_slice(&[0u8; 12]);
         let h = parse_header(&bytes, bytes.len() as u64).unwrap();
         assert_eq!(h.tensors[0].shape, vec![2, 3]);
-        assert_eq!(h.metadata, Some(vec![("format".to_string(), "pt".to_string())]));
+        assert_eq!(
+            h.metadata,
+            Some(vec![("format".to_string(), "pt".to_string())])
+        );
     }
 }

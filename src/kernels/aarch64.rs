@@ -146,7 +146,10 @@ pub(super) fn round_bf16_neon(v: &mut [f32]) {
         // SAFETY: i + 4 <= n.
         unsafe {
             let r = bf16_round_neon(vld1q_f32(v.as_ptr().add(i)));
-            vst1q_f32(v.as_mut_ptr().add(i), vreinterpretq_f32_u32(vshlq_n_u32::<16>(r)));
+            vst1q_f32(
+                v.as_mut_ptr().add(i),
+                vreinterpretq_f32_u32(vshlq_n_u32::<16>(r)),
+            );
         }
         i += 4;
     }

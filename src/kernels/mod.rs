@@ -5,16 +5,18 @@
 //! called. Every kernel set is tested against the scalar reference (see `tests` below and
 //! `benches/kernels.rs` for speed).
 
+#[cfg(target_arch = "aarch64")]
+mod aarch64;
 pub mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86_64;
-#[cfg(target_arch = "aarch64")]
-mod aarch64;
 
 use std::sync::OnceLock;
 
 #[cfg(target_endian = "big")]
-compile_error!("mergestream reads little-endian tensor data in place and needs a little-endian CPU");
+compile_error!(
+    "mergestream reads little-endian tensor data in place and needs a little-endian CPU"
+);
 
 /// One implementation of every kernel.
 #[derive(Clone, Copy)]
@@ -152,7 +154,10 @@ mod tests {
     }
 
     fn half_inputs(seed: u64, n: usize) -> Vec<u16> {
-        bits(seed, n).into_iter().map(|b| (b >> 17) as u16).collect()
+        bits(seed, n)
+            .into_iter()
+            .map(|b| (b >> 17) as u16)
+            .collect()
     }
 
     /// Every kernel of every set against the scalar reference, on lengths 0..=67 and
@@ -173,10 +178,20 @@ mod tests {
                     let mut got = vec![0f32; len];
                     scalar::f16_to_f32(h1, &mut want);
                     (k.f16_to_f32)(h1, &mut got);
-                    assert_eq!(bits32(&want), bits32(&got), "{} f16_to_f32 len {len}", k.name);
+                    assert_eq!(
+                        bits32(&want),
+                        bits32(&got),
+                        "{} f16_to_f32 len {len}",
+                        k.name
+                    );
                     scalar::bf16_to_f32(h1, &mut want);
                     (k.bf16_to_f32)(h1, &mut got);
-                    assert_eq!(bits32(&want), bits32(&got), "{} bf16_to_f32 len {len}", k.name);
+                    assert_eq!(
+                        bits32(&want),
+                        bits32(&got),
+                        "{} bf16_to_f32 len {len}",
+                        k.name
+                    );
 
                     let mut want16 = vec![0u16; len];
                     let mut got16 = vec![0u16; len];
@@ -193,25 +208,45 @@ mod tests {
                         assert_eq!(want16, got16, "{} blend_f16 len {len}", k.name);
                         scalar::blend_f32(f1, f2, wa, wb, &mut want);
                         (k.blend_f32)(f1, f2, wa, wb, &mut got);
-                        assert_eq!(bits32(&want), bits32(&got), "{} blend_f32 len {len}", k.name);
+                        assert_eq!(
+                            bits32(&want),
+                            bits32(&got),
+                            "{} blend_f32 len {len}",
+                            k.name
+                        );
                     }
 
                     let mut want = f1.to_vec();
                     let mut got = f1.to_vec();
                     scalar::add_scaled(&mut want, f2, 0.37);
                     (k.add_scaled)(&mut got, f2, 0.37);
-                    assert_eq!(bits32(&want), bits32(&got), "{} add_scaled len {len}", k.name);
+                    assert_eq!(
+                        bits32(&want),
+                        bits32(&got),
+                        "{} add_scaled len {len}",
+                        k.name
+                    );
 
                     let mut want = f1.to_vec();
                     let mut got = f1.to_vec();
                     scalar::round_f16(&mut want);
                     (k.round_f16)(&mut got);
-                    assert_eq!(bits32(&want), bits32(&got), "{} round_f16 len {len}", k.name);
+                    assert_eq!(
+                        bits32(&want),
+                        bits32(&got),
+                        "{} round_f16 len {len}",
+                        k.name
+                    );
                     let mut want = f1.to_vec();
                     let mut got = f1.to_vec();
                     scalar::round_bf16(&mut want);
                     (k.round_bf16)(&mut got);
-                    assert_eq!(bits32(&want), bits32(&got), "{} round_bf16 len {len}", k.name);
+                    assert_eq!(
+                        bits32(&want),
+                        bits32(&got),
+                        "{} round_bf16 len {len}",
+                        k.name
+                    );
                 }
             }
         }

@@ -105,12 +105,12 @@ fn blend_f16_avx2_imp(a: &[u16], b: &[u16], wa: f32, wb: f32, dst: &mut [u16]) {
         unsafe {
             let x = _mm256_cvtph_ps(_mm_loadu_si128(a.as_ptr().add(i) as *const __m128i));
             let y = _mm256_cvtph_ps(_mm_loadu_si128(b.as_ptr().add(i) as *const __m128i));
-            let px = _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(
-                _mm256_mul_ps(x, va),
-            ));
-            let py = _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(
-                _mm256_mul_ps(y, vb),
-            ));
+            let px = _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_mul_ps(
+                x, va,
+            )));
+            let py = _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_mul_ps(
+                y, vb,
+            )));
             let s = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_add_ps(px, py));
             _mm_storeu_si128(dst.as_mut_ptr().add(i) as *mut __m128i, s);
         }
@@ -342,7 +342,10 @@ fn round_f16_avx512_imp(v: &mut [f32]) {
         // SAFETY: i + 16 <= n.
         unsafe {
             let x = _mm512_loadu_ps(v.as_ptr().add(i));
-            _mm512_storeu_ps(v.as_mut_ptr().add(i), _mm512_cvtph_ps(_mm512_cvtps_ph::<R>(x)));
+            _mm512_storeu_ps(
+                v.as_mut_ptr().add(i),
+                _mm512_cvtph_ps(_mm512_cvtps_ph::<R>(x)),
+            );
         }
         i += 16;
     }

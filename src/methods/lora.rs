@@ -25,7 +25,14 @@ fn to_f32(bytes: &[u8], dtype: DType, n: usize) -> Vec<f32> {
 }
 
 /// Δ for rows `r0..r0+nrows` of the weight, written row-major into `delta` (nrows × cols).
-pub fn delta_rows(p: &LoraPatch, d: &PatchData<'_>, r0: usize, nrows: usize, cols: usize, delta: &mut [f32]) {
+pub fn delta_rows(
+    p: &LoraPatch,
+    d: &PatchData<'_>,
+    r0: usize,
+    nrows: usize,
+    cols: usize,
+    delta: &mut [f32],
+) {
     let [rank, a_cols] = d.a_shape;
     let [b_rows, _] = d.b_shape;
     let a = to_f32(d.a, d.a_dtype, rank * a_cols);
@@ -88,7 +95,14 @@ pub fn delta_rows(p: &LoraPatch, d: &PatchData<'_>, r0: usize, nrows: usize, col
 }
 
 /// Apply one patch to `w` (nrows × cols f32 values of rows `r0..`).
-pub fn apply(p: &LoraPatch, d: &PatchData<'_>, r0: usize, nrows: usize, cols: usize, w: &mut [f32]) {
+pub fn apply(
+    p: &LoraPatch,
+    d: &PatchData<'_>,
+    r0: usize,
+    nrows: usize,
+    cols: usize,
+    w: &mut [f32],
+) {
     let k = active();
     let mut delta = vec![0f32; nrows * cols];
     delta_rows(p, d, r0, nrows, cols, &mut delta);
@@ -108,7 +122,11 @@ pub fn apply(p: &LoraPatch, d: &PatchData<'_>, r0: usize, nrows: usize, cols: us
         // DoRA: rescale each row of V = W + Δ to the learned magnitude.
         let m = to_f32(mbytes, mdtype, r0 + nrows);
         for (row, v) in w.chunks_mut(cols.max(1)).enumerate() {
-            let norm = v.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt() as f32;
+            let norm = v
+                .iter()
+                .map(|&x| (x as f64) * (x as f64))
+                .sum::<f64>()
+                .sqrt() as f32;
             let factor = m[r0 + row] / norm;
             for x in v.iter_mut() {
                 *x *= factor;

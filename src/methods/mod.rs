@@ -51,7 +51,14 @@ pub fn compute_chunk(
             let wb = *ratio as f32;
             let a = operand_f16(plan, &operands[0], &data[0], rows.start, nrows, cols);
             let m = blend_rows(&operands[1], &rows, cols);
-            let b = operand_f16(plan, &operands[1], &data[1], rows.start, m / cols.max(1), cols);
+            let b = operand_f16(
+                plan,
+                &operands[1],
+                &data[1],
+                rows.start,
+                m / cols.max(1),
+                cols,
+            );
             let mut out = vec![0u16; n];
             (k.blend_f16)(&a[..m], &b[..m], wa, wb, &mut out[..m]);
             out[m..].copy_from_slice(&a[m..]);
@@ -62,7 +69,14 @@ pub fn compute_chunk(
             let wb = *ratio as f32;
             let a = operand_f32(plan, &operands[0], &data[0], rows.start, nrows, cols);
             let m = blend_rows(&operands[1], &rows, cols);
-            let b = operand_f32(plan, &operands[1], &data[1], rows.start, m / cols.max(1), cols);
+            let b = operand_f32(
+                plan,
+                &operands[1],
+                &data[1],
+                rows.start,
+                m / cols.max(1),
+                cols,
+            );
             let mut out = a.clone();
             (k.blend_f32)(&a[..m], &b[..m], wa, wb, &mut out[..m]);
             encode(step.dtype, &out)
@@ -70,7 +84,14 @@ pub fn compute_chunk(
         Method::BlendChain { ratios } => {
             let mut cur = operand_f32(plan, &operands[0], &data[0], rows.start, nrows, cols);
             let m = blend_rows(&operands[1], &rows, cols);
-            let b = operand_f32(plan, &operands[1], &data[1], rows.start, m / cols.max(1), cols);
+            let b = operand_f32(
+                plan,
+                &operands[1],
+                &data[1],
+                rows.start,
+                m / cols.max(1),
+                cols,
+            );
             let mut next = vec![0f32; m];
             for r in ratios {
                 (k.blend_f32)(&cur[..m], &b, (1.0 - r) as f32, *r as f32, &mut next);

@@ -83,7 +83,11 @@ pub fn rows_per_chunk(plan: &Plan, step: &Step, target: u64) -> u64 {
     let one = plan.chunk_cost(step, 1);
     let per_row = plan.chunk_cost(step, 2).saturating_sub(one).max(1);
     let fixed = one.saturating_sub(per_row);
-    let fit = if fixed < target { (target - fixed) / per_row } else { target / per_row };
+    let fit = if fixed < target {
+        (target - fixed) / per_row
+    } else {
+        target / per_row
+    };
     fit.clamp(1, rows)
 }
 

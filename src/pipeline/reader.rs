@@ -127,14 +127,14 @@ pub fn is_network_fs(path: &Path) -> bool {
         return false;
     }
     const NETWORK: &[i64] = &[
-        0x6969,              // NFS
-        0x517B,              // SMB
+        0x6969,                // NFS
+        0x517B,                // SMB
         0xFE53_4D42u32 as i64, // SMB2
         0xFF53_4D42u32 as i64, // CIFS
-        0x6573_5546,         // FUSE
-        0x0102_1997,         // 9p
-        0x00C3_6400,         // Ceph
-        0x0BD0_0BD0,         // Lustre
+        0x6573_5546,           // FUSE
+        0x0102_1997,           // 9p
+        0x00C3_6400,           // Ceph
+        0x0BD0_0BD0,           // Lustre
     ];
     #[allow(clippy::unnecessary_cast)]
     let t = st.f_type as i64;

@@ -42,7 +42,8 @@ impl ShardFiles {
     /// Flush every shard to disk: one fsync per shard.
     pub fn sync(&self) -> Result<()> {
         for (path, f) in &self.files {
-            f.sync_all().map_err(|e| Error::io("fsync failed", e).in_file(path))?;
+            f.sync_all()
+                .map_err(|e| Error::io("fsync failed", e).in_file(path))?;
         }
         Ok(())
     }

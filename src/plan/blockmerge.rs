@@ -57,8 +57,8 @@ pub struct YamlConfig {
 
 impl YamlConfig {
     pub fn load(path: &Path) -> Result<YamlConfig> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::io("cannot read", e).in_file(path))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| Error::io("cannot read", e).in_file(path))?;
         let cfg: YamlConfig = serde_yaml_ng::from_str(&text)
             .map_err(|e| Error::invalid(format!("invalid config: {e}")).in_file(path))?;
         if cfg.operations.is_empty() {
@@ -99,9 +99,13 @@ pub struct BlockMergeOptions {
 
 /// `model2`'s tensor for a key: its own, or (tied embeddings) the embedding for lm_head.
 fn lookup(model: &Model, tied: bool, name: &str) -> Option<usize> {
-    model
-        .index_of(name)
-        .or_else(|| if tied && name == LM_HEAD { model.index_of(EMBED) } else { None })
+    model.index_of(name).or_else(|| {
+        if tied && name == LM_HEAD {
+            model.index_of(EMBED)
+        } else {
+            None
+        }
+    })
 }
 
 /// Whether a model ties lm_head to the embedding (so state_dict() lists lm_head.weight
@@ -208,8 +212,11 @@ pub fn plan_blockmerge(opts: &BlockMergeOptions) -> Result<Plan> {
             chains[i].push(r);
         }
     }
-    let key_index: HashMap<&str, usize> =
-        keys.iter().enumerate().map(|(i, k)| (k.as_str(), i)).collect();
+    let key_index: HashMap<&str, usize> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| (k.as_str(), i))
+        .collect();
 
     let mut steps = Vec::with_capacity(m1.tensors().len());
     for (ki, name) in keys.iter().enumerate() {
@@ -227,7 +234,15 @@ pub fn plan_blockmerge(opts: &BlockMergeOptions) -> Result<Plan> {
             let t = model.tensor(idx);
             let mut op = effects[side]
                 .operand(model, side, &t.name)
-                .unwrap_or_else(|| Operand::plain(TensorRef { source: side, tensor: idx }, t.rows()));
+                .unwrap_or_else(|| {
+                    Operand::plain(
+                        TensorRef {
+                            source: side,
+                            tensor: idx,
+                        },
+                        t.rows(),
+                    )
+                });
             let patched = !op.patches.is_empty() || op.load_as.is_some();
             let mut all = Vec::new();
             if patched && !opts.precise {
@@ -240,13 +255,12 @@ pub fn plan_blockmerge(opts: &BlockMergeOptions) -> Result<Plan> {
         let half: &[DType] = if reproduce { &[DType::F16] } else { &[] };
         let recipe = if chain.is_empty() {
             let op1 = operand(0, m1, i1, half);
-            if !t1.dtype.is_computable() {
-                Recipe::Copy(op1.tensor)
-            } else if op1.patches.is_empty()
+            let untouched = op1.patches.is_empty()
                 && op1.load_as.is_none()
                 && op1.roundings.is_empty()
-                && t1.dtype == out_dtype
-            {
+                && t1.dtype == out_dtype;
+            // Non-float tensors (e.g. integer buffers) pass through as model.half() leaves them.
+            if !t1.dtype.is_computable() || untouched {
                 Recipe::Copy(op1.tensor)
             } else {
                 Recipe::Compute {
@@ -305,7 +319,11 @@ pub fn plan_blockmerge(opts: &BlockMergeOptions) -> Result<Plan> {
             m1.path.display(),
             m2.path.display(),
             op.gradient_values,
-            if reproduce { " (fp16 reproduction)" } else { " (f32, rounded once)" }
+            if reproduce {
+                " (fp16 reproduction)"
+            } else {
+                " (f32, rounded once)"
+            }
         ),
         Schedule::Operations(ops) => format!(
             "blockmerge {} ← {} with {} operation(s) (f32, rounded once)",
@@ -343,7 +361,13 @@ pub fn place(steps: &mut [Step], max_shard_size: u64) -> Vec<crate::plan::Shard>
 }
 
 /// Both models must hold the same tensors with the same shapes, but for the vocab rule.
-fn check_same_tensors(m1: &Model, tied1: bool, m2: &Model, tied2: bool, keys: &[String]) -> Result<()> {
+fn check_same_tensors(
+    m1: &Model,
+    tied1: bool,
+    m2: &Model,
+    tied2: bool,
+    keys: &[String],
+) -> Result<()> {
     for name in keys {
         let Some(i2) = lookup(m2, tied2, name) else {
             return Err(Error::invalid(format!(
@@ -390,21 +414,31 @@ mod tests {
     #[test]
     fn roundings_skip_identities() {
         assert_eq!(roundings(DType::F16, false, &[DType::F16]), vec![]);
-        assert_eq!(roundings(DType::F16, true, &[DType::F16, DType::F16]), vec![DType::F16]);
+        assert_eq!(
+            roundings(DType::F16, true, &[DType::F16, DType::F16]),
+            vec![DType::F16]
+        );
         assert_eq!(
             roundings(DType::BF16, true, &[DType::BF16, DType::F16]),
             vec![DType::BF16, DType::F16]
         );
-        assert_eq!(roundings(DType::F32, false, &[DType::F16]), vec![DType::F16]);
+        assert_eq!(
+            roundings(DType::F32, false, &[DType::F16]),
+            vec![DType::F16]
+        );
         assert_eq!(roundings(DType::F32, true, &[DType::F32]), vec![]);
     }
 
     #[test]
     fn filters_like_gryphe() {
-        let keys: Vec<String> = ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight", "model.norm.weight"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let keys: Vec<String> = [
+            "model.embed_tokens.weight",
+            "model.layers.0.mlp.up_proj.weight",
+            "model.norm.weight",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         let op = |layer_only, no_layers, filter: Option<&str>| Operation {
             operation: String::new(),
             filter: filter.map(str::to_string),

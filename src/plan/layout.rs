@@ -36,7 +36,11 @@ pub struct Placement {
 
 /// Lay out `items` (in output order) into shards of at most `max_shard_size` bytes of data.
 /// `stem` is `model` for `model-00001-of-00003.safetensors`.
-pub fn lay_out(items: &[LayoutItem<'_>], max_shard_size: u64, stem: &str) -> (Vec<Shard>, Vec<Placement>) {
+pub fn lay_out(
+    items: &[LayoutItem<'_>],
+    max_shard_size: u64,
+    stem: &str,
+) -> (Vec<Shard>, Vec<Placement>) {
     // Assign shard numbers as huggingface_hub's splitter does.
     let mut groups: Vec<Vec<usize>> = Vec::new();
     let mut current: Vec<usize> = Vec::new();
@@ -59,7 +63,13 @@ pub fn lay_out(items: &[LayoutItem<'_>], max_shard_size: u64, stem: &str) -> (Ve
 
     let n = groups.len();
     let mut shards = Vec::with_capacity(n);
-    let mut placements = vec![Placement { shard: 0, offset: 0 }; items.len()];
+    let mut placements = vec![
+        Placement {
+            shard: 0,
+            offset: 0
+        };
+        items.len()
+    ];
     for (g, members) in groups.iter().enumerate() {
         let mut order = members.clone();
         order.sort_by(|&a, &b| {

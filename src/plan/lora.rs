@@ -121,7 +121,9 @@ pub fn resolve(
     let file = &adapter.model.path;
     let cfg = &adapter.config;
     if !weight.is_finite() {
-        return Err(Error::usage(format!("LoRA weight {weight} is not a finite number")));
+        return Err(Error::usage(format!(
+            "LoRA weight {weight} is not a finite number"
+        )));
     }
     let rank_patterns = compile_patterns(
         cfg.rank_pattern.iter().map(|(k, v)| (k.clone(), *v as f64)),
@@ -202,7 +204,10 @@ pub fn resolve(
                     .in_file(file));
             }
             (None, None) => {
-                let m = keys.magnitude.map(tensor_name).unwrap_or_else(|| module.clone());
+                let m = keys
+                    .magnitude
+                    .map(tensor_name)
+                    .unwrap_or_else(|| module.clone());
                 return Err(Error::invalid("DoRA magnitude without lora_A/lora_B")
                     .at_tensor(m)
                     .in_file(file));
@@ -333,8 +338,10 @@ fn compile_patterns(
         .into_iter()
         .map(|(k, v)| {
             let re = Regex::new(&format!(r"^(?:.*\.)?(?:{k})$")).map_err(|e| {
-                Error::invalid(format!("pattern `{k}` is not a valid regular expression: {e}"))
-                    .in_file(config_path)
+                Error::invalid(format!(
+                    "pattern `{k}` is not a valid regular expression: {e}"
+                ))
+                .in_file(config_path)
             })?;
             Ok((re, v))
         })
@@ -355,12 +362,21 @@ mod tests {
     #[test]
     fn pattern_rule_matches_suffix_modules() {
         let p = compile_patterns(
-            [("q_proj".to_string(), 4.0), ("layers\\.1\\..*v_proj".to_string(), 2.0)],
+            [
+                ("q_proj".to_string(), 4.0),
+                ("layers\\.1\\..*v_proj".to_string(), 2.0),
+            ],
             Path::new("x"),
         )
         .unwrap();
-        assert_eq!(pattern_lookup(&p, "model.layers.0.self_attn.q_proj"), Some(4.0));
-        assert_eq!(pattern_lookup(&p, "model.layers.1.self_attn.v_proj"), Some(2.0));
+        assert_eq!(
+            pattern_lookup(&p, "model.layers.0.self_attn.q_proj"),
+            Some(4.0)
+        );
+        assert_eq!(
+            pattern_lookup(&p, "model.layers.1.self_attn.v_proj"),
+            Some(2.0)
+        );
         assert_eq!(pattern_lookup(&p, "model.layers.0.self_attn.v_proj"), None);
         assert_eq!(pattern_lookup(&p, "model.layers.0.self_attn.xq_proj"), None);
     }

@@ -49,12 +49,18 @@ pub fn plan_lora(opts: &LoraOptions) -> Result<Plan> {
                 operands: vec![op],
                 method: Method::Convert,
             },
-            _ if dtype == t.dtype => Recipe::Copy(TensorRef { source: 0, tensor: idx }),
+            _ if dtype == t.dtype => Recipe::Copy(TensorRef {
+                source: 0,
+                tensor: idx,
+            }),
             Some(op) => Recipe::Compute {
                 operands: vec![op],
                 method: Method::Convert,
             },
-            None => Recipe::Copy(TensorRef { source: 0, tensor: idx }),
+            None => Recipe::Copy(TensorRef {
+                source: 0,
+                tensor: idx,
+            }),
         };
         steps.push(Step {
             name: name.clone(),
@@ -67,7 +73,10 @@ pub fn plan_lora(opts: &LoraOptions) -> Result<Plan> {
         });
     }
     let shards = place(&mut steps, opts.max_shard_size);
-    let config_dtype = opts.out_dtype.or_else(|| base.main_dtype()).unwrap_or(DType::F16);
+    let config_dtype = opts
+        .out_dtype
+        .or_else(|| base.main_dtype())
+        .unwrap_or(DType::F16);
     let mut outputs = OutputFiles::from_model_dir(&base.dir, base.config()?, config_dtype);
     if opts.out_dtype.is_none() {
         // Keep the base config's dtype as it was.

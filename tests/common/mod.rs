@@ -1,0 +1,244 @@
+//! Helpers shared by the integration tests: running the CLI, loading outputs through the
+//! `safetensors` crate, and comparing them with the golden outputs.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use safetensors::SafeTensors;
+
+pub fn golden() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden")
+}
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// Run the binary in `cwd`.
+pub fn mergestream(cwd: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mergestream"))
+        .current_dir(cwd)
+        .args(args)
+        .output()
+        .expect("the mergestream binary runs")
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Run and insist on success.
+pub fn ok(cwd: &Path, args: &[&str]) -> Output {
+    let o = mergestream(cwd, args);
+    assert!(
+        o.status.success(),
+        "mergestream {args:?} failed: {}",
+        stderr(&o)
+    );
+    o
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tensor {
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
+}
+
+/// Every tensor of every `.safetensors` file in `dir`, read with the `safetensors` crate.
+pub fn load_dir(dir: &Path) -> BTreeMap<String, Tensor> {
+    let mut out = BTreeMap::new();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no safetensors in {}", dir.display());
+    for f in files {
+        let bytes = std::fs::read(&f).unwrap();
+        let st = SafeTensors::deserialize(&bytes)
+            .unwrap_or_else(|e| panic!("safetensors crate rejects {}: {e:?}", f.display()));
+        for (name, view) in st.tensors() {
+            let prev = out.insert(
+                name.clone(),
+                Tensor {
+                    dtype: format!("{:?}", view.dtype()),
+                    shape: view.shape().to_vec(),
+                    bytes: view.data().to_vec(),
+                },
+            );
+            assert!(prev.is_none(), "{name} stored twice");
+        }
+    }
+    out
+}
+
+/// How far apart two outputs are, in units in the last place of their 16-bit floats.
+#[derive(Debug, Default)]
+pub struct Diff {
+    pub tensors: usize,
+    pub elements: u64,
+    pub differing: u64,
+    pub max_ulp: u64,
+    pub differing_tensors: Vec<String>,
+}
+
+impl Diff {
+    pub fn fraction(&self) -> f64 {
+        self.differing as f64 / self.elements.max(1) as f64
+    }
+}
+
+/// Map 16-bit float bits to integers whose difference counts ulps across zero.
+fn ordered16(b: u16) -> i64 {
+    if b & 0x8000 != 0 {
+        -((b & 0x7FFF) as i64)
+    } else {
+        b as i64
+    }
+}
+
+fn ordered32(b: u32) -> i64 {
+    if b & 0x8000_0000 != 0 {
+        -((b & 0x7FFF_FFFF) as i64)
+    } else {
+        b as i64
+    }
+}
+
+/// Compare `got` with `want`: same tensor set, dtypes, shapes; count differing elements.
+pub fn diff(got: &BTreeMap<String, Tensor>, want: &BTreeMap<String, Tensor>) -> Diff {
+    let gk: Vec<&String> = got.keys().collect();
+    let wk: Vec<&String> = want.keys().collect();
+    assert_eq!(gk, wk, "tensor sets differ");
+    let mut d = Diff::default();
+    for (name, w) in want {
+        let g = &got[name];
+        assert_eq!(g.dtype, w.dtype, "{name}: dtype");
+        assert_eq!(g.shape, w.shape, "{name}: shape");
+        assert_eq!(g.bytes.len(), w.bytes.len(), "{name}: byte length");
+        d.tensors += 1;
+        let (n, bad, max) = match w.dtype.as_str() {
+            "F16" | "BF16" => {
+                let mut bad = 0;
+                let mut max = 0;
+                for (a, b) in g.bytes.chunks_exact(2).zip(w.bytes.chunks_exact(2)) {
+                    let (a, b) = (
+                        u16::from_le_bytes([a[0], a[1]]),
+                        u16::from_le_bytes([b[0], b[1]]),
+                    );
+                    if a != b {
+                        bad += 1;
+                        max = max.max(ordered16(a).abs_diff(ordered16(b)));
+                    }
+                }
+                (g.bytes.len() as u64 / 2, bad, max)
+            }
+            "F32" => {
+                let mut bad = 0;
+                let mut max = 0;
+                for (a, b) in g.bytes.chunks_exact(4).zip(w.bytes.chunks_exact(4)) {
+                    let a = u32::from_le_bytes([a[0], a[1], a[2], a[3]]);
+                    let b = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                    if a != b {
+                        bad += 1;
+                        max = max.max(ordered32(a).abs_diff(ordered32(b)));
+                    }
+                }
+                (g.bytes.len() as u64 / 4, bad, max)
+            }
+            _ => {
+                let bad = if g.bytes == w.bytes { 0 } else { 1 };
+                (1, bad, if bad > 0 { u64::MAX } else { 0 })
+            }
+        };
+        d.elements += n;
+        d.differing += bad;
+        d.max_ulp = d.max_ulp.max(max);
+        if bad > 0 {
+            d.differing_tensors.push(name.clone());
+        }
+    }
+    d
+}
+
+pub fn assert_bit_exact(out: &Path, expected: &Path) {
+    let d = diff(&load_dir(out), &load_dir(expected));
+    assert_eq!(
+        d.differing,
+        0,
+        "{} differs from {}: {d:?}",
+        out.display(),
+        expected.display()
+    );
+}
+
+/// The tolerance for LoRA'd outputs: at most `max_ulp` ulps on at most `max_fraction` of
+/// the elements. Returns the diff so callers can report exactness.
+pub fn assert_within(out: &Path, expected: &Path, max_ulp: u64, max_fraction: f64) -> Diff {
+    let d = diff(&load_dir(out), &load_dir(expected));
+    assert!(
+        d.max_ulp <= max_ulp && d.fraction() <= max_fraction,
+        "{} vs {}: {d:?}",
+        out.display(),
+        expected.display()
+    );
+    d
+}
+
+/// An output folder is well-formed: every shard parses with the safetensors crate and our
+/// reader, `__metadata__` is {"format":"pt"}, the index (if any) matches the shards.
+pub fn check_output_folder(dir: &Path) {
+    let model = mergestream::Model::open(dir).expect("our reader opens the output");
+    let mut shard_tensors: BTreeMap<String, String> = BTreeMap::new();
+    for f in std::fs::read_dir(dir).unwrap() {
+        let p = f.unwrap().path();
+        if p.extension().is_none_or(|x| x != "safetensors") {
+            continue;
+        }
+        let bytes = std::fs::read(&p).unwrap();
+        let (_, meta) = SafeTensors::read_metadata(&bytes).expect("safetensors metadata");
+        let md = meta.metadata().as_ref().expect("__metadata__ present");
+        assert_eq!(md.len(), 1);
+        assert_eq!(md.get("format").map(String::as_str), Some("pt"));
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap());
+        assert_eq!((8 + n) % 8, 0, "header padded to 8 bytes");
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        for t in meta.tensors().keys() {
+            shard_tensors.insert(t.clone(), name.clone());
+        }
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(index).unwrap()).unwrap();
+        let wm = v["weight_map"].as_object().expect("weight_map");
+        let from_index: BTreeMap<String, String> = wm
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+            .collect();
+        assert_eq!(from_index, shard_tensors, "index matches shards");
+        let total: u64 = model.tensors().iter().map(|t| t.len).sum();
+        assert_eq!(v["metadata"]["total_size"].as_u64(), Some(total));
+    } else {
+        assert_eq!(
+            shard_tensors
+                .values()
+                .collect::<std::collections::BTreeSet<_>>()
+                .len(),
+            1
+        );
+    }
+    assert_eq!(model.tensors().len(), shard_tensors.len());
+}
+
+/// Read the manifest's description of a golden case.
+pub fn manifest_case(name: &str) -> serde_json::Value {
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(golden().join("manifest.json")).unwrap())
+            .unwrap();
+    m["expected"][name].clone()
+}

@@ -1,0 +1,245 @@
+//! BlockMerge_Gradient's golden outputs, reproduced bit for bit through the CLI with
+//! Gryphe's own flag spellings.
+
+mod common;
+
+use common::*;
+
+fn run_case(name: &str, extra: &[&str]) -> tempfile::TempDir {
+    let case = manifest_case(name);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let gradient = case["gradient_values"].to_string();
+    let mut args: Vec<String> = vec![
+        "blockmerge".into(),
+        "--model_path1".into(),
+        case["model_path1"].as_str().unwrap().into(),
+        "--model_path2".into(),
+        case["model_path2"].as_str().unwrap().into(),
+        "--output_model_path".into(),
+        out.to_string_lossy().into_owned(),
+        "--gradient_values".into(),
+        gradient,
+        "--max_shard_size".into(),
+        "100KB".into(),
+        "--quiet".into(),
+    ];
+    for f in case["flags"].as_array().unwrap() {
+        args.push(f.as_str().unwrap().into());
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    ok(&golden(), &argv);
+    assert_bit_exact(&out, &golden().join("expected").join(name));
+    check_output_folder(&out);
+    tmp
+}
+
+#[test]
+fn bm_layer_only() {
+    run_case("bm_layer_only", &[]);
+}
+
+#[test]
+fn bm_all() {
+    run_case("bm_all", &[]);
+}
+
+#[test]
+fn bm_no_layers() {
+    run_case("bm_no_layers", &[]);
+}
+
+#[test]
+fn bm_custom_filter() {
+    run_case("bm_custom_filter", &[]);
+}
+
+#[test]
+fn bm_three_sections_remainder() {
+    run_case("bm_three_sections_remainder", &[]);
+}
+
+#[test]
+fn bm_vocab_model2_larger() {
+    run_case("bm_vocab_model2_larger", &[]);
+}
+
+#[test]
+fn bm_vocab_model1_larger() {
+    run_case("bm_vocab_model1_larger", &[]);
+}
+
+#[test]
+fn single_thread_and_tiny_budget_give_the_same_bytes() {
+    // Row chunking and scheduling must not change a single bit.
+    run_case("bm_all", &["--threads", "1", "--memory-limit", "4KiB"]);
+}
+
+#[test]
+fn dash_spellings_and_read_io_are_equivalent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    ok(
+        &golden(),
+        &[
+            "blockmerge",
+            "--model-path1",
+            "models/base",
+            "--model-path2",
+            "models/other",
+            "-o",
+            out.to_str().unwrap(),
+            "--gradient-values",
+            "[0.9, 0.0]",
+            "--layer-only",
+            "--io",
+            "read",
+            "--quiet",
+        ],
+    );
+    assert_bit_exact(&out, &golden().join("expected/bm_layer_only"));
+    // Default shard size (2000MiB): one file, no index.
+    assert!(out.join("model.safetensors").is_file());
+    assert!(!out.join("model.safetensors.index.json").exists());
+    check_output_folder(&out);
+}
+
+#[test]
+fn output_folder_has_config_and_tokenizer_files() {
+    let tmp = run_case("bm_layer_only", &[]);
+    let out = tmp.path().join("out");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["dtype"], "float16");
+    assert_eq!(cfg["num_hidden_layers"], 8);
+    for f in [
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "generation_config.json",
+    ] {
+        assert_eq!(
+            std::fs::read(out.join(f)).unwrap(),
+            std::fs::read(golden().join("models/base").join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    // No temporary folder is left beside the output.
+    let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(leftovers, vec![std::ffi::OsString::from("out")]);
+}
+
+#[test]
+fn bm_yaml_ops() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let config = fixtures().join("bm_yaml_ops.yml");
+    ok(
+        &golden(),
+        &[
+            "blockmerge",
+            "--config",
+            config.to_str().unwrap(),
+            "--output_model_path",
+            out.to_str().unwrap(),
+            "--quiet",
+        ],
+    );
+    assert_bit_exact(&out, &golden().join("expected/bm_yaml_ops"));
+    check_output_folder(&out);
+}
+
+#[test]
+fn precise_mode_rounds_once() {
+    // Independent reference: f16(f32(a)·f32(1−r) + f32(b)·f32(r)) with the schedule of
+    // DESIGN §5.1 over the layer tensors in module order.
+    use half::f16;
+    use mergestream::plan::gradient::blockmerge_ratios;
+    use mergestream::plan::order::sort_module_order;
+    let tmp = run_case_precise();
+    let got = load_dir(&tmp.path().join("out"));
+    let a = load_dir(&golden().join("models/base"));
+    let b = load_dir(&golden().join("models/other"));
+    let mut keys: Vec<String> = a.keys().cloned().collect();
+    sort_module_order(&mut keys);
+    let layer_keys: Vec<&String> = keys.iter().filter(|k| k.contains("layer")).collect();
+    let ratios = blockmerge_ratios(&[0.9, 0.0], layer_keys.len()).unwrap();
+    let halves = |t: &Tensor| -> Vec<f32> {
+        t.bytes
+            .chunks_exact(2)
+            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect()
+    };
+    for (k, r) in layer_keys.iter().zip(ratios) {
+        let (x, y) = (halves(&a[*k]), halves(&b[*k]));
+        let want: Vec<u8> = x
+            .iter()
+            .zip(&y)
+            .flat_map(|(&x, &y)| {
+                let v = x * (1.0 - r) as f32 + y * r as f32;
+                f16::from_f32(v).to_le_bytes()
+            })
+            .collect();
+        assert_eq!(got[*k].bytes, want, "{k}");
+    }
+    assert_eq!(got["model.norm.weight"].bytes, a["model.norm.weight"].bytes);
+    // And it is not the fp16 reproduction.
+    let d = diff(&got, &load_dir(&golden().join("expected/bm_layer_only")));
+    assert!(d.differing > 0);
+}
+
+fn run_case_precise() -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    ok(
+        &golden(),
+        &[
+            "blockmerge",
+            "--model_path1",
+            "models/base",
+            "--model_path2",
+            "models/other",
+            "--output_model_path",
+            out.to_str().unwrap(),
+            "--gradient_values",
+            "[0.9,0.0]",
+            "--layer_only",
+            "--precise",
+            "--quiet",
+        ],
+    );
+    tmp
+}
+
+#[test]
+fn dry_run_prints_the_plan_and_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let o = ok(
+        &golden(),
+        &[
+            "blockmerge",
+            "--model_path1",
+            "models/base",
+            "--model_path2",
+            "models/other",
+            "--output_model_path",
+            out.to_str().unwrap(),
+            "--gradient_values",
+            "[0.9,0.0]",
+            "--layer_only",
+            "--dry-run",
+        ],
+    );
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("model.layers.0.self_attn.q_proj.weight"));
+    assert!(text.contains("blend fp16 r=0.900000"));
+    assert!(text.contains("copy in0"), "{text}");
+    assert!(text.contains("peak memory estimate"));
+    assert!(text.contains("output: 75 tensors"));
+    assert!(!out.exists());
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
+}
