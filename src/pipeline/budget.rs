@@ -5,7 +5,6 @@
 //! space and output bytes in flight never exceed the budget, whatever the model size. A
 //! chunk larger than the whole budget waits until it is alone.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -39,11 +38,11 @@ impl Budget {
     }
 
     /// Wait for `bytes` (or the whole budget, for an oversized request). Returns `None` if
-    /// `cancel` is set while waiting.
-    pub fn acquire(self: &Arc<Self>, bytes: u64, cancel: &AtomicBool) -> Option<Permit> {
+    /// `stop` turns true while waiting.
+    pub fn acquire(self: &Arc<Self>, bytes: u64, stop: &dyn Fn() -> bool) -> Option<Permit> {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            if cancel.load(Ordering::Relaxed) {
+            if stop() {
                 return None;
             }
             let fits = st.used.saturating_add(bytes) <= self.capacity;
@@ -89,22 +88,19 @@ mod tests {
     #[test]
     fn blocks_until_released_and_admits_oversized_alone() {
         let b = Budget::new(100);
-        let cancel = AtomicBool::new(false);
-        let p1 = b.acquire(60, &cancel).unwrap();
+        let never = || false;
+        let p1 = b.acquire(60, &never).unwrap();
         let b2 = Arc::clone(&b);
         let t = std::thread::spawn(move || {
-            let c = AtomicBool::new(false);
-            let _p = b2.acquire(60, &c).unwrap();
+            let _p = b2.acquire(60, &|| false).unwrap();
         });
         std::thread::sleep(Duration::from_millis(100));
         assert!(!t.is_finished());
         drop(p1);
         t.join().unwrap();
-        let big = b.acquire(500, &cancel).unwrap();
+        let big = b.acquire(500, &never).unwrap();
         assert_eq!(b.peak(), 500);
         drop(big);
-        cancel.store(true, Ordering::Relaxed);
-        let _hold = Budget::new(10);
-        assert!(b.acquire(1, &cancel).is_none());
+        assert!(b.acquire(1, &|| true).is_none());
     }
 }

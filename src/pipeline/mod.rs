@@ -145,7 +145,7 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &RunOptions) -> Result<RunStats> {
         // Reader: steps in input order, chunked, each chunk under a permit.
         let reader_out = out_tx.clone();
         let (inputs, budget) = (&inputs, &budget);
-        let (fail, stopped, cancel) = (&fail, &stopped, &cancel);
+        let (fail, stopped) = (&fail, &stopped);
         s.spawn(move || {
             let order = read_order(plan);
             for &si in &order {
@@ -160,7 +160,7 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &RunOptions) -> Result<RunStats> {
                     if stopped() {
                         return;
                     }
-                    let Some(permit) = budget.acquire(plan.chunk_cost(step, r1 - r0), cancel)
+                    let Some(permit) = budget.acquire(plan.chunk_cost(step, r1 - r0), stopped)
                     else {
                         return;
                     };

@@ -242,3 +242,57 @@ pub fn manifest_case(name: &str) -> serde_json::Value {
             .unwrap();
     m["expected"][name].clone()
 }
+
+/// A safetensors file from a header JSON and `data_len` zero bytes of data.
+pub fn raw_safetensors(json: &str, data_len: usize) -> Vec<u8> {
+    let mut v = (json.len() as u64).to_le_bytes().to_vec();
+    v.extend_from_slice(json.as_bytes());
+    v.extend(std::iter::repeat_n(0u8, data_len));
+    v
+}
+
+/// A valid safetensors file with the given F16 tensors (zero data).
+pub fn f16_safetensors(tensors: &[(&str, &[u64])]) -> Vec<u8> {
+    let mut entries = Vec::new();
+    let mut off = 0u64;
+    for (name, shape) in tensors {
+        let len = shape.iter().product::<u64>() * 2;
+        entries.push(format!(
+            "\"{name}\":{{\"dtype\":\"F16\",\"shape\":{shape:?},\"data_offsets\":[{off},{}]}}",
+            off + len
+        ));
+        off += len;
+    }
+    raw_safetensors(&format!("{{{}}}", entries.join(",")), off as usize)
+}
+
+/// A model folder holding one `model.safetensors` with these bytes.
+pub fn model_dir(parent: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+    let dir = parent.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("model.safetensors"), bytes).unwrap();
+    dir
+}
+
+/// The failure contract: exit 1, exactly one `error:` line containing every `needles`
+/// string, and nothing at `out` (nor a leftover temporary folder beside it).
+pub fn assert_clean_failure(o: &Output, out: &Path, needles: &[&str]) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(1), "exit status; stderr: {err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "one line expected, got: {err}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    for n in needles {
+        assert!(lines[0].contains(n), "`{n}` missing from: {err}");
+    }
+    assert!(!out.exists(), "{} must not exist", out.display());
+    if let Some(parent) = out.parent() {
+        for e in std::fs::read_dir(parent).unwrap() {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            assert!(
+                !name.contains(".mergestream-"),
+                "temporary folder left: {name}"
+            );
+        }
+    }
+}

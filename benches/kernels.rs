@@ -1,0 +1,131 @@
+//! Kernel throughput: every kernel set this CPU has (scalar reference beside the SIMD
+//! versions, so the speed-up is visible), a memcpy baseline, and the LoRA delta GEMM.
+//!
+//! `cargo bench --bench kernels`
+
+use std::hint::black_box;
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+
+use mergestream::kernels::available;
+use mergestream::methods::lora::{PatchData, delta_rows};
+use mergestream::plan::{DeltaLayout, LoraPatch, TensorRef};
+
+/// 4 Mi elements: 8 MiB of fp16, 16 MiB of f32 — well past the caches, like real tensors.
+const N: usize = 4 << 20;
+
+fn inputs() -> (Vec<u16>, Vec<u16>, Vec<f32>, Vec<f32>) {
+    let h1: Vec<u16> = (0..N)
+        .map(|i| (0x3000 + (i * 7919) % 0x0C00) as u16)
+        .collect();
+    let h2: Vec<u16> = (0..N)
+        .map(|i| (0xB000 + (i * 104729) % 0x0C00) as u16)
+        .collect();
+    let f1: Vec<f32> = (0..N).map(|i| (i % 1000) as f32 * 1e-3 - 0.5).collect();
+    let f2: Vec<f32> = (0..N).map(|i| (i % 777) as f32 * 1e-3 - 0.3).collect();
+    (h1, h2, f1, f2)
+}
+
+fn kernels(c: &mut Criterion) {
+    let (h1, h2, f1, f2) = inputs();
+    let mut out16 = vec![0u16; N];
+    let mut out32 = vec![0f32; N];
+
+    // Bytes moved per element: reads plus writes.
+    let mut g = c.benchmark_group("memcpy");
+    g.throughput(Throughput::Bytes((N * 4 * 2) as u64));
+    g.bench_function("copy_f32", |b| {
+        b.iter(|| out32.copy_from_slice(black_box(&f1)));
+    });
+    g.finish();
+
+    for k in available() {
+        let mut g = c.benchmark_group("convert");
+        g.throughput(Throughput::Bytes((N * 6) as u64));
+        g.bench_function(BenchmarkId::new("f16_to_f32", k.name), |b| {
+            b.iter(|| (k.f16_to_f32)(black_box(&h1), &mut out32));
+        });
+        g.bench_function(BenchmarkId::new("bf16_to_f32", k.name), |b| {
+            b.iter(|| (k.bf16_to_f32)(black_box(&h1), &mut out32));
+        });
+        g.bench_function(BenchmarkId::new("f32_to_f16", k.name), |b| {
+            b.iter(|| (k.f32_to_f16)(black_box(&f1), &mut out16));
+        });
+        g.bench_function(BenchmarkId::new("f32_to_bf16", k.name), |b| {
+            b.iter(|| (k.f32_to_bf16)(black_box(&f1), &mut out16));
+        });
+        g.finish();
+
+        let mut g = c.benchmark_group("blend");
+        // fp16 reproduction blend: two fp16 inputs, one fp16 output.
+        g.throughput(Throughput::Bytes((N * 6) as u64));
+        g.bench_function(BenchmarkId::new("blend_f16_reproduce", k.name), |b| {
+            b.iter(|| (k.blend_f16)(black_box(&h1), black_box(&h2), 0.3, 0.7, &mut out16));
+        });
+        // f32 blend (precise mode / YAML edition): two f32 inputs, one f32 output.
+        g.throughput(Throughput::Bytes((N * 12) as u64));
+        g.bench_function(BenchmarkId::new("blend_f32_precise", k.name), |b| {
+            b.iter(|| (k.blend_f32)(black_box(&f1), black_box(&f2), 0.3, 0.7, &mut out32));
+        });
+        g.bench_function(BenchmarkId::new("add_scaled", k.name), |b| {
+            let mut w = f1.clone();
+            b.iter(|| (k.add_scaled)(&mut w, black_box(&f2), 0.5));
+        });
+        g.finish();
+    }
+}
+
+/// The LoRA delta Δ = B @ A for a 13B-sized layer at rank 64 (5120 × 13824).
+fn lora_gemm(c: &mut Criterion) {
+    let (out_dim, in_dim, rank) = (5120usize, 13824usize, 64usize);
+    let a: Vec<f32> = (0..rank * in_dim)
+        .map(|i| ((i % 97) as f32 - 48.0) * 1e-3)
+        .collect();
+    let b: Vec<f32> = (0..out_dim * rank)
+        .map(|i| ((i % 89) as f32 - 44.0) * 1e-3)
+        .collect();
+    let a_bytes: &[u8] = bytemuck_f32(&a);
+    let b_bytes: &[u8] = bytemuck_f32(&b);
+    let patch = LoraPatch {
+        a: TensorRef {
+            source: 0,
+            tensor: 0,
+        },
+        b: TensorRef {
+            source: 0,
+            tensor: 1,
+        },
+        scale: 0.5,
+        layout: DeltaLayout::Rows,
+        round_delta: None,
+        magnitude: None,
+        rank: rank as u64,
+    };
+    let data = PatchData {
+        a: a_bytes,
+        a_dtype: mergestream::dtype::DType::F32,
+        a_shape: [rank, in_dim],
+        b: b_bytes,
+        b_dtype: mergestream::dtype::DType::F32,
+        b_shape: [out_dim, rank],
+        magnitude: None,
+    };
+    let rows = 512;
+    let mut delta = vec![0f32; rows * in_dim];
+    let mut g = c.benchmark_group("lora");
+    g.sample_size(10);
+    // 2·m·n·k floating-point operations per chunk.
+    g.throughput(Throughput::Elements((2 * rows * in_dim * rank) as u64));
+    g.bench_function("delta_gemm_512x13824_r64", |bch| {
+        bch.iter(|| delta_rows(&patch, &data, 0, rows, in_dim, &mut delta));
+    });
+    g.finish();
+}
+
+fn bytemuck_f32(v: &[f32]) -> &[u8] {
+    use zerocopy::IntoBytes;
+    v.as_bytes()
+}
+
+criterion_group!(benches, kernels, lora_gemm);
+criterion_main!(benches);
