@@ -139,7 +139,11 @@ fn row_chunks_and_one_thread_change_nothing() {
     // rows for linear layers, A's columns for the embedding).
     for (base, lora, expected) in [
         ("models/other", "models/lora", "peft_lora_on_other"),
-        ("models/other", "models/lora_embed", "peft_lora_embed_on_other"),
+        (
+            "models/other",
+            "models/lora_embed",
+            "peft_lora_embed_on_other",
+        ),
     ] {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("out");
@@ -173,7 +177,15 @@ fn fan_in_fan_out_layers_transpose_the_delta() {
     use mergestream::format::safetensors::{OutEntry, write_header};
     let tmp = tempfile::tempdir().unwrap();
     let base = load_dir(&golden().join("models/other"));
-    let lora_targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+    let lora_targets = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ];
     let is_target = |n: &str| lora_targets.iter().any(|t| n.contains(t));
     let transpose = |t: &Tensor| -> Tensor {
         let (r, c) = (t.shape[0], t.shape[1]);
@@ -185,15 +197,28 @@ fn fan_in_fan_out_layers_transpose_the_delta() {
                 bytes[dst..dst + 2].copy_from_slice(&t.bytes[src..src + 2]);
             }
         }
-        Tensor { dtype: t.dtype.clone(), shape: vec![c, r], bytes }
+        Tensor {
+            dtype: t.dtype.clone(),
+            shape: vec![c, r],
+            bytes,
+        }
     };
     let write = |dir: &std::path::Path, tensors: &std::collections::BTreeMap<String, Tensor>| {
         std::fs::create_dir_all(dir).unwrap();
-        let shapes: Vec<Vec<u64>> = tensors.values().map(|t| t.shape.iter().map(|&d| d as u64).collect()).collect();
+        let shapes: Vec<Vec<u64>> = tensors
+            .values()
+            .map(|t| t.shape.iter().map(|&d| d as u64).collect())
+            .collect();
         let mut entries = Vec::new();
         let mut off = 0u64;
         for ((name, t), shape) in tensors.iter().zip(&shapes) {
-            entries.push(OutEntry { name, dtype: DType::F16, shape, begin: off, end: off + t.bytes.len() as u64 });
+            entries.push(OutEntry {
+                name,
+                dtype: DType::F16,
+                shape,
+                begin: off,
+                end: off + t.bytes.len() as u64,
+            });
             off += t.bytes.len() as u64;
         }
         let mut file = write_header(&entries);
@@ -204,13 +229,26 @@ fn fan_in_fan_out_layers_transpose_the_delta() {
     };
     let transposed: std::collections::BTreeMap<String, Tensor> = base
         .iter()
-        .map(|(n, t)| (n.clone(), if is_target(n) { transpose(t) } else { t.clone() }))
+        .map(|(n, t)| {
+            (
+                n.clone(),
+                if is_target(n) {
+                    transpose(t)
+                } else {
+                    t.clone()
+                },
+            )
+        })
         .collect();
     let model = tmp.path().join("conv1d");
     write(&model, &transposed);
     let lora = tmp.path().join("lora");
     std::fs::create_dir(&lora).unwrap();
-    std::fs::copy(golden().join("models/lora/adapter_model.safetensors"), lora.join("adapter_model.safetensors")).unwrap();
+    std::fs::copy(
+        golden().join("models/lora/adapter_model.safetensors"),
+        lora.join("adapter_model.safetensors"),
+    )
+    .unwrap();
     let cfg = std::fs::read_to_string(golden().join("models/lora/adapter_config.json"))
         .unwrap()
         .replace("\"fan_in_fan_out\": false", "\"fan_in_fan_out\": true");
@@ -219,12 +257,27 @@ fn fan_in_fan_out_layers_transpose_the_delta() {
     let out = tmp.path().join("out");
     ok(
         tmp.path(),
-        &["lora", "--base", model.to_str().unwrap(), "--lora", lora.to_str().unwrap(), "-o", out.to_str().unwrap(), "--memory-limit", "4KiB", "--quiet"],
+        &[
+            "lora",
+            "--base",
+            model.to_str().unwrap(),
+            "--lora",
+            lora.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--memory-limit",
+            "4KiB",
+            "--quiet",
+        ],
     );
     let got = load_dir(&out);
     let want = load_dir(&golden().join("expected/peft_lora_on_other"));
     for (n, w) in &want {
-        let expect = if is_target(n) { transpose(w) } else { w.clone() };
+        let expect = if is_target(n) {
+            transpose(w)
+        } else {
+            w.clone()
+        };
         assert_eq!(got[n], expect, "{n}");
     }
 }
@@ -236,7 +289,13 @@ fn inspect_lists_and_validates() {
     assert!(text.contains("model.layers.0.mlp.down_proj.weight"));
     assert!(text.contains("F16 [32, 88]"));
     assert!(text.contains("5632 model-00001-of-00003.safetensors"));
-    assert!(text.trim_end().ends_with("75 tensors, 121376 parameters, 237.06 KiB in 3 file(s): valid"));
-    let o = ok(&golden(), &["inspect", "models/lora/adapter_model.safetensors"]);
+    assert!(
+        text.trim_end()
+            .ends_with("75 tensors, 121376 parameters, 237.06 KiB in 3 file(s): valid")
+    );
+    let o = ok(
+        &golden(),
+        &["inspect", "models/lora/adapter_model.safetensors"],
+    );
     assert!(String::from_utf8_lossy(&o.stdout).contains("lora_A.weight"));
 }
