@@ -243,3 +243,70 @@ fn dry_run_prints_the_plan_and_writes_nothing() {
     assert!(!out.exists());
     assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
 }
+
+#[test]
+fn non_float_tensors_pass_through_and_cannot_be_blended() {
+    // Integer buffers and fp8 weights are copied byte for byte when not selected, and
+    // blending them is a clear error.
+    let tmp = tempfile::tempdir().unwrap();
+    let with_extras = |src: &str, dst: &str| {
+        let mut t = load_dir(&golden().join(src));
+        t.insert(
+            "model.extra_ids".into(),
+            Tensor {
+                dtype: "I64".into(),
+                shape: vec![3],
+                bytes: (1u8..=24).collect(),
+            },
+        );
+        t.insert(
+            "model.layers.0.extra.fp8".into(),
+            Tensor {
+                dtype: "F8_E4M3".into(),
+                shape: vec![5],
+                bytes: vec![1, 2, 3, 4, 5],
+            },
+        );
+        let dir = tmp.path().join(dst);
+        write_model(&dir, &t);
+        dir
+    };
+    let m1 = with_extras("models/base", "m1");
+    let m2 = with_extras("models/other", "m2");
+    let out = tmp.path().join("out");
+    let merge = |filter: &[&str]| {
+        let mut args = vec![
+            "blockmerge",
+            "--model_path1",
+            m1.to_str().unwrap(),
+            "--model_path2",
+            m2.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--gradient_values",
+            "[0.9, 0.0]",
+            "--quiet",
+        ];
+        args.extend_from_slice(filter);
+        mergestream(tmp.path(), &args)
+    };
+    let o = merge(&["--custom_filter", "self_attn"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got = load_dir(&out);
+    assert_eq!(
+        got["model.extra_ids"].bytes,
+        (1u8..=24).collect::<Vec<u8>>()
+    );
+    assert_eq!(got["model.extra_ids"].dtype, "I64");
+    assert_eq!(got["model.layers.0.extra.fp8"].bytes, vec![1, 2, 3, 4, 5]);
+    std::fs::remove_dir_all(&out).unwrap();
+    let o = merge(&["--layer_only"]);
+    assert_clean_failure(
+        &o,
+        &out,
+        &[
+            "model.layers.0.extra.fp8: ",
+            "only float tensors can be blended",
+        ],
+    );
+}

@@ -173,8 +173,6 @@ fn fan_in_fan_out_layers_transpose_the_delta() {
     // GPT-2-style Conv1D weights are stored [in, out]; PEFT then applies (B@A)ᵀ. Build the
     // golden `other` with every LoRA'd weight transposed and an adapter config saying
     // fan_in_fan_out: the result must be the golden PEFT merge, transposed.
-    use mergestream::dtype::DType;
-    use mergestream::format::safetensors::{OutEntry, write_header};
     let tmp = tempfile::tempdir().unwrap();
     let base = load_dir(&golden().join("models/other"));
     let lora_targets = [
@@ -203,30 +201,6 @@ fn fan_in_fan_out_layers_transpose_the_delta() {
             bytes,
         }
     };
-    let write = |dir: &std::path::Path, tensors: &std::collections::BTreeMap<String, Tensor>| {
-        std::fs::create_dir_all(dir).unwrap();
-        let shapes: Vec<Vec<u64>> = tensors
-            .values()
-            .map(|t| t.shape.iter().map(|&d| d as u64).collect())
-            .collect();
-        let mut entries = Vec::new();
-        let mut off = 0u64;
-        for ((name, t), shape) in tensors.iter().zip(&shapes) {
-            entries.push(OutEntry {
-                name,
-                dtype: DType::F16,
-                shape,
-                begin: off,
-                end: off + t.bytes.len() as u64,
-            });
-            off += t.bytes.len() as u64;
-        }
-        let mut file = write_header(&entries);
-        for t in tensors.values() {
-            file.extend_from_slice(&t.bytes);
-        }
-        std::fs::write(dir.join("model.safetensors"), file).unwrap();
-    };
     let transposed: std::collections::BTreeMap<String, Tensor> = base
         .iter()
         .map(|(n, t)| {
@@ -241,7 +215,7 @@ fn fan_in_fan_out_layers_transpose_the_delta() {
         })
         .collect();
     let model = tmp.path().join("conv1d");
-    write(&model, &transposed);
+    write_model(&model, &transposed);
     let lora = tmp.path().join("lora");
     std::fs::create_dir(&lora).unwrap();
     std::fs::copy(

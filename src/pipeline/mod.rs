@@ -77,7 +77,8 @@ pub fn chunk_target(memory_limit: u64) -> u64 {
 /// Rows per chunk for `step` so that a chunk costs about `target` bytes.
 pub fn rows_per_chunk(plan: &Plan, step: &Step, target: u64) -> u64 {
     let rows = step.rows();
-    if rows <= 1 || !plan.chunkable(step) {
+    // Rows of sub-byte types (F4, F6) may not start on a byte boundary: never split them.
+    if rows <= 1 || !plan.chunkable(step) || step.dtype.bits() < 8 {
         return rows.max(1);
     }
     let one = plan.chunk_cost(step, 1);

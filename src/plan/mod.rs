@@ -233,7 +233,7 @@ impl Plan {
     fn describe_operand(&self, op: &Operand) -> String {
         let t = self.tensor(op.tensor);
         let mut s = format!("in{}", op.tensor.source);
-        if t.rows() > op.rows || op.rows < t.rows() {
+        if op.rows < t.rows() {
             let _ = write!(s, "[:{}]", op.rows);
         }
         for p in &op.patches {

@@ -296,3 +296,36 @@ pub fn assert_clean_failure(o: &Output, out: &Path, needles: &[&str]) {
         }
     }
 }
+
+/// Write tensors as one `model.safetensors` in `dir` (with the golden base's config).
+pub fn write_model(dir: &Path, tensors: &BTreeMap<String, Tensor>) {
+    use mergestream::dtype::DType;
+    use mergestream::format::safetensors::{OutEntry, write_header};
+    std::fs::create_dir_all(dir).unwrap();
+    let shapes: Vec<Vec<u64>> = tensors
+        .values()
+        .map(|t| t.shape.iter().map(|&d| d as u64).collect())
+        .collect();
+    let mut entries = Vec::new();
+    let mut off = 0u64;
+    for ((name, t), shape) in tensors.iter().zip(&shapes) {
+        entries.push(OutEntry {
+            name,
+            dtype: DType::from_safetensors(&t.dtype).expect("known dtype"),
+            shape,
+            begin: off,
+            end: off + t.bytes.len() as u64,
+        });
+        off += t.bytes.len() as u64;
+    }
+    let mut file = write_header(&entries);
+    for t in tensors.values() {
+        file.extend_from_slice(&t.bytes);
+    }
+    std::fs::write(dir.join("model.safetensors"), file).unwrap();
+    std::fs::copy(
+        golden().join("models/base/config.json"),
+        dir.join("config.json"),
+    )
+    .unwrap();
+}
