@@ -19,6 +19,7 @@ use mergestream::plan::blockmerge::{
 use mergestream::plan::gradient::parse_gradient_list;
 use mergestream::plan::lora::LoraSpec;
 use mergestream::plan::lora_merge::{LoraOptions, plan_lora};
+use mergestream::plan::mergekit::{MergeOptions, plan_merge};
 use mergestream::units::{human, parse_size};
 
 #[derive(Parser)]
@@ -38,6 +39,8 @@ enum Command {
     Blockmerge(BlockMergeArgs),
     /// Apply a PEFT LoRA adapter to a model (PEFT merge_and_unload semantics).
     Lora(LoraArgs),
+    /// Run a mergekit YAML config unchanged (mergekit-yaml's argument order).
+    Merge(MergeArgs),
     /// List a checkpoint's tensors (name, dtype, shape, bytes, file) and validate it.
     Inspect {
         /// A checkpoint folder or file.
@@ -152,6 +155,68 @@ struct LoraArgs {
     common: Common,
 }
 
+#[derive(Args)]
+struct MergeArgs {
+    /// The mergekit YAML config (model paths relative to the working directory).
+    config: PathBuf,
+    /// Output folder.
+    out: PathBuf,
+    /// Output shard size in bytes; K, M, B suffixes as mergekit (default 5B).
+    #[arg(long = "out-shard-size", alias = "out_shard_size")]
+    out_shard_size: Option<String>,
+    /// Copy the base model's tokenizer files (default).
+    #[arg(long, overrides_with = "no_copy_tokenizer")]
+    copy_tokenizer: bool,
+    #[arg(long)]
+    no_copy_tokenizer: bool,
+    /// Allow models of different architectures.
+    #[arg(long)]
+    allow_crimes: bool,
+    /// Seed for DARE and DELLA masks.
+    #[arg(long, default_value_t = 0)]
+    random_seed: u64,
+    /// Write README.md and mergekit_config.yml (default).
+    #[arg(long, overrides_with = "no_write_model_card")]
+    write_model_card: bool,
+    #[arg(long)]
+    no_write_model_card: bool,
+    /// Cut vocabulary tensors to the smallest model's rows.
+    #[arg(long)]
+    unsafe_truncate_embeddings: bool,
+    /// Accepted for compatibility; mergestream never unpickles eagerly.
+    #[arg(long)]
+    lazy_unpickle: bool,
+    /// Accepted for compatibility; LoRAs are applied inside the stream, no cache is written.
+    #[arg(long)]
+    lora_merge_cache: Option<PathBuf>,
+    /// mergekit's thread count; same as --threads.
+    #[arg(long = "num-threads", short = 'j')]
+    num_threads: Option<usize>,
+    /// GPU and other mergekit options with no meaning here: accepted and ignored.
+    #[arg(long)]
+    cuda: bool,
+    #[arg(long)]
+    device: Option<String>,
+    #[arg(long)]
+    low_cpu_memory: bool,
+    #[arg(long)]
+    read_to_gpu: bool,
+    #[arg(long)]
+    multi_gpu: bool,
+    #[arg(long)]
+    gpu_rich: bool,
+    #[arg(long)]
+    clone_tensors: bool,
+    #[arg(long)]
+    trust_remote_code: bool,
+    #[arg(long)]
+    safe_serialization: bool,
+    #[arg(long)]
+    async_write: bool,
+    #[command(flatten)]
+    common: Common,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let _ = ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst));
@@ -173,6 +238,44 @@ fn run(cli: Cli) -> Result<()> {
         Command::Blockmerge(args) => {
             let (plan, out) = blockmerge_plan(&args)?;
             execute(&plan, &out, &args.common)
+        }
+        Command::Merge(args) => {
+            let ignored: Vec<&str> = [
+                (args.cuda, "--cuda"),
+                (args.device.is_some(), "--device"),
+                (args.low_cpu_memory, "--low-cpu-memory"),
+                (args.read_to_gpu, "--read-to-gpu"),
+                (args.multi_gpu, "--multi-gpu"),
+                (args.gpu_rich, "--gpu-rich"),
+                (args.clone_tensors, "--clone-tensors"),
+                (args.trust_remote_code, "--trust-remote-code"),
+                (args.async_write, "--async-write"),
+                (args.lora_merge_cache.is_some(), "--lora-merge-cache"),
+            ]
+            .iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, f)| *f)
+            .collect();
+            if !ignored.is_empty() && !args.common.quiet {
+                eprintln!(
+                    "note: {} ignored (mergestream runs on the CPU and applies LoRAs inside the stream)",
+                    ignored.join(", ")
+                );
+            }
+            let plan = plan_merge(&MergeOptions {
+                config_path: args.config.clone(),
+                max_shard_size: shard_size(args.out_shard_size.as_deref(), "5B")?,
+                allow_crimes: args.allow_crimes,
+                copy_tokenizer: !args.no_copy_tokenizer,
+                write_model_card: !args.no_write_model_card,
+                random_seed: args.random_seed,
+                truncate_embeddings: args.unsafe_truncate_embeddings,
+            })?;
+            let mut common = args.common;
+            if common.threads.is_none() {
+                common.threads = args.num_threads;
+            }
+            execute(&plan, &args.out, &common)
         }
         Command::Lora(args) => {
             let plan = plan_lora(&LoraOptions {

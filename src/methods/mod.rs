@@ -5,6 +5,8 @@
 //! reproduction blend takes a fast path on fp16 bits that never materializes f32 operands.
 
 pub mod lora;
+pub mod mergekit;
+pub mod torch_compat;
 
 use std::borrow::Cow;
 use std::ops::Range;
@@ -79,6 +81,15 @@ pub fn compute_chunk(
             );
             let mut out = a.clone();
             (k.blend_f32)(&a[..m], &b[..m], wa, wb, &mut out[..m]);
+            encode(step.dtype, &out)
+        }
+        Method::Mergekit(r) => {
+            let xs: Vec<Vec<f32>> = operands
+                .iter()
+                .zip(data)
+                .map(|(op, d)| operand_f32(plan, op, d, rows.start, nrows, cols))
+                .collect();
+            let out = mergekit::merge(r, &xs, nrows, cols);
             encode(step.dtype, &out)
         }
         Method::BlendChain { ratios } => {

@@ -10,6 +10,7 @@ pub mod gradient;
 pub mod layout;
 pub mod lora;
 pub mod lora_merge;
+pub mod mergekit;
 pub mod order;
 pub mod outputs;
 
@@ -96,6 +97,8 @@ pub enum Method {
     /// BlockMerge's YAML edition: successive f32 blends of the running result with the
     /// second operand, `f32(f32(1−r)·x) + f32(f32(r)·b)` for each ratio.
     BlendChain { ratios: Vec<f64> },
+    /// A mergekit method (DESIGN §5.3).
+    Mergekit(Box<mergekit::MergekitRecipe>),
 }
 
 /// How an output tensor is made.
@@ -186,11 +189,18 @@ impl Plan {
     pub fn chunkable(&self, step: &Step) -> bool {
         match &step.recipe {
             Recipe::Copy(_) => true,
-            Recipe::Compute { operands, .. } => operands.iter().all(|op| {
-                op.patches
-                    .iter()
-                    .all(|p| p.magnitude.is_none() || p.layout == DeltaLayout::Rows)
-            }),
+            Recipe::Compute { operands, method } => {
+                let method_ok = match method {
+                    Method::Mergekit(r) => r.elementwise(),
+                    _ => true,
+                };
+                method_ok
+                    && operands.iter().all(|op| {
+                        op.patches
+                            .iter()
+                            .all(|p| p.magnitude.is_none() || p.layout == DeltaLayout::Rows)
+                    })
+            }
         }
     }
 
@@ -255,6 +265,7 @@ impl Plan {
                     Method::GradientPrecise { ratio } => {
                         format!("blend f32 r={ratio:.6} {}", ops.join(", "))
                     }
+                    Method::Mergekit(r) => format!("{:?} {}", r.kind, ops.join(", ")),
                     Method::BlendChain { ratios } => {
                         let rs: Vec<String> = ratios.iter().map(|r| format!("{r:.6}")).collect();
                         format!("blend chain r=[{}] {}", rs.join(", "), ops.join(", "))
