@@ -16,6 +16,7 @@ use mergestream::plan::Plan;
 use mergestream::plan::blockmerge::{
     BlockMergeOptions, Operation, Schedule, YamlConfig, plan_blockmerge,
 };
+use mergestream::plan::convert::{ConvertOptions, plan_convert};
 use mergestream::plan::gradient::parse_gradient_list;
 use mergestream::plan::lora::LoraSpec;
 use mergestream::plan::lora_merge::{LoraOptions, plan_lora};
@@ -39,6 +40,8 @@ enum Command {
     Blockmerge(BlockMergeArgs),
     /// Apply a PEFT LoRA adapter to a model (PEFT merge_and_unload semantics).
     Lora(LoraArgs),
+    /// Convert any checkpoint (PyTorch .bin, safetensors) to sharded safetensors.
+    Convert(ConvertArgs),
     /// Run a mergekit YAML config unchanged (mergekit-yaml's argument order).
     Merge(MergeArgs),
     /// List a checkpoint's tensors (name, dtype, shape, bytes, file) and validate it.
@@ -156,6 +159,22 @@ struct LoraArgs {
 }
 
 #[derive(Args)]
+struct ConvertArgs {
+    /// A checkpoint folder or file.
+    input: PathBuf,
+    /// Output folder.
+    output: PathBuf,
+    /// Write float tensors in this dtype (float16, bfloat16, float32); default as stored.
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Output shard size (default 5GB, as transformers).
+    #[arg(long = "max-shard-size", alias = "max_shard_size")]
+    max_shard_size: Option<String>,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args)]
 struct MergeArgs {
     /// The mergekit YAML config (model paths relative to the working directory).
     config: PathBuf,
@@ -238,6 +257,22 @@ fn run(cli: Cli) -> Result<()> {
         Command::Blockmerge(args) => {
             let (plan, out) = blockmerge_plan(&args)?;
             execute(&plan, &out, &args.common)
+        }
+        Command::Convert(args) => {
+            let dtype = match args.dtype.as_deref().or(args.common.out_dtype.as_deref()) {
+                Some(s) => Some(DType::parse_float(s).ok_or_else(|| {
+                    Error::usage(format!(
+                        "--dtype `{s}`: expected float16, bfloat16 or float32"
+                    ))
+                })?),
+                None => None,
+            };
+            let plan = plan_convert(&ConvertOptions {
+                input: args.input.clone(),
+                dtype,
+                max_shard_size: shard_size(args.max_shard_size.as_deref(), "5GB")?,
+            })?;
+            execute(&plan, &args.output, &args.common)
         }
         Command::Merge(args) => {
             let ignored: Vec<&str> = [

@@ -1,9 +1,11 @@
 //! A checkpoint of any supported format: name → (file, dtype, shape, byte range).
 //!
-//! [`Model::open`] accepts a directory (single or sharded safetensors with
-//! `model.safetensors.index.json`) or a single checkpoint file, reads headers only, and
-//! validates everything that can be checked without tensor data. The rest of mergestream
-//! sees only [`TensorInfo`]s, so a new file format plugs in here and nowhere else.
+//! [`Model::open`] accepts a directory — safetensors (single, or sharded with
+//! `model.safetensors.index.json`) or PyTorch `.bin` (single, or sharded with
+//! `pytorch_model.bin.index.json`) — or a single checkpoint file. It reads headers (or the
+//! pickle) only and validates everything that can be checked without tensor data. The rest
+//! of mergestream sees only [`TensorInfo`]s, so a file format plugs in here and nowhere
+//! else.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -14,6 +16,18 @@ use crate::dtype::DType;
 use crate::error::{Context, Error, Result};
 use crate::format::index::parse_index;
 use crate::format::safetensors::{header_len, parse_header};
+use crate::format::torch_bin::{TensorLocation, index_torch_bin};
+
+/// How a tensor's bytes sit in its file.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub enum Layout {
+    /// Row-major, dense, little-endian: `len` bytes at `offset`, readable by rows.
+    #[default]
+    Contiguous,
+    /// A PyTorch view (transposed, sliced, expanded) and/or big-endian storage: the span at
+    /// `offset` is read whole and gathered into row-major little-endian order.
+    Gathered(Box<TensorLocation>),
+}
 
 /// One tensor of a checkpoint, located in one of its files.
 #[derive(Clone, Debug, PartialEq)]
@@ -25,8 +39,9 @@ pub struct TensorInfo {
     pub file: usize,
     /// Absolute byte offset of the first element in the file.
     pub offset: u64,
-    /// Bytes of data (contiguous, little-endian, row-major).
+    /// Bytes of data in row-major form.
     pub len: u64,
+    pub layout: Layout,
 }
 
 impl TensorInfo {
@@ -62,6 +77,7 @@ pub struct Model {
 }
 
 const SAFETENSORS_INDEX: &str = "model.safetensors.index.json";
+const BIN_INDEX: &str = "pytorch_model.bin.index.json";
 
 impl Model {
     /// Open a checkpoint directory or file.
@@ -80,15 +96,35 @@ impl Model {
         if index_path.is_file() {
             return Model::open_indexed(path, &index_path);
         }
-        let mut shards: Vec<PathBuf> = std::fs::read_dir(path)
+        let listing: Vec<PathBuf> = std::fs::read_dir(path)
             .map_err(|e| Error::io("cannot list", e).in_file(path))?
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "safetensors") && p.is_file())
+            .filter(|p| p.is_file())
             .collect();
-        shards.sort();
+        let with_ext = |ext: &str| -> Vec<PathBuf> {
+            let mut v: Vec<PathBuf> = listing
+                .iter()
+                .filter(|p| p.extension().is_some_and(|x| x == ext))
+                .cloned()
+                .collect();
+            v.sort();
+            v
+        };
+        let mut shards = with_ext("safetensors");
+        if shards.is_empty() {
+            let bin_index = path.join(BIN_INDEX);
+            if bin_index.is_file() {
+                return Model::open_indexed(path, &bin_index);
+            }
+            shards = with_ext("bin");
+            shards.retain(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("pytorch_model"))
+            });
+        }
         if shards.is_empty() {
             return Err(Error::invalid(
-                "no checkpoint here: expected *.safetensors files (with model.safetensors.index.json when sharded)",
+                "no checkpoint here: expected *.safetensors (with model.safetensors.index.json when sharded) or pytorch_model*.bin files",
             )
             .in_file(path));
         }
@@ -236,23 +272,79 @@ impl Model {
     }
 }
 
-/// Read the tensor list of one checkpoint file, dispatching on its format.
+/// Read the tensor list of one checkpoint file, dispatching on its format: safetensors by
+/// name, PyTorch pickles (zip or legacy) by name or by their magic bytes.
 fn read_file_tensors(path: &Path, file_idx: usize) -> Result<Vec<TensorInfo>> {
     let mut f = File::open(path).map_err(|e| Error::io("cannot open", e).in_file(path))?;
     let len = f
         .metadata()
         .map_err(|e| Error::io("cannot stat", e).in_file(path))?
         .len();
-    let is_bin = path
-        .extension()
-        .is_some_and(|x| x == "bin" || x == "pt" || x == "pth");
-    if is_bin {
-        return Err(Error::invalid(
-            "PyTorch .bin checkpoints are not readable yet; convert to safetensors first",
-        )
-        .in_file(path));
+    let ext = path.extension().and_then(|x| x.to_str()).unwrap_or("");
+    let torch = match ext {
+        "safetensors" => false,
+        "bin" | "pt" | "pth" | "ckpt" => true,
+        _ => {
+            let mut head = [0u8; 4];
+            let n = read_up_to(&mut f, &mut head)
+                .map_err(|e| Error::io("cannot read", e).in_file(path))?;
+            use std::io::Seek;
+            f.rewind()
+                .map_err(|e| Error::io("cannot read", e).in_file(path))?;
+            n == 4
+                && (head == *b"PK\x03\x04"
+                    || (head[0] == 0x80 && head[2] == 0x8a && head[3] == 0x0a))
+        }
+    };
+    if torch {
+        return read_torch(f, file_idx).in_file(path);
     }
     read_safetensors(&mut f, len, file_idx).in_file(path)
+}
+
+/// A PyTorch `.bin` (zip or legacy pickle), read through the restricted unpickler.
+fn read_torch(f: File, file_idx: usize) -> Result<Vec<TensorInfo>> {
+    let bin = index_torch_bin(std::io::BufReader::new(f)).map_err(|e| {
+        // Name the tensor in its place in the message when the error concerns one.
+        use crate::format::torch_bin::TorchBinError as T;
+        match &e {
+            T::MissingStorage { name, key } => Error::invalid(format!(
+                "uses storage {key:?}, which the file does not contain"
+            ))
+            .at_tensor(name),
+            T::Span { name, source } => Error::invalid(source.to_string()).at_tensor(name),
+            T::Gather { name, reason } => Error::invalid(reason.to_string()).at_tensor(name),
+            _ => Error::invalid(e.to_string()),
+        }
+    })?;
+    let mut out = Vec::with_capacity(bin.tensors.len());
+    for loc in bin.tensors {
+        let dtype = DType::from_safetensors(loc.dtype.safetensors_name()).ok_or_else(|| {
+            Error::invalid(format!(
+                "unsupported dtype {}",
+                loc.dtype.safetensors_name()
+            ))
+            .at_tensor(&loc.name)
+        })?;
+        let len = loc
+            .nbytes()
+            .ok_or_else(|| Error::invalid("tensor size overflows").at_tensor(&loc.name))?;
+        let layout = if loc.contiguous && !loc.big_endian {
+            Layout::Contiguous
+        } else {
+            Layout::Gathered(Box::new(loc.clone()))
+        };
+        out.push(TensorInfo {
+            name: loc.name,
+            dtype,
+            shape: loc.shape,
+            file: file_idx,
+            offset: loc.byte_offset,
+            len,
+            layout,
+        });
+    }
+    Ok(out)
 }
 
 fn read_safetensors(f: &mut File, len: u64, file_idx: usize) -> Result<Vec<TensorInfo>> {
@@ -274,6 +366,7 @@ fn read_safetensors(f: &mut File, len: u64, file_idx: usize) -> Result<Vec<Tenso
             file: file_idx,
             offset: header.data_start + t.begin,
             len: t.end - t.begin,
+            layout: Layout::Contiguous,
         })
         .collect())
 }

@@ -3,4 +3,8 @@
 
 pub mod index;
 pub mod peft;
+pub mod pickle;
 pub mod safetensors;
+pub mod torch_bin;
+pub mod torch_legacy;
+pub mod torch_zip;

@@ -128,6 +128,24 @@ pub(super) fn add_scaled_neon(dst: &mut [f32], delta: &[f32], s: f32) {
     scalar::add_scaled(&mut dst[body..n], &delta[body..n], s);
 }
 
+pub(super) fn fma_acc_neon(acc: &mut [f32], x: &[f32], w: f32) {
+    let n = acc.len().min(x.len());
+    let body = n - n % 4;
+    let vw = vdupq_n_f32(w);
+    let mut i = 0;
+    while i < body {
+        // SAFETY: i + 4 <= n.
+        unsafe {
+            let a = vld1q_f32(acc.as_ptr().add(i));
+            let v = vld1q_f32(x.as_ptr().add(i));
+            // vfmaq_f32(a, b, c) = a + b·c, fused.
+            vst1q_f32(acc.as_mut_ptr().add(i), vfmaq_f32(a, v, vw));
+        }
+        i += 4;
+    }
+    scalar::fma_acc(&mut acc[body..n], &x[body..n], w);
+}
+
 pub(super) fn round_f16_neon(v: &mut [f32]) {
     const BLOCK: usize = 256;
     let mut h = [0u16; BLOCK];

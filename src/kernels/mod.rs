@@ -32,6 +32,8 @@ pub struct Kernels {
     pub blend_f32: fn(&[f32], &[f32], f32, f32, &mut [f32]),
     /// `dst += delta·s`, product rounded first.
     pub add_scaled: fn(&mut [f32], &[f32], f32),
+    /// `acc = fma(x, w, acc)`.
+    pub fma_acc: fn(&mut [f32], &[f32], f32),
     pub round_f16: fn(&mut [f32]),
     pub round_bf16: fn(&mut [f32]),
 }
@@ -45,6 +47,7 @@ pub const SCALAR: Kernels = Kernels {
     blend_f16: scalar::blend_f16,
     blend_f32: scalar::blend_f32,
     add_scaled: scalar::add_scaled,
+    fma_acc: scalar::fma_acc,
     round_f16: scalar::round_f16,
     round_bf16: scalar::round_bf16,
 };
@@ -55,7 +58,10 @@ pub fn available() -> Vec<Kernels> {
     let mut v = vec![SCALAR];
     #[cfg(target_arch = "x86_64")]
     {
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c") {
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("f16c")
+            && is_x86_feature_detected!("fma")
+        {
             v.push(Kernels {
                 name: "avx2+f16c",
                 f16_to_f32: x86_64::f16_to_f32_avx2,
@@ -65,6 +71,7 @@ pub fn available() -> Vec<Kernels> {
                 blend_f16: x86_64::blend_f16_avx2,
                 blend_f32: x86_64::blend_f32_avx2,
                 add_scaled: x86_64::add_scaled_avx2,
+                fma_acc: x86_64::fma_acc_avx2,
                 round_f16: x86_64::round_f16_avx2,
                 round_bf16: x86_64::round_bf16_avx2,
             });
@@ -82,6 +89,7 @@ pub fn available() -> Vec<Kernels> {
                 blend_f16: x86_64::blend_f16_avx512,
                 blend_f32: x86_64::blend_f32_avx512,
                 add_scaled: x86_64::add_scaled_avx512,
+                fma_acc: x86_64::fma_acc_avx512,
                 round_f16: x86_64::round_f16_avx512,
                 round_bf16: x86_64::round_bf16_avx512,
             });
@@ -98,11 +106,17 @@ pub fn available() -> Vec<Kernels> {
             blend_f16: aarch64::blend_f16_neon,
             blend_f32: aarch64::blend_f32_neon,
             add_scaled: aarch64::add_scaled_neon,
+            fma_acc: aarch64::fma_acc_neon,
             round_f16: aarch64::round_f16_neon,
             round_bf16: aarch64::round_bf16_neon,
         });
     }
     v
+}
+
+/// `acc = fma(x, w, acc)` with the active kernels.
+pub fn fma_acc(acc: &mut [f32], x: &[f32], w: f32) {
+    (active().fma_acc)(acc, x, w)
 }
 
 /// The kernel set used for real work: the best one available, chosen once.
@@ -226,6 +240,12 @@ mod tests {
                         "{} add_scaled len {len}",
                         k.name
                     );
+
+                    let mut want = f1.to_vec();
+                    let mut got = f1.to_vec();
+                    scalar::fma_acc(&mut want, f2, 0.37);
+                    (k.fma_acc)(&mut got, f2, 0.37);
+                    assert_eq!(bits32(&want), bits32(&got), "{} fma_acc len {len}", k.name);
 
                     let mut want = f1.to_vec();
                     let mut got = f1.to_vec();

@@ -83,6 +83,13 @@ pub fn add_scaled(dst: &mut [f32], delta: &[f32], s: f32) {
     }
 }
 
+/// `acc = fma(x, w, acc)`: PyTorch's `addcmul_` on the CPU is a fused multiply-add.
+pub fn fma_acc(acc: &mut [f32], x: &[f32], w: f32) {
+    for (a, &v) in acc.iter_mut().zip(x) {
+        *a = v.mul_add(w, *a);
+    }
+}
+
 /// Round f32 values to fp16 precision in place.
 pub fn round_f16(v: &mut [f32]) {
     for x in v {

@@ -156,6 +156,24 @@ fn add_scaled_avx2_imp(dst: &mut [f32], delta: &[f32], s: f32) {
     scalar::add_scaled(&mut dst[body..n], &delta[body..n], s);
 }
 
+#[target_feature(enable = "avx2,fma")]
+fn fma_acc_avx2_imp(acc: &mut [f32], x: &[f32], w: f32) {
+    let n = acc.len().min(x.len());
+    let body = n - n % 8;
+    let vw = _mm256_set1_ps(w);
+    let mut i = 0;
+    while i < body {
+        // SAFETY: i + 8 <= n.
+        unsafe {
+            let a = _mm256_loadu_ps(acc.as_ptr().add(i));
+            let v = _mm256_loadu_ps(x.as_ptr().add(i));
+            _mm256_storeu_ps(acc.as_mut_ptr().add(i), _mm256_fmadd_ps(v, vw, a));
+        }
+        i += 8;
+    }
+    scalar::fma_acc(&mut acc[body..n], &x[body..n], w);
+}
+
 #[target_feature(enable = "avx2,f16c")]
 fn round_f16_avx2_imp(v: &mut [f32]) {
     let n = v.len();
@@ -333,6 +351,24 @@ fn add_scaled_avx512_imp(dst: &mut [f32], delta: &[f32], s: f32) {
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+fn fma_acc_avx512_imp(acc: &mut [f32], x: &[f32], w: f32) {
+    let n = acc.len().min(x.len());
+    let body = n - n % 16;
+    let vw = _mm512_set1_ps(w);
+    let mut i = 0;
+    while i < body {
+        // SAFETY: i + 16 <= n.
+        unsafe {
+            let a = _mm512_loadu_ps(acc.as_ptr().add(i));
+            let v = _mm512_loadu_ps(x.as_ptr().add(i));
+            _mm512_storeu_ps(acc.as_mut_ptr().add(i), _mm512_fmadd_ps(v, vw, a));
+        }
+        i += 16;
+    }
+    scalar::fma_acc(&mut acc[body..n], &x[body..n], w);
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 fn round_f16_avx512_imp(v: &mut [f32]) {
     const R: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
     let n = v.len();
@@ -390,6 +426,7 @@ wrap! {
     blend_f16_avx2 => blend_f16_avx2_imp(a: &[u16], b: &[u16], wa: f32, wb: f32, dst: &mut [u16]);
     blend_f32_avx2 => blend_f32_avx2_imp(a: &[f32], b: &[f32], wa: f32, wb: f32, dst: &mut [f32]);
     add_scaled_avx2 => add_scaled_avx2_imp(dst: &mut [f32], delta: &[f32], s: f32);
+    fma_acc_avx2 => fma_acc_avx2_imp(acc: &mut [f32], x: &[f32], w: f32);
     round_f16_avx2 => round_f16_avx2_imp(v: &mut [f32]);
     round_bf16_avx2 => round_bf16_avx2_imp(v: &mut [f32]);
     f16_to_f32_avx512 => f16_to_f32_avx512_imp(src: &[u16], dst: &mut [f32]);
@@ -399,6 +436,7 @@ wrap! {
     blend_f16_avx512 => blend_f16_avx512_imp(a: &[u16], b: &[u16], wa: f32, wb: f32, dst: &mut [u16]);
     blend_f32_avx512 => blend_f32_avx512_imp(a: &[f32], b: &[f32], wa: f32, wb: f32, dst: &mut [f32]);
     add_scaled_avx512 => add_scaled_avx512_imp(dst: &mut [f32], delta: &[f32], s: f32);
+    fma_acc_avx512 => fma_acc_avx512_imp(acc: &mut [f32], x: &[f32], w: f32);
     round_f16_avx512 => round_f16_avx512_imp(v: &mut [f32]);
     round_bf16_avx512 => round_bf16_avx512_imp(v: &mut [f32]);
 }

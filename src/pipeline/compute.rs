@@ -1,18 +1,30 @@
-//! A compute worker's job: turn one loaded chunk into output bytes.
+//! A compute worker's jobs: turn one loaded chunk into output bytes, or stream a whole step
+//! in passes (methods with whole-tensor statistics on tensors too large to hold).
 
-use crate::methods::{OperandData, PatchData, compute_chunk};
-use crate::plan::{Plan, Recipe};
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::{Loaded, Out, Written};
+use indicatif::ProgressBar;
 
-pub(crate) fn run(plan: &Plan, item: Loaded) -> Written {
-    let step = &plan.steps[item.step];
-    let Recipe::Compute { operands, .. } = &step.recipe else {
-        unreachable!("copies go straight to the writer");
-    };
-    let data: Vec<OperandData<'_>> = operands
+use crate::error::{Error, ErrorKind, Result};
+use crate::kernels::bytes::encode;
+use crate::methods::mergekit::streamed::{self, StreamCtx};
+use crate::methods::{OperandData, PatchData, compute_chunk, operand_f32};
+use crate::plan::{Method, Operand, Plan, Recipe};
+
+use super::reader::InputFile;
+use super::writer::ShardFiles;
+use super::{Loaded, LoadedOperand, Out, Written, load_operands};
+
+/// Borrow loaded bytes as the methods' view of them.
+fn operand_data<'a>(
+    plan: &Plan,
+    operands: &[Operand],
+    loaded: &'a [LoadedOperand],
+) -> Vec<OperandData<'a>> {
+    operands
         .iter()
-        .zip(&item.operands)
+        .zip(loaded)
         .map(|(op, lo)| OperandData {
             bytes: &lo.bytes,
             patches: op
@@ -37,7 +49,16 @@ pub(crate) fn run(plan: &Plan, item: Loaded) -> Written {
                 })
                 .collect(),
         })
-        .collect();
+        .collect()
+}
+
+pub(crate) fn run(plan: &Plan, item: Loaded) -> Written {
+    let step = &plan.steps[item.step];
+    let operands: &[Operand] = match &step.recipe {
+        Recipe::Compute { operands, .. } => operands,
+        Recipe::Copy(_) => &[],
+    };
+    let data = operand_data(plan, operands, &item.operands);
     let bytes = compute_chunk(plan, step, item.rows.clone(), &data);
     let out_row_bytes = step.row_elems() * step.dtype.bits() / 8;
     Written {
@@ -46,4 +67,59 @@ pub(crate) fn run(plan: &Plan, item: Loaded) -> Written {
         bytes: Out::Computed(bytes),
         _permit: item.permit,
     }
+}
+
+/// What a worker streaming a step needs: the inputs to read, the shards to write.
+pub(crate) struct StreamIo<'a> {
+    pub plan: &'a Plan,
+    pub inputs: &'a [Vec<InputFile>],
+    pub shards: &'a ShardFiles,
+    pub progress: &'a ProgressBar,
+    pub written: &'a AtomicU64,
+    pub stopped: &'a (dyn Fn() -> bool + Sync),
+}
+
+pub(crate) fn run_streamed(io: &StreamIo<'_>, si: usize, chunk_rows: u64) -> Result<()> {
+    let plan = io.plan;
+    let step = &plan.steps[si];
+    let Recipe::Compute {
+        operands,
+        method: Method::Mergekit(recipe),
+    } = &step.recipe
+    else {
+        return Err(Error::invalid(
+            "internal: only mergekit methods are streamed",
+        ));
+    };
+    let cols = step.row_elems() as usize;
+    let load = |rows: Range<u64>| -> Result<Vec<Vec<f32>>> {
+        if (io.stopped)() {
+            return Err(Error::new(ErrorKind::Interrupted));
+        }
+        let loaded = load_operands(plan, io.inputs, step, rows.clone())?;
+        let data = operand_data(plan, operands, &loaded);
+        let n = (rows.end - rows.start) as usize;
+        Ok(operands
+            .iter()
+            .zip(&data)
+            .map(|(op, d)| operand_f32(plan, op, d, rows.start, n, cols))
+            .collect())
+    };
+    let out_row_bytes = step.row_elems() * step.dtype.bits() / 8;
+    let emit = |rows: Range<u64>, values: &[f32]| -> Result<()> {
+        let bytes = encode(step.dtype, values);
+        io.shards
+            .write_at(step.shard, step.offset + rows.start * out_row_bytes, &bytes)?;
+        io.written.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        io.progress.inc(bytes.len() as u64);
+        Ok(())
+    };
+    let ctx = StreamCtx {
+        rows: step.rows().max(1),
+        cols,
+        chunk_rows: chunk_rows.max(1),
+        load: &load,
+        emit: &emit,
+    };
+    streamed::run(recipe, &ctx)
 }

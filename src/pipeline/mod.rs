@@ -15,12 +15,14 @@ pub mod writer;
 use std::ops::Range;
 use std::path::Path;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::bounded;
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::format::torch_bin::gather_strided;
+use crate::model::Layout;
 use crate::plan::{Plan, Recipe, Step};
 use budget::{Budget, Permit};
 use reader::{Buf, InputFile, IoMode};
@@ -92,6 +94,34 @@ pub fn rows_per_chunk(plan: &Plan, step: &Step, target: u64) -> u64 {
     fit.clamp(1, rows)
 }
 
+/// What a compute worker receives.
+pub(crate) enum Work {
+    /// One chunk with its input bytes.
+    Chunk(Loaded),
+    /// A whole step whose method needs whole-tensor statistics and which is too large to
+    /// hold at once: the worker streams over its row chunks several times (one pass per
+    /// statistic, then the output), reading and writing by itself under one permit.
+    Streamed {
+        step: usize,
+        chunk_rows: u64,
+        _permit: Permit,
+    },
+}
+
+/// Rows per pass chunk of a streamed step (as if it were chunkable).
+pub fn stream_rows(plan: &Plan, step: &Step, target: u64) -> u64 {
+    let rows = step.rows().max(1);
+    let one = plan.chunk_cost(step, 1);
+    let per_row = plan.chunk_cost(step, 2).saturating_sub(one).max(1);
+    let fixed = one.saturating_sub(per_row);
+    let fit = if fixed < target {
+        (target - fixed) / per_row
+    } else {
+        target / per_row
+    };
+    fit.clamp(1, rows)
+}
+
 /// One chunk of one step, with its input bytes.
 pub(crate) struct Loaded {
     step: usize,
@@ -137,10 +167,13 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &RunOptions) -> Result<RunStats> {
     };
     let stopped = || cancel.load(Ordering::Relaxed) || INTERRUPTED.load(Ordering::Relaxed);
     let progress = crate::progress::bar(plan.output_bytes(), opts.progress);
-    let mut written = 0u64;
+    let written = AtomicU64::new(0);
+    // Steps that need whole-tensor statistics are processed whole when that fits in half
+    // the budget (exact PyTorch reduction order), streamed in passes otherwise.
+    let whole_limit = opts.memory_limit / 2;
 
     std::thread::scope(|s| {
-        let (work_tx, work_rx) = bounded::<Loaded>(workers * 2);
+        let (work_tx, work_rx) = bounded::<Work>(workers * 2);
         let (out_tx, out_rx) = bounded::<Written>(workers * 2);
 
         // Reader: steps in input order, chunked, each chunk under a permit.
@@ -152,6 +185,26 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &RunOptions) -> Result<RunStats> {
             for &si in &order {
                 let step = &plan.steps[si];
                 if step.len == 0 {
+                    continue;
+                }
+                if !plan.chunkable(step)
+                    && plan.streamable(step)
+                    && plan.chunk_cost(step, step.rows().max(1)) > whole_limit
+                {
+                    let chunk_rows = stream_rows(plan, step, target);
+                    let Some(permit) =
+                        budget.acquire(plan.chunk_cost(step, chunk_rows) * 2, stopped)
+                    else {
+                        return;
+                    };
+                    let w = Work::Streamed {
+                        step: si,
+                        chunk_rows,
+                        _permit: permit,
+                    };
+                    if work_tx.send(w).is_err() {
+                        return;
+                    }
                     continue;
                 }
                 let per_chunk = rows_per_chunk(plan, step, target);
@@ -167,7 +220,7 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &RunOptions) -> Result<RunStats> {
                     };
                     match load_chunk(plan, inputs, si, r0..r1, permit) {
                         Ok(Chunk::Work(w)) => {
-                            if work_tx.send(w).is_err() {
+                            if work_tx.send(Work::Chunk(w)).is_err() {
                                 return;
                             }
                         }
@@ -186,6 +239,7 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &RunOptions) -> Result<RunStats> {
             }
         });
 
+        let (shards, progress, written) = (&shards, &progress, &written);
         for _ in 0..workers {
             let rx = work_rx.clone();
             let tx = out_tx.clone();
@@ -194,9 +248,30 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &RunOptions) -> Result<RunStats> {
                     if stopped() {
                         return;
                     }
-                    let done = compute::run(plan, item);
-                    if tx.send(done).is_err() {
-                        return;
+                    match item {
+                        Work::Chunk(c) => {
+                            if tx.send(compute::run(plan, c)).is_err() {
+                                return;
+                            }
+                        }
+                        Work::Streamed {
+                            step,
+                            chunk_rows,
+                            _permit,
+                        } => {
+                            let ctx = compute::StreamIo {
+                                plan,
+                                inputs,
+                                shards,
+                                progress,
+                                written,
+                                stopped,
+                            };
+                            if let Err(e) = compute::run_streamed(&ctx, step, chunk_rows) {
+                                fail(e.at_tensor(&plan.steps[step].name));
+                                return;
+                            }
+                        }
                     }
                 }
             });
@@ -217,7 +292,7 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &RunOptions) -> Result<RunStats> {
                 fail(e);
                 continue;
             }
-            written += bytes.len() as u64;
+            written.fetch_add(bytes.len() as u64, Ordering::Relaxed);
             progress.inc(bytes.len() as u64);
         }
     });
@@ -231,7 +306,7 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &RunOptions) -> Result<RunStats> {
     }
     shards.sync()?;
     Ok(RunStats {
-        bytes_written: written,
+        bytes_written: written.into_inner(),
         peak_budget: budget.peak(),
         elapsed: start.elapsed(),
     })
@@ -275,23 +350,9 @@ fn load_chunk(
     permit: Permit,
 ) -> Result<Chunk> {
     let step = &plan.steps[si];
-    let read = |r: crate::plan::TensorRef, range: Option<Range<u64>>| -> Result<Buf> {
-        let t = plan.tensor(r);
-        let (off, len) = match range {
-            Some(rr) => {
-                let rb = t.row_bytes();
-                (t.offset + rr.start * rb, (rr.end - rr.start) * rb)
-            }
-            None => (t.offset, t.len),
-        };
-        let file = &plan.sources[r.source].files[t.file];
-        inputs[r.source][t.file]
-            .read(off, len)
-            .map_err(|e| Error::io("read failed", e).in_file(file).at_tensor(&t.name))
-    };
     match &step.recipe {
         Recipe::Copy(t) => {
-            let bytes = read(*t, Some(rows.clone()))?;
+            let bytes = read_tensor(plan, inputs, *t, Some(rows.clone()))?;
             let out_row_bytes = step.row_elems() * step.dtype.bits() / 8;
             Ok(Chunk::Done(Written {
                 shard: step.shard,
@@ -300,26 +361,81 @@ fn load_chunk(
                 _permit: permit,
             }))
         }
-        Recipe::Compute { operands, .. } => {
-            let mut loaded = Vec::with_capacity(operands.len());
-            for op in operands {
-                let end = rows.end.min(op.rows).max(rows.start);
-                let bytes = read(op.tensor, Some(rows.start..end))?;
-                let mut patches = Vec::with_capacity(op.patches.len());
-                for p in &op.patches {
-                    let a = read(p.a, None)?;
-                    let b = read(p.b, None)?;
-                    let m = p.magnitude.map(|m| read(m, None)).transpose()?;
-                    patches.push((a, b, m));
-                }
-                loaded.push(LoadedOperand { bytes, patches });
-            }
-            Ok(Chunk::Work(Loaded {
-                step: si,
-                rows,
-                operands: loaded,
-                permit,
-            }))
-        }
+        Recipe::Compute { .. } => Ok(Chunk::Work(Loaded {
+            step: si,
+            operands: load_operands(plan, inputs, step, rows.clone())?,
+            rows,
+            permit,
+        })),
     }
+}
+
+/// Read one tensor's bytes (rows `range`, or all of it), row-major and little-endian.
+fn read_tensor(
+    plan: &Plan,
+    inputs: &[Vec<InputFile>],
+    r: crate::plan::TensorRef,
+    range: Option<Range<u64>>,
+) -> Result<Buf> {
+    let t = plan.tensor(r);
+    let file = &plan.sources[r.source].files[t.file];
+    let io_err = |e: std::io::Error| Error::io("read failed", e).in_file(file).at_tensor(&t.name);
+    let rb = t.row_bytes();
+    if let Layout::Gathered(loc) = &t.layout {
+        // Views and big-endian storages: read the span, gather, swap, then cut the rows.
+        let span = inputs[r.source][t.file]
+            .read(t.offset, loc.byte_len)
+            .map_err(io_err)?;
+        let mut bytes = gather_strided(&span, loc).map_err(|e| {
+            Error::invalid(e.to_string())
+                .in_file(file)
+                .at_tensor(&t.name)
+        })?;
+        if loc.big_endian {
+            let size = t.dtype.size().max(1);
+            for el in bytes.chunks_exact_mut(size) {
+                el.reverse();
+            }
+        }
+        if let Some(rr) = range {
+            let (a, b) = ((rr.start * rb) as usize, (rr.end * rb) as usize);
+            bytes = bytes.get(a..b).map(<[u8]>::to_vec).unwrap_or_default();
+        }
+        return Ok(Buf::Owned(bytes));
+    }
+    let (off, len) = match range {
+        Some(rr) => (t.offset + rr.start * rb, (rr.end - rr.start) * rb),
+        None => (t.offset, t.len),
+    };
+    inputs[r.source][t.file].read(off, len).map_err(io_err)
+}
+
+/// The bytes of every operand of a computed step for rows `rows` (each clamped to the rows
+/// it provides), with their LoRA factors.
+pub(crate) fn load_operands(
+    plan: &Plan,
+    inputs: &[Vec<InputFile>],
+    step: &Step,
+    rows: Range<u64>,
+) -> Result<Vec<LoadedOperand>> {
+    let Recipe::Compute { operands, .. } = &step.recipe else {
+        return Ok(Vec::new());
+    };
+    let mut loaded = Vec::with_capacity(operands.len());
+    for op in operands {
+        let end = rows.end.min(op.rows).max(rows.start);
+        let bytes = read_tensor(plan, inputs, op.tensor, Some(rows.start..end))?;
+        let mut patches = Vec::with_capacity(op.patches.len());
+        for p in &op.patches {
+            let a = read_tensor(plan, inputs, p.a, None)?;
+            let b = read_tensor(plan, inputs, p.b, None)?;
+            let m = p
+                .magnitude
+                .map(|m| read_tensor(plan, inputs, m, None))
+                .transpose()?;
+            patches.push((a, b, m));
+        }
+        loaded.push(LoadedOperand { bytes, patches });
+    }
+    Ok(loaded)
 }

@@ -6,6 +6,7 @@
 //! in any order. `--dry-run` prints the plan.
 
 pub mod blockmerge;
+pub mod convert;
 pub mod gradient;
 pub mod layout;
 pub mod lora;
@@ -187,8 +188,13 @@ impl Plan {
     /// Whether a step can be split into row chunks (DoRA on transposed layouts needs
     /// whole columns).
     pub fn chunkable(&self, step: &Step) -> bool {
+        let gathered =
+            |r: TensorRef| matches!(self.tensor(r).layout, crate::model::Layout::Gathered(_));
         match &step.recipe {
-            Recipe::Copy(_) => true,
+            Recipe::Copy(t) => !gathered(*t),
+            Recipe::Compute { operands, .. } if operands.iter().any(|op| gathered(op.tensor)) => {
+                false
+            }
             Recipe::Compute { operands, method } => {
                 let method_ok = match method {
                     Method::Mergekit(r) => r.elementwise(),
@@ -201,6 +207,25 @@ impl Plan {
                             .all(|p| p.magnitude.is_none() || p.layout == DeltaLayout::Rows)
                     })
             }
+        }
+    }
+
+    /// Whether a step that cannot be chunked can instead be streamed in passes over its
+    /// row chunks (methods with whole-tensor statistics).
+    pub fn streamable(&self, step: &Step) -> bool {
+        match &step.recipe {
+            Recipe::Compute {
+                operands,
+                method: Method::Mergekit(r),
+            } => {
+                crate::methods::mergekit::streamed::supports(r)
+                    && operands.iter().all(|op| {
+                        op.patches
+                            .iter()
+                            .all(|p| p.magnitude.is_none() || p.layout == DeltaLayout::Rows)
+                    })
+            }
+            _ => false,
         }
     }
 

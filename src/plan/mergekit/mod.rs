@@ -532,12 +532,12 @@ pub fn plan_merge(opts: &MergeOptions) -> Result<Plan> {
             if patched {
                 op.roundings.push(t.dtype); // mergekit saves the PEFT merge in the checkpoint dtype
             }
+            // mergekit casts every input to `dtype` at load.
             if let Some(d) = dtype
                 && t.dtype.is_computable()
+                && (d != t.dtype || patched)
             {
-                if d != t.dtype || patched {
-                    op.roundings.push(d);
-                }
+                op.roundings.push(d);
             }
             in_dtypes.push(t.dtype);
             match &shape {

@@ -5,33 +5,38 @@
 //! PyTorch does for f16/bf16 tensors — while reductions accumulate in f32 in PyTorch's order
 //! (`torch_compat`) and round once. For D = f32 all of this is plain f32 arithmetic.
 //! Operands arrive already rounded to the config's `dtype` (mergekit casts at load).
+//!
+//! This module holds the whole-tensor versions (exact); `streamed` runs the methods that
+//! need whole-tensor statistics in passes over row chunks when a tensor is too large to hold.
+
+pub mod streamed;
 
 use crate::dtype::DType;
 use crate::kernels::bytes::round_to;
 use crate::methods::torch_compat as tc;
-use crate::plan::mergekit::{MergekitRecipe, MethodKind, Sparsify};
+use crate::plan::mergekit::{InputParams, MergekitRecipe, MethodKind, Sparsify};
 
-/// Rounding to the compute dtype.
+/// Arithmetic in the compute dtype D: every result rounded to D.
 #[derive(Clone, Copy)]
-struct D(DType);
+pub(crate) struct D(pub DType);
 
 impl D {
-    fn q(self, v: &mut [f32]) {
+    pub(crate) fn q(self, v: &mut [f32]) {
         round_to(self.0, v);
     }
-    fn qs(self, x: f32) -> f32 {
+    pub(crate) fn qs(self, x: f32) -> f32 {
         let mut a = [x];
         round_to(self.0, &mut a);
         a[0]
     }
-    fn sum(self, x: &[f32]) -> f32 {
+    pub(crate) fn sum(self, x: &[f32]) -> f32 {
         self.qs(match self.0 {
             DType::F16 => tc::sum_f16(x),
             DType::BF16 => tc::sum_bf16(x),
             _ => tc::sum_f32(x),
         })
     }
-    fn norm(self, x: &[f32]) -> f32 {
+    pub(crate) fn norm(self, x: &[f32]) -> f32 {
         self.qs(match self.0 {
             DType::F16 => tc::norm_f16(x),
             DType::BF16 => tc::norm_bf16(x),
@@ -39,25 +44,27 @@ impl D {
         })
     }
     /// `torch.stack(xs).sum(0)`: f32 accumulation in PyTorch's order, rounded to D.
-    fn outer_sum(self, xs: &[&[f32]]) -> Vec<f32> {
+    pub(crate) fn outer_sum(self, xs: &[&[f32]]) -> Vec<f32> {
         let mut out = vec![0f32; xs.first().map_or(0, |x| x.len())];
         tc::outer_sum_f32(xs, &mut out);
         self.q(&mut out);
         out
     }
-    fn acos(self, x: f32) -> f32 {
+    // PyTorch uses MKL's vsAcos/vsSin on f32; correctly rounded values differ from them in
+    // the last bit now and then (a handful of elements per 100k in slerp/nuslerp).
+    pub(crate) fn acos(self, x: f32) -> f32 {
         self.qs((x as f64).acos() as f32)
     }
-    fn sin(self, x: f32) -> f32 {
+    pub(crate) fn sin(self, x: f32) -> f32 {
         self.qs((x as f64).sin() as f32)
     }
-    /// Elementwise `a op b`, rounded to D.
-    fn zip(self, a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> Vec<f32> {
+    /// Elementwise `f(a, b)`, rounded to D.
+    pub(crate) fn zip(self, a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> Vec<f32> {
         let mut v: Vec<f32> = a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect();
         self.q(&mut v);
         v
     }
-    fn map(self, a: &[f32], f: impl Fn(f32) -> f32) -> Vec<f32> {
+    pub(crate) fn map(self, a: &[f32], f: impl Fn(f32) -> f32) -> Vec<f32> {
         let mut v: Vec<f32> = a.iter().map(|&x| f(x)).collect();
         self.q(&mut v);
         v
@@ -84,14 +91,13 @@ pub fn merge(r: &MergekitRecipe, xs: &[Vec<f32>], rows: usize, cols: usize) -> V
     }
 }
 
-/// `Σ fma(x_i, w_i)` in config order, divided by the f32 sum of the weights.
+/// `Σ fma(x_i, w_i)` in config order (`addcmul_` is fused on the CPU), divided by the f32
+/// sum of the weights.
 fn linear(r: &MergekitRecipe, xs: &[Vec<f32>], d: D) -> Vec<f32> {
     let w: Vec<f32> = r.inputs.iter().map(|p| p.weight as f32).collect();
     let mut acc = vec![0f32; xs[0].len()];
     for (x, &wi) in xs.iter().zip(&w) {
-        for (a, &v) in acc.iter_mut().zip(x) {
-            *a = v.mul_add(wi, *a);
-        }
+        crate::kernels::fma_acc(&mut acc, x, wi);
     }
     if r.normalize {
         let den = tc::sum_f32(&w);
@@ -103,35 +109,47 @@ fn linear(r: &MergekitRecipe, xs: &[Vec<f32>], d: D) -> Vec<f32> {
     acc
 }
 
+/// Which operands slerp interpolates from (the base) and to.
+pub(crate) fn slerp_pair(r: &MergekitRecipe) -> (usize, usize) {
+    let b = r.base.unwrap_or(0);
+    (b, if b == 0 { 1 } else { 0 })
+}
+
 /// Spherical interpolation from the base (v0) towards the other model (v1), whole tensor.
 fn slerp(r: &MergekitRecipe, xs: &[Vec<f32>], d: D) -> Vec<f32> {
-    let bi = r.base.unwrap_or(0);
-    let (v0, v1) = (&xs[bi], &xs[1 - bi.min(1)]);
-    let t = r.t as f32;
-    let mut na = tc::norm_f32(v0);
-    let mut nb = tc::norm_f32(v1);
-    if na <= 1e-8 {
-        na = 1.0;
-    }
-    if nb <= 1e-8 {
-        nb = 1.0;
-    }
+    let (i0, i1) = slerp_pair(r);
+    let (v0, v1) = (&xs[i0], &xs[i1]);
+    let na = slerp_norm(tc::norm_f32(v0));
+    let nb = slerp_norm(tc::norm_f32(v1));
     let prod: Vec<f32> = v0
         .iter()
         .zip(v1.iter())
         .map(|(&a, &b)| (a / na) * (b / nb))
         .collect();
     let dot = tc::sum_f32(&prod).clamp(-1.0, 1.0);
+    let (ca, cb) = slerp_coefficients(dot, r.t as f32);
+    slerp_apply(ca, cb, v0, v1, d)
+}
+
+/// The norm slerp divides by: ‖v‖, or 1 for a (near) zero tensor.
+pub(crate) fn slerp_norm(n: f32) -> f32 {
+    if n <= 1e-8 { 1.0 } else { n }
+}
+
+/// slerp's coefficients of the unnormalized tensors, from the normalized dot product.
+pub(crate) fn slerp_coefficients(dot: f32, t: f32) -> (f32, f32) {
     let one_t = 1.0f32 - t;
-    let (ca, cb) = if (dot as f64).abs() > 0.9995 {
-        (one_t, t)
-    } else {
-        let theta = (dot as f64).acos() as f32;
-        let s = (theta as f64).sin() as f32;
-        let sa = ((one_t * theta) as f64).sin() as f32;
-        let sb = ((t * theta) as f64).sin() as f32;
-        (sa / s, sb / s)
-    };
+    if (dot as f64).abs() > 0.9995 {
+        return (one_t, t);
+    }
+    let d = D(DType::F32);
+    let theta = d.acos(dot);
+    let s = d.sin(theta);
+    (d.sin(one_t * theta) / s, d.sin(t * theta) / s)
+}
+
+/// `f32(ca·v0) + f32(cb·v1)`, rounded to D.
+pub(crate) fn slerp_apply(ca: f32, cb: f32, v0: &[f32], v1: &[f32], d: D) -> Vec<f32> {
     let mut out: Vec<f32> = v0
         .iter()
         .zip(v1.iter())
@@ -141,37 +159,73 @@ fn slerp(r: &MergekitRecipe, xs: &[Vec<f32>], d: D) -> Vec<f32> {
     out
 }
 
+/// How nuslerp combines v0 and v1 once the cosine is known.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum NuCoeffs {
+    /// Colinear: `(1−t)·v0 + t·v1`.
+    Lerp(f32, f32),
+    /// `(s0·v0 + s1·v1) / sin θ`.
+    Slerp(f32, f32, f32),
+}
+
+/// nuslerp's interpolation weight from the two models' weights.
+pub(crate) fn nuslerp_t(w0: f64, w1: f64) -> f64 {
+    let total = w0 + w1;
+    if total.abs() < 1e-6 { 0.5 } else { w1 / total }
+}
+
+pub(crate) fn nuslerp_coefficients(t: f64, c: f32, d: D) -> NuCoeffs {
+    let one_t = (1.0 - t) as f32;
+    let tt = t as f32;
+    if d.qs(1.0 - d.qs(c * c)) <= d.qs(1e-16) {
+        return NuCoeffs::Lerp(one_t, tt);
+    }
+    let theta = d.acos(c);
+    let st = d.sin(theta);
+    NuCoeffs::Slerp(d.sin(d.qs(one_t * theta)), d.sin(d.qs(tt * theta)), st)
+}
+
+pub(crate) fn nuslerp_apply(c: NuCoeffs, v0: &[f32], v1: &[f32], d: D) -> Vec<f32> {
+    match c {
+        NuCoeffs::Lerp(a0, a1) => {
+            let a = d.map(v0, |x| a0 * x);
+            let b = d.map(v1, |x| a1 * x);
+            d.zip(&a, &b, |x, y| x + y)
+        }
+        NuCoeffs::Slerp(s0, s1, st) => {
+            let a = d.map(v0, |x| s0 * x);
+            let b = d.map(v1, |x| s1 * x);
+            let sum = d.zip(&a, &b, |x, y| x + y);
+            d.map(&sum, |x| x / st)
+        }
+    }
+}
+
+/// nuslerp's normalizing floor.
+pub(crate) fn nuslerp_eps(d: D) -> f32 {
+    d.qs(1e-7)
+}
+
 /// NuSLERP of one vector pair (mergekit's `nuslerp`), in D.
 fn nuslerp_vec(t: f64, v0: &[f32], v1: &[f32], d: D) -> Vec<f32> {
-    let eps = d.qs(1e-7);
+    let eps = nuslerp_eps(d);
     let n0 = d.norm(v0).max(eps);
     let n1 = d.norm(v1).max(eps);
     let u0 = d.map(v0, |x| x / n0);
     let u1 = d.map(v1, |x| x / n1);
     let c = d.sum(&d.zip(&u0, &u1, |a, b| a * b)).clamp(-1.0, 1.0);
-    let one_t = (1.0 - t) as f32;
-    let tt = t as f32;
-    if d.qs(1.0 - d.qs(c * c)) <= d.qs(1e-16) {
-        let a = d.map(v0, |x| one_t * x);
-        let b = d.map(v1, |x| tt * x);
-        return d.zip(&a, &b, |x, y| x + y);
-    }
-    let theta = d.acos(c);
-    let st = d.sin(theta);
-    let s0 = d.sin(d.qs(one_t * theta));
-    let s1 = d.sin(d.qs(tt * theta));
-    let a = d.map(v0, |x| s0 * x);
-    let b = d.map(v1, |x| s1 * x);
-    let sum = d.zip(&a, &b, |x, y| x + y);
-    d.map(&sum, |x| x / st)
+    nuslerp_apply(nuslerp_coefficients(t, c, d), v0, v1, d)
+}
+
+/// The two non-base operands of nuslerp.
+pub(crate) fn nuslerp_pair(r: &MergekitRecipe, n: usize) -> (usize, usize) {
+    let others: Vec<usize> = (0..n).filter(|&i| Some(i) != r.base).collect();
+    (others[0], others[1])
 }
 
 fn nuslerp(r: &MergekitRecipe, xs: &[Vec<f32>], rows: usize, cols: usize, d: D) -> Vec<f32> {
-    let others: Vec<usize> = (0..xs.len()).filter(|&i| Some(i) != r.base).collect();
-    let (i0, i1) = (others[0], others[1]);
-    let (w0, w1) = (r.inputs[i0].weight, r.inputs[i1].weight);
-    let total = w0 + w1;
-    let t = if total.abs() < 1e-6 { 0.5 } else { w1 / total };
+    let (i0, i1) = nuslerp_pair(r, xs.len());
+    let t = nuslerp_t(r.inputs[i0].weight, r.inputs[i1].weight);
     let (v0, v1) = match r.base {
         Some(b) => (
             d.zip(&xs[i0], &xs[b], |x, y| x - y),
@@ -180,7 +234,7 @@ fn nuslerp(r: &MergekitRecipe, xs: &[Vec<f32>], rows: usize, cols: usize, d: D) 
         None => (xs[i0].clone(), xs[i1].clone()),
     };
     let mut out = if r.row_wise {
-        // Columns: gather, interpolate, scatter.
+        // Per column: gather, interpolate, scatter.
         let mut out = vec![0f32; rows * cols];
         for c in 0..cols {
             let a: Vec<f32> = (0..rows).map(|i| v0[i * cols + c]).collect();
@@ -222,35 +276,50 @@ fn model_stock(r: &MergekitRecipe, xs: &[Vec<f32>], rows: usize, cols: usize, d:
 
 fn model_stock_vec(xs: &[Vec<f32>], b: usize, d: D) -> Vec<f32> {
     let w0 = &xs[b];
-    let ws: Vec<&Vec<f32>> = xs
+    let ws: Vec<&[f32]> = xs
         .iter()
         .enumerate()
         .filter(|(i, _)| *i != b)
-        .map(|(_, x)| x)
+        .map(|(_, x)| x.as_slice())
         .collect();
     let offs: Vec<Vec<f32>> = ws.iter().map(|w| d.zip(w, w0, |x, y| x - y)).collect();
     let mut cos = Vec::new();
     for i in 0..offs.len() {
         for j in i + 1..offs.len() {
-            let npd = d.qs(d.norm(&offs[i]) * d.norm(&offs[j]));
             let dot = d.sum(&d.zip(&offs[i], &offs[j], |x, y| x * y));
-            let c = d.qs(dot / npd.max(d.qs(1e-6)));
-            cos.push(c.clamp(-1.0, 1.0));
+            cos.push(model_stock_cos(d.norm(&offs[i]), d.norm(&offs[j]), dot, d));
         }
     }
+    let t = model_stock_t(&cos, ws.len(), d);
+    model_stock_apply(t, w0, &ws, d)
+}
+
+/// model_stock's cosine of two offsets from their norms and dot product.
+pub(crate) fn model_stock_cos(norm_a: f32, norm_b: f32, dot: f32, d: D) -> f32 {
+    let npd = d.qs(norm_a * norm_b);
+    d.qs(dot / npd.max(d.qs(1e-6))).clamp(-1.0, 1.0)
+}
+
+/// t = N·cos / (1 + (N−1)·cos) from the mean pairwise cosine.
+pub(crate) fn model_stock_t(cos: &[f32], n: usize, d: D) -> f32 {
     let ct = if cos.len() == 1 {
         cos[0]
     } else {
-        d.qs(d.sum(&cos) / cos.len() as f32)
+        d.qs(d.sum(cos) / cos.len() as f32)
     };
-    let n = ws.len() as f32;
+    let n = n as f32;
     let den = d.qs(1.0 + d.qs((n - 1.0) * ct));
-    let t = if (den as f64).abs() < 1e-6 {
+    if (den as f64).abs() < 1e-6 {
         0.0
     } else {
         d.qs(d.qs(n * ct) / den)
-    };
-    let mut avg = ws[0].clone();
+    }
+}
+
+/// `t·mean(w_i) + (1−t)·w0`.
+pub(crate) fn model_stock_apply(t: f32, w0: &[f32], ws: &[&[f32]], d: D) -> Vec<f32> {
+    let n = ws.len() as f32;
+    let mut avg = ws[0].to_vec();
     for w in &ws[1..] {
         avg = d.zip(&avg, w, |x, y| x + y);
     }
@@ -263,7 +332,7 @@ fn model_stock_vec(xs: &[Vec<f32>], b: usize, d: D) -> Vec<f32> {
 
 /// A uniform number in [0, 1) for element `i` of input `k`: counter-based (SplitMix64), so
 /// every pass over a tensor draws the same mask.
-fn uniform(seed: u64, k: usize, i: usize) -> f64 {
+pub(crate) fn uniform(seed: u64, k: usize, i: usize) -> f64 {
     let mut z = seed ^ ((k as u64) << 56) ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -271,30 +340,50 @@ fn uniform(seed: u64, k: usize, i: usize) -> f64 {
     (z >> 11) as f64 / (1u64 << 53) as f64
 }
 
+/// DELLA's keep probability for ascending magnitude rank `rank0` (0-based) of `n` in a row:
+/// rising linearly from density − ε to density + ε.
+pub(crate) fn della_probability(p: &InputParams, rank0: usize, n: usize) -> f32 {
+    let lo = (p.density - p.epsilon) as f32;
+    let span = (2.0 * p.epsilon) as f32;
+    // (rank − min)/(max − min); a one-element row divides 0 by 0 as mergekit does.
+    let rn = (rank0 as f32 / (n as f32 - 1.0)).clamp(0.0, 1.0);
+    lo + rn * span
+}
+
+/// Keep `x` where `keep`, else `0·x` (PyTorch's `t * mask`).
+pub(crate) fn masked(x: f32, keep: bool) -> f32 {
+    if keep { x } else { 0.0 * x }
+}
+
 /// mergekit's `rescaled_masked_tensor`: mask, then (if asked) restore the L1 norm of the
 /// whole tensor.
 fn rescaled(t: &[f32], mask: &[bool], rescale: bool, d: D) -> Vec<f32> {
-    let masked: Vec<f32> = t
-        .iter()
-        .zip(mask)
-        .map(|(&x, &m)| if m { x } else { 0.0 * x })
-        .collect();
+    let m: Vec<f32> = t.iter().zip(mask).map(|(&x, &k)| masked(x, k)).collect();
     if !rescale {
-        return masked;
+        return m;
     }
     let before = d.sum(&t.iter().map(|x| x.abs()).collect::<Vec<_>>());
-    let after = d.sum(&masked.iter().map(|x| x.abs()).collect::<Vec<_>>());
-    if (before as f64) < 1e-7 || (after as f64) < 1e-7 {
-        return masked;
+    let after = d.sum(&m.iter().map(|x| x.abs()).collect::<Vec<_>>());
+    match rescale_factor(before, after, d) {
+        Some(f) => d.map(&m, |x| x * f),
+        None => m,
     }
-    let factor = d.qs(before / after);
-    d.map(&masked, |x| x * factor)
 }
 
+/// `Σ|t| / Σ|masked|`, unless either sum is below 1e-7.
+pub(crate) fn rescale_factor(before: f32, after: f32, d: D) -> Option<f32> {
+    if (before as f64) < 1e-7 || (after as f64) < 1e-7 {
+        None
+    } else {
+        Some(d.qs(before / after))
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn sparsify(
     kind: Sparsify,
     delta: Vec<f32>,
-    p: &crate::plan::mergekit::InputParams,
+    p: &InputParams,
     rescale: bool,
     rows: usize,
     cols: usize,
@@ -307,71 +396,59 @@ fn sparsify(
     if kind == Sparsify::None || density >= 1.0 {
         return delta;
     }
+    if density <= 0.0 && kind != Sparsify::MagnitudeOutliers {
+        return vec![0.0; n];
+    }
+    let mut mask = vec![false; n];
     match kind {
-        Sparsify::None => delta,
+        Sparsify::None => return delta,
         Sparsify::Magnitude => {
-            if density <= 0.0 || n == 0 {
-                return vec![0.0; n];
+            if n == 0 {
+                return delta;
             }
-            let keep = ((density * n as f64) as usize).max(1);
+            let keep = ((density * n as f64) as usize).clamp(1, n);
             let mag: Vec<f32> = delta.iter().map(|x| x.abs()).collect();
-            let order = tc::argsort_desc(&mag);
-            let mut mask = vec![false; n];
-            for &i in &order[..keep.min(n)] {
+            for &i in &tc::argsort_desc(&mag)[..keep] {
                 mask[i] = true;
             }
-            rescaled(&delta, &mask, rescale, d)
         }
         Sparsify::MagnitudeOutliers => {
-            let target = (density * n as f64) as usize;
-            let n_top = (p.gamma * n as f64) as usize;
-            let n_bot = n.saturating_sub(target + n_top);
+            let (n_bot, target) = outlier_window(p, n);
             let mag: Vec<f32> = delta.iter().map(|x| x.abs()).collect();
-            let order = tc::argsort_asc(&mag);
-            let mut mask = vec![false; n];
-            for &i in order.iter().skip(n_bot).take(target) {
+            for &i in tc::argsort_asc(&mag).iter().skip(n_bot).take(target) {
                 mask[i] = true;
             }
-            rescaled(&delta, &mask, rescale, d)
         }
         Sparsify::Random => {
-            if density <= 0.0 {
-                return vec![0.0; n];
+            for (i, m) in mask.iter_mut().enumerate() {
+                *m = uniform(seed, k, i) < density;
             }
-            let mask: Vec<bool> = (0..n).map(|i| uniform(seed, k, i) < density).collect();
-            rescaled(&delta, &mask, rescale, d)
         }
         Sparsify::Della => {
-            if density <= 0.0 {
-                return vec![0.0; n];
-            }
             // 1-D tensors are one row.
-            let (rows, cols) = if rows * cols == n && cols > 0 && rows > 0 {
+            let (rows, cols) = if rows * cols == n && rows > 0 {
                 (rows, cols)
             } else {
                 (1, n)
             };
-            let (lo, span) = ((density - p.epsilon) as f32, (2.0 * p.epsilon) as f32);
-            let mut mask = vec![false; n];
             for r in 0..rows {
                 let row = &delta[r * cols..(r + 1) * cols];
                 let mag: Vec<f32> = row.iter().map(|x| x.abs()).collect();
-                let order = tc::argsort_asc(&mag);
-                for (rank0, &j) in order.iter().enumerate() {
-                    // rank 1..=n normalized to [0, 1]
-                    let rn = if cols > 1 {
-                        rank0 as f32 / (cols - 1) as f32
-                    } else {
-                        0.0
-                    };
-                    let prob = lo + rn * span;
+                for (rank0, &j) in tc::argsort_asc(&mag).iter().enumerate() {
                     let i = r * cols + j;
-                    mask[i] = uniform(seed, k, i) < prob as f64;
+                    mask[i] = uniform(seed, k, i) < della_probability(p, rank0, cols) as f64;
                 }
             }
-            rescaled(&delta, &mask, rescale, d)
         }
     }
+    rescaled(&delta, &mask, rescale, d)
+}
+
+/// Breadcrumbs: skip the `n_bot` smallest magnitudes, keep the next `target`.
+pub(crate) fn outlier_window(p: &InputParams, n: usize) -> (usize, usize) {
+    let target = ((p.density * n as f64) as usize).min(n);
+    let n_top = (p.gamma * n as f64) as usize;
+    (n.saturating_sub(target + n_top), target)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -390,30 +467,51 @@ fn task_arithmetic(
     if others.is_empty() {
         return base.clone();
     }
-    let mut deltas: Vec<Vec<f32>> = Vec::with_capacity(others.len());
-    for &i in &others {
-        let delta = d.zip(&xs[i], base, |x, y| x - y);
-        deltas.push(sparsify(
-            sparse,
-            delta,
-            &r.inputs[i],
-            r.rescale,
-            rows,
-            cols,
-            r.seed,
-            i,
-            d,
-        ));
-    }
-    let w: Vec<f32> = others
+    let deltas: Vec<Vec<f32>> = others
+        .iter()
+        .map(|&i| {
+            let delta = d.zip(&xs[i], base, |x, y| x - y);
+            sparsify(
+                sparse,
+                delta,
+                &r.inputs[i],
+                r.rescale,
+                rows,
+                cols,
+                r.seed,
+                i,
+                d,
+            )
+        })
+        .collect();
+    let w = task_weights(r, &others, d);
+    combine(r, d, consensus, base, deltas, &w)
+}
+
+/// The non-base models' weights, rounded to D (`torch.tensor(weights, dtype=D)`).
+pub(crate) fn task_weights(r: &MergekitRecipe, others: &[usize], d: D) -> Vec<f32> {
+    others
         .iter()
         .map(|&i| d.qs(r.inputs[i].weight as f32))
-        .collect();
-    for (delta, &wi) in deltas.iter_mut().zip(&w) {
+        .collect()
+}
+
+/// Weight the (sparsified) deltas, elect signs if asked, sum, normalize, scale by lambda and
+/// add to the base. Elementwise: works on any chunk.
+pub(crate) fn combine(
+    r: &MergekitRecipe,
+    d: D,
+    consensus: bool,
+    base: &[f32],
+    mut deltas: Vec<Vec<f32>>,
+    w: &[f32],
+) -> Vec<f32> {
+    for (delta, &wi) in deltas.iter_mut().zip(w) {
         *delta = d.map(delta, |x| x * wi);
     }
     let refs: Vec<&[f32]> = deltas.iter().map(|v| v.as_slice()).collect();
     let (mut mixed, div): (Vec<f32>, Vec<f32>) = if consensus {
+        // Sign election: the sign of the weighted sum; zeros never agree.
         let total = d.outer_sum(&refs);
         let sign = |x: f32| {
             if x > 0.0 {
@@ -436,12 +534,7 @@ fn task_arithmetic(
         let kept: Vec<Vec<f32>> = deltas
             .iter()
             .zip(&masks)
-            .map(|(dl, m)| {
-                dl.iter()
-                    .zip(m)
-                    .map(|(&x, &k)| if k { x } else { 0.0 * x })
-                    .collect()
-            })
+            .map(|(dl, m)| dl.iter().zip(m).map(|(&x, &k)| masked(x, k)).collect())
             .collect();
         let kept_refs: Vec<&[f32]> = kept.iter().map(|v| v.as_slice()).collect();
         let mixed = d.outer_sum(&kept_refs);
@@ -460,7 +553,7 @@ fn task_arithmetic(
         (mixed, div)
     } else {
         let mixed = d.outer_sum(&refs);
-        let mut s = d.sum(&w);
+        let mut s = d.sum(w);
         if (s as f64).abs() < 1e-8 {
             s = 1.0;
         }
