@@ -94,39 +94,33 @@ pub fn delta_rows(
     }
 }
 
-/// Apply one patch to `w` (nrows × cols f32 values of rows `r0..`).
-pub fn apply(
+/// Apply one patch to `w` (nrows × cols f32 values of rows `r0..`), given its unscaled
+/// LoRA product `delta` for those rows.
+pub fn apply_delta(
     p: &LoraPatch,
     d: &PatchData<'_>,
     r0: usize,
     nrows: usize,
     cols: usize,
+    delta: &[f32],
     w: &mut [f32],
 ) {
     let k = active();
-    let mut delta = vec![0f32; nrows * cols];
-    delta_rows(p, d, r0, nrows, cols, &mut delta);
     if let Some(dt) = p.round_delta {
         // PEFT rounds the scaled embedding delta to the weight's dtype before adding it.
-        for x in delta.iter_mut() {
-            *x *= p.scale;
-        }
-        round_to(dt, &mut delta);
-        for (x, &dx) in w.iter_mut().zip(&delta) {
+        let mut scaled: Vec<f32> = delta.iter().map(|&x| x * p.scale).collect();
+        round_to(dt, &mut scaled);
+        for (x, &dx) in w.iter_mut().zip(&scaled) {
             *x += dx;
         }
     } else {
-        (k.add_scaled)(w, &delta, p.scale);
+        (k.add_scaled)(w, delta, p.scale);
     }
     if let Some((mbytes, mdtype)) = d.magnitude {
         // DoRA: rescale each row of V = W + Δ to the learned magnitude.
         let m = to_f32(mbytes, mdtype, r0 + nrows);
         for (row, v) in w.chunks_mut(cols.max(1)).enumerate() {
-            let norm = v
-                .iter()
-                .map(|&x| (x as f64) * (x as f64))
-                .sum::<f64>()
-                .sqrt() as f32;
+            let norm = v.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt() as f32;
             let factor = m[r0 + row] / norm;
             for x in v.iter_mut() {
                 *x *= factor;

@@ -87,13 +87,16 @@ impl InputFile {
                 // SAFETY: the mapping is read-only and private to this chunk. If another
                 // process truncates the file while it is mapped, reads fault (SIGBUS);
                 // `--io read` exists for filesystems where that can happen.
+                // MAP_POPULATE: the reader thread takes the page faults (and any disk reads)
+                // up front, so compute workers never stall on them.
                 let map = unsafe {
                     MmapOptions::new()
                         .offset(aligned)
                         .len(map_len)
+                        .populate()
                         .map(&self.file)?
                 };
-                let _ = map.advise(Advice::WillNeed);
+                let _ = map.advise(Advice::Sequential);
                 Ok(Buf::Mapped {
                     map,
                     start,

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# End-to-end benchmark: the seed recipe (gradient blockmerge, with and without a LoRA on
+# model2) on synthetic checkpoints with real Llama shapes, against the I/O floor measured
+# in the same run. Reports wall time, ratio to the floor and peak RSS, then deletes what it
+# generated.
+#
+#   benches/e2e.sh [--preset llama2-13b] [--layers 8] [--rank 64] [--dir DIR] [--io auto]
+#                  [--keep] [--extra "ARGS for mergestream"]
+#
+# Needs ~3.3x one model of free disk in DIR (default: target/e2e).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+preset=llama2-13b
+layers=8
+rank=64
+dir=target/e2e
+io=auto
+keep=0
+extra=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --preset) preset=$2; shift 2 ;;
+    --layers) layers=$2; shift 2 ;;
+    --rank) rank=$2; shift 2 ;;
+    --dir) dir=$2; shift 2 ;;
+    --io) io=$2; shift 2 ;;
+    --keep) keep=1; shift ;;
+    --extra) extra=$2; shift 2 ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+done
+
+cargo build --release --quiet --example synth
+cargo build --release --quiet
+bin=target/release/mergestream
+synth=target/release/examples/synth
+mkdir -p "$dir"
+cleanup() { if [ "$keep" = 0 ]; then rm -rf "$dir/a" "$dir/b" "$dir/lora" "$dir/out" "$dir/floor"; fi; }
+trap cleanup EXIT
+
+if [ ! -d "$dir/a" ]; then
+  $synth model --preset "$preset" --layers "$layers" --seed 1 --out "$dir/a"
+  $synth model --preset "$preset" --layers "$layers" --seed 2 --out "$dir/b"
+  $synth lora --preset "$preset" --layers "$layers" --rank "$rank" --seed 3 --out "$dir/lora"
+fi
+size=$(du -sb "$dir/a" | cut -f1)
+
+# Warm the page cache the way every run below sees it.
+cat "$dir"/a/*.safetensors "$dir"/b/*.safetensors "$dir"/lora/*.safetensors > /dev/null
+
+now() { date +%s.%N; }
+# The floor: read both inputs, write an output of the same size, sync.
+t0=$(now)
+for f in "$dir"/a/*.safetensors "$dir"/b/*.safetensors; do dd if="$f" of=/dev/null bs=16M status=none; done
+mkdir -p "$dir/floor"
+cp "$dir"/a/*.safetensors "$dir/floor/"
+sync
+t1=$(now)
+floor=$(echo "$t1 - $t0" | bc -l)
+rm -rf "$dir/floor"
+
+# Gradient reaching 0 at layer 5 of 8 (the seed recipe's shape).
+gradient="[0.9,0.72,0.54,0.36,0.18,0.0,0.0,0.0,0.0]"
+run() {
+  local label=$1; shift
+  rm -rf "$dir/out"
+  sync
+  local t0 t1 rss
+  t0=$(now)
+  /usr/bin/time -f "%M" -o "$dir/rss" "$bin" blockmerge --model_path1 "$dir/a" --model_path2 "$dir/b" \
+    --gradient_values "$gradient" --layer_only -o "$dir/out" --quiet --io "$io" $extra "$@"
+  t1=$(now)
+  rss=$(cat "$dir/rss")
+  local wall ratio
+  wall=$(echo "$t1 - $t0" | bc -l)
+  ratio=$(echo "$wall / $floor" | bc -l)
+  printf "| %-28s | %7.2f s | %5.2fx | %6.0f MiB |\n" "$label" "$wall" "$ratio" "$(echo "$rss / 1024" | bc -l)"
+}
+
+echo
+echo "preset $preset, $layers layers, $(echo "$size / 1073741824" | bc -l | cut -c1-5) GiB per model, LoRA rank $rank, io $io, $(nproc) cores"
+echo
+echo "| run                          | wall      | floor | peak RSS   |"
+echo "|------------------------------|-----------|-------|------------|"
+printf "| %-28s | %7.2f s | %5.2fx | %10s |\n" "I/O floor (dd + cp + sync)" "$floor" 1 "-"
+run "seed recipe, no LoRA"
+run "seed recipe + LoRA at 0.25" --lora2 "$dir/lora" --lora2-weight 0.25
