@@ -159,22 +159,27 @@ impl Plan {
         self.shards.iter().map(|s| s.size).sum()
     }
 
-    /// Bytes of working memory one chunk of `rows` rows of `step` needs: input bytes, f32
-    /// operands, LoRA factors and delta, and the output bytes.
+    /// Bytes of working memory one chunk of `rows` rows of `step` needs: input bytes, LoRA
+    /// factors (stored and as f32) and products, f32 operands when the method works on the
+    /// whole chunk at once (elementwise methods work in small cache tiles), and the output.
     pub fn chunk_cost(&self, step: &Step, rows: u64) -> u64 {
         let cols = step.row_elems().max(1);
         let out = rows * cols * step.dtype.bits() / 8;
         match &step.recipe {
             Recipe::Copy(_) => out,
-            Recipe::Compute { operands, .. } => {
+            Recipe::Compute { operands, method } => {
+                let whole = matches!(method, Method::Mergekit(r) if !r.elementwise());
                 let mut total = out;
                 for op in operands {
                     let t = self.tensor(op.tensor);
                     let r = rows.min(op.rows);
-                    total += r * t.row_bytes() + r * cols * 4;
-                    for p in &op.patches {
-                        total += self.tensor(p.a).len + self.tensor(p.b).len;
+                    total += r * t.row_bytes();
+                    if whole {
                         total += r * cols * 4;
+                    }
+                    for p in &op.patches {
+                        let (a, b) = (self.tensor(p.a), self.tensor(p.b));
+                        total += a.len + b.len + (a.numel() + b.numel()) * 4 + r * cols * 4;
                         if let Some(m) = p.magnitude {
                             total += self.tensor(m).len;
                         }
