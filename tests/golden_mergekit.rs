@@ -68,33 +68,73 @@ fn mk_passthrough_frankenmerge_is_exact() {
 }
 
 #[test]
-fn mk_ties_within_tolerance() {
-    merge_case("mk_ties");
+fn mk_ties_is_exact() {
+    // Top-k ties broken exactly as PyTorch's introsort does (methods::torch_compat).
+    exact("mk_ties");
 }
 
 #[test]
-fn mk_breadcrumbs_within_tolerance() {
-    merge_case("mk_breadcrumbs");
+fn mk_breadcrumbs_is_exact() {
+    exact("mk_breadcrumbs");
 }
+
+// slerp and nuslerp call sin/acos, which PyTorch takes from MKL's vector library; those
+// results are not always correctly rounded, ours are. A handful of elements land one ulp
+// apart.
 
 #[test]
 fn mk_slerp_gradient_within_tolerance() {
-    merge_case("mk_slerp_gradient");
-}
-
-#[test]
-fn mk_slerp_bf16_within_tolerance() {
-    merge_case("mk_slerp_bf16");
-}
-
-#[test]
-fn mk_model_stock_within_tolerance() {
-    merge_case("mk_model_stock");
+    let (_t, d) = merge_case("mk_slerp_gradient");
+    assert!(d.differing <= 3, "{d:?}");
 }
 
 #[test]
 fn mk_nuslerp_within_tolerance() {
-    merge_case("mk_nuslerp");
+    let (_t, d) = merge_case("mk_nuslerp");
+    assert!(d.differing <= 8, "{d:?}");
+}
+
+#[test]
+fn mk_model_stock_is_exact() {
+    exact("mk_model_stock");
+}
+
+#[test]
+fn mk_slerp_bf16_differs_only_where_cancellation_leaves_nothing() {
+    // One element of 121,376: MKL's sin((1−t)θ) is one f32 ulp below the correctly rounded
+    // value, and this output is the difference of two nearly equal products (about −8e−8),
+    // so that ulp shows as 2 bf16 ulps of a value that is zero to 7 decimal places.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    ok(
+        &golden(),
+        &[
+            "merge",
+            "mergekit/mk_slerp_bf16.yml",
+            out.to_str().unwrap(),
+            "--out-shard-size",
+            "100K",
+            "--quiet",
+        ],
+    );
+    let got = load_dir(&out);
+    let want = load_dir(&golden().join("expected/mk_slerp_bf16"));
+    let d = diff(&got, &want);
+    assert!(d.differing <= 1 && d.max_ulp <= 2, "{d:?}");
+    let bf = |b: &[u8], i: usize| {
+        f32::from_bits((u16::from_le_bytes([b[2 * i], b[2 * i + 1]]) as u32) << 16)
+    };
+    for name in &d.differing_tensors {
+        let (g, w) = (&got[name].bytes, &want[name].bytes);
+        for i in 0..g.len() / 2 {
+            if g[2 * i..2 * i + 2] != w[2 * i..2 * i + 2] {
+                assert!(
+                    bf(g, i).abs() < 1e-6 && bf(w, i).abs() < 1e-6,
+                    "{name}[{i}]"
+                );
+            }
+        }
+    }
 }
 
 #[test]
@@ -114,4 +154,38 @@ fn output_has_mergekit_files() {
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["dtype"], "float16");
+}
+
+/// mergekit itself computing in float16/bfloat16 (tests/fixtures/mergekit_lowp): every
+/// elementwise operation rounded to the dtype, as PyTorch does.
+#[test]
+fn low_precision_compute_matches_mergekit() {
+    let dir = fixtures().join("mergekit_lowp");
+    let mut cases: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| {
+            let n = e.unwrap().file_name().to_string_lossy().into_owned();
+            n.strip_suffix(".yml").map(str::to_string)
+        })
+        .collect();
+    cases.sort();
+    assert_eq!(cases.len(), 14);
+    for case in cases {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        let cfg = dir.join(format!("{case}.yml"));
+        ok(
+            &golden(),
+            &[
+                "merge",
+                cfg.to_str().unwrap(),
+                out.to_str().unwrap(),
+                "--quiet",
+            ],
+        );
+        let d = diff(&load_dir(&out), &load_dir(&dir.join(&case)));
+        // Exact, but for slerp's MKL sin/acos (2 elements of the float16 gradient case).
+        let allowed = if case.starts_with("mk_slerp") { 2 } else { 0 };
+        assert!(d.differing <= allowed && d.max_ulp <= 1, "{case}: {d:?}");
+    }
 }

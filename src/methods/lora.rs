@@ -120,7 +120,11 @@ pub fn apply_delta(
         // DoRA: rescale each row of V = W + Δ to the learned magnitude.
         let m = to_f32(mbytes, mdtype, r0 + nrows);
         for (row, v) in w.chunks_mut(cols.max(1)).enumerate() {
-            let norm = v.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt() as f32;
+            let norm = v
+                .iter()
+                .map(|&x| (x as f64) * (x as f64))
+                .sum::<f64>()
+                .sqrt() as f32;
             let factor = m[r0 + row] / norm;
             for x in v.iter_mut() {
                 *x *= factor;

@@ -40,7 +40,12 @@ struct OperandTile<'a> {
 
 /// Compute rows `rows` of `step`. `data` holds one entry per operand. Returns the output
 /// bytes of the chunk.
-pub fn compute_chunk(plan: &Plan, step: &Step, rows: Range<u64>, data: &[OperandData<'_>]) -> Vec<u8> {
+pub fn compute_chunk(
+    plan: &Plan,
+    step: &Step,
+    rows: Range<u64>,
+    data: &[OperandData<'_>],
+) -> Vec<u8> {
     let Recipe::Compute { operands, method } = &step.recipe else {
         // Copies never reach here: the pipeline moves their bytes directly.
         return data.first().map(|d| d.bytes.to_vec()).unwrap_or_default();
@@ -105,7 +110,17 @@ pub fn compute_chunk(plan: &Plan, step: &Step, rows: Range<u64>, data: &[Operand
         let t1 = (t0 + tile_rows).min(nrows);
         let tiles = tile(t0..t1);
         let r0 = rows.start as usize + t0;
-        let bytes = compute_tile(plan, step, method, operands, data, &tiles, r0, t1 - t0, cols);
+        let bytes = compute_tile(
+            plan,
+            step,
+            method,
+            operands,
+            data,
+            &tiles,
+            r0,
+            t1 - t0,
+            cols,
+        );
         out[t0 * out_row_bytes..t1 * out_row_bytes].copy_from_slice(bytes.as_slice());
         t0 = t1;
     }
@@ -143,14 +158,24 @@ fn compute_tile(
     let k = active();
     let value = |i: usize| operand_values(plan, &operands[i], &data[i], &tiles[i], r0, nrows, cols);
     // Elements the second operand covers (the vocab rule keeps the first past its rows).
-    let covered = |i: usize| tiles[i].bytes.len() / (plan.tensor(operands[i].tensor).row_bytes() as usize).max(1) * cols;
+    let covered = |i: usize| {
+        tiles[i].bytes.len() / (plan.tensor(operands[i].tensor).row_bytes() as usize).max(1) * cols
+    };
     match method {
         Method::Convert => TileOut::Bytes(encode(step.dtype, &value(0))),
         Method::GradientFp16 { ratio } => {
             let (wa, wb) = ((1.0 - ratio) as f32, *ratio as f32);
             let a = operand_f16(plan, &operands[0], &data[0], &tiles[0], r0, nrows, cols);
             let m = covered(1);
-            let b = operand_f16(plan, &operands[1], &data[1], &tiles[1], r0, m / cols.max(1), cols);
+            let b = operand_f16(
+                plan,
+                &operands[1],
+                &data[1],
+                &tiles[1],
+                r0,
+                m / cols.max(1),
+                cols,
+            );
             let mut out = vec![0u16; n];
             (k.blend_f16)(&a[..m], &b[..m], wa, wb, &mut out[..m]);
             out[m..].copy_from_slice(&a[m..]);
