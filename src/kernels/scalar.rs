@@ -3,7 +3,9 @@
 //! Rounding is IEEE round-to-nearest-even everywhere. f32→bf16 sends every NaN to 0x7FC0 as
 //! PyTorch's `c10::BFloat16` does; f16 conversions follow the `half` crate, which matches the
 //! F16C instructions bit for bit (quiet NaNs keep their top payload bits). No fused
-//! multiply-add anywhere: the references we reproduce round between operations.
+//! multiply-add anywhere: the references we reproduce round between operations. A NaN
+//! produced by arithmetic is a NaN; its payload and sign are not part of the contract (they
+//! depend on operand order, which compilers may swap).
 
 use half::f16;
 
