@@ -8,7 +8,7 @@ use std::hint::black_box;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
 use mergestream::kernels::available;
-use mergestream::methods::lora::{PatchData, delta_rows};
+use mergestream::methods::lora::{PatchData, delta_rows_threads};
 use mergestream::plan::{DeltaLayout, LoraPatch, TensorRef};
 
 /// 4 Mi elements: 8 MiB of fp16, 16 MiB of f32 — well past the caches, like real tensors.
@@ -116,9 +116,16 @@ fn lora_gemm(c: &mut Criterion) {
     g.sample_size(10);
     // 2·m·n·k floating-point operations per chunk.
     g.throughput(Throughput::Elements((2 * rows * in_dim * rank) as u64));
-    g.bench_function("delta_gemm_512x13824_r64", |bch| {
-        bch.iter(|| delta_rows(&patch, &data, 0, rows, in_dim, &mut delta));
-    });
+    for threads in [1usize, 2] {
+        g.bench_function(
+            format!("delta_gemm_512x13824_r64/{threads}_thread"),
+            |bch| {
+                bch.iter(|| {
+                    delta_rows_threads(&patch, &data, 0, rows, in_dim, &mut delta, threads)
+                });
+            },
+        );
+    }
     g.finish();
 }
 

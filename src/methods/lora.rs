@@ -25,6 +25,7 @@ fn to_f32(bytes: &[u8], dtype: DType, n: usize) -> Vec<f32> {
 }
 
 /// Δ for rows `r0..r0+nrows` of the weight, written row-major into `delta` (nrows × cols).
+/// Single-threaded: the pipeline runs one GEMM per compute worker, so all cores are busy.
 pub fn delta_rows(
     p: &LoraPatch,
     d: &PatchData<'_>,
@@ -33,6 +34,24 @@ pub fn delta_rows(
     cols: usize,
     delta: &mut [f32],
 ) {
+    delta_rows_threads(p, d, r0, nrows, cols, delta, 1)
+}
+
+/// [`delta_rows`] with the GEMM crate's own threading over `threads` threads.
+pub fn delta_rows_threads(
+    p: &LoraPatch,
+    d: &PatchData<'_>,
+    r0: usize,
+    nrows: usize,
+    cols: usize,
+    delta: &mut [f32],
+    threads: usize,
+) {
+    let parallelism = if threads > 1 {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    };
     let [rank, a_cols] = d.a_shape;
     let [b_rows, _] = d.b_shape;
     let a = to_f32(d.a, d.a_dtype, rank * a_cols);
@@ -66,7 +85,7 @@ pub fn delta_rows(
                 false,
                 false,
                 false,
-                Parallelism::None,
+                parallelism,
             ),
             // M = B @ A[:, r0..r0+nrows] is (cols × nrows); Δ = Mᵀ, so write M transposed.
             DeltaLayout::Transposed => gemm(
@@ -88,7 +107,7 @@ pub fn delta_rows(
                 false,
                 false,
                 false,
-                Parallelism::None,
+                parallelism,
             ),
         }
     }

@@ -83,6 +83,12 @@ pub fn rows_per_chunk(plan: &Plan, step: &Step, target: u64) -> u64 {
     if rows <= 1 || !plan.chunkable(step) || step.dtype.bits() < 8 {
         return rows.max(1);
     }
+    rows_fitting(plan, step, target)
+}
+
+/// How many rows of `step` cost about `target` bytes (chunk cost is a fixed part, such as
+/// LoRA factors, plus a per-row part).
+fn rows_fitting(plan: &Plan, step: &Step, target: u64) -> u64 {
     let one = plan.chunk_cost(step, 1);
     let per_row = plan.chunk_cost(step, 2).saturating_sub(one).max(1);
     let fixed = one.saturating_sub(per_row);
@@ -91,7 +97,7 @@ pub fn rows_per_chunk(plan: &Plan, step: &Step, target: u64) -> u64 {
     } else {
         target / per_row
     };
-    fit.clamp(1, rows)
+    fit.clamp(1, step.rows().max(1))
 }
 
 /// What a compute worker receives.
@@ -110,16 +116,7 @@ pub(crate) enum Work {
 
 /// Rows per pass chunk of a streamed step (as if it were chunkable).
 pub fn stream_rows(plan: &Plan, step: &Step, target: u64) -> u64 {
-    let rows = step.rows().max(1);
-    let one = plan.chunk_cost(step, 1);
-    let per_row = plan.chunk_cost(step, 2).saturating_sub(one).max(1);
-    let fixed = one.saturating_sub(per_row);
-    let fit = if fixed < target {
-        (target - fixed) / per_row
-    } else {
-        target / per_row
-    };
-    fit.clamp(1, rows)
+    rows_fitting(plan, step, target)
 }
 
 /// One chunk of one step, with its input bytes.
