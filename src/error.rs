@@ -95,11 +95,12 @@ impl Error {
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Names come from files: escape control characters so the message stays one line.
         if let Some(file) = &self.file {
-            write!(f, "{}: ", file.display())?;
+            write!(f, "{}: ", file.display().to_string().escape_debug())?;
         }
         if let Some(tensor) = &self.tensor {
-            write!(f, "{tensor}: ")?;
+            write!(f, "{}: ", tensor.escape_debug())?;
         }
         // One line, always: messages from JSON/YAML parsers may carry newlines.
         let what = self.kind.to_string();

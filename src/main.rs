@@ -1,7 +1,7 @@
 //! The `mergestream` command line: parse arguments, build a plan, run it, report errors.
 //! Everything else lives in the library.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 
@@ -181,7 +181,7 @@ struct MergeArgs {
     /// Output folder.
     out: PathBuf,
     /// Output shard size in bytes; K, M, B suffixes as mergekit (default 5B).
-    #[arg(long = "out-shard-size", alias = "out_shard_size")]
+    #[arg(long = "out-shard-size", aliases = ["out_shard_size", "max-shard-size"])]
     out_shard_size: Option<String>,
     /// Copy the base model's tokenizer files (default).
     #[arg(long, overrides_with = "no_copy_tokenizer")]
@@ -242,6 +242,8 @@ fn main() -> ExitCode {
     // Second signal: the user insists; leave at once.
     let _ = ctrlc::set_handler(|| {
         if INTERRUPTED.swap(true, Ordering::SeqCst) {
+            output::abandon();
+            eprintln!("error: interrupted twice; stopped at once, nothing was written");
             std::process::exit(130);
         }
     });
@@ -311,6 +313,7 @@ fn run(cli: Cli) -> Result<()> {
                 write_model_card: !args.no_write_model_card,
                 random_seed: args.random_seed,
                 truncate_embeddings: args.unsafe_truncate_embeddings,
+                out_dtype: out_dtype(&args.common)?,
             })?;
             let mut common = args.common;
             if common.threads.is_none() {
@@ -363,7 +366,7 @@ fn blockmerge_plan(a: &BlockMergeArgs) -> Result<(Plan, PathBuf)> {
                 .as_deref()
                 .map(|s| shard_size(Some(s), ""))
                 .transpose()?
-                .or(cfg.max_shard_size_bytes()?);
+                .or(cfg.max_shard_size_bytes(a.config.as_deref().unwrap_or(Path::new("")))?);
             (
                 a.model_path1.clone().unwrap_or(cfg.model_path1),
                 a.model_path2.clone().unwrap_or(cfg.model_path2),

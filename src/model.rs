@@ -56,7 +56,11 @@ impl TensorInfo {
 
     /// Elements in one row: the product of all dimensions but the first.
     pub fn row_elems(&self) -> u64 {
-        self.shape.iter().skip(1).product()
+        // Saturating: an empty tensor may have huge other dimensions.
+        self.shape
+            .iter()
+            .skip(1)
+            .fold(1u64, |a, &d| a.saturating_mul(d))
     }
 
     pub fn row_bytes(&self) -> u64 {
@@ -84,6 +88,23 @@ impl Model {
     pub fn open(path: &Path) -> Result<Model> {
         let meta =
             std::fs::metadata(path).map_err(|e| Error::io("cannot open", e).in_file(path))?;
+        if meta.is_file() && path.extension().is_some_and(|x| x == "json") {
+            // An index or config file names the folder the user meant.
+            let dir = path
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| PathBuf::from("."));
+            if path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().ends_with(".index.json"))
+            {
+                return Model::open(&dir);
+            }
+            return Err(
+                Error::invalid("a JSON file is not a checkpoint; give the model's folder")
+                    .in_file(path),
+            );
+        }
         if meta.is_file() {
             let dir = path
                 .parent()
@@ -111,6 +132,19 @@ impl Model {
             v
         };
         let mut shards = with_ext("safetensors");
+        // Folders often hold other safetensors beside the model (Mistral's consolidated
+        // weights, an adapter): without an index, prefer model.safetensors, then model-*.
+        let named = |p: &PathBuf, f: &dyn Fn(&str) -> bool| {
+            p.file_name().is_some_and(|n| f(&n.to_string_lossy()))
+        };
+        if shards
+            .iter()
+            .any(|p| named(p, &|n| n == "model.safetensors"))
+        {
+            shards.retain(|p| named(p, &|n| n == "model.safetensors"));
+        } else if shards.iter().any(|p| named(p, &|n| n.starts_with("model"))) {
+            shards.retain(|p| named(p, &|n| n.starts_with("model")));
+        }
         if shards.is_empty() {
             let bin_index = path.join(BIN_INDEX);
             if bin_index.is_file() {

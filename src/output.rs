@@ -1,9 +1,18 @@
 //! The output folder: built under a temporary name beside the target and renamed into place
 //! only when complete, so an interrupted or failed run never leaves a half-written model
 //! under the requested name.
+//!
+//! The final step is one atomic rename: `renameat2(RENAME_NOREPLACE)` for a new output, or
+//! `RENAME_EXCHANGE` to swap a `--force`d replacement with the old output (which is then
+//! deleted), so there is no moment without a complete model under the name. Filesystems
+//! without renameat2 fall back to plain renames through a uniquely named backup.
 
+use std::ffi::CString;
 use std::fs;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use tempfile::TempDir;
 
@@ -12,10 +21,25 @@ use crate::pipeline::{RunOptions, RunStats, execute};
 use crate::plan::Plan;
 use crate::plan::outputs::config_bytes;
 
+/// The temporary folder of the run in progress, for [`abandon`] to remove.
+static IN_PROGRESS: Mutex<Option<PathBuf>> = Mutex::new(None);
+
+fn set_in_progress(p: Option<PathBuf>) {
+    *IN_PROGRESS.lock().unwrap_or_else(|e| e.into_inner()) = p;
+}
+
+/// Remove the temporary folder of the run in progress (the CLI calls this when the user
+/// interrupts twice and the run cannot finish its own cleanup).
+pub fn abandon() {
+    if let Some(p) = IN_PROGRESS.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        let _ = fs::remove_dir_all(p);
+    }
+}
+
 /// A temporary folder that becomes the output on [`Staging::commit`] and is removed if
 /// dropped before.
 pub struct Staging {
-    dir: TempDir,
+    dir: Option<TempDir>,
     target: PathBuf,
     force: bool,
 }
@@ -34,10 +58,7 @@ impl Staging {
         let name = target
             .file_name()
             .ok_or_else(|| Error::usage(format!("`{}` is not a folder name", target.display())))?;
-        let parent = match target.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
+        let parent = parent_of(target);
         if !parent.is_dir() {
             return Err(
                 Error::invalid("the output's parent folder does not exist").in_file(&parent)
@@ -47,46 +68,146 @@ impl Staging {
             .prefix(&format!(".{}.mergestream-", name.to_string_lossy()))
             .tempdir_in(&parent)
             .map_err(|e| Error::io("cannot create a temporary folder", e).in_file(&parent))?;
+        set_in_progress(Some(dir.path().to_path_buf()));
         Ok(Staging {
-            dir,
+            dir: Some(dir),
             target: target.to_path_buf(),
             force,
         })
     }
 
     pub fn path(&self) -> &Path {
-        self.dir.path()
+        self.dir.as_ref().map_or(Path::new(""), |d| d.path())
     }
 
-    /// Rename the finished folder into place (replacing the old output with `--force`).
-    pub fn commit(self) -> Result<()> {
-        let staged = self.dir.keep();
-        let target = &self.target;
-        let mut backup = None;
-        if self.force && fs::symlink_metadata(target).is_ok() {
-            let mut b = staged.clone();
-            b.set_extension("old");
-            fs::rename(target, &b).map_err(|e| {
-                let _ = fs::remove_dir_all(&staged);
-                Error::io("cannot move the old output aside", e).in_file(target)
-            })?;
-            backup = Some(b);
+    /// Put the finished folder in place atomically (replacing the old output with `--force`).
+    pub fn commit(mut self) -> Result<()> {
+        let Some(dir) = self.dir.take() else {
+            return Ok(());
+        };
+        let staged = dir.path().to_path_buf();
+        let target = self.target.clone();
+        sync_dir(&staged);
+        let exists = fs::symlink_metadata(&target).is_ok();
+        if exists && !self.force {
+            return Err(Error::invalid(
+                "output appeared while the run was writing it; nothing was replaced",
+            )
+            .in_file(&target));
         }
-        if let Err(e) = fs::rename(&staged, target) {
-            if let Some(b) = &backup {
-                let _ = fs::rename(b, target);
+        let flags = if exists {
+            libc::RENAME_EXCHANGE
+        } else {
+            libc::RENAME_NOREPLACE
+        };
+        match rename2(&staged, &target, flags) {
+            Ok(()) => {
+                // `staged` now holds the old output (after an exchange) or nothing.
+                let staged = dir.keep();
+                if exists {
+                    remove_any(&staged);
+                }
             }
-            let _ = fs::remove_dir_all(&staged);
-            return Err(Error::io("cannot move the output into place", e).in_file(target));
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ENOSYS | libc::EINVAL | libc::ENOTSUP)
+                ) =>
+            {
+                let staged = dir.keep();
+                if let Err(e) = replace_by_renames(&staged, &target, exists) {
+                    let _ = fs::remove_dir_all(&staged);
+                    return Err(e);
+                }
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                return Err(Error::invalid(
+                    "output appeared while the run was writing it; nothing was replaced",
+                )
+                .in_file(&target));
+            }
+            Err(e) => {
+                return Err(Error::io("cannot move the output into place", e).in_file(&target));
+            }
         }
-        if let Some(b) = backup {
-            let _ = if b.is_dir() {
-                fs::remove_dir_all(&b)
-            } else {
-                fs::remove_file(&b)
-            };
-        }
+        sync_dir(&parent_of(&target));
+        set_in_progress(None);
         Ok(())
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        set_in_progress(None);
+    }
+}
+
+fn parent_of(p: &Path) -> PathBuf {
+    match p.parent() {
+        Some(x) if !x.as_os_str().is_empty() => x.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+fn rename2(from: &Path, to: &Path, flags: libc::c_uint) -> io::Result<()> {
+    let f = CString::new(from.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let t = CString::new(to.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: two valid NUL-terminated paths relative to the working directory.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            flags,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Without renameat2: move the old output to a unique backup, the new one into place, and
+/// delete the backup.
+fn replace_by_renames(staged: &Path, target: &Path, exists: bool) -> Result<()> {
+    let mut backup = None;
+    if exists {
+        let b = tempfile::Builder::new()
+            .prefix(".mergestream-old-")
+            .tempdir_in(parent_of(target))
+            .map_err(|e| Error::io("cannot create a backup name", e).in_file(target))?
+            .keep();
+        let _ = fs::remove_dir(&b);
+        fs::rename(target, &b)
+            .map_err(|e| Error::io("cannot move the old output aside", e).in_file(target))?;
+        backup = Some(b);
+    }
+    if let Err(e) = fs::rename(staged, target) {
+        if let Some(b) = &backup {
+            let _ = fs::rename(b, target);
+        }
+        return Err(Error::io("cannot move the output into place", e).in_file(target));
+    }
+    if let Some(b) = backup {
+        remove_any(&b);
+    }
+    Ok(())
+}
+
+fn remove_any(p: &Path) {
+    let _ = if p.is_dir() {
+        fs::remove_dir_all(p)
+    } else {
+        fs::remove_file(p)
+    };
+}
+
+/// fsync a folder so the names in it (new files, a rename) are durable.
+fn sync_dir(p: &Path) {
+    if let Ok(f) = fs::File::open(p) {
+        let _ = f.sync_all();
     }
 }
 
@@ -110,21 +231,35 @@ pub fn check_not_an_input(plan: &Plan, target: &Path) -> Result<()> {
 }
 
 /// Run a plan into `target`: stage, stream the tensors, write the index, config and copied
-/// files, fsync, rename into place.
+/// files, fsync, rename into place. Errors name the output, not the temporary folder.
 pub fn run(plan: &Plan, target: &Path, force: bool, opts: &RunOptions) -> Result<RunStats> {
     check_not_an_input(plan, target)?;
     let staging = Staging::new(target, force)?;
-    let stats = execute(plan, staging.path(), opts)?;
-    write_extras(plan, staging.path())?;
+    let staged = staging.path().to_path_buf();
+    let rename = |mut e: Error| {
+        if let Some(f) = &e.file
+            && let Ok(rel) = f.strip_prefix(&staged)
+        {
+            e.file = Some(target.join(rel));
+        }
+        e
+    };
+    let stats = execute(plan, &staged, opts).map_err(rename)?;
+    write_extras(plan, &staged).map_err(rename)?;
     staging.commit()?;
     Ok(stats)
 }
 
 fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
-    fs::write(path, bytes).map_err(|e| Error::io("write failed", e).in_file(path))
+    let f = fs::File::create(path).map_err(|e| Error::io("cannot create", e).in_file(path))?;
+    use std::io::Write;
+    (&f).write_all(bytes)
+        .map_err(|e| Error::io("write failed", e).in_file(path))?;
+    f.sync_all()
+        .map_err(|e| Error::io("fsync failed", e).in_file(path))
 }
 
-/// The index (when sharded), config.json, copied and generated files.
+/// The index (when sharded), config.json, copied and generated files, each fsynced.
 pub fn write_extras(plan: &Plan, dir: &Path) -> Result<()> {
     if plan.shards.len() > 1 {
         let mut weight_map: Vec<(&str, &str)> = plan
@@ -151,8 +286,8 @@ pub fn write_extras(plan: &Plan, dir: &Path) -> Result<()> {
         write_file(&dir.join("config.json"), &config_bytes(cfg))?;
     }
     for (src, name) in &plan.outputs.copies {
-        let dst = dir.join(name);
-        fs::copy(src, &dst).map_err(|e| Error::io("cannot copy", e).in_file(src))?;
+        let bytes = fs::read(src).map_err(|e| Error::io("cannot read", e).in_file(src))?;
+        write_file(&dir.join(name), &bytes)?;
     }
     for (name, bytes) in &plan.outputs.generated {
         write_file(&dir.join(name), bytes)?;

@@ -587,3 +587,92 @@ fn disk_full_while_writing() {
     let o = cmd.output().unwrap();
     assert_clean_failure(&o, &out, &["model.safetensors", "File too large"]);
 }
+
+#[test]
+fn a_json_file_given_as_a_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The index names its folder: that works.
+    let idx = golden().join("models/base/model.safetensors.index.json");
+    let o = mergestream(tmp.path(), &["inspect", idx.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // config.json is not a checkpoint.
+    let cfg = golden().join("models/base/config.json");
+    let o = mergestream(tmp.path(), &["inspect", cfg.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("a JSON file is not a checkpoint"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn stray_safetensors_beside_the_model_are_ignored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(
+        dir.join("model.safetensors"),
+        f16_safetensors(&[("w", &[2])]),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("consolidated.safetensors"),
+        f16_safetensors(&[("other", &[2])]),
+    )
+    .unwrap();
+    let o = ok(tmp.path(), &["inspect", dir.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("1 tensors"), "{text}");
+}
+
+#[test]
+fn yaml_edition_bad_shard_size_names_the_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("ops.yml");
+    std::fs::write(
+        &cfg,
+        "model_path1: models/base\nmodel_path2: models/other\nmax_shard_size: 2000XB\noperations:\n  - {operation: a, filter: mlp, gradient_values: [0.5]}\n",
+    )
+    .unwrap();
+    let out = tmp.path().join("out");
+    let o = mergestream(
+        &golden(),
+        &[
+            "blockmerge",
+            "--config",
+            cfg.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert_clean_failure(
+        &o,
+        &out,
+        &["ops.yml", "max_shard_size", "unknown unit `XB`"],
+    );
+}
+
+#[test]
+fn sub_byte_tensors_are_copied_whole() {
+    // F4 rows need not end on a byte boundary: [4, 5] is 10 bytes, [64] is 32.
+    let tmp = tempfile::tempdir().unwrap();
+    let json = r#"{"a":{"dtype":"F4","shape":[4,5],"data_offsets":[0,10]},"b":{"dtype":"F4","shape":[64],"data_offsets":[10,42]}}"#;
+    let mut file = raw_safetensors(json, 0);
+    file.extend((0u8..42).map(|i| i.wrapping_mul(37)));
+    let dir = model_dir(tmp.path(), "f4", &file);
+    let out = tmp.path().join("out");
+    ok(
+        tmp.path(),
+        &[
+            "convert",
+            dir.to_str().unwrap(),
+            out.to_str().unwrap(),
+            "--quiet",
+        ],
+    );
+    let got = load_dir(&out);
+    let data: Vec<u8> = (0u8..42).map(|i| i.wrapping_mul(37)).collect();
+    assert_eq!(got["a"].bytes, data[..10]);
+    assert_eq!(got["b"].bytes, data[10..]);
+}

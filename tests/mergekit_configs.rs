@@ -195,6 +195,80 @@ fn bad_configs_fail_with_one_clear_line() {
         "merge_method: slerp\nbase_model: {G}/base\nmodels:\n  - model: {G}/base\n  - model: {G}/other\n",
         &["missing required parameter `t`"],
     );
+    bad(
+        "merge_method: linear\nmodels: []\n",
+        &["the config names no models"],
+    );
+}
+
+#[test]
+fn della_treats_1d_tensors_as_one_row() {
+    // Norm weights are 1-D: mergekit ranks them as a single row, so about half change.
+    let yaml = "merge_method: della_linear\nbase_model: {G}/base\nmodels:\n  - model: {G}/other\n    parameters: {weight: 1.0, density: 0.5, epsilon: 0.3}\nparameters: {rescale: false}\ndtype: float32\nout_dtype: float32\n";
+    let got = merged_f32(yaml, &[]);
+    let base = load_dir(&golden().join("models/base"));
+    let norm = "model.layers.0.input_layernorm.weight";
+    let (o, b) = (f32s(&got[norm]), halves(&base[norm]));
+    let changed = o.iter().zip(&b).filter(|(x, y)| x != y).count();
+    assert!(changed > 4 && changed < 28, "{changed} of 32 changed");
+}
+
+#[test]
+fn a_slice_of_only_the_base_passes_it_through_when_streamed() {
+    let yaml = "merge_method: ties\nbase_model: {G}/base\nslices:\n  - sources:\n      - model: {G}/base\n        layer_range: [0, 8]\nparameters: {weight: 1.0, density: 0.5}\ndtype: float16\n";
+    let tmp = tempfile::tempdir().unwrap();
+    let (o, out) = run_config(tmp.path(), yaml, &["--memory-limit", "16KiB"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_bit_exact(&out, &golden().join("models/base"));
+}
+
+#[test]
+fn config_claiming_more_layers_than_stored_fails_fast() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("m");
+    std::fs::create_dir(&m).unwrap();
+    for e in std::fs::read_dir(golden().join("models/base")).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, m.join(p.file_name().unwrap())).unwrap();
+    }
+    let cfg = std::fs::read_to_string(m.join("config.json")).unwrap();
+    std::fs::write(
+        m.join("config.json"),
+        cfg.replace(
+            "\"num_hidden_layers\": 8",
+            "\"num_hidden_layers\": 4000000000",
+        ),
+    )
+    .unwrap();
+    let yaml = format!(
+        "merge_method: passthrough\nslices:\n  - sources:\n      - model: {}\n        layer_range: [0, 9]\n",
+        m.display()
+    );
+    let (o, out) = run_config(tmp.path(), &yaml, &[]);
+    assert_clean_failure(&o, &out, &["layer_range [0, 9]"]);
+}
+
+#[test]
+fn float_and_integer_inputs_cannot_be_merged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut t = load_dir(&golden().join("models/other"));
+    let norm = t.get_mut("model.norm.weight").unwrap();
+    norm.dtype = "I16".into();
+    let dir = tmp.path().join("ints");
+    write_model(&dir, &t);
+    let yaml = format!(
+        "merge_method: linear\nmodels:\n  - model: {{G}}/base\n    parameters: {{weight: 1}}\n  - model: {}\n    parameters: {{weight: 1}}\n",
+        dir.display()
+    );
+    let (o, out) = run_config(tmp.path(), &yaml, &[]);
+    assert_clean_failure(
+        &o,
+        &out,
+        &[
+            "model.norm.weight: ",
+            "float and non-float tensors cannot be merged",
+        ],
+    );
 }
 
 #[test]

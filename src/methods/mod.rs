@@ -100,7 +100,14 @@ pub fn compute_chunk(
             .zip(&tiles)
             .map(|((op, d), t)| operand_values(plan, op, d, t, rows.start as usize, nrows, cols))
             .collect();
-        return encode(step.dtype, &mergekit::merge(r, &xs, nrows, cols));
+        // mergekit treats a 1-D tensor as one row (row-wise methods: DELLA, filter-wise
+        // model_stock, unflattened nuslerp).
+        let (mrows, mcols) = if step.shape.len() <= 1 {
+            (1, nrows * cols)
+        } else {
+            (nrows, cols)
+        };
+        return encode(step.dtype, &mergekit::merge(r, &xs, mrows, mcols));
     }
     let out_row_bytes = cols * step.dtype.bits() as usize / 8;
     let mut out = vec![0u8; nrows * out_row_bytes];

@@ -14,7 +14,7 @@ use crate::plan::{Method, Operand, Plan, Recipe};
 
 use super::reader::InputFile;
 use super::writer::ShardFiles;
-use super::{Loaded, LoadedOperand, Out, Written, load_operands};
+use super::{Loaded, LoadedOperand, Out, Written, chunk_len, chunk_offset, load_operands};
 
 /// Borrow loaded bytes as the methods' view of them.
 fn operand_data<'a>(
@@ -60,10 +60,11 @@ pub(crate) fn run(plan: &Plan, item: Loaded) -> Written {
     };
     let data = operand_data(plan, operands, &item.operands);
     let bytes = compute_chunk(plan, step, item.rows.clone(), &data);
-    let out_row_bytes = step.row_elems() * step.dtype.bits() / 8;
     Written {
+        step: item.step,
         shard: step.shard,
-        offset: step.offset + item.rows.start * out_row_bytes,
+        offset: step.offset + chunk_offset(step, item.rows.start),
+        expected: chunk_len(step, &item.rows),
         bytes: Out::Computed(bytes),
         _permit: item.permit,
     }
@@ -98,18 +99,29 @@ pub(crate) fn run_streamed(io: &StreamIo<'_>, si: usize, chunk_rows: u64) -> Res
         }
         let loaded = load_operands(plan, io.inputs, step, rows.clone())?;
         let data = operand_data(plan, operands, &loaded);
-        let n = (rows.end - rows.start) as usize;
         Ok(operands
             .iter()
             .zip(&data)
-            .map(|(op, d)| operand_f32(plan, op, d, rows.start, n, cols))
+            .map(|(op, d)| {
+                let n = (rows.end.min(op.rows).max(rows.start) - rows.start) as usize;
+                operand_f32(plan, op, d, rows.start, n, cols)
+            })
             .collect())
     };
-    let out_row_bytes = step.row_elems() * step.dtype.bits() / 8;
     let emit = |rows: Range<u64>, values: &[f32]| -> Result<()> {
         let bytes = encode(step.dtype, values);
-        io.shards
-            .write_at(step.shard, step.offset + rows.start * out_row_bytes, &bytes)?;
+        if bytes.len() as u64 != chunk_len(step, &rows) {
+            return Err(Error::invalid(format!(
+                "internal error: {} bytes computed where the plan has {}",
+                bytes.len(),
+                chunk_len(step, &rows)
+            )));
+        }
+        io.shards.write_at(
+            step.shard,
+            step.offset + chunk_offset(step, rows.start),
+            &bytes,
+        )?;
         io.written.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         io.progress.inc(bytes.len() as u64);
         Ok(())

@@ -134,8 +134,11 @@ pub(crate) struct LoadedOperand {
 
 /// Output bytes ready for the writer.
 pub(crate) struct Written {
+    step: usize,
     shard: usize,
     offset: u64,
+    /// How many bytes the plan has for this chunk.
+    expected: u64,
     bytes: Out,
     _permit: Permit,
 }
@@ -152,7 +155,7 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &RunOptions) -> Result<RunStats> {
     let shards = ShardFiles::create(dir, &plan.shards)?;
     let budget = Budget::new(opts.memory_limit);
     let target = chunk_target(opts.memory_limit);
-    let workers = opts.threads.max(1);
+    let workers = opts.threads.clamp(1, 256);
     let first_error: Mutex<Option<Error>> = Mutex::new(None);
     let cancel = AtomicBool::new(false);
     let fail = |e: Error| {
@@ -285,6 +288,17 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &RunOptions) -> Result<RunStats> {
                 Out::Computed(v) => v,
                 Out::Copied(b) => b,
             };
+            if bytes.len() as u64 != w.expected {
+                fail(
+                    Error::invalid(format!(
+                        "internal error: {} bytes computed where the plan has {}",
+                        bytes.len(),
+                        w.expected
+                    ))
+                    .at_tensor(&plan.steps[w.step].name),
+                );
+                continue;
+            }
             if let Err(e) = shards.write_at(w.shard, w.offset, bytes) {
                 fail(e);
                 continue;
@@ -350,10 +364,11 @@ fn load_chunk(
     match &step.recipe {
         Recipe::Copy(t) => {
             let bytes = read_tensor(plan, inputs, *t, Some(rows.clone()))?;
-            let out_row_bytes = step.row_elems() * step.dtype.bits() / 8;
             Ok(Chunk::Done(Written {
+                step: si,
                 shard: step.shard,
-                offset: step.offset + rows.start * out_row_bytes,
+                offset: step.offset + chunk_offset(step, rows.start),
+                expected: chunk_len(step, &rows),
                 bytes: Out::Copied(bytes),
                 _permit: permit,
             }))
@@ -364,6 +379,20 @@ fn load_chunk(
             rows,
             permit,
         })),
+    }
+}
+
+/// Byte offset of row `r` within a step's data.
+pub(crate) fn chunk_offset(step: &Step, r: u64) -> u64 {
+    r * step.row_elems() * step.dtype.bits() / 8
+}
+
+/// Bytes of rows `rows` of a step (the whole tensor's length when they cover every row).
+pub(crate) fn chunk_len(step: &Step, rows: &Range<u64>) -> u64 {
+    if rows.start == 0 && rows.end >= step.rows() {
+        step.len
+    } else {
+        chunk_offset(step, rows.end) - chunk_offset(step, rows.start)
     }
 }
 
@@ -378,6 +407,9 @@ fn read_tensor(
     let file = &plan.sources[r.source].files[t.file];
     let io_err = |e: std::io::Error| Error::io("read failed", e).in_file(file).at_tensor(&t.name);
     let rb = t.row_bytes();
+    // A range covering every row is the whole tensor (the only way sub-byte types, whose
+    // rows need not end on a byte, are ever read).
+    let range = range.filter(|rr| !(rr.start == 0 && rr.end >= t.rows()));
     if let Layout::Gathered(loc) = &t.layout {
         // Views and big-endian storages: read the span, gather, swap, then cut the rows.
         let span = inputs[r.source][t.file]
@@ -396,7 +428,11 @@ fn read_tensor(
         }
         if let Some(rr) = range {
             let (a, b) = ((rr.start * rb) as usize, (rr.end * rb) as usize);
-            bytes = bytes.get(a..b).map(<[u8]>::to_vec).unwrap_or_default();
+            bytes = bytes.get(a..b).map(<[u8]>::to_vec).ok_or_else(|| {
+                Error::invalid(format!("gathered {} bytes, rows need {b}", bytes.len()))
+                    .in_file(file)
+                    .at_tensor(&t.name)
+            })?;
         }
         return Ok(Buf::Owned(bytes));
     }

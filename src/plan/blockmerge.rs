@@ -67,10 +67,14 @@ impl YamlConfig {
         Ok(cfg)
     }
 
-    pub fn max_shard_size_bytes(&self) -> Result<Option<u64>> {
+    /// `max_shard_size` in bytes; `path` is the config file, for the error.
+    pub fn max_shard_size_bytes(&self, path: &Path) -> Result<Option<u64>> {
         self.max_shard_size
             .as_deref()
-            .map(|s| parse_size(s).map_err(Error::usage))
+            .map(|s| {
+                parse_size(s)
+                    .map_err(|e| Error::invalid(format!("max_shard_size: {e}")).in_file(path))
+            })
             .transpose()
     }
 }

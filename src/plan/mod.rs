@@ -133,7 +133,11 @@ impl Step {
     }
 
     pub fn row_elems(&self) -> u64 {
-        self.shape.iter().skip(1).product()
+        // Saturating: an empty tensor may have huge other dimensions.
+        self.shape
+            .iter()
+            .skip(1)
+            .fold(1u64, |a, &d| a.saturating_mul(d))
     }
 }
 
@@ -219,6 +223,18 @@ impl Plan {
     /// row chunks (methods with whole-tensor statistics).
     pub fn streamable(&self, step: &Step) -> bool {
         match &step.recipe {
+            // 1-D tensors are one row for the row-wise methods; views are gathered whole.
+            Recipe::Compute { .. } if step.shape.len() <= 1 => false,
+            Recipe::Compute { operands, .. }
+                if operands.iter().any(|op| {
+                    matches!(
+                        self.tensor(op.tensor).layout,
+                        crate::model::Layout::Gathered(_)
+                    )
+                }) =>
+            {
+                false
+            }
             Recipe::Compute {
                 operands,
                 method: Method::Mergekit(r),

@@ -326,6 +326,10 @@ fn task_arithmetic(
 ) -> Result<()> {
     let b = r.base.unwrap_or(0);
     let others: Vec<usize> = (0..r.inputs.len()).filter(|&i| i != b).collect();
+    if others.is_empty() {
+        // Only the base in this slice: it passes through.
+        return ctx.pass(|rows, xs| (ctx.emit)(rows, &xs[b]));
+    }
     let n = ctx.rows * ctx.cols as u64;
     let cols = ctx.cols.max(1);
     let deltas = |xs: &[Vec<f32>]| -> Vec<Vec<f32>> {

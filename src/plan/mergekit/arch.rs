@@ -200,19 +200,24 @@ pub fn infer(models: &[&Model]) -> Architecture {
 /// Number of layers of a model: config.json's `num_hidden_layers` for known architectures,
 /// else one more than the largest layer index in its tensor names.
 pub fn layer_count(model: &Model, config: Option<&serde_json::Value>, arch: &Architecture) -> u64 {
+    // Layers the tensor names show (never more than the tensors themselves).
+    let present = model
+        .tensors()
+        .iter()
+        .filter_map(|t| split_layer(&t.name).map(|(_, n)| n.saturating_add(1)))
+        .max()
+        .unwrap_or(0)
+        .min(model.tensors().len() as u64);
     if arch.known
         && let Some(n) = config
             .and_then(|c| c.get("num_hidden_layers"))
             .and_then(|v| v.as_u64())
     {
-        return n;
+        // A config claiming more layers than the checkpoint holds fails on the first missing
+        // tensor; capping keeps the plan from growing without bound before that.
+        return n.min(present.max(1));
     }
-    model
-        .tensors()
-        .iter()
-        .filter_map(|t| split_layer(&t.name).map(|(_, n)| n + 1))
-        .max()
-        .unwrap_or(0)
+    present
 }
 
 #[cfg(test)]

@@ -165,6 +165,8 @@ pub struct MergeOptions {
     /// Cut vocabulary tensors to the smallest input's rows (mergekit's
     /// `--unsafe-truncate-embeddings`).
     pub truncate_embeddings: bool,
+    /// Overrides the config's `out_dtype` (`--out-dtype`).
+    pub out_dtype: Option<DType>,
 }
 
 /// One model as the plan uses it.
@@ -243,7 +245,10 @@ pub fn plan_merge(opts: &MergeOptions) -> Result<Plan> {
         ));
     }
     let dtype = parse_dtype(path, "dtype", cfg.dtype.as_deref())?;
-    let out_dtype = parse_dtype(path, "out_dtype", cfg.out_dtype.as_deref())?;
+    let out_dtype = match opts.out_dtype {
+        Some(d) => Some(d),
+        None => parse_dtype(path, "out_dtype", cfg.out_dtype.as_deref())?,
+    };
 
     // Every model the config names, opened once.
     let mut refs: Vec<ModelRef> = Vec::new();
@@ -265,6 +270,9 @@ pub fn plan_merge(opts: &MergeOptions) -> Result<Plan> {
     }
     if let Some(b) = &cfg.base_model {
         note(b);
+    }
+    if refs.is_empty() {
+        return Err(cfg_err(path, "the config names no models"));
     }
     let mut sources: Vec<Model> = Vec::new();
     let mut inputs: Vec<Input> = Vec::new();
@@ -504,6 +512,7 @@ pub fn plan_merge(opts: &MergeOptions) -> Result<Plan> {
         let mut operands = Vec::with_capacity(p.inputs.len());
         let mut shape: Option<Vec<u64>> = None;
         let mut in_dtypes = Vec::new();
+        let mut first_computable: Option<bool> = None;
         for (m, name) in &p.inputs {
             let inp = &inputs[*m];
             let model = &sources[inp.source];
@@ -538,6 +547,16 @@ pub fn plan_merge(opts: &MergeOptions) -> Result<Plan> {
                 && (d != t.dtype || patched)
             {
                 op.roundings.push(d);
+            }
+            // All inputs float, or all not (those pass through): never decode ints as floats.
+            let float = t.dtype.is_computable();
+            if *first_computable.get_or_insert(float) != float {
+                return Err(Error::invalid(format!(
+                    "{} stores it as {}; float and non-float tensors cannot be merged",
+                    inp.reference, t.dtype
+                ))
+                .at_tensor(&p.out)
+                .in_file(path));
             }
             in_dtypes.push(t.dtype);
             match &shape {
@@ -907,7 +926,11 @@ fn output_files(
         let tpl = chat_template(template, inputs, sources).ok_or_else(|| {
             cfg_err(
                 &opts.config_path,
-                format!("unknown chat_template `{template}`"),
+                if template == "auto" {
+                    "chat_template auto: no model's tokenizer_config.json has a chat_template".to_string()
+                } else {
+                    format!("unknown chat_template `{template}` (chatml, llama3, alpaca, auto, or Jinja text)")
+                },
             )
         })?;
         let tok_cfg = out
@@ -954,7 +977,9 @@ fn chat_template(name: &str, inputs: &[Input], sources: &[Model]) -> Option<Stri
             let mut counts: BTreeMap<String, usize> = BTreeMap::new();
             for i in inputs {
                 let p = sources[i.source].dir.join("tokenizer_config.json");
-                let t = std::fs::read_to_string(p).ok()?;
+                let Ok(t) = std::fs::read_to_string(p) else {
+                    continue;
+                };
                 if let Ok(v) = serde_json::from_str::<serde_json::Value>(&t)
                     && let Some(s) = v.get("chat_template").and_then(|s| s.as_str())
                 {
