@@ -110,7 +110,8 @@ pub fn compute_chunk(
         return encode(step.dtype, &mergekit::merge(r, &xs, mrows, mcols));
     }
     let out_row_bytes = cols * step.dtype.bits() as usize / 8;
-    let mut out = vec![0u8; nrows * out_row_bytes];
+    // Filled tile by tile, in order: no need to zero it first.
+    let mut out = Vec::with_capacity(nrows * out_row_bytes);
     let tile_rows = (TILE_ELEMS / cols.max(1)).max(1);
     let mut t0 = 0;
     while t0 < nrows {
@@ -128,7 +129,7 @@ pub fn compute_chunk(
             t1 - t0,
             cols,
         );
-        out[t0 * out_row_bytes..t1 * out_row_bytes].copy_from_slice(bytes.as_slice());
+        out.extend_from_slice(bytes.as_slice());
         t0 = t1;
     }
     out

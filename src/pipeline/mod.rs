@@ -189,7 +189,8 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &RunOptions) -> Result<RunStats> {
                 }
                 if !plan.chunkable(step)
                     && plan.streamable(step)
-                    && plan.chunk_cost(step, step.rows().max(1)) > whole_limit
+                    && (plan.chunk_cost(step, step.rows().max(1)) > whole_limit
+                        || plan.prefers_streaming(step))
                 {
                     let chunk_rows = stream_rows(plan, step, target);
                     let Some(permit) =

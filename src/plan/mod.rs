@@ -250,6 +250,30 @@ impl Plan {
         }
     }
 
+    /// Whether a streamable step should stream even though it fits in memory: a full sort of
+    /// a large tensor (TIES, breadcrumbs) costs O(n log n) where the streamed radix select is
+    /// O(n). Exact PyTorch tie-breaking matters only where mergekit itself is reproducible:
+    /// PyTorch splits reductions over 32768 elements across its threads.
+    pub fn prefers_streaming(&self, step: &Step) -> bool {
+        const EXACT_SORT_MAX: u64 = 1 << 22;
+        match &step.recipe {
+            Recipe::Compute {
+                method: Method::Mergekit(r),
+                ..
+            } => {
+                matches!(
+                    r.kind,
+                    mergekit::MethodKind::TaskArithmetic {
+                        sparsify: mergekit::Sparsify::Magnitude
+                            | mergekit::Sparsify::MagnitudeOutliers,
+                        ..
+                    }
+                ) && step.shape.iter().product::<u64>() > EXACT_SORT_MAX
+            }
+            _ => false,
+        }
+    }
+
     /// A human-readable plan: one line per tensor, then totals.
     pub fn describe(&self, memory_limit: u64) -> String {
         let mut s = String::new();
