@@ -10,6 +10,7 @@ use std::fs::File;
 use std::ops::Deref;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::Mutex;
 
 use memmap2::{Advice, Mmap, MmapOptions};
 
@@ -24,8 +25,14 @@ pub enum IoMode {
 
 /// Bytes of one tensor chunk.
 pub enum Buf {
-    Mapped { map: Mmap, start: usize, len: usize },
+    Mapped {
+        map: Mmap,
+        start: usize,
+        len: usize,
+    },
     Owned(Vec<u8>),
+    /// A positional read into a recycled buffer.
+    Pooled(Pooled),
 }
 
 impl Deref for Buf {
@@ -34,6 +41,41 @@ impl Deref for Buf {
         match self {
             Buf::Mapped { map, start, len } => &map[*start..*start + *len],
             Buf::Owned(v) => v,
+            Buf::Pooled(p) => &p.0,
+        }
+    }
+}
+
+/// Idle read buffers. Reusing them saves the page faults and zeroing a fresh allocation of
+/// tens of MiB costs; at most `POOL_MAX` wait here (they are not counted by the budget).
+static POOL: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+const POOL_MAX: usize = 4;
+
+/// A buffer that goes back to the pool when dropped.
+pub struct Pooled(Vec<u8>);
+
+impl Pooled {
+    /// A buffer of exactly `len` initialized bytes, recycled when one is big enough.
+    fn take(len: usize) -> Pooled {
+        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v = match pool.iter().position(|b| b.capacity() >= len) {
+            Some(i) => pool.swap_remove(i),
+            None => Vec::with_capacity(len),
+        };
+        drop(pool);
+        // Shrinking keeps old bytes (they are overwritten by the read); only growth zeroes.
+        v.truncate(len);
+        v.resize(len, 0);
+        Pooled(v)
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        let v = std::mem::take(&mut self.0);
+        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+        if pool.len() < POOL_MAX {
+            pool.push(v);
         }
     }
 }
@@ -104,9 +146,9 @@ impl InputFile {
                 })
             }
             _ => {
-                let mut v = vec![0u8; len as usize];
-                self.file.read_exact_at(&mut v, offset)?;
-                Ok(Buf::Owned(v))
+                let mut v = Pooled::take(len as usize);
+                self.file.read_exact_at(&mut v.0, offset)?;
+                Ok(Buf::Pooled(v))
             }
         }
     }
