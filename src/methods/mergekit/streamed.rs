@@ -29,6 +29,9 @@ pub type LoadFn<'a> = &'a dyn Fn(Range<u64>) -> Result<Vec<Vec<f32>>>;
 /// Writes output values of a row range.
 pub type EmitFn<'a> = &'a dyn Fn(Range<u64>, &[f32]) -> Result<()>;
 
+/// Elements per tile of the per-element work inside a chunk (stays in L2).
+const TILE_ELEMS: usize = 32 * 1024;
+
 /// Access to one step's data: operands by row range, and the output.
 pub struct StreamCtx<'a> {
     pub rows: u64,
@@ -332,11 +335,18 @@ fn task_arithmetic(
     }
     let n = ctx.rows * ctx.cols as u64;
     let cols = ctx.cols.max(1);
-    let deltas = |xs: &[Vec<f32>]| -> Vec<Vec<f32>> {
+    // The deltas of one cache-sized tile of a chunk (whole rows, so DELLA sees full rows).
+    let deltas = |xs: &[Vec<f32>], t: &Range<usize>| -> Vec<Vec<f32>> {
         others
             .iter()
-            .map(|&i| d.zip(&xs[i], &xs[b], |x, y| x - y))
+            .map(|&i| d.zip(&xs[i][t.clone()], &xs[b][t.clone()], |x, y| x - y))
             .collect()
+    };
+    let tile_len = (TILE_ELEMS / cols).max(1) * cols;
+    let tiles = move |len: usize| {
+        (0..len)
+            .step_by(tile_len)
+            .map(move |a| a..(a + tile_len).min(len))
     };
 
     // The rule per model.
@@ -390,10 +400,12 @@ fn task_arithmetic(
     if queries.iter().any(|q| !q.is_empty()) {
         let mut hi = vec![vec![0u64; 1 << 16]; others.len()];
         ctx.pass(|_, xs| {
-            for (k, dl) in deltas(&xs).iter().enumerate() {
-                if !queries[k].is_empty() {
-                    for &x in dl {
-                        hi[k][(mag_bits(x) >> 16) as usize] += 1;
+            for t in tiles(xs[b].len()) {
+                for (k, dl) in deltas(&xs, &t).iter().enumerate() {
+                    if !queries[k].is_empty() {
+                        for &x in dl {
+                            hi[k][(mag_bits(x) >> 16) as usize] += 1;
+                        }
                     }
                 }
             }
@@ -409,15 +421,17 @@ fn task_arithmetic(
             .map(|q| vec![vec![0u64; 1 << 16]; q.len()])
             .collect();
         ctx.pass(|_, xs| {
-            for (k, dl) in deltas(&xs).iter().enumerate() {
-                for (qi, q) in queries[k].iter().enumerate() {
-                    let Some((bucket, _)) = q.bucket else {
-                        continue;
-                    };
-                    for &x in dl {
-                        let v = mag_bits(x);
-                        if v >> 16 == bucket {
-                            lo[k][qi][(v & 0xFFFF) as usize] += 1;
+            for t in tiles(xs[b].len()) {
+                for (k, dl) in deltas(&xs, &t).iter().enumerate() {
+                    for (qi, q) in queries[k].iter().enumerate() {
+                        let Some((bucket, _)) = q.bucket else {
+                            continue;
+                        };
+                        for &x in dl {
+                            let v = mag_bits(x);
+                            if v >> 16 == bucket {
+                                lo[k][qi][(v & 0xFFFF) as usize] += 1;
+                            }
                         }
                     }
                 }
@@ -470,16 +484,15 @@ fn task_arithmetic(
                 .collect(),
         }
     };
-    let masks_for =
-        |rows: &Range<u64>, dls: &[Vec<f32>], maskers: &mut [Masker<'_>]| -> Vec<Vec<bool>> {
-            dls.iter()
-                .enumerate()
-                .map(|(k, dl)| match rules[k] {
-                    Rule::Random => random_mask(k, rows.start, dl),
-                    _ => dl.iter().map(|&x| maskers[k].keep(x)).collect(),
-                })
-                .collect()
-        };
+    let masks_for = |row0: u64, dls: &[Vec<f32>], maskers: &mut [Masker<'_>]| -> Vec<Vec<bool>> {
+        dls.iter()
+            .enumerate()
+            .map(|(k, dl)| match rules[k] {
+                Rule::Random => random_mask(k, row0, dl),
+                _ => dl.iter().map(|&x| maskers[k].keep(x)).collect(),
+            })
+            .collect()
+    };
     let fresh = || -> Vec<Masker<'_>> {
         rules
             .iter()
@@ -498,12 +511,14 @@ fn task_arithmetic(
         let mut after = vec![0f64; others.len()];
         let mut maskers = fresh();
         ctx.pass(|rows, xs| {
-            let dls = deltas(&xs);
-            let masks = masks_for(&rows, &dls, &mut maskers);
-            for (k, (dl, m)) in dls.iter().zip(&masks).enumerate() {
-                for (&x, &keep) in dl.iter().zip(m) {
-                    before[k] += x.abs() as f64;
-                    after[k] += masked(x, keep).abs() as f64;
+            for t in tiles(xs[b].len()) {
+                let dls = deltas(&xs, &t);
+                let masks = masks_for(rows.start + (t.start / cols) as u64, &dls, &mut maskers);
+                for (k, (dl, m)) in dls.iter().zip(&masks).enumerate() {
+                    for (&x, &keep) in dl.iter().zip(m) {
+                        before[k] += x.abs() as f64;
+                        after[k] += masked(x, keep).abs() as f64;
+                    }
                 }
             }
             Ok(())
@@ -518,20 +533,24 @@ fn task_arithmetic(
     let w = task_weights(r, &others, d);
     let mut maskers = fresh();
     ctx.pass(|rows, xs| {
-        let dls = deltas(&xs);
-        let masks = masks_for(&rows, &dls, &mut maskers);
-        let sparse: Vec<Vec<f32>> = dls
-            .iter()
-            .zip(&masks)
-            .zip(&factors)
-            .map(|((dl, m), f)| {
-                let kept: Vec<f32> = dl.iter().zip(m).map(|(&x, &k)| masked(x, k)).collect();
-                match f {
-                    Some(f) => d.map(&kept, |x| x * f),
-                    None => kept,
-                }
-            })
-            .collect();
-        (ctx.emit)(rows, &combine(r, d, consensus, &xs[b], sparse, &w))
+        let mut out = Vec::with_capacity(xs[b].len());
+        for t in tiles(xs[b].len()) {
+            let dls = deltas(&xs, &t);
+            let masks = masks_for(rows.start + (t.start / cols) as u64, &dls, &mut maskers);
+            let sparse: Vec<Vec<f32>> = dls
+                .iter()
+                .zip(&masks)
+                .zip(&factors)
+                .map(|((dl, m), f)| {
+                    let kept: Vec<f32> = dl.iter().zip(m).map(|(&x, &k)| masked(x, k)).collect();
+                    match f {
+                        Some(f) => d.map(&kept, |x| x * f),
+                        None => kept,
+                    }
+                })
+                .collect();
+            out.extend(combine(r, d, consensus, &xs[b][t.clone()], sparse, &w));
+        }
+        (ctx.emit)(rows, &out)
     })
 }
