@@ -5,7 +5,9 @@
 # generated.
 #
 #   benches/e2e.sh [--preset llama2-13b] [--layers 8] [--rank 64] [--dir DIR] [--io auto]
-#                  [--keep] [--extra "ARGS for mergestream"]
+#                  [--all] [--keep] [--extra "ARGS for mergestream"]
+#
+# --all blends every tensor (embeddings and lm_head included) instead of --layer_only.
 #
 # Needs ~3.3x one model of free disk in DIR (default: target/e2e).
 set -euo pipefail
@@ -18,6 +20,7 @@ dir=target/e2e
 io=auto
 keep=0
 extra=""
+filter=--layer_only
 while [ $# -gt 0 ]; do
   case "$1" in
     --preset) preset=$2; shift 2 ;;
@@ -26,6 +29,7 @@ while [ $# -gt 0 ]; do
     --dir) dir=$2; shift 2 ;;
     --io) io=$2; shift 2 ;;
     --keep) keep=1; shift ;;
+    --all) filter=""; shift ;;
     --extra) extra=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
@@ -78,7 +82,7 @@ run() {
     local t0 t1
     t0=$(now)
     /usr/bin/time -f "%M" -o "$dir/rss" "$bin" blockmerge --model_path1 "$dir/a" --model_path2 "$dir/b" \
-      --gradient_values "$gradient" --layer_only -o "$dir/out" --quiet --io "$io" $extra "$@"
+      --gradient_values "$gradient" $filter -o "$dir/out" --quiet --io "$io" $extra "$@"
     t1=$(now)
     wall=$(min "$wall" "$(echo "$t1 - $t0" | bc -l)")
     rss=$(echo "$rss $(cat "$dir/rss")" | awk '{print ($1 > $2) ? $1 : $2}')

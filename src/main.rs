@@ -57,7 +57,7 @@ struct Common {
     /// Working-memory budget (e.g. 512MiB, 2GB); default: min(1 GiB, half the available RAM).
     #[arg(long)]
     memory_limit: Option<String>,
-    /// Compute threads (default: all cores).
+    /// Compute threads (default: one per core, plus one).
     #[arg(long)]
     threads: Option<usize>,
     /// How to read inputs: mmap, positional reads, or auto (read on network filesystems).
@@ -434,7 +434,7 @@ fn execute(plan: &Plan, out: &std::path::Path, c: &Common) -> Result<()> {
         memory_limit,
         threads: c
             .threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+            .unwrap_or_else(mergestream::pipeline::default_threads)
             .max(1),
         io: match c.io.as_str() {
             "mmap" => IoMode::Mmap,

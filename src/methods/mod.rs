@@ -57,7 +57,8 @@ pub fn compute_chunk(
         .iter()
         .map(|op| (op.rows.clamp(rows.start, rows.end) - rows.start) as usize)
         .collect();
-    // One GEMM per LoRA patch for the whole chunk.
+    // One GEMM per LoRA patch for the whole chunk, into recycled buffers (the GEMM writes
+    // every element, so they need no clearing).
     let deltas: Vec<Vec<Vec<f32>>> = operands
         .iter()
         .zip(data)
@@ -67,18 +68,64 @@ pub fn compute_chunk(
                 .iter()
                 .zip(&d.patches)
                 .map(|(p, pd)| {
-                    let mut delta = vec![0f32; n * cols];
+                    let mut delta = scratch_take(n * cols);
                     lora::delta_rows(p, pd, rows.start as usize, n, cols, &mut delta);
                     delta
                 })
                 .collect()
         })
         .collect();
+    let out = compute_with_deltas(
+        plan, step, operands, method, rows, data, &op_rows, &deltas, cols, nrows,
+    );
+    for d in deltas.into_iter().flatten() {
+        scratch_give(d);
+    }
+    out
+}
+
+thread_local! {
+    /// LoRA product buffers of this worker, kept between chunks: allocating tens of MiB per
+    /// chunk costs page faults and zeroing.
+    static SCRATCH: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn scratch_take(len: usize) -> Vec<f32> {
+    let mut v = SCRATCH.with(|s| s.borrow_mut().pop()).unwrap_or_default();
+    // Old contents are overwritten by the GEMM; only growth is zeroed.
+    v.truncate(len);
+    v.resize(len, 0.0);
+    v
+}
+
+fn scratch_give(v: Vec<f32>) {
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        // One idle buffer per worker: it is outside the byte budget.
+        if s.is_empty() {
+            s.push(v);
+        }
+    });
+}
+
+#[allow(clippy::too_many_arguments)]
+fn compute_with_deltas(
+    plan: &Plan,
+    step: &Step,
+    operands: &[Operand],
+    method: &Method,
+    rows: Range<u64>,
+    data: &[OperandData<'_>],
+    op_rows: &[usize],
+    deltas: &[Vec<Vec<f32>>],
+    cols: usize,
+    nrows: usize,
+) -> Vec<u8> {
     let tile = |t: Range<usize>| -> Vec<OperandTile<'_>> {
         data.iter()
-            .zip(&deltas)
+            .zip(deltas)
             .zip(operands)
-            .zip(&op_rows)
+            .zip(op_rows)
             .map(|(((d, ds), op), &n)| {
                 let (a, b) = (t.start.min(n), t.end.min(n));
                 let row_bytes = plan.tensor(op.tensor).row_bytes() as usize;

@@ -3,9 +3,10 @@
 //!
 //! The reader walks the plan's steps in input-file order, splits each into row chunks that
 //! fit the budget, takes a permit, and hands the chunk's input bytes (a short-lived mapping
-//! or an owned buffer) to a compute worker. Workers run the step's arithmetic; the writer
-//! puts the bytes at their planned offset and drops the permit. No stage ever holds a whole
-//! tensor larger than the budget, let alone a whole model or shard.
+//! or an owned buffer) to a compute worker. Workers run the step's arithmetic and write the
+//! bytes at their planned offset (`pwrite` from every worker spreads the copy into the page
+//! cache over all cores); the permit goes when the chunk is written. No stage ever holds a
+//! whole tensor larger than the budget, let alone a whole model or shard.
 
 pub mod budget;
 pub mod compute;
@@ -45,11 +46,17 @@ impl Default for RunOptions {
     fn default() -> Self {
         RunOptions {
             memory_limit: default_memory_limit(),
-            threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            threads: default_threads(),
             io: IoMode::Auto,
             progress: false,
         }
     }
+}
+
+/// Compute workers by default: one per core plus one, so a core never idles while a worker
+/// waits on its pwrite into the page cache.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()) + 1
 }
 
 /// The smaller of 1 GiB and half the available RAM.
@@ -104,6 +111,8 @@ fn rows_fitting(plan: &Plan, step: &Step, target: u64) -> u64 {
 pub(crate) enum Work {
     /// One chunk with its input bytes.
     Chunk(Loaded),
+    /// Bytes copied unchanged, ready to write.
+    Copy(Written),
     /// A whole step whose method needs whole-tensor statistics and which is too large to
     /// hold at once: the worker streams over its row chunks several times (one pass per
     /// statistic, then the output), reading and writing by itself under one permit.
@@ -172,89 +181,44 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &RunOptions) -> Result<RunStats> {
     // the budget (exact PyTorch reduction order), streamed in passes otherwise.
     let whole_limit = opts.memory_limit / 2;
 
+    // Write one finished chunk at its offset; its permit is released when `w` drops.
+    let write = |w: Written| -> Result<()> {
+        let bytes: &[u8] = match &w.bytes {
+            Out::Computed(v) => v,
+            Out::Copied(b) => b,
+        };
+        if bytes.len() as u64 != w.expected {
+            return Err(Error::invalid(format!(
+                "internal error: {} bytes computed where the plan has {}",
+                bytes.len(),
+                w.expected
+            ))
+            .at_tensor(&plan.steps[w.step].name));
+        }
+        shards.write_at(w.shard, w.offset, bytes)?;
+        written.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        progress.inc(bytes.len() as u64);
+        Ok(())
+    };
+
     std::thread::scope(|s| {
         let (work_tx, work_rx) = bounded::<Work>(workers * 2);
-        let (out_tx, out_rx) = bounded::<Written>(workers * 2);
 
-        // Reader: steps in input order, chunked, each chunk under a permit.
-        let reader_out = out_tx.clone();
+        // Workers compute and write: pwrite at the planned offsets from every worker, so
+        // the copy into the page cache is spread over all cores.
         let (inputs, budget) = (&inputs, &budget);
-        let (fail, stopped) = (&fail, &stopped);
-        s.spawn(move || {
-            let order = read_order(plan);
-            for &si in &order {
-                let step = &plan.steps[si];
-                if step.len == 0 {
-                    continue;
-                }
-                if !plan.chunkable(step)
-                    && plan.streamable(step)
-                    && (plan.chunk_cost(step, step.rows().max(1)) > whole_limit
-                        || plan.prefers_streaming(step))
-                {
-                    let chunk_rows = stream_rows(plan, step, target);
-                    let Some(permit) =
-                        budget.acquire(plan.chunk_cost(step, chunk_rows) * 2, stopped)
-                    else {
-                        return;
-                    };
-                    let w = Work::Streamed {
-                        step: si,
-                        chunk_rows,
-                        _permit: permit,
-                    };
-                    if work_tx.send(w).is_err() {
-                        return;
-                    }
-                    continue;
-                }
-                let per_chunk = rows_per_chunk(plan, step, target);
-                let mut r0 = 0;
-                while r0 < step.rows().max(1) {
-                    let r1 = (r0 + per_chunk).min(step.rows().max(1));
-                    if stopped() {
-                        return;
-                    }
-                    let Some(permit) = budget.acquire(plan.chunk_cost(step, r1 - r0), stopped)
-                    else {
-                        return;
-                    };
-                    match load_chunk(plan, inputs, si, r0..r1, permit) {
-                        Ok(Chunk::Work(w)) => {
-                            if work_tx.send(Work::Chunk(w)).is_err() {
-                                return;
-                            }
-                        }
-                        Ok(Chunk::Done(w)) => {
-                            if reader_out.send(w).is_err() {
-                                return;
-                            }
-                        }
-                        Err(e) => {
-                            fail(e.at_tensor(&step.name));
-                            return;
-                        }
-                    }
-                    r0 = r1;
-                }
-            }
-        });
-
+        let (fail, stopped, write) = (&fail, &stopped, &write);
         let (shards, progress, written) = (&shards, &progress, &written);
         for _ in 0..workers {
             let rx = work_rx.clone();
-            let tx = out_tx.clone();
             s.spawn(move || {
                 for item in rx {
                     if stopped() {
-                        return;
+                        continue; // drain: dropping items returns their permits
                     }
-                    match item {
-                        Work::Chunk(c) => {
-                            if tx.send(compute::run(plan, c)).is_err() {
-                                return;
-                            }
-                        }
+                    let result = match item {
+                        Work::Chunk(c) => write(compute::run(plan, c)),
+                        Work::Copy(w) => write(w),
                         Work::Streamed {
                             step,
                             chunk_rows,
@@ -268,45 +232,70 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &RunOptions) -> Result<RunStats> {
                                 written,
                                 stopped,
                             };
-                            if let Err(e) = compute::run_streamed(&ctx, step, chunk_rows) {
-                                fail(e.at_tensor(&plan.steps[step].name));
-                                return;
-                            }
+                            compute::run_streamed(&ctx, step, chunk_rows)
+                                .map_err(|e| e.at_tensor(&plan.steps[step].name))
                         }
+                    };
+                    if let Err(e) = result {
+                        fail(e);
                     }
                 }
             });
         }
         drop(work_rx);
-        drop(out_tx);
 
-        // Writer (this thread): bytes at their offsets, then the permit goes.
-        for w in out_rx {
-            if stopped() {
-                continue; // drain so the other stages can finish
-            }
-            let bytes: &[u8] = match &w.bytes {
-                Out::Computed(v) => v,
-                Out::Copied(b) => b,
-            };
-            if bytes.len() as u64 != w.expected {
-                fail(
-                    Error::invalid(format!(
-                        "internal error: {} bytes computed where the plan has {}",
-                        bytes.len(),
-                        w.expected
-                    ))
-                    .at_tensor(&plan.steps[w.step].name),
-                );
+        // Reader (this thread): steps in input order, chunked, each chunk under a permit.
+        let order = read_order(plan);
+        'steps: for &si in &order {
+            let step = &plan.steps[si];
+            if step.len == 0 {
                 continue;
             }
-            if let Err(e) = shards.write_at(w.shard, w.offset, bytes) {
-                fail(e);
+            if !plan.chunkable(step)
+                && plan.streamable(step)
+                && (plan.chunk_cost(step, step.rows().max(1)) > whole_limit
+                    || plan.prefers_streaming(step))
+            {
+                let chunk_rows = stream_rows(plan, step, target);
+                let Some(permit) = budget.acquire(plan.chunk_cost(step, chunk_rows) * 2, stopped)
+                else {
+                    break;
+                };
+                let w = Work::Streamed {
+                    step: si,
+                    chunk_rows,
+                    _permit: permit,
+                };
+                if work_tx.send(w).is_err() {
+                    break;
+                }
                 continue;
             }
-            written.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-            progress.inc(bytes.len() as u64);
+            let per_chunk = rows_per_chunk(plan, step, target);
+            let mut r0 = 0;
+            while r0 < step.rows().max(1) {
+                let r1 = (r0 + per_chunk).min(step.rows().max(1));
+                if stopped() {
+                    break 'steps;
+                }
+                let Some(permit) = budget.acquire(plan.chunk_cost(step, r1 - r0), stopped) else {
+                    break 'steps;
+                };
+                let work = match load_chunk(plan, inputs, si, r0..r1, permit) {
+                    Ok(Chunk::Work(w)) => Work::Chunk(w),
+                    Ok(Chunk::Done(w)) => Work::Copy(w),
+                    Err(e) => {
+                        fail(e.at_tensor(&step.name));
+                        break 'steps;
+                    }
+                };
+                if work_tx.send(work).is_err() {
+                    break 'steps;
+                }
+                r0 = r1;
+            }
         }
+        drop(work_tx);
     });
     progress.finish_and_clear();
 
