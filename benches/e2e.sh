@@ -57,7 +57,7 @@ now() { date +%s.%N; }
 min() { echo "$1 $2" | awk '{print ($1 < $2) ? $1 : $2}'; }
 # The floor: read both inputs, write an output of the same size, sync. Disk writes on a
 # shared machine are noisy, so every measurement here is the best of $repeat runs.
-repeat=2
+repeat=3
 floor=999999
 for _ in $(seq $repeat); do
   sync

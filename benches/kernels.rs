@@ -11,8 +11,9 @@ use mergestream::kernels::available;
 use mergestream::methods::lora::{PatchData, delta_rows_threads};
 use mergestream::plan::{DeltaLayout, LoraPatch, TensorRef};
 
-/// 4 Mi elements: 8 MiB of fp16, 16 MiB of f32 — well past the caches, like real tensors.
-const N: usize = 4 << 20;
+/// 16 Mi elements: 32 MiB of fp16, 64 MiB of f32 per array — every kernel and the memcpy
+/// baseline stream from memory (past the 32 MiB L3), as with real tensors.
+const N: usize = 16 << 20;
 
 fn inputs() -> (Vec<u16>, Vec<u16>, Vec<f32>, Vec<f32>) {
     let h1: Vec<u16> = (0..N)
