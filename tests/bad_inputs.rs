@@ -11,20 +11,13 @@ use common::*;
 /// blockmerge of the golden base with `model2`, into `<tmp>/out`.
 fn merge_with(tmp: &Path, model2: &Path) -> (Output, PathBuf) {
     let out = tmp.join("out");
-    let o = mergestream(
+    let o = blockmerge(
         &golden(),
-        &[
-            "blockmerge",
-            "--model_path1",
-            "models/base",
-            "--model_path2",
-            model2.to_str().unwrap(),
-            "--output_model_path",
-            out.to_str().unwrap(),
-            "--gradient_values",
-            "[0.5]",
-            "--quiet",
-        ],
+        "models/base",
+        model2.to_str().unwrap(),
+        &out,
+        "[0.5]",
+        &["--quiet"],
     );
     (o, out)
 }
@@ -304,20 +297,7 @@ fn gradient_list_empty_or_not_numbers() {
         ("[]", "the gradient list is empty"),
         ("[0.5, abc]", "`abc` is not a number"),
     ] {
-        let o = mergestream(
-            &golden(),
-            &[
-                "blockmerge",
-                "--model_path1",
-                "models/base",
-                "--model_path2",
-                "models/other",
-                "--output_model_path",
-                out.to_str().unwrap(),
-                "--gradient_values",
-                g,
-            ],
-        );
+        let o = blockmerge(&golden(), "models/base", "models/other", &out, g, &[]);
         assert_clean_failure(&o, &out, &["--gradient_values", msg]);
     }
 }
@@ -481,26 +461,17 @@ fn output_existing_without_force() {
     let out = tmp.path().join("out");
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("keep.txt"), "mine").unwrap();
-    let args = |force: bool| {
-        let mut a = vec![
-            "blockmerge",
-            "--model_path1",
+    let merge = |extra: &[&str]| {
+        blockmerge(
+            &golden(),
             "models/base",
-            "--model_path2",
             "models/other",
-            "--output_model_path",
-            out.to_str().unwrap(),
-            "--gradient_values",
+            &out,
             "[0.9,0.0]",
-            "--layer_only",
-            "--quiet",
-        ];
-        if force {
-            a.push("--force");
-        }
-        a
+            extra,
+        )
     };
-    let o = mergestream(&golden(), &args(false));
+    let o = merge(&["--layer_only", "--quiet"]);
     assert_eq!(o.status.code(), Some(1));
     assert_eq!(stderr(&o).lines().count(), 1);
     assert!(
@@ -513,7 +484,8 @@ fn output_existing_without_force() {
         "mine"
     );
     // --force replaces it.
-    ok(&golden(), &args(true));
+    let o = merge(&["--layer_only", "--quiet", "--force"]);
+    assert!(o.status.success(), "{}", stderr(&o));
     assert!(!out.join("keep.txt").exists());
     assert_bit_exact(&out, &golden().join("expected/bm_layer_only"));
     assert_eq!(
@@ -532,20 +504,13 @@ fn output_replacing_an_input_is_refused() {
         let p = e.unwrap().path();
         std::fs::copy(&p, m.join(p.file_name().unwrap())).unwrap();
     }
-    let o = mergestream(
+    let o = blockmerge(
         &golden(),
-        &[
-            "blockmerge",
-            "--model_path1",
-            "models/base",
-            "--model_path2",
-            m.to_str().unwrap(),
-            "--output_model_path",
-            m.to_str().unwrap(),
-            "--gradient_values",
-            "[0.5]",
-            "--force",
-        ],
+        "models/base",
+        m.to_str().unwrap(),
+        &m,
+        "[0.5]",
+        &["--force"],
     );
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("would replace one of the inputs"));

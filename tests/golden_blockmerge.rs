@@ -194,22 +194,13 @@ fn precise_mode_rounds_once() {
 fn run_case_precise() -> tempfile::TempDir {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
-    ok(
+    blockmerge_ok(
         &golden(),
-        &[
-            "blockmerge",
-            "--model_path1",
-            "models/base",
-            "--model_path2",
-            "models/other",
-            "--output_model_path",
-            out.to_str().unwrap(),
-            "--gradient_values",
-            "[0.9,0.0]",
-            "--layer_only",
-            "--precise",
-            "--quiet",
-        ],
+        "models/base",
+        "models/other",
+        &out,
+        "[0.9,0.0]",
+        &["--layer_only", "--precise", "--quiet"],
     );
     tmp
 }
@@ -218,21 +209,13 @@ fn run_case_precise() -> tempfile::TempDir {
 fn dry_run_prints_the_plan_and_writes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
-    let o = ok(
+    let o = blockmerge_ok(
         &golden(),
-        &[
-            "blockmerge",
-            "--model_path1",
-            "models/base",
-            "--model_path2",
-            "models/other",
-            "--output_model_path",
-            out.to_str().unwrap(),
-            "--gradient_values",
-            "[0.9,0.0]",
-            "--layer_only",
-            "--dry-run",
-        ],
+        "models/base",
+        "models/other",
+        &out,
+        "[0.9,0.0]",
+        &["--layer_only", "--dry-run"],
     );
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.contains("model.layers.0.self_attn.q_proj.weight"));
@@ -275,20 +258,10 @@ fn non_float_tensors_pass_through_and_cannot_be_blended() {
     let m2 = with_extras("models/other", "m2");
     let out = tmp.path().join("out");
     let merge = |filter: &[&str]| {
-        let mut args = vec![
-            "blockmerge",
-            "--model_path1",
-            m1.to_str().unwrap(),
-            "--model_path2",
-            m2.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-            "--gradient_values",
-            "[0.9, 0.0]",
-            "--quiet",
-        ];
-        args.extend_from_slice(filter);
-        mergestream(tmp.path(), &args)
+        let mut extra = vec!["--quiet"];
+        extra.extend_from_slice(filter);
+        let (m1, m2) = (m1.to_str().unwrap(), m2.to_str().unwrap());
+        blockmerge(tmp.path(), m1, m2, &out, "[0.9, 0.0]", &extra)
     };
     let o = merge(&["--custom_filter", "self_attn"]);
     assert!(o.status.success(), "{}", stderr(&o));

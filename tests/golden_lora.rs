@@ -81,22 +81,17 @@ fn seed_recipe_in_one_pass_is_bit_exact() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
     let gradient = case["gradient_values"].to_string();
-    ok(
+    blockmerge_ok(
         &golden(),
+        "models/base",
+        "models/other",
+        &out,
+        &gradient,
         &[
-            "blockmerge",
-            "--model_path1",
-            "models/base",
-            "--model_path2",
-            "models/other",
             "--lora2",
             "models/lora",
             "--lora2-weight",
             "0.25",
-            "--output_model_path",
-            out.to_str().unwrap(),
-            "--gradient_values",
-            &gradient,
             "--layer_only",
             "--quiet",
         ],
@@ -113,22 +108,13 @@ fn lora1_patches_model1_in_the_same_pass() {
     // exactly the PEFT merge.
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
-    ok(
+    blockmerge_ok(
         &golden(),
-        &[
-            "blockmerge",
-            "--model_path1",
-            "models/other",
-            "--model_path2",
-            "models/base",
-            "--lora1",
-            "models/lora",
-            "--output_model_path",
-            out.to_str().unwrap(),
-            "--gradient_values",
-            "[0.0]",
-            "--quiet",
-        ],
+        "models/other",
+        "models/base",
+        &out,
+        "[0.0]",
+        &["--lora1", "models/lora", "--quiet"],
     );
     assert_bit_exact(&out, &golden().join("expected/peft_lora_on_other"));
 }

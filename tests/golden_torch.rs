@@ -133,21 +133,13 @@ fn blockmerge_of_bin_and_safetensors_equals_all_safetensors() {
     ] {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("out");
-        ok(
+        blockmerge_ok(
             &golden(),
-            &[
-                "blockmerge",
-                "--model_path1",
-                m1,
-                "--model_path2",
-                m2,
-                "--output_model_path",
-                out.to_str().unwrap(),
-                "--gradient_values",
-                "[0.9,0.0]",
-                "--layer_only",
-                "--quiet",
-            ],
+            m1,
+            m2,
+            &out,
+            "[0.9,0.0]",
+            &["--layer_only", "--quiet"],
         );
         assert_bit_exact(&out, &golden().join("expected/bm_layer_only"));
     }

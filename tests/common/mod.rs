@@ -329,3 +329,42 @@ pub fn write_model(dir: &Path, tensors: &BTreeMap<String, Tensor>) {
     )
     .unwrap();
 }
+
+/// `mergestream blockmerge` with Gryphe's flag spellings (model1, model2, output, gradient),
+/// then `extra`, run in `cwd`.
+pub fn blockmerge(
+    cwd: &Path,
+    m1: &str,
+    m2: &str,
+    out: &Path,
+    gradient: &str,
+    extra: &[&str],
+) -> Output {
+    let mut args = vec![
+        "blockmerge",
+        "--model_path1",
+        m1,
+        "--model_path2",
+        m2,
+        "--output_model_path",
+        out.to_str().unwrap(),
+        "--gradient_values",
+        gradient,
+    ];
+    args.extend_from_slice(extra);
+    mergestream(cwd, &args)
+}
+
+/// [`blockmerge`], insisting on success.
+pub fn blockmerge_ok(
+    cwd: &Path,
+    m1: &str,
+    m2: &str,
+    out: &Path,
+    gradient: &str,
+    extra: &[&str],
+) -> Output {
+    let o = blockmerge(cwd, m1, m2, out, gradient, extra);
+    assert!(o.status.success(), "blockmerge failed: {}", stderr(&o));
+    o
+}
