@@ -303,16 +303,7 @@ pub fn plan_blockmerge(opts: &BlockMergeOptions) -> Result<Plan> {
             Recipe::Copy(_) if !t1.dtype.is_computable() => t1.dtype,
             _ => out_dtype,
         };
-        let len = t1.numel() * dtype.bits() / 8;
-        steps.push(Step {
-            name: name.clone(),
-            dtype,
-            shape: t1.shape.clone(),
-            shard: 0,
-            offset: 0,
-            len,
-            recipe,
-        });
+        steps.push(Step::new(name.clone(), dtype, t1.shape.clone(), recipe));
     }
 
     let shards = place(&mut steps, opts.max_shard_size);

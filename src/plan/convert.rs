@@ -47,15 +47,7 @@ pub fn plan_convert(opts: &ConvertOptions) -> Result<Plan> {
                 method: Method::Convert,
             }
         };
-        steps.push(Step {
-            name: name.clone(),
-            dtype,
-            shape: t.shape.clone(),
-            shard: 0,
-            offset: 0,
-            len: t.numel() * dtype.bits() / 8,
-            recipe,
-        });
+        steps.push(Step::new(name.clone(), dtype, t.shape.clone(), recipe));
     }
     let shards = place(&mut steps, opts.max_shard_size);
     let config = model.config()?;

@@ -62,15 +62,7 @@ pub fn plan_lora(opts: &LoraOptions) -> Result<Plan> {
                 tensor: idx,
             }),
         };
-        steps.push(Step {
-            name: name.clone(),
-            dtype,
-            shape: t.shape.clone(),
-            shard: 0,
-            offset: 0,
-            len: t.numel() * dtype.bits() / 8,
-            recipe,
-        });
+        steps.push(Step::new(name.clone(), dtype, t.shape.clone(), recipe));
     }
     let shards = place(&mut steps, opts.max_shard_size);
     let config_dtype = opts

@@ -128,6 +128,21 @@ pub struct Step {
 }
 
 impl Step {
+    /// A step not yet placed in a shard ([`blockmerge::place`] assigns shard and offset).
+    pub fn new(name: String, dtype: DType, shape: Vec<u64>, recipe: Recipe) -> Step {
+        // Shapes come from validated headers, whose byte sizes do not overflow.
+        let len = shape.iter().product::<u64>() * dtype.bits() / 8;
+        Step {
+            name,
+            dtype,
+            shape,
+            shard: 0,
+            offset: 0,
+            len,
+            recipe,
+        }
+    }
+
     pub fn rows(&self) -> u64 {
         self.shape.first().copied().unwrap_or(1)
     }

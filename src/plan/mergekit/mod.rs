@@ -605,16 +605,7 @@ pub fn plan_merge(opts: &MergeOptions) -> Result<Plan> {
                 method: Method::Mergekit(Box::new(r)),
             }
         };
-        let numel: u64 = shape.iter().product();
-        steps.push(Step {
-            name: p.out.clone(),
-            dtype: out_dt,
-            len: numel * out_dt.bits() / 8,
-            shape,
-            shard: 0,
-            offset: 0,
-            recipe,
-        });
+        steps.push(Step::new(p.out.clone(), out_dt, shape, recipe));
         // mergekit writes in order of the (largest) input tensor name, ties in plan order.
         let key = p
             .inputs
