@@ -1,7 +1,7 @@
 //! Every bad input of DESIGN §7 this release covers: exit status 1, one line
 //! `error: <file>: <tensor>: <what is wrong>`, no panic, nothing under the output name.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;

@@ -1,7 +1,7 @@
 //! BlockMerge_Gradient's golden outputs, reproduced bit for bit through the CLI with
 //! Gryphe's own flag spellings.
 
-mod common;
+use crate::common;
 
 use common::*;
 

@@ -4,7 +4,7 @@
 //! differs from torch's — at most 1 ulp of the model's dtype on at most 0.1% of elements.
 //! Each test also records which cases are exact.
 
-mod common;
+use crate::common;
 
 use common::*;
 

@@ -2,7 +2,7 @@
 //! Tolerance (DESIGN §6): at most 1 ulp on at most 2% of elements; each test states which
 //! cases are exact.
 
-mod common;
+use crate::common;
 
 use common::*;
 

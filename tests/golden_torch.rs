@@ -1,7 +1,7 @@
 //! PyTorch `.bin` checkpoints end to end: `convert`, `.bin` inputs and adapters in every
 //! command, and the pickle/zip bad inputs of DESIGN §7 at the command line.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::path::Path;

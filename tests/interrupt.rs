@@ -1,7 +1,7 @@
 //! SIGINT and SIGTERM during a run: exit 1 with one error line, nothing under the output
 //! name, no temporary folder left behind.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};

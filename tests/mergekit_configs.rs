@@ -1,7 +1,7 @@
 //! mergekit configs beyond the golden set: random methods tested statistically, bad configs,
 //! and the streamed (multi-pass) path against the whole-tensor one.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -7,8 +7,7 @@
     clippy::indexing_slicing
 )]
 
-#[path = "torch_common/mod.rs"]
-mod common;
+use crate::torch_common as common;
 
 use std::fs::File;
 

@@ -6,8 +6,7 @@
     clippy::indexing_slicing
 )]
 
-#[path = "torch_common/mod.rs"]
-mod common;
+use crate::torch_common as common;
 
 use common::P;
 use mergestream::format::pickle::{

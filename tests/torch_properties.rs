@@ -8,8 +8,7 @@
 )]
 #![allow(clippy::arithmetic_side_effects)]
 
-#[path = "torch_common/mod.rs"]
-mod common;
+use crate::torch_common as common;
 
 use std::io::Cursor;
 use std::sync::LazyLock;

@@ -1,0 +1,19 @@
+//! The integration tests, one binary (linking the crate once): golden comparisons, bad
+//! inputs, CLI behaviour, the PyTorch readers and property tests.
+
+mod common;
+mod torch_common;
+
+mod bad_inputs;
+mod golden_blockmerge;
+mod golden_lora;
+mod golden_mergekit;
+mod golden_torch;
+mod interrupt;
+mod mergekit_configs;
+mod properties;
+mod torch_bad_inputs;
+mod torch_compat;
+mod torch_golden;
+mod torch_pickle_features;
+mod torch_properties;
