@@ -8,8 +8,7 @@ use std::hint::black_box;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
 use mergestream::kernels::available;
-use mergestream::methods::lora::{PatchData, delta_rows_threads};
-use mergestream::plan::{DeltaLayout, LoraPatch, TensorRef};
+use mergestream::methods::lora::{DeltaLayout, PatchData, delta_rows_threads};
 
 /// 16 Mi elements: 32 MiB of fp16, 64 MiB of f32 per array — every kernel and the memcpy
 /// baseline stream from memory (past the 32 MiB L3), as with real tensors.
@@ -87,21 +86,6 @@ fn lora_gemm(c: &mut Criterion) {
         .collect();
     let a_bytes: &[u8] = bytemuck_f32(&a);
     let b_bytes: &[u8] = bytemuck_f32(&b);
-    let patch = LoraPatch {
-        a: TensorRef {
-            source: 0,
-            tensor: 0,
-        },
-        b: TensorRef {
-            source: 0,
-            tensor: 1,
-        },
-        scale: 0.5,
-        layout: DeltaLayout::Rows,
-        round_delta: None,
-        magnitude: None,
-        rank: rank as u64,
-    };
     let data = PatchData {
         a: a_bytes,
         a_dtype: mergestream::dtype::DType::F32,
@@ -122,7 +106,15 @@ fn lora_gemm(c: &mut Criterion) {
             format!("delta_gemm_512x13824_r64/{threads}_thread"),
             |bch| {
                 bch.iter(|| {
-                    delta_rows_threads(&patch, &data, 0, rows, in_dim, &mut delta, threads)
+                    delta_rows_threads(
+                        DeltaLayout::Rows,
+                        &data,
+                        0,
+                        rows,
+                        in_dim,
+                        &mut delta,
+                        threads,
+                    )
                 });
             },
         );

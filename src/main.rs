@@ -427,7 +427,8 @@ fn execute(plan: &Plan, out: &std::path::Path, c: &Common) -> Result<()> {
         None => default_memory_limit(),
     };
     if c.dry_run {
-        print!("{}", plan.describe(memory_limit));
+        let estimate = mergestream::pipeline::chunking::peak_memory_estimate(plan, memory_limit);
+        print!("{}", plan.describe(estimate, memory_limit));
         return Ok(());
     }
     let opts = RunOptions {

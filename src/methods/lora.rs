@@ -3,9 +3,18 @@
 use gemm::{Parallelism, gemm};
 
 use crate::dtype::DType;
+use crate::error::{Error, Result};
 use crate::kernels::active;
 use crate::kernels::bytes::{decode, round_to};
-use crate::plan::{DeltaLayout, LoraPatch};
+
+/// How a LoRA delta's rows map onto the weight's rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeltaLayout {
+    /// Δ = B @ A: weight rows are B's rows (Linear layers).
+    Rows,
+    /// Δ = (B @ A)ᵀ: weight rows are A's columns (embeddings, `fan_in_fan_out` layers).
+    Transposed,
+}
 
 /// A patch's factor tensors, as stored.
 pub struct PatchData<'a> {
@@ -24,48 +33,87 @@ fn to_f32(bytes: &[u8], dtype: DType, n: usize) -> Vec<f32> {
     v
 }
 
+/// Why a LoRA product cannot be computed with the given shapes: the plan checks them
+/// against the weight, so this is a bug, but the GEMM below must never see them.
+fn shape_error(what: String) -> Error {
+    Error::invalid(format!("internal error: LoRA product with {what}"))
+}
+
 /// Δ for rows `r0..r0+nrows` of the weight, written row-major into `delta` (nrows × cols).
 /// Single-threaded: the pipeline runs one GEMM per compute worker, so all cores are busy.
 pub fn delta_rows(
-    p: &LoraPatch,
+    layout: DeltaLayout,
     d: &PatchData<'_>,
     r0: usize,
     nrows: usize,
     cols: usize,
     delta: &mut [f32],
-) {
-    delta_rows_threads(p, d, r0, nrows, cols, delta, 1)
+) -> Result<()> {
+    delta_rows_threads(layout, d, r0, nrows, cols, delta, 1)
 }
 
 /// [`delta_rows`] with the GEMM crate's own threading over `threads` threads.
 pub fn delta_rows_threads(
-    p: &LoraPatch,
+    layout: DeltaLayout,
     d: &PatchData<'_>,
     r0: usize,
     nrows: usize,
     cols: usize,
     delta: &mut [f32],
     threads: usize,
-) {
+) -> Result<()> {
     let parallelism = if threads > 1 {
         Parallelism::Rayon(threads)
     } else {
         Parallelism::None
     };
     let [rank, a_cols] = d.a_shape;
-    let [b_rows, _] = d.b_shape;
+    let [b_rows, b_rank] = d.b_shape;
+    // Every bound the GEMM's pointer arithmetic relies on, checked here (this function is
+    // safe and public): factor sizes, the inner dimension, the rows asked for, the output.
+    let elems = |shape: [usize; 2]| shape[0].checked_mul(shape[1]);
+    let fits = |bytes: &[u8], dtype: DType, shape| {
+        elems(shape)
+            .and_then(|n| n.checked_mul(dtype.size()))
+            .is_some_and(|n| n == bytes.len())
+    };
+    if !fits(d.a, d.a_dtype, d.a_shape) || !fits(d.b, d.b_dtype, d.b_shape) || b_rank != rank {
+        return Err(shape_error(format!(
+            "A {:?} ({} bytes of {}) and B {:?} ({} bytes of {})",
+            d.a_shape,
+            d.a.len(),
+            d.a_dtype,
+            d.b_shape,
+            d.b.len(),
+            d.b_dtype
+        )));
+    }
+    let (weight_rows, weight_cols) = match layout {
+        DeltaLayout::Rows => (b_rows, a_cols),
+        DeltaLayout::Transposed => (a_cols, b_rows),
+    };
+    let end = r0.checked_add(nrows);
+    if weight_cols != cols
+        || end.is_none_or(|e| e > weight_rows)
+        || nrows.checked_mul(cols) != Some(delta.len())
+    {
+        return Err(shape_error(format!(
+            "a {weight_rows}x{weight_cols} product asked for rows {r0}..+{nrows} of {cols} columns into {} values",
+            delta.len()
+        )));
+    }
+    if nrows == 0 || cols == 0 || rank == 0 {
+        delta.fill(0.0);
+        return Ok(());
+    }
     let a = to_f32(d.a, d.a_dtype, rank * a_cols);
     let b = to_f32(d.b, d.b_dtype, b_rows * rank);
-    debug_assert_eq!(delta.len(), nrows * cols);
-    if nrows == 0 || cols == 0 {
-        return;
-    }
-    // SAFETY: every pointer/stride pair below addresses only elements inside the buffers:
-    // shapes were validated against the weight when the plan was built (B is [out, r],
-    // A is [r, in]; Rows: out == rows of W, in == cols; Transposed: in == rows, out == cols),
-    // and r0 + nrows <= rows of W.
+    // SAFETY: checked above: A holds rank × a_cols f32 values and B b_rows × rank; for Rows,
+    // rows r0..r0+nrows of B exist and A has `cols` columns; for Transposed, columns
+    // r0..r0+nrows of A exist and B has `cols` rows; `delta` holds nrows × cols values. Each
+    // pointer/stride pair below addresses only elements inside those buffers.
     unsafe {
-        match p.layout {
+        match layout {
             DeltaLayout::Rows => gemm(
                 nrows,
                 cols,
@@ -111,12 +159,15 @@ pub fn delta_rows_threads(
             ),
         }
     }
+    Ok(())
 }
 
 /// Apply one patch to `w` (nrows × cols f32 values of rows `r0..`), given its unscaled
 /// LoRA product `delta` for those rows.
+#[allow(clippy::too_many_arguments)]
 pub fn apply_delta(
-    p: &LoraPatch,
+    scale: f32,
+    round_delta: Option<DType>,
     d: &PatchData<'_>,
     r0: usize,
     nrows: usize,
@@ -125,15 +176,15 @@ pub fn apply_delta(
     w: &mut [f32],
 ) {
     let k = active();
-    if let Some(dt) = p.round_delta {
+    if let Some(dt) = round_delta {
         // PEFT rounds the scaled embedding delta to the weight's dtype before adding it.
-        let mut scaled: Vec<f32> = delta.iter().map(|&x| x * p.scale).collect();
+        let mut scaled: Vec<f32> = delta.iter().map(|&x| x * scale).collect();
         round_to(dt, &mut scaled);
         for (x, &dx) in w.iter_mut().zip(&scaled) {
             *x += dx;
         }
     } else {
-        (k.add_scaled)(w, delta, p.scale);
+        (k.add_scaled)(w, delta, scale);
     }
     if let Some((mbytes, mdtype)) = d.magnitude {
         // DoRA: rescale each row of V = W + Δ to the learned magnitude.

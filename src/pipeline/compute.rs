@@ -8,10 +8,11 @@ use indicatif::ProgressBar;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::kernels::bytes::encode;
-use crate::methods::mergekit::streamed::{self, StreamCtx};
-use crate::methods::{OperandData, PatchData, compute_chunk, operand_f32};
+use crate::methods::lora::PatchData;
+use crate::methods::mergekit::StreamCtx;
 use crate::plan::{Method, Operand, Plan, Recipe};
 
+use super::arithmetic::{OperandData, compute_chunk, operand_f32};
 use super::reader::InputFile;
 use super::writer::ShardFiles;
 use super::{Loaded, LoadedOperand, Out, Written, chunk_len, chunk_offset, load_operands};
@@ -52,22 +53,22 @@ fn operand_data<'a>(
         .collect()
 }
 
-pub(crate) fn run(plan: &Plan, item: Loaded) -> Written {
+pub(crate) fn run(plan: &Plan, item: Loaded) -> Result<Written> {
     let step = &plan.steps[item.step];
     let operands: &[Operand] = match &step.recipe {
         Recipe::Compute { operands, .. } => operands,
         Recipe::Copy(_) => &[],
     };
     let data = operand_data(plan, operands, &item.operands);
-    let bytes = compute_chunk(plan, step, item.rows.clone(), &data);
-    Written {
+    let bytes = compute_chunk(plan, step, item.rows.clone(), &data)?;
+    Ok(Written {
         step: item.step,
         shard: step.shard,
         offset: step.offset + chunk_offset(step, item.rows.start),
         expected: chunk_len(step, &item.rows),
         bytes: Out::Computed(bytes),
         _permit: item.permit,
-    }
+    })
 }
 
 /// What a worker streaming a step needs: the inputs to read, the shards to write.
@@ -99,14 +100,14 @@ pub(crate) fn run_streamed(io: &StreamIo<'_>, si: usize, chunk_rows: u64) -> Res
         }
         let loaded = load_operands(plan, io.inputs, step, rows.clone())?;
         let data = operand_data(plan, operands, &loaded);
-        Ok(operands
+        operands
             .iter()
             .zip(&data)
             .map(|(op, d)| {
                 let n = (rows.end.min(op.rows).max(rows.start) - rows.start) as usize;
                 operand_f32(plan, op, d, rows.start, n, cols)
             })
-            .collect())
+            .collect()
     };
     let emit = |rows: Range<u64>, values: &[f32]| -> Result<()> {
         let bytes = encode(step.dtype, values);
@@ -133,5 +134,5 @@ pub(crate) fn run_streamed(io: &StreamIo<'_>, si: usize, chunk_rows: u64) -> Res
         load: &load,
         emit: &emit,
     };
-    streamed::run(recipe, &ctx)
+    recipe.stream(&ctx)
 }

@@ -8,8 +8,10 @@
 //! cache over all cores); the permit goes when the chunk is written. No stage ever holds a
 //! whole tensor larger than the budget, let alone a whole model or shard.
 
+mod arithmetic;
 pub mod budget;
-pub mod compute;
+pub mod chunking;
+mod compute;
 pub mod reader;
 pub mod writer;
 
@@ -26,6 +28,9 @@ use crate::format::torch_bin::gather_strided;
 use crate::model::Layout;
 use crate::plan::{Plan, Recipe, Step};
 use budget::{Budget, Permit};
+use chunking::{
+    chunk_cost, chunk_target, chunkable, prefers_streaming, rows_per_chunk, stream_rows, streamable,
+};
 use reader::{Buf, InputFile, IoMode};
 use writer::ShardFiles;
 
@@ -77,36 +82,6 @@ pub struct RunStats {
     pub elapsed: Duration,
 }
 
-/// Bytes a chunk should cost: big enough to amortize per-chunk work, small enough that
-/// several chunks are in flight within the budget.
-pub fn chunk_target(memory_limit: u64) -> u64 {
-    (memory_limit / 8).clamp(4 << 20, 64 << 20)
-}
-
-/// Rows per chunk for `step` so that a chunk costs about `target` bytes.
-pub fn rows_per_chunk(plan: &Plan, step: &Step, target: u64) -> u64 {
-    let rows = step.rows();
-    // Rows of sub-byte types (F4, F6) may not start on a byte boundary: never split them.
-    if rows <= 1 || !plan.chunkable(step) || step.dtype.bits() < 8 {
-        return rows.max(1);
-    }
-    rows_fitting(plan, step, target)
-}
-
-/// How many rows of `step` cost about `target` bytes (chunk cost is a fixed part, such as
-/// LoRA factors, plus a per-row part).
-fn rows_fitting(plan: &Plan, step: &Step, target: u64) -> u64 {
-    let one = plan.chunk_cost(step, 1);
-    let per_row = plan.chunk_cost(step, 2).saturating_sub(one).max(1);
-    let fixed = one.saturating_sub(per_row);
-    let fit = if fixed < target {
-        (target - fixed) / per_row
-    } else {
-        target / per_row
-    };
-    fit.clamp(1, step.rows().max(1))
-}
-
 /// What a compute worker receives.
 pub(crate) enum Work {
     /// One chunk with its input bytes.
@@ -121,11 +96,6 @@ pub(crate) enum Work {
         chunk_rows: u64,
         _permit: Permit,
     },
-}
-
-/// Rows per pass chunk of a streamed step (as if it were chunkable).
-pub fn stream_rows(plan: &Plan, step: &Step, target: u64) -> u64 {
-    rows_fitting(plan, step, target)
 }
 
 /// One chunk of one step, with its input bytes.
@@ -217,7 +187,7 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &RunOptions) -> Result<RunStats> {
                         continue; // drain: dropping items returns their permits
                     }
                     let result = match item {
-                        Work::Chunk(c) => write(compute::run(plan, c)),
+                        Work::Chunk(c) => compute::run(plan, c).and_then(write),
                         Work::Copy(w) => write(w),
                         Work::Streamed {
                             step,
@@ -251,13 +221,13 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &RunOptions) -> Result<RunStats> {
             if step.len == 0 {
                 continue;
             }
-            if !plan.chunkable(step)
-                && plan.streamable(step)
-                && (plan.chunk_cost(step, step.rows().max(1)) > whole_limit
-                    || plan.prefers_streaming(step))
+            if !chunkable(plan, step)
+                && streamable(plan, step)
+                && (chunk_cost(plan, step, step.rows().max(1)) > whole_limit
+                    || prefers_streaming(step))
             {
                 let chunk_rows = stream_rows(plan, step, target);
-                let Some(permit) = budget.acquire(plan.chunk_cost(step, chunk_rows) * 2, stopped)
+                let Some(permit) = budget.acquire(chunk_cost(plan, step, chunk_rows) * 2, stopped)
                 else {
                     break;
                 };
@@ -278,7 +248,7 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &RunOptions) -> Result<RunStats> {
                 if stopped() {
                     break 'steps;
                 }
-                let Some(permit) = budget.acquire(plan.chunk_cost(step, r1 - r0), stopped) else {
+                let Some(permit) = budget.acquire(chunk_cost(plan, step, r1 - r0), stopped) else {
                     break 'steps;
                 };
                 let work = match load_chunk(plan, inputs, si, r0..r1, permit) {

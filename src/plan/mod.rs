@@ -21,6 +21,7 @@ use crate::dtype::DType;
 use crate::model::{Model, TensorInfo};
 use crate::units::human;
 
+pub use crate::methods::lora::DeltaLayout;
 pub use layout::Shard;
 pub use outputs::OutputFiles;
 
@@ -31,15 +32,6 @@ pub struct TensorRef {
     pub source: usize,
     /// Index into that source's tensor list.
     pub tensor: usize,
-}
-
-/// How a LoRA delta's rows map onto the weight's rows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DeltaLayout {
-    /// Δ = B @ A: weight rows are B's rows (Linear layers).
-    Rows,
-    /// Δ = (B @ A)ᵀ: weight rows are A's columns (embeddings, `fan_in_fan_out` layers).
-    Transposed,
 }
 
 /// A LoRA delta applied to one operand: `W += scale · Δ`.
@@ -99,7 +91,7 @@ pub enum Method {
     /// second operand, `f32(f32(1−r)·x) + f32(f32(r)·b)` for each ratio.
     BlendChain { ratios: Vec<f64> },
     /// A mergekit method (DESIGN §5.3).
-    Mergekit(Box<mergekit::MergekitRecipe>),
+    Mergekit(Box<crate::methods::mergekit::MergekitRecipe>),
 }
 
 /// How an output tensor is made.
@@ -178,119 +170,9 @@ impl Plan {
         self.shards.iter().map(|s| s.size).sum()
     }
 
-    /// Bytes of working memory one chunk of `rows` rows of `step` needs: input bytes, LoRA
-    /// factors (stored and as f32) and products, f32 operands when the method works on the
-    /// whole chunk at once (elementwise methods work in small cache tiles), and the output.
-    pub fn chunk_cost(&self, step: &Step, rows: u64) -> u64 {
-        let cols = step.row_elems().max(1);
-        let out = rows * cols * step.dtype.bits() / 8;
-        match &step.recipe {
-            Recipe::Copy(_) => out,
-            Recipe::Compute { operands, method } => {
-                let whole = matches!(method, Method::Mergekit(r) if !r.elementwise());
-                let mut total = out;
-                for op in operands {
-                    let t = self.tensor(op.tensor);
-                    let r = rows.min(op.rows);
-                    total += r * t.row_bytes();
-                    if whole {
-                        total += r * cols * 4;
-                    }
-                    for p in &op.patches {
-                        let (a, b) = (self.tensor(p.a), self.tensor(p.b));
-                        total += a.len + b.len + (a.numel() + b.numel()) * 4 + r * cols * 4;
-                        if let Some(m) = p.magnitude {
-                            total += self.tensor(m).len;
-                        }
-                    }
-                }
-                total
-            }
-        }
-    }
-
-    /// Whether a step can be split into row chunks (DoRA on transposed layouts needs
-    /// whole columns).
-    pub fn chunkable(&self, step: &Step) -> bool {
-        let gathered =
-            |r: TensorRef| matches!(self.tensor(r).layout, crate::model::Layout::Gathered(_));
-        match &step.recipe {
-            Recipe::Copy(t) => !gathered(*t),
-            Recipe::Compute { operands, .. } if operands.iter().any(|op| gathered(op.tensor)) => {
-                false
-            }
-            Recipe::Compute { operands, method } => {
-                let method_ok = match method {
-                    Method::Mergekit(r) => r.elementwise(),
-                    _ => true,
-                };
-                method_ok
-                    && operands.iter().all(|op| {
-                        op.patches
-                            .iter()
-                            .all(|p| p.magnitude.is_none() || p.layout == DeltaLayout::Rows)
-                    })
-            }
-        }
-    }
-
-    /// Whether a step that cannot be chunked can instead be streamed in passes over its
-    /// row chunks (methods with whole-tensor statistics).
-    pub fn streamable(&self, step: &Step) -> bool {
-        match &step.recipe {
-            // 1-D tensors are one row for the row-wise methods; views are gathered whole.
-            Recipe::Compute { .. } if step.shape.len() <= 1 => false,
-            Recipe::Compute { operands, .. }
-                if operands.iter().any(|op| {
-                    matches!(
-                        self.tensor(op.tensor).layout,
-                        crate::model::Layout::Gathered(_)
-                    )
-                }) =>
-            {
-                false
-            }
-            Recipe::Compute {
-                operands,
-                method: Method::Mergekit(r),
-            } => {
-                crate::methods::mergekit::streamed::supports(r)
-                    && operands.iter().all(|op| {
-                        op.patches
-                            .iter()
-                            .all(|p| p.magnitude.is_none() || p.layout == DeltaLayout::Rows)
-                    })
-            }
-            _ => false,
-        }
-    }
-
-    /// Whether a streamable step should stream even though it fits in memory: a full sort of
-    /// a large tensor (TIES, breadcrumbs) costs O(n log n) where the streamed radix select is
-    /// O(n). Exact PyTorch tie-breaking matters only where mergekit itself is reproducible:
-    /// PyTorch splits reductions over 32768 elements across its threads.
-    pub fn prefers_streaming(&self, step: &Step) -> bool {
-        const EXACT_SORT_MAX: u64 = 1 << 22;
-        match &step.recipe {
-            Recipe::Compute {
-                method: Method::Mergekit(r),
-                ..
-            } => {
-                matches!(
-                    r.kind,
-                    mergekit::MethodKind::TaskArithmetic {
-                        sparsify: mergekit::Sparsify::Magnitude
-                            | mergekit::Sparsify::MagnitudeOutliers,
-                        ..
-                    }
-                ) && step.shape.iter().product::<u64>() > EXACT_SORT_MAX
-            }
-            _ => false,
-        }
-    }
-
-    /// A human-readable plan: one line per tensor, then totals.
-    pub fn describe(&self, memory_limit: u64) -> String {
+    /// A human-readable plan: one line per tensor, then totals with the pipeline's
+    /// peak-memory estimate for `memory_limit`.
+    pub fn describe(&self, peak_estimate: u64, memory_limit: u64) -> String {
         let mut s = String::new();
         let _ = writeln!(s, "plan: {}", self.title);
         for (i, src) in self.sources.iter().enumerate() {
@@ -319,7 +201,7 @@ impl Plan {
         let _ = writeln!(
             s,
             "peak memory estimate: {} (memory limit {})",
-            human(self.peak_memory_estimate(memory_limit)),
+            human(peak_estimate),
             human(memory_limit)
         );
         s
@@ -350,7 +232,7 @@ impl Plan {
                     Method::GradientPrecise { ratio } => {
                         format!("blend f32 r={ratio:.6} {}", ops.join(", "))
                     }
-                    Method::Mergekit(r) => format!("{:?} {}", r.kind, ops.join(", ")),
+                    Method::Mergekit(r) => format!("{r:?} {}", ops.join(", ")),
                     Method::BlendChain { ratios } => {
                         let rs: Vec<String> = ratios.iter().map(|r| format!("{r:.6}")).collect();
                         format!("blend chain r=[{}] {}", rs.join(", "), ops.join(", "))
@@ -358,21 +240,5 @@ impl Plan {
                 }
             }
         }
-    }
-
-    /// Peak memory: the budget (or everything, if the whole run needs less), or the largest
-    /// single chunk if that exceeds it, plus a fixed allowance for the program itself.
-    pub fn peak_memory_estimate(&self, memory_limit: u64) -> u64 {
-        const BASE: u64 = 32 << 20;
-        let chunk_target = crate::pipeline::chunk_target(memory_limit);
-        let mut largest = 0u64;
-        let mut total = 0u64;
-        for step in &self.steps {
-            let rows = crate::pipeline::rows_per_chunk(self, step, chunk_target);
-            let c = self.chunk_cost(step, rows.min(step.rows()).max(1));
-            largest = largest.max(c);
-            total = total.saturating_add(self.chunk_cost(step, step.rows().max(1)));
-        }
-        BASE + total.min(memory_limit).max(largest)
     }
 }

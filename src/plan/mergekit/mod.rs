@@ -15,6 +15,10 @@ use std::path::{Path, PathBuf};
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::methods::mergekit::{
+    self as methods, InputCount, Kind, MergeMethod, MergekitRecipe, Need, Param, Resolved, Scope,
+    Value,
+};
 use crate::model::Model;
 use crate::plan::blockmerge::place;
 use crate::plan::lora::{AdapterEffect, open_adapter, resolve as resolve_lora};
@@ -23,135 +27,6 @@ use crate::plan::{Method, Operand, Plan, Recipe, Step, TensorRef};
 use arch::{Architecture, known};
 use config::{MergeConfig, ModelRef, Parameters};
 use params::{Scalar, filters, resolve};
-
-/// How sparse deltas are made in the task-arithmetic family.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Sparsify {
-    None,
-    /// TIES: keep the top-k by magnitude.
-    Magnitude,
-    /// Breadcrumbs: drop the largest gamma·N and the smallest, keep density·N.
-    MagnitudeOutliers,
-    /// DARE: Bernoulli(density) masks.
-    Random,
-    /// DELLA: Bernoulli masks whose probability rises with the magnitude rank in the row.
-    Della,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MethodKind {
-    Linear,
-    Slerp,
-    NuSlerp,
-    ModelStock,
-    Passthrough,
-    TaskArithmetic { consensus: bool, sparsify: Sparsify },
-}
-
-/// Per-input parameters, resolved for one tensor.
-#[derive(Clone, Debug, PartialEq)]
-pub struct InputParams {
-    pub weight: f64,
-    pub density: f64,
-    pub gamma: f64,
-    pub epsilon: f64,
-    pub scale: Option<f64>,
-}
-
-/// Everything a mergekit method needs for one output tensor.
-#[derive(Clone, Debug, PartialEq)]
-pub struct MergekitRecipe {
-    pub kind: MethodKind,
-    /// Operand index of the base model.
-    pub base: Option<usize>,
-    /// The dtype mergekit computes in (its "D"): the config dtype or the promoted inputs'.
-    pub compute: DType,
-    pub inputs: Vec<InputParams>,
-    pub t: f64,
-    pub normalize: bool,
-    pub rescale: bool,
-    pub lambda: f64,
-    pub filter_wise: bool,
-    pub flatten: bool,
-    pub row_wise: bool,
-    /// Seed of the random masks (DARE, DELLA) for this tensor.
-    pub seed: u64,
-}
-
-impl MergekitRecipe {
-    /// Whether the method works element by element (so row chunks are independent).
-    pub fn elementwise(&self) -> bool {
-        match self.kind {
-            MethodKind::Linear | MethodKind::Passthrough => true,
-            MethodKind::TaskArithmetic { sparsify, .. } => sparsify == Sparsify::None,
-            _ => false,
-        }
-    }
-}
-
-struct MethodInfo {
-    kind: MethodKind,
-    needs_base: bool,
-    normalize: bool,
-    rescale: bool,
-}
-
-fn method_info(name: &str) -> Option<MethodInfo> {
-    use MethodKind::*;
-    use Sparsify as S;
-    let ta = |consensus, sparsify, normalize, rescale| MethodInfo {
-        kind: TaskArithmetic {
-            consensus,
-            sparsify,
-        },
-        needs_base: true,
-        normalize,
-        rescale,
-    };
-    Some(match name {
-        "linear" => MethodInfo {
-            kind: Linear,
-            needs_base: false,
-            normalize: true,
-            rescale: false,
-        },
-        "slerp" => MethodInfo {
-            kind: Slerp,
-            needs_base: true,
-            normalize: false,
-            rescale: false,
-        },
-        "nuslerp" => MethodInfo {
-            kind: NuSlerp,
-            needs_base: false,
-            normalize: false,
-            rescale: false,
-        },
-        "model_stock" => MethodInfo {
-            kind: ModelStock,
-            needs_base: true,
-            normalize: false,
-            rescale: false,
-        },
-        "passthrough" => MethodInfo {
-            kind: Passthrough,
-            needs_base: false,
-            normalize: false,
-            rescale: false,
-        },
-        "task_arithmetic" => ta(false, S::None, false, false),
-        "ties" => ta(true, S::Magnitude, true, false),
-        "dare_ties" => ta(true, S::Random, false, true),
-        "dare_linear" => ta(false, S::Random, false, true),
-        "breadcrumbs" => ta(false, S::MagnitudeOutliers, false, false),
-        "breadcrumbs_ties" => ta(true, S::MagnitudeOutliers, false, false),
-        "della" => ta(true, S::Della, true, true),
-        "della_linear" => ta(false, S::Della, false, true),
-        _ => return None,
-    })
-}
-
-const METHODS: &str = "linear, slerp, nuslerp, task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear, model_stock, passthrough";
 
 /// Options of `mergestream merge` beyond the config itself.
 #[derive(Clone, Debug)]
@@ -204,12 +79,13 @@ pub fn plan_merge(opts: &MergeOptions) -> Result<Plan> {
         std::fs::read_to_string(path).map_err(|e| Error::io("cannot read", e).in_file(path))?;
     let cfg =
         MergeConfig::parse(&text).map_err(|e| cfg_err(path, format!("invalid config: {e}")))?;
-    let info = method_info(&cfg.merge_method).ok_or_else(|| {
+    let method = methods::find(&cfg.merge_method).ok_or_else(|| {
         cfg_err(
             path,
             format!(
-                "unknown merge_method `{}` (known: {METHODS})",
-                cfg.merge_method
+                "unknown merge_method `{}` (known: {})",
+                cfg.merge_method,
+                methods::names()
             ),
         )
     })?;
@@ -410,7 +286,7 @@ pub fn plan_merge(opts: &MergeOptions) -> Result<Plan> {
         }
     }
     for (si, s) in slices.iter().enumerate() {
-        check_method_inputs(path, &cfg.merge_method, &info, si, s, &inputs)?;
+        check_method_inputs(path, method, si, s, &inputs)?;
     }
 
     // The output tensors, in mergekit's plan order.
@@ -599,7 +475,7 @@ pub fn plan_merge(opts: &MergeOptions) -> Result<Plan> {
             // mergekit passes non-float buffers through.
             Recipe::Copy(operands[0].tensor)
         } else {
-            let r = tensor_recipe(path, &info, p, &inputs, top, compute, opts.random_seed)?;
+            let r = tensor_recipe(path, method, p, &inputs, top, compute, opts.random_seed)?;
             Recipe::Compute {
                 operands,
                 method: Method::Mergekit(Box::new(r)),
@@ -675,22 +551,20 @@ fn promote(dtypes: &[DType]) -> DType {
 
 fn check_method_inputs(
     path: &Path,
-    method: &str,
-    info: &MethodInfo,
+    method: &dyn MergeMethod,
     si: usize,
     s: &Slice<'_>,
     inputs: &[Input],
 ) -> Result<()> {
-    let n = s.sources.len();
+    let name = method.name();
     let has_base = s.base.is_some_and(|b| s.sources.iter().any(|x| x.0 == b));
-    let non_base = s.sources.iter().filter(|x| Some(x.0) != s.base).count();
-    if info.needs_base && s.base.is_none() {
+    if method.needs_base() && s.base.is_none() {
         return Err(cfg_err(
             path,
-            format!("merge_method {method} needs a base_model"),
+            format!("merge_method {name} needs a base_model"),
         ));
     }
-    if info.needs_base && !has_base {
+    if method.needs_base() && !has_base {
         let b = s
             .base
             .map(|b| inputs[b].reference.to_string())
@@ -700,57 +574,19 @@ fn check_method_inputs(
             format!("slice {si}: base_model {b} is not one of its sources"),
         ));
     }
-    let bad = match info.kind {
-        MethodKind::Slerp if n != 2 => {
-            Some("slerp merges exactly two models (the base and one other)".to_string())
-        }
-        MethodKind::NuSlerp if non_base != 2 => {
-            Some("nuslerp merges exactly two models besides the base".into())
-        }
-        MethodKind::ModelStock if non_base < 2 => {
-            Some("model_stock needs at least two models besides the base".into())
-        }
-        MethodKind::Passthrough if n != 1 => {
-            Some("passthrough takes exactly one source per slice".into())
-        }
-        _ => None,
+    let count = InputCount {
+        total: s.sources.len(),
+        others: s.sources.iter().filter(|x| Some(x.0) != s.base).count(),
     };
-    match bad {
-        Some(msg) => Err(cfg_err(path, format!("slice {si}: {msg}"))),
-        None => Ok(()),
-    }
+    method
+        .check_inputs(count)
+        .map_err(|msg| cfg_err(path, format!("slice {si}: {msg}")))
 }
 
-fn number(path: &Path, tensor: &str, name: &str, v: Option<Scalar>) -> Result<Option<f64>> {
-    match v {
-        None => Ok(None),
-        Some(Scalar::Number(n)) => Ok(Some(n)),
-        Some(other) => Err(Error::invalid(format!(
-            "parameter `{name}` must be a number, not {}",
-            other.describe()
-        ))
-        .at_tensor(tensor)
-        .in_file(path)),
-    }
-}
-
-fn flag(path: &Path, tensor: &str, name: &str, v: Option<Scalar>, default: bool) -> Result<bool> {
-    match v {
-        None => Ok(default),
-        Some(Scalar::Bool(b)) => Ok(b),
-        Some(Scalar::Number(n)) if n == 0.0 || n == 1.0 => Ok(n == 1.0),
-        Some(other) => Err(Error::invalid(format!(
-            "parameter `{name}` must be true or false, not {}",
-            other.describe()
-        ))
-        .at_tensor(tensor)
-        .in_file(path)),
-    }
-}
-
+/// Resolve the method's declared parameters for one output tensor and prepare its merge.
 fn tensor_recipe(
     path: &Path,
-    info: &MethodInfo,
+    method: &'static dyn MergeMethod,
     p: &Planned<'_>,
     inputs: &[Input],
     top: Option<&Parameters>,
@@ -758,95 +594,92 @@ fn tensor_recipe(
     seed: u64,
 ) -> Result<MergekitRecipe> {
     let slice = p.slice;
-    // Shared parameters are looked up with no model and filtered on the output name.
-    let shared = [slice.params, top];
-    let sh = |name: &str| resolve(name, &shared, &p.out, p.t);
+    let tensor_err = |msg: String| Error::invalid(msg).at_tensor(&p.out).in_file(path);
     let base = p.inputs.iter().position(|(m, _)| Some(*m) == slice.base);
-    let per_input_weight = matches!(info.kind, MethodKind::Linear);
-    let mut params = Vec::with_capacity(p.inputs.len());
-    for (i, (m, in_name)) in p.inputs.iter().enumerate() {
-        // Per-input parameters: this model's sources in the slice, then the slice, then the
-        // top level, filtered on the input tensor's name.
-        let mut scopes: Vec<Option<&Parameters>> = slice
-            .sources
-            .iter()
-            .filter(|s| s.0 == *m)
-            .map(|s| s.2)
-            .collect();
-        scopes.push(slice.params);
-        scopes.push(top);
-        let get = |name: &str| number(path, &p.out, name, resolve(name, &scopes, in_name, p.t));
-        let is_base = Some(i) == base;
-        let needs_weight = match info.kind {
-            MethodKind::Linear => true,
-            MethodKind::NuSlerp | MethodKind::TaskArithmetic { .. } => !is_base,
-            _ => false,
-        };
-        let weight = get("weight")?;
-        if needs_weight && weight.is_none() {
-            return Err(Error::invalid(format!(
-                "missing required parameter `weight` for {}",
-                inputs[*m].reference
-            ))
-            .at_tensor(&p.out)
-            .in_file(path));
-        }
-        let _ = per_input_weight;
-        params.push(InputParams {
-            weight: weight.unwrap_or(1.0),
-            density: get("density")?.unwrap_or(1.0),
-            gamma: get("gamma")?.unwrap_or(0.01),
-            epsilon: get("epsilon")?.unwrap_or(0.15),
-            scale: get("scale")?,
-        });
-    }
-    let t = number(path, &p.out, "t", sh("t"))?;
-    if info.kind == MethodKind::Slerp && t.is_none() {
-        return Err(Error::invalid("missing required parameter `t` for slerp")
-            .at_tensor(&p.out)
-            .in_file(path));
-    }
-    let recipe = MergekitRecipe {
-        kind: info.kind,
-        base,
-        compute,
-        t: t.unwrap_or(0.5),
-        normalize: flag(path, &p.out, "normalize", sh("normalize"), info.normalize)?,
-        rescale: flag(path, &p.out, "rescale", sh("rescale"), info.rescale)?,
-        lambda: number(path, &p.out, "lambda", sh("lambda"))?.unwrap_or(1.0),
-        filter_wise: flag(path, &p.out, "filter_wise", sh("filter_wise"), false)?,
-        flatten: flag(path, &p.out, "nuslerp_flatten", sh("nuslerp_flatten"), true)?,
-        row_wise: flag(
-            path,
-            &p.out,
-            "nuslerp_row_wise",
-            sh("nuslerp_row_wise"),
-            false,
-        )?,
-        seed: seed_for(seed, &p.out),
-        inputs: params,
-    };
-    if let MethodKind::TaskArithmetic {
-        sparsify: Sparsify::Della,
-        ..
-    } = recipe.kind
-    {
-        for (i, ip) in recipe.inputs.iter().enumerate() {
-            if Some(i) != base
-                && ip.density < 1.0
-                && ip.density > 0.0
-                && (ip.density + ip.epsilon >= 1.0 || ip.density - ip.epsilon <= 0.0)
-            {
-                return Err(Error::invalid(format!(
-                    "della needs density ± epsilon inside (0, 1); got density {} and epsilon {}",
-                    ip.density, ip.epsilon
-                ))
-                .at_tensor(&p.out)
-                .in_file(path));
+    let mut resolved = Resolved::new(method.name(), base, p.inputs.len(), seed_for(seed, &p.out));
+    for param in method.params() {
+        match param.scope {
+            Scope::Tensor => {
+                // Shared parameters are looked up with no model and filtered on the output
+                // name.
+                let found = resolve(param.name, &[slice.params, top], &p.out, p.t);
+                let value = typed(path, &p.out, param, found)?;
+                match (value, param.need) {
+                    (Some(v), _) => resolved.set(param.name, v),
+                    (None, Need::Default(v)) => resolved.set(param.name, v),
+                    (None, Need::Required | Need::RequiredUnlessBase) => {
+                        return Err(tensor_err(format!(
+                            "missing required parameter `{}` for {}",
+                            param.name,
+                            method.name()
+                        )));
+                    }
+                    (None, Need::Optional) => {}
+                }
+            }
+            Scope::Input => {
+                for (i, (m, in_name)) in p.inputs.iter().enumerate() {
+                    // Per-input parameters: this model's sources in the slice, then the
+                    // slice, then the top level, filtered on the input tensor's name.
+                    let mut scopes: Vec<Option<&Parameters>> = slice
+                        .sources
+                        .iter()
+                        .filter(|s| s.0 == *m)
+                        .map(|s| s.2)
+                        .collect();
+                    scopes.push(slice.params);
+                    scopes.push(top);
+                    let found = resolve(param.name, &scopes, in_name, p.t);
+                    let value = typed(path, &p.out, param, found)?;
+                    let required = match param.need {
+                        Need::Required => true,
+                        Need::RequiredUnlessBase => Some(i) != base,
+                        _ => false,
+                    };
+                    match (value, param.need) {
+                        (Some(v), _) => resolved.set_input(i, param.name, v),
+                        (None, Need::Default(v)) => resolved.set_input(i, param.name, v),
+                        (None, _) if required => {
+                            return Err(tensor_err(format!(
+                                "missing required parameter `{}` for {}",
+                                param.name, inputs[*m].reference
+                            )));
+                        }
+                        (None, _) => {}
+                    }
+                }
             }
         }
     }
-    Ok(recipe)
+    let merge = method.prepare(&resolved).map_err(tensor_err)?;
+    Ok(MergekitRecipe {
+        method: method.name(),
+        compute,
+        merge,
+    })
+}
+
+/// A looked-up parameter checked against the kind the method declares.
+fn typed(path: &Path, tensor: &str, param: &Param, v: Option<Scalar>) -> Result<Option<Value>> {
+    let wrong = |what: &str, other: &Scalar| {
+        Err(Error::invalid(format!(
+            "parameter `{}` must be {what}, not {}",
+            param.name,
+            other.describe()
+        ))
+        .at_tensor(tensor)
+        .in_file(path))
+    };
+    match (param.kind, v) {
+        (_, None) => Ok(None),
+        (Kind::Number, Some(Scalar::Number(n))) => Ok(Some(Value::Number(n))),
+        (Kind::Number, Some(other)) => wrong("a number", &other),
+        (Kind::Flag, Some(Scalar::Bool(b))) => Ok(Some(Value::Flag(b))),
+        (Kind::Flag, Some(Scalar::Number(n))) if n == 0.0 || n == 1.0 => {
+            Ok(Some(Value::Flag(n == 1.0)))
+        }
+        (Kind::Flag, Some(other)) => wrong("true or false", &other),
+    }
 }
 
 /// A per-tensor seed: the run's seed mixed with the tensor name (FNV-1a), so masks do not

@@ -1,241 +1,19 @@
-//! mergekit methods that need whole-tensor statistics, streamed in passes over row chunks,
-//! for tensors too large to hold within the memory budget.
-//!
-//! Each pass reloads the operands chunk by chunk: slerp and nuslerp take norms, then the dot
-//! product of the normalized tensors, then write; model_stock takes norms and dot products
-//! of the offsets, then writes; DARE/DELLA take the L1 sums for the rescale, then write;
-//! TIES and breadcrumbs find their magnitude thresholds by a two-pass radix select over the
-//! f32 bit patterns (16 bits a pass), then (if rescaling) the kept L1 sum, then write.
-//!
-//! Sums here accumulate in f64 and elements tied at a magnitude threshold are kept in index
-//! order, where the whole-tensor path follows PyTorch's reduction order and sort exactly;
-//! PyTorch's own results for tensors this large depend on its thread count.
+//! The task-arithmetic family streamed in passes over row chunks, for tensors too large to
+//! hold: TIES and breadcrumbs find their magnitude thresholds by a two-pass radix select
+//! over the f32 bit patterns (16 bits a pass), then (if rescaling) the kept L1 sums are
+//! taken, then the output is written. DARE/DELLA masks are counter-based, so every pass
+//! draws the same mask.
 
 use std::ops::Range;
 
-use crate::error::Result;
-use crate::plan::mergekit::{InputParams, MergekitRecipe, MethodKind, Sparsify};
-
-use super::{
-    D, NuCoeffs, combine, della_probability, masked, model_stock_apply, model_stock_cos,
-    model_stock_t, nuslerp_apply, nuslerp_coefficients, nuslerp_eps, nuslerp_pair, nuslerp_t,
-    outlier_window, rescale_factor, slerp_apply, slerp_coefficients, slerp_norm, slerp_pair,
-    task_weights, uniform,
+use super::arith::D;
+use super::sparsify::{
+    Sparsify, della_probability, masked, outlier_window, rescale_factor, uniform,
 };
+use super::stream::{StreamCtx, TILE_ELEMS};
+use super::task_arithmetic::{TaskInput, TaskMerge};
+use crate::error::Result;
 use crate::methods::torch_compat as tc;
-
-/// Loads the operands of a row range.
-pub type LoadFn<'a> = &'a dyn Fn(Range<u64>) -> Result<Vec<Vec<f32>>>;
-/// Writes output values of a row range.
-pub type EmitFn<'a> = &'a dyn Fn(Range<u64>, &[f32]) -> Result<()>;
-
-/// Elements per tile of the per-element work inside a chunk (stays in L2).
-const TILE_ELEMS: usize = 32 * 1024;
-
-/// Access to one step's data: operands by row range, and the output.
-pub struct StreamCtx<'a> {
-    pub rows: u64,
-    pub cols: usize,
-    pub chunk_rows: u64,
-    /// The operands' values (decoded, patched, rounded) for a row range.
-    pub load: LoadFn<'a>,
-    /// Write output values (in the compute dtype's precision) for a row range.
-    pub emit: EmitFn<'a>,
-}
-
-impl StreamCtx<'_> {
-    /// One pass over the tensor, chunk by chunk in row order.
-    fn pass(&self, mut f: impl FnMut(Range<u64>, Vec<Vec<f32>>) -> Result<()>) -> Result<()> {
-        let mut r0 = 0;
-        while r0 < self.rows {
-            let r1 = (r0 + self.chunk_rows).min(self.rows);
-            f(r0..r1, (self.load)(r0..r1)?)?;
-            r0 = r1;
-        }
-        Ok(())
-    }
-}
-
-/// Whether `run` handles this recipe.
-pub fn supports(r: &MergekitRecipe) -> bool {
-    match r.kind {
-        MethodKind::Slerp | MethodKind::NuSlerp | MethodKind::ModelStock => true,
-        MethodKind::TaskArithmetic { sparsify, .. } => sparsify != Sparsify::None,
-        MethodKind::Linear | MethodKind::Passthrough => false,
-    }
-}
-
-pub fn run(r: &MergekitRecipe, ctx: &StreamCtx<'_>) -> Result<()> {
-    let d = D(r.compute);
-    match r.kind {
-        MethodKind::Slerp => slerp(r, ctx, d),
-        MethodKind::NuSlerp => nuslerp(r, ctx, d),
-        MethodKind::ModelStock => model_stock(r, ctx, d),
-        MethodKind::TaskArithmetic {
-            consensus,
-            sparsify,
-        } => task_arithmetic(r, ctx, d, consensus, sparsify),
-        // Elementwise methods are chunked by the pipeline; computing them whole is the same.
-        MethodKind::Linear | MethodKind::Passthrough => ctx.pass(|rows, xs| {
-            let n = (rows.end - rows.start) as usize;
-            (ctx.emit)(rows, &super::merge(r, &xs, n, ctx.cols))
-        }),
-    }
-}
-
-fn sum_sq(v: &[f32]) -> f64 {
-    v.iter().map(|&x| (x as f64) * (x as f64)).sum()
-}
-
-fn slerp(r: &MergekitRecipe, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
-    let (i0, i1) = slerp_pair(r);
-    let (mut s0, mut s1) = (0f64, 0f64);
-    ctx.pass(|_, xs| {
-        s0 += sum_sq(&xs[i0]);
-        s1 += sum_sq(&xs[i1]);
-        Ok(())
-    })?;
-    let na = slerp_norm(s0.sqrt() as f32);
-    let nb = slerp_norm(s1.sqrt() as f32);
-    let mut dot = 0f64;
-    ctx.pass(|_, xs| {
-        dot += xs[i0]
-            .iter()
-            .zip(&xs[i1])
-            .map(|(&a, &b)| ((a / na) * (b / nb)) as f64)
-            .sum::<f64>();
-        Ok(())
-    })?;
-    let (ca, cb) = slerp_coefficients((dot as f32).clamp(-1.0, 1.0), r.t as f32);
-    ctx.pass(|rows, xs| (ctx.emit)(rows, &slerp_apply(ca, cb, &xs[i0], &xs[i1], d)))
-}
-
-fn nuslerp(r: &MergekitRecipe, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
-    let cols = ctx.cols.max(1);
-    let n_ops = r.inputs.len();
-    let (i0, i1) = nuslerp_pair(r, n_ops);
-    let t = nuslerp_t(r.inputs[i0].weight, r.inputs[i1].weight);
-    // Task vectors relative to the base, when there is one.
-    let vectors = |xs: &[Vec<f32>]| -> (Vec<f32>, Vec<f32>) {
-        match r.base {
-            Some(b) => (
-                d.zip(&xs[i0], &xs[b], |x, y| x - y),
-                d.zip(&xs[i1], &xs[b], |x, y| x - y),
-            ),
-            None => (xs[i0].clone(), xs[i1].clone()),
-        }
-    };
-    let finish = |xs: &[Vec<f32>], out: Vec<f32>| match r.base {
-        Some(b) => d.zip(&xs[b], &out, |x, y| x + y),
-        None => out,
-    };
-    let eps = nuslerp_eps(d);
-    if !r.flatten && !r.row_wise {
-        // Per row: every chunk holds whole rows.
-        return ctx.pass(|rows, xs| {
-            let (v0, v1) = vectors(&xs);
-            let mut out = Vec::with_capacity(v0.len());
-            for (a, b) in v0.chunks(cols).zip(v1.chunks(cols)) {
-                let n0 = d.norm(a).max(eps);
-                let n1 = d.norm(b).max(eps);
-                let u: Vec<f32> = d.zip(&d.map(a, |x| x / n0), &d.map(b, |x| x / n1), |x, y| x * y);
-                let c = d.sum(&u).clamp(-1.0, 1.0);
-                out.extend(nuslerp_apply(nuslerp_coefficients(t, c, d), a, b, d));
-            }
-            (ctx.emit)(rows, &finish(&xs, out))
-        });
-    }
-    // One group (flatten) or one per column (row_wise): norms, then cosines, then output.
-    let groups = if r.row_wise { cols } else { 1 };
-    let group = |j: usize| if r.row_wise { j % cols } else { 0 };
-    let (mut ss0, mut ss1) = (vec![0f64; groups], vec![0f64; groups]);
-    ctx.pass(|_, xs| {
-        let (v0, v1) = vectors(&xs);
-        for (j, (&a, &b)) in v0.iter().zip(&v1).enumerate() {
-            ss0[group(j)] += (a as f64) * (a as f64);
-            ss1[group(j)] += (b as f64) * (b as f64);
-        }
-        Ok(())
-    })?;
-    let n0: Vec<f32> = ss0.iter().map(|s| d.qs(s.sqrt() as f32).max(eps)).collect();
-    let n1: Vec<f32> = ss1.iter().map(|s| d.qs(s.sqrt() as f32).max(eps)).collect();
-    let mut dots = vec![0f64; groups];
-    ctx.pass(|_, xs| {
-        let (v0, v1) = vectors(&xs);
-        for (j, (&a, &b)) in v0.iter().zip(&v1).enumerate() {
-            let g = group(j);
-            let u = d.qs(d.qs(a / n0[g]) * d.qs(b / n1[g]));
-            dots[g] += u as f64;
-        }
-        Ok(())
-    })?;
-    let coeffs: Vec<NuCoeffs> = dots
-        .iter()
-        .map(|&c| nuslerp_coefficients(t, d.qs(c as f32).clamp(-1.0, 1.0), d))
-        .collect();
-    ctx.pass(|rows, xs| {
-        let (v0, v1) = vectors(&xs);
-        let out = if groups == 1 {
-            nuslerp_apply(coeffs[0], &v0, &v1, d)
-        } else {
-            v0.iter()
-                .zip(&v1)
-                .enumerate()
-                .map(|(j, (&a, &b))| nuslerp_apply(coeffs[group(j)], &[a], &[b], d)[0])
-                .collect()
-        };
-        (ctx.emit)(rows, &finish(&xs, out))
-    })
-}
-
-fn model_stock(r: &MergekitRecipe, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
-    let b = r.base.unwrap_or(0);
-    if r.filter_wise {
-        // Per row: every chunk holds whole rows.
-        return ctx.pass(|rows, xs| {
-            let n = (rows.end - rows.start) as usize;
-            (ctx.emit)(rows, &super::merge(r, &xs, n, ctx.cols))
-        });
-    }
-    let others: Vec<usize> = (0..r.inputs.len()).filter(|&i| i != b).collect();
-    let m = others.len();
-    let mut ss = vec![0f64; m];
-    let mut dots = vec![vec![0f64; m]; m];
-    ctx.pass(|_, xs| {
-        let offs: Vec<Vec<f32>> = others
-            .iter()
-            .map(|&i| d.zip(&xs[i], &xs[b], |x, y| x - y))
-            .collect();
-        for i in 0..m {
-            ss[i] += sum_sq(&offs[i]);
-            for j in i + 1..m {
-                dots[i][j] += d
-                    .zip(&offs[i], &offs[j], |x, y| x * y)
-                    .iter()
-                    .map(|&v| v as f64)
-                    .sum::<f64>();
-            }
-        }
-        Ok(())
-    })?;
-    let norms: Vec<f32> = ss.iter().map(|s| d.qs(s.sqrt() as f32)).collect();
-    let mut cos = Vec::new();
-    for i in 0..m {
-        for j in i + 1..m {
-            cos.push(model_stock_cos(
-                norms[i],
-                norms[j],
-                d.qs(dots[i][j] as f32),
-                d,
-            ));
-        }
-    }
-    let t = model_stock_t(&cos, m, d);
-    ctx.pass(|rows, xs| {
-        let ws: Vec<&[f32]> = others.iter().map(|&i| xs[i].as_slice()).collect();
-        (ctx.emit)(rows, &model_stock_apply(t, &xs[b], &ws, d))
-    })
-}
 
 /// The magnitude bit pattern used for ranking: |x| as f32 bits (monotonic; NaN largest).
 fn mag_bits(x: f32) -> u32 {
@@ -320,15 +98,12 @@ impl Masker<'_> {
     }
 }
 
-fn task_arithmetic(
-    r: &MergekitRecipe,
-    ctx: &StreamCtx<'_>,
-    d: D,
-    consensus: bool,
-    sparse: Sparsify,
-) -> Result<()> {
-    let b = r.base.unwrap_or(0);
-    let others: Vec<usize> = (0..r.inputs.len()).filter(|&i| i != b).collect();
+/// Stream a task-arithmetic merge: the sparsifying thresholds (radix select), then the
+/// rescale sums, then the output.
+pub(crate) fn stream(r: &TaskMerge, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
+    let sparse = r.sparsify;
+    let b = r.base;
+    let others = &r.others;
     if others.is_empty() {
         // Only the base in this slice: it passes through.
         return ctx.pass(|rows, xs| (ctx.emit)(rows, &xs[b]));
@@ -352,8 +127,8 @@ fn task_arithmetic(
     // The rule per model.
     let mut rules: Vec<Rule> = Vec::with_capacity(others.len());
     let mut queries: Vec<Vec<RankQuery>> = Vec::new();
-    for &i in &others {
-        let p: &InputParams = &r.inputs[i];
+    for &i in others {
+        let p: &TaskInput = &r.inputs[i];
         let rule_queries: Vec<u64> = if p.density >= 1.0 {
             rules.push(Rule::All);
             vec![]
@@ -530,7 +305,7 @@ fn task_arithmetic(
         }
     }
 
-    let w = task_weights(r, &others, d);
+    let w = r.weights(d);
     let mut maskers = fresh();
     ctx.pass(|rows, xs| {
         let mut out = Vec::with_capacity(xs[b].len());
@@ -549,7 +324,7 @@ fn task_arithmetic(
                     }
                 })
                 .collect();
-            out.extend(combine(r, d, consensus, &xs[b][t.clone()], sparse, &w));
+            out.extend(r.combine(d, &xs[b][t.clone()], sparse, &w));
         }
         (ctx.emit)(rows, &out)
     })

@@ -1,0 +1,126 @@
+//! `slerp`: spherical interpolation from the base (v0) towards the other model (v1) by `t`,
+//! with the angle taken between the whole tensors.
+
+use std::sync::Arc;
+
+use super::arith::D;
+use super::method::{
+    Capability, InputCount, MergeMethod, Need, Param, Resolved, Scope, TensorMerge,
+};
+use super::stream::{StreamCtx, sum_sq};
+use crate::dtype::DType;
+use crate::error::Result;
+use crate::methods::torch_compat as tc;
+
+pub struct Slerp;
+
+impl MergeMethod for Slerp {
+    fn name(&self) -> &'static str {
+        "slerp"
+    }
+
+    fn params(&self) -> &'static [Param] {
+        const P: &[Param] = &[Param::number("t", Scope::Tensor, Need::Required)];
+        P
+    }
+
+    fn needs_base(&self) -> bool {
+        true
+    }
+
+    fn check_inputs(&self, n: InputCount) -> std::result::Result<(), String> {
+        if n.total != 2 {
+            return Err("slerp merges exactly two models (the base and one other)".into());
+        }
+        Ok(())
+    }
+
+    fn prepare(&self, p: &Resolved) -> std::result::Result<Arc<dyn TensorMerge>, String> {
+        let v0 = p.base.unwrap_or(0);
+        Ok(Arc::new(SlerpMerge {
+            t: p.need_number("t")? as f32,
+            v0,
+            v1: if v0 == 0 { 1 } else { 0 },
+        }))
+    }
+}
+
+#[derive(Debug)]
+struct SlerpMerge {
+    t: f32,
+    /// Operand indices of the base and the other model.
+    v0: usize,
+    v1: usize,
+}
+
+impl TensorMerge for SlerpMerge {
+    fn capability(&self) -> Capability {
+        Capability::Streamed
+    }
+
+    fn merge(&self, xs: &[Vec<f32>], _rows: usize, _cols: usize, d: D) -> Vec<f32> {
+        let (v0, v1) = (&xs[self.v0], &xs[self.v1]);
+        let na = slerp_norm(tc::norm_f32(v0));
+        let nb = slerp_norm(tc::norm_f32(v1));
+        let prod: Vec<f32> = v0
+            .iter()
+            .zip(v1.iter())
+            .map(|(&a, &b)| (a / na) * (b / nb))
+            .collect();
+        let dot = tc::sum_f32(&prod).clamp(-1.0, 1.0);
+        let (ca, cb) = slerp_coefficients(dot, self.t);
+        slerp_apply(ca, cb, v0, v1, d)
+    }
+
+    /// Norms, then the dot product of the normalized tensors, then the output.
+    fn stream(&self, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
+        let (i0, i1) = (self.v0, self.v1);
+        let (mut s0, mut s1) = (0f64, 0f64);
+        ctx.pass(|_, xs| {
+            s0 += sum_sq(&xs[i0]);
+            s1 += sum_sq(&xs[i1]);
+            Ok(())
+        })?;
+        let na = slerp_norm(s0.sqrt() as f32);
+        let nb = slerp_norm(s1.sqrt() as f32);
+        let mut dot = 0f64;
+        ctx.pass(|_, xs| {
+            dot += xs[i0]
+                .iter()
+                .zip(&xs[i1])
+                .map(|(&a, &b)| ((a / na) * (b / nb)) as f64)
+                .sum::<f64>();
+            Ok(())
+        })?;
+        let (ca, cb) = slerp_coefficients((dot as f32).clamp(-1.0, 1.0), self.t);
+        ctx.pass(|rows, xs| (ctx.emit)(rows, &slerp_apply(ca, cb, &xs[i0], &xs[i1], d)))
+    }
+}
+
+/// The norm slerp divides by: ‖v‖, or 1 for a (near) zero tensor.
+fn slerp_norm(n: f32) -> f32 {
+    if n <= 1e-8 { 1.0 } else { n }
+}
+
+/// slerp's coefficients of the unnormalized tensors, from the normalized dot product.
+fn slerp_coefficients(dot: f32, t: f32) -> (f32, f32) {
+    let one_t = 1.0f32 - t;
+    if (dot as f64).abs() > 0.9995 {
+        return (one_t, t);
+    }
+    let d = D(DType::F32);
+    let theta = d.acos(dot);
+    let s = d.sin(theta);
+    (d.sin(one_t * theta) / s, d.sin(t * theta) / s)
+}
+
+/// `f32(ca·v0) + f32(cb·v1)`, rounded to D.
+fn slerp_apply(ca: f32, cb: f32, v0: &[f32], v1: &[f32], d: D) -> Vec<f32> {
+    let mut out: Vec<f32> = v0
+        .iter()
+        .zip(v1.iter())
+        .map(|(&a, &b)| (ca * a) + (cb * b))
+        .collect();
+    d.q(&mut out);
+    out
+}

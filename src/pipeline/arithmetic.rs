@@ -1,0 +1,343 @@
+//! The arithmetic of a step, applied to one chunk of rows.
+//!
+//! Operands are decoded to f32, patched with their LoRA deltas and rounded as the plan says;
+//! the method combines them; the result is encoded in the output dtype. The LoRA products
+//! of a chunk come from one GEMM per patch; everything elementwise then runs over row tiles
+//! small enough to stay in the CPU cache, so each input byte crosses the memory bus once.
+//! The fp16 reproduction blend works on fp16 bits straight from the input when it can.
+
+use std::borrow::Cow;
+use std::ops::Range;
+
+use zerocopy::IntoBytes;
+
+use crate::dtype::DType;
+use crate::error::Result;
+use crate::kernels::active;
+use crate::kernels::bytes::{decode, encode, halves, round_to};
+use crate::methods::lora::{self, PatchData};
+use crate::methods::mergekit::Capability;
+use crate::plan::{Method, Operand, Plan, Recipe, Step};
+
+/// Elements per tile of the elementwise passes: a few such f32 arrays fit in L2.
+const TILE_ELEMS: usize = 32 * 1024;
+
+/// One operand's bytes for the chunk: its rows (clamped to the rows it provides) and the
+/// data of its patches.
+pub struct OperandData<'a> {
+    pub bytes: &'a [u8],
+    pub patches: Vec<PatchData<'a>>,
+}
+
+/// An operand's rows of one tile: stored bytes and the LoRA products (unscaled) of each patch.
+struct OperandTile<'a> {
+    bytes: &'a [u8],
+    deltas: Vec<&'a [f32]>,
+}
+
+/// Compute rows `rows` of `step`. `data` holds one entry per operand. Returns the output
+/// bytes of the chunk.
+pub fn compute_chunk(
+    plan: &Plan,
+    step: &Step,
+    rows: Range<u64>,
+    data: &[OperandData<'_>],
+) -> Result<Vec<u8>> {
+    let Recipe::Compute { operands, method } = &step.recipe else {
+        // Copies never reach here: the pipeline moves their bytes directly.
+        return Ok(data.first().map(|d| d.bytes.to_vec()).unwrap_or_default());
+    };
+    let cols = step.row_elems() as usize;
+    let nrows = (rows.end - rows.start) as usize;
+    // Each operand's rows in this chunk (fewer than the chunk's past its own row count).
+    let op_rows: Vec<usize> = operands
+        .iter()
+        .map(|op| (op.rows.clamp(rows.start, rows.end) - rows.start) as usize)
+        .collect();
+    // One GEMM per LoRA patch for the whole chunk, into recycled buffers (the GEMM writes
+    // every element, so they need no clearing).
+    let mut deltas: Vec<Vec<Vec<f32>>> = Vec::with_capacity(operands.len());
+    let mut failed = None;
+    for ((op, d), &n) in operands.iter().zip(data).zip(&op_rows) {
+        let mut per_op = Vec::with_capacity(op.patches.len());
+        for (p, pd) in op.patches.iter().zip(&d.patches) {
+            let mut delta = scratch_take(n * cols);
+            if let Err(e) = lora::delta_rows(p.layout, pd, rows.start as usize, n, cols, &mut delta)
+            {
+                failed = Some(e);
+            }
+            per_op.push(delta);
+        }
+        deltas.push(per_op);
+    }
+    let out = match failed {
+        Some(e) => Err(e),
+        None => Ok(compute_with_deltas(
+            plan, step, operands, method, rows, data, &op_rows, &deltas, cols, nrows,
+        )),
+    };
+    for d in deltas.into_iter().flatten() {
+        scratch_give(d);
+    }
+    out
+}
+
+thread_local! {
+    /// LoRA product buffers of this worker, kept between chunks: allocating tens of MiB per
+    /// chunk costs page faults and zeroing.
+    static SCRATCH: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn scratch_take(len: usize) -> Vec<f32> {
+    let mut v = SCRATCH.with(|s| s.borrow_mut().pop()).unwrap_or_default();
+    // Old contents are overwritten by the GEMM; only growth is zeroed.
+    v.truncate(len);
+    v.resize(len, 0.0);
+    v
+}
+
+fn scratch_give(v: Vec<f32>) {
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        // One idle buffer per worker: it is outside the byte budget.
+        if s.is_empty() {
+            s.push(v);
+        }
+    });
+}
+
+#[allow(clippy::too_many_arguments)]
+fn compute_with_deltas(
+    plan: &Plan,
+    step: &Step,
+    operands: &[Operand],
+    method: &Method,
+    rows: Range<u64>,
+    data: &[OperandData<'_>],
+    op_rows: &[usize],
+    deltas: &[Vec<Vec<f32>>],
+    cols: usize,
+    nrows: usize,
+) -> Vec<u8> {
+    let tile = |t: Range<usize>| -> Vec<OperandTile<'_>> {
+        data.iter()
+            .zip(deltas)
+            .zip(operands)
+            .zip(op_rows)
+            .map(|(((d, ds), op), &n)| {
+                let (a, b) = (t.start.min(n), t.end.min(n));
+                let row_bytes = plan.tensor(op.tensor).row_bytes() as usize;
+                OperandTile {
+                    bytes: &d.bytes[a * row_bytes..b * row_bytes],
+                    deltas: ds.iter().map(|v| &v[a * cols..b * cols]).collect(),
+                }
+            })
+            .collect()
+    };
+    if let Method::Mergekit(r) = method
+        && r.capability() != Capability::Elementwise
+    {
+        // Whole-tensor statistics: the chunk is the whole tensor.
+        let tiles = tile(0..nrows);
+        let xs: Vec<Vec<f32>> = operands
+            .iter()
+            .zip(data)
+            .zip(&tiles)
+            .map(|((op, d), t)| operand_values(plan, op, d, t, rows.start as usize, nrows, cols))
+            .collect();
+        // mergekit treats a 1-D tensor as one row (row-wise methods: DELLA, filter-wise
+        // model_stock, unflattened nuslerp).
+        let (mrows, mcols) = if step.shape.len() <= 1 {
+            (1, nrows * cols)
+        } else {
+            (nrows, cols)
+        };
+        return encode(step.dtype, &r.merge(&xs, mrows, mcols));
+    }
+    let out_row_bytes = cols * step.dtype.bits() as usize / 8;
+    // Filled tile by tile, in order: no need to zero it first.
+    let mut out = Vec::with_capacity(nrows * out_row_bytes);
+    let tile_rows = (TILE_ELEMS / cols.max(1)).max(1);
+    let mut t0 = 0;
+    while t0 < nrows {
+        let t1 = (t0 + tile_rows).min(nrows);
+        let tiles = tile(t0..t1);
+        let r0 = rows.start as usize + t0;
+        let bytes = compute_tile(
+            plan,
+            step,
+            method,
+            operands,
+            data,
+            &tiles,
+            r0,
+            t1 - t0,
+            cols,
+        );
+        out.extend_from_slice(bytes.as_slice());
+        t0 = t1;
+    }
+    out
+}
+
+/// Output bytes of a tile, in whichever buffer type produced them.
+enum TileOut {
+    Bytes(Vec<u8>),
+    Halves(Vec<u16>),
+}
+
+impl TileOut {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            TileOut::Bytes(v) => v,
+            TileOut::Halves(v) => v.as_bytes(),
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn compute_tile(
+    plan: &Plan,
+    step: &Step,
+    method: &Method,
+    operands: &[Operand],
+    data: &[OperandData<'_>],
+    tiles: &[OperandTile<'_>],
+    r0: usize,
+    nrows: usize,
+    cols: usize,
+) -> TileOut {
+    let n = nrows * cols;
+    let k = active();
+    let value = |i: usize| operand_values(plan, &operands[i], &data[i], &tiles[i], r0, nrows, cols);
+    // Elements the second operand covers (the vocab rule keeps the first past its rows).
+    let covered = |i: usize| {
+        tiles[i].bytes.len() / (plan.tensor(operands[i].tensor).row_bytes() as usize).max(1) * cols
+    };
+    match method {
+        Method::Convert => TileOut::Bytes(encode(step.dtype, &value(0))),
+        Method::GradientFp16 { ratio } => {
+            let (wa, wb) = ((1.0 - ratio) as f32, *ratio as f32);
+            let a = operand_f16(plan, &operands[0], &data[0], &tiles[0], r0, nrows, cols);
+            let m = covered(1);
+            let b = operand_f16(
+                plan,
+                &operands[1],
+                &data[1],
+                &tiles[1],
+                r0,
+                m / cols.max(1),
+                cols,
+            );
+            let mut out = vec![0u16; n];
+            (k.blend_f16)(&a[..m], &b[..m], wa, wb, &mut out[..m]);
+            out[m..].copy_from_slice(&a[m..]);
+            TileOut::Halves(out)
+        }
+        Method::GradientPrecise { ratio } => {
+            let (wa, wb) = ((1.0 - ratio) as f32, *ratio as f32);
+            let a = value(0);
+            let b = value(1);
+            let m = b.len();
+            let mut out = a.clone();
+            (k.blend_f32)(&a[..m], &b, wa, wb, &mut out[..m]);
+            TileOut::Bytes(encode(step.dtype, &out))
+        }
+        Method::BlendChain { ratios } => {
+            let mut cur = value(0);
+            let b = value(1);
+            let m = b.len();
+            let mut next = vec![0f32; m];
+            for r in ratios {
+                (k.blend_f32)(&cur[..m], &b, (1.0 - r) as f32, *r as f32, &mut next);
+                cur[..m].copy_from_slice(&next);
+            }
+            TileOut::Bytes(encode(step.dtype, &cur))
+        }
+        Method::Mergekit(r) => {
+            let xs: Vec<Vec<f32>> = (0..operands.len()).map(value).collect();
+            TileOut::Bytes(encode(step.dtype, &r.merge(&xs, nrows, cols)))
+        }
+    }
+}
+
+/// An operand's rows of a tile as f32: decoded, rounded on load, patched, rounded. The
+/// tile's rows may be fewer than `nrows` (the vocab rule); the result has as many values as
+/// the tile holds.
+fn operand_values(
+    plan: &Plan,
+    op: &Operand,
+    data: &OperandData<'_>,
+    tile: &OperandTile<'_>,
+    r0: usize,
+    nrows: usize,
+    cols: usize,
+) -> Vec<f32> {
+    let t = plan.tensor(op.tensor);
+    let rows = (tile.bytes.len() / (t.row_bytes() as usize).max(1)).min(nrows);
+    let mut v = vec![0f32; rows * cols];
+    decode(t.dtype, tile.bytes, &mut v);
+    if let Some(d) = op.load_as {
+        round_to(d, &mut v);
+    }
+    for ((p, pd), delta) in op.patches.iter().zip(&data.patches).zip(&tile.deltas) {
+        lora::apply_delta(p.scale, p.round_delta, pd, r0, rows, cols, delta, &mut v);
+    }
+    for &d in &op.roundings {
+        round_to(d, &mut v);
+    }
+    v
+}
+
+/// An operand's rows as f32 for a whole chunk (the streamed path's loader): LoRA products
+/// computed here.
+pub fn operand_f32(
+    plan: &Plan,
+    op: &Operand,
+    data: &OperandData<'_>,
+    r0: u64,
+    nrows: usize,
+    cols: usize,
+) -> Result<Vec<f32>> {
+    let mut deltas: Vec<Vec<f32>> = Vec::with_capacity(op.patches.len());
+    for (p, pd) in op.patches.iter().zip(&data.patches) {
+        let mut delta = vec![0f32; nrows * cols];
+        lora::delta_rows(p.layout, pd, r0 as usize, nrows, cols, &mut delta)?;
+        deltas.push(delta);
+    }
+    let tile = OperandTile {
+        bytes: data.bytes,
+        deltas: deltas.iter().map(|d| d.as_slice()).collect(),
+    };
+    Ok(operand_values(
+        plan,
+        op,
+        data,
+        &tile,
+        r0 as usize,
+        nrows,
+        cols,
+    ))
+}
+
+/// An operand's rows as fp16 bits; borrowed straight from the input when it is stored as
+/// fp16 and needs no arithmetic.
+fn operand_f16<'a>(
+    plan: &Plan,
+    op: &Operand,
+    data: &OperandData<'_>,
+    tile: &OperandTile<'a>,
+    r0: usize,
+    nrows: usize,
+    cols: usize,
+) -> Cow<'a, [u16]> {
+    let t = plan.tensor(op.tensor);
+    let plain = op.patches.is_empty() && op.load_as.is_none();
+    if plain && t.dtype == DType::F16 && op.roundings.iter().all(|&d| d == DType::F16) {
+        return halves(tile.bytes);
+    }
+    let v = operand_values(plan, op, data, tile, r0, nrows, cols);
+    let mut h = vec![0u16; v.len()];
+    (active().f32_to_f16)(&v, &mut h);
+    Cow::Owned(h)
+}

@@ -1,0 +1,154 @@
+//! How the pipeline cuts steps into work: what a chunk of rows costs in working memory,
+//! which steps may be cut into row chunks, which must be streamed in passes, how many rows
+//! a chunk gets, and the peak-memory estimate the dry run prints. All of the chunking
+//! policy lives here.
+
+use crate::methods::mergekit::Capability;
+use crate::model::Layout;
+use crate::plan::{DeltaLayout, Method, Plan, Recipe, Step, TensorRef};
+
+/// Bytes a chunk should cost: big enough to amortize per-chunk work, small enough that
+/// several chunks are in flight within the budget.
+pub fn chunk_target(memory_limit: u64) -> u64 {
+    (memory_limit / 8).clamp(4 << 20, 64 << 20)
+}
+
+/// Bytes of working memory one chunk of `rows` rows of `step` needs: input bytes, LoRA
+/// factors (stored and as f32) and products, f32 operands when the method works on the
+/// whole chunk at once (elementwise methods work in small cache tiles), and the output.
+pub fn chunk_cost(plan: &Plan, step: &Step, rows: u64) -> u64 {
+    let cols = step.row_elems().max(1);
+    let out = rows * cols * step.dtype.bits() / 8;
+    match &step.recipe {
+        Recipe::Copy(_) => out,
+        Recipe::Compute { operands, method } => {
+            let whole =
+                matches!(method, Method::Mergekit(r) if r.capability() != Capability::Elementwise);
+            let mut total = out;
+            for op in operands {
+                let t = plan.tensor(op.tensor);
+                let r = rows.min(op.rows);
+                total += r * t.row_bytes();
+                if whole {
+                    total += r * cols * 4;
+                }
+                for p in &op.patches {
+                    let (a, b) = (plan.tensor(p.a), plan.tensor(p.b));
+                    total += a.len + b.len + (a.numel() + b.numel()) * 4 + r * cols * 4;
+                    if let Some(m) = p.magnitude {
+                        total += plan.tensor(m).len;
+                    }
+                }
+            }
+            total
+        }
+    }
+}
+
+/// Whether a tensor is a view gathered whole from its storage.
+fn gathered(plan: &Plan, r: TensorRef) -> bool {
+    !matches!(plan.tensor(r).layout, Layout::Contiguous)
+}
+
+/// DoRA on transposed layouts needs whole columns, so its rows cannot be cut.
+fn patches_split_by_rows(step: &Step) -> bool {
+    match &step.recipe {
+        Recipe::Copy(_) => true,
+        Recipe::Compute { operands, .. } => operands.iter().all(|op| {
+            op.patches
+                .iter()
+                .all(|p| p.magnitude.is_none() || p.layout == DeltaLayout::Rows)
+        }),
+    }
+}
+
+/// Whether a step can be split into independent row chunks.
+pub fn chunkable(plan: &Plan, step: &Step) -> bool {
+    match &step.recipe {
+        Recipe::Copy(t) => !gathered(plan, *t),
+        Recipe::Compute { operands, method } => {
+            let method_ok = match method {
+                Method::Mergekit(r) => r.capability() == Capability::Elementwise,
+                _ => true,
+            };
+            method_ok
+                && !operands.iter().any(|op| gathered(plan, op.tensor))
+                && patches_split_by_rows(step)
+        }
+    }
+}
+
+/// Whether a step that cannot be chunked can instead be streamed in passes over its row
+/// chunks (methods with whole-tensor statistics).
+pub fn streamable(plan: &Plan, step: &Step) -> bool {
+    match &step.recipe {
+        // 1-D tensors are one row for the row-wise methods; views are gathered whole.
+        Recipe::Compute {
+            operands,
+            method: Method::Mergekit(r),
+        } => {
+            step.shape.len() > 1
+                && r.capability() == Capability::Streamed
+                && !operands.iter().any(|op| gathered(plan, op.tensor))
+                && patches_split_by_rows(step)
+        }
+        _ => false,
+    }
+}
+
+/// Whether a streamable step should stream even though it fits in memory (the method says
+/// when streaming is cheaper).
+pub fn prefers_streaming(step: &Step) -> bool {
+    match &step.recipe {
+        Recipe::Compute {
+            method: Method::Mergekit(r),
+            ..
+        } => r.merge.prefers_streaming(step.shape.iter().product()),
+        _ => false,
+    }
+}
+
+/// Rows per chunk for `step` so that a chunk costs about `target` bytes.
+pub fn rows_per_chunk(plan: &Plan, step: &Step, target: u64) -> u64 {
+    let rows = step.rows();
+    // Rows of sub-byte types (F4, F6) may not start on a byte boundary: never split them.
+    if rows <= 1 || !chunkable(plan, step) || step.dtype.bits() < 8 {
+        return rows.max(1);
+    }
+    rows_fitting(plan, step, target)
+}
+
+/// Rows per pass chunk of a streamed step (as if it were chunkable).
+pub fn stream_rows(plan: &Plan, step: &Step, target: u64) -> u64 {
+    rows_fitting(plan, step, target)
+}
+
+/// How many rows of `step` cost about `target` bytes (chunk cost is a fixed part, such as
+/// LoRA factors, plus a per-row part).
+fn rows_fitting(plan: &Plan, step: &Step, target: u64) -> u64 {
+    let one = chunk_cost(plan, step, 1);
+    let per_row = chunk_cost(plan, step, 2).saturating_sub(one).max(1);
+    let fixed = one.saturating_sub(per_row);
+    let fit = if fixed < target {
+        (target - fixed) / per_row
+    } else {
+        target / per_row
+    };
+    fit.clamp(1, step.rows().max(1))
+}
+
+/// Peak memory: the budget (or everything, if the whole run needs less), or the largest
+/// single chunk if that exceeds it, plus a fixed allowance for the program itself.
+pub fn peak_memory_estimate(plan: &Plan, memory_limit: u64) -> u64 {
+    const BASE: u64 = 32 << 20;
+    let target = chunk_target(memory_limit);
+    let mut largest = 0u64;
+    let mut total = 0u64;
+    for step in &plan.steps {
+        let rows = rows_per_chunk(plan, step, target);
+        let c = chunk_cost(plan, step, rows.min(step.rows()).max(1));
+        largest = largest.max(c);
+        total = total.saturating_add(chunk_cost(plan, step, step.rows().max(1)));
+    }
+    BASE + total.min(memory_limit).max(largest)
+}
