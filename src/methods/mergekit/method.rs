@@ -221,6 +221,34 @@ impl Resolved {
             .ok_or_else(|| undeclared(self.method, name))
     }
 
+    /// The values, compactly: `t=0.5 weight=[1, 0.6, -]` (`-` where an input has none).
+    pub fn describe(&self) -> String {
+        let show = |v: Value| match v {
+            Value::Number(n) => format!("{n}"),
+            Value::Flag(b) => format!("{b}"),
+        };
+        let mut parts: Vec<String> = self
+            .shared
+            .iter()
+            .map(|(n, v)| format!("{n}={}", show(*v)))
+            .collect();
+        let mut names: Vec<&'static str> = Vec::new();
+        for (n, _) in self.per_input.iter().flatten() {
+            if !names.contains(n) {
+                names.push(n);
+            }
+        }
+        for name in names {
+            let vals: Vec<String> = self
+                .per_input
+                .iter()
+                .map(|l| Self::find(l, name).map_or_else(|| "-".to_string(), show))
+                .collect();
+            parts.push(format!("{name}=[{}]", vals.join(", ")));
+        }
+        parts.join(" ")
+    }
+
     /// Operand indices other than the base.
     pub fn others(&self) -> Vec<usize> {
         (0..self.inputs).filter(|&i| Some(i) != self.base).collect()

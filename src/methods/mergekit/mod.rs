@@ -71,6 +71,8 @@ pub fn names() -> String {
 #[derive(Clone)]
 pub struct MergekitRecipe {
     pub method: &'static str,
+    /// The resolved parameters, for the dry run ([`Resolved::describe`]).
+    pub params: String,
     /// The dtype mergekit computes in (its "D"): the config dtype or the promoted inputs'.
     pub compute: DType,
     pub merge: Arc<dyn TensorMerge>,
@@ -94,14 +96,14 @@ impl MergekitRecipe {
 
 impl fmt::Debug for MergekitRecipe {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} in {} {:?}", self.method, self.compute, self.merge)
+        write!(f, "{} {} ({})", self.method, self.compute, self.params)
     }
 }
 
-/// Two recipes are equal when they do the same arithmetic (their descriptions agree).
+/// Two recipes are equal when they do the same arithmetic: the same method and parameters.
 impl PartialEq for MergekitRecipe {
     fn eq(&self, other: &Self) -> bool {
-        format!("{self:?}") == format!("{other:?}")
+        format!("{:?}", self.merge) == format!("{:?}", other.merge) && self.compute == other.compute
     }
 }
 

@@ -7,26 +7,27 @@
 //! and are renumbered in output order. Parameters are looked up source → slice → top level.
 
 pub mod arch;
+mod card;
 pub mod config;
+mod inputs;
 pub mod params;
+mod slices;
+mod steps;
+mod tensors;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::methods::mergekit::{
-    self as methods, InputCount, Kind, MergeMethod, MergekitRecipe, Need, Param, Resolved, Scope,
-    Value,
-};
-use crate::model::Model;
+use crate::methods::mergekit as methods;
+use crate::plan::Plan;
 use crate::plan::blockmerge::place;
-use crate::plan::lora::{AdapterEffect, open_adapter, resolve as resolve_lora};
-use crate::plan::outputs::{OutputFiles, TOKENIZER_FILES, with_dtype};
-use crate::plan::{Method, Operand, Plan, Recipe, Step, TensorRef};
-use arch::{Architecture, known};
-use config::{MergeConfig, ModelRef, Parameters};
-use params::{Scalar, filters, resolve};
+use card::output_files;
+use config::MergeConfig;
+use inputs::{architecture, open_models};
+use slices::{build_slices, check_method_inputs};
+use steps::build_steps;
+use tensors::{check_filters, output_tensors};
 
 /// Options of `mergestream merge` beyond the config itself.
 #[derive(Clone, Debug)]
@@ -44,32 +45,7 @@ pub struct MergeOptions {
     pub out_dtype: Option<DType>,
 }
 
-/// One model as the plan uses it.
-struct Input {
-    reference: ModelRef,
-    source: usize,
-    effect: Option<AdapterEffect>,
-    config: Option<serde_json::Value>,
-    layers: u64,
-}
-
-/// One output tensor: its inputs (model index, input tensor name), t, and slice.
-struct Planned<'a> {
-    out: String,
-    inputs: Vec<(usize, String)>,
-    t: f64,
-    slice: &'a Slice<'a>,
-}
-
-/// A normalized slice: sources (model index, first layer, parameters), shared parameters.
-struct Slice<'a> {
-    sources: Vec<(usize, u64, Option<&'a Parameters>)>,
-    len: u64,
-    params: Option<&'a Parameters>,
-    base: Option<usize>,
-}
-
-fn cfg_err(path: &Path, msg: impl Into<String>) -> Error {
+pub(super) fn cfg_err(path: &Path, msg: impl Into<String>) -> Error {
     Error::invalid(msg).in_file(path)
 }
 
@@ -126,396 +102,40 @@ pub fn plan_merge(opts: &MergeOptions) -> Result<Plan> {
         None => parse_dtype(path, "out_dtype", cfg.out_dtype.as_deref())?,
     };
 
-    // Every model the config names, opened once.
-    let mut refs: Vec<ModelRef> = Vec::new();
-    let mut note = |r: &ModelRef| {
-        if !refs.contains(r) {
-            refs.push(r.clone());
-        }
-    };
-    for m in cfg.models.iter().flatten() {
-        note(&m.model);
-    }
-    for s in cfg.slices.iter().flatten() {
-        for src in &s.sources {
-            note(&src.model);
-        }
-        if let Some(b) = &s.base_model {
-            note(b);
-        }
-    }
-    if let Some(b) = &cfg.base_model {
-        note(b);
-    }
-    if refs.is_empty() {
-        return Err(cfg_err(path, "the config names no models"));
-    }
-    let mut sources: Vec<Model> = Vec::new();
-    let mut inputs: Vec<Input> = Vec::new();
-    for r in &refs {
-        let model = Model::open(&r.path)?;
-        let config = model.config()?;
-        sources.push(model);
-        inputs.push(Input {
-            reference: r.clone(),
-            source: sources.len() - 1,
-            effect: None,
-            config,
-            layers: 0,
-        });
-    }
-    for i in 0..inputs.len() {
-        if let Some(lora) = inputs[i].reference.lora.clone() {
-            let adapter = open_adapter(&lora)?;
-            let idx = sources.len();
-            let effect = resolve_lora(
-                &adapter,
-                idx,
-                inputs[i].reference.lora_weight,
-                &sources[inputs[i].source],
-            )?;
-            sources.push(adapter.model);
-            inputs[i].effect = Some(effect);
-        }
-    }
-    let index_of = |r: &ModelRef| refs.iter().position(|x| x == r).unwrap_or(0);
-    let base = cfg.base_model.as_ref().map(index_of);
-
-    // Architecture: the base's (or first model's); all must agree unless --allow-crimes.
+    let mut models = open_models(path, &cfg)?;
+    let base = cfg.base_model.as_ref().map(|r| models.index_of(r));
     let donor = base.unwrap_or(0);
-    let arch_of = |i: usize| inputs[i].config.as_ref().and_then(known);
-    let arch: Architecture = match arch_of(donor) {
-        Some(a) => {
-            for (i, inp) in inputs.iter().enumerate() {
-                let other = arch_of(i)
-                    .map(|x| x.name)
-                    .unwrap_or_else(|| "unknown".into());
-                if other != a.name && !opts.allow_crimes {
-                    return Err(cfg_err(
-                        path,
-                        format!(
-                            "{} is {other} but {} is {}; pass --allow-crimes to merge different architectures",
-                            inp.reference, inputs[donor].reference, a.name
-                        ),
-                    ));
-                }
-            }
-            a
-        }
-        None => {
-            let models: Vec<&Model> = inputs.iter().map(|i| &sources[i.source]).collect();
-            arch::infer(&models)
-        }
-    };
-    for inp in inputs.iter_mut() {
-        inp.layers = arch::layer_count(&sources[inp.source], inp.config.as_ref(), &arch);
-    }
-
-    // Slices.
-    let mut slices: Vec<Slice<'_>> = Vec::new();
-    if let Some(models) = &cfg.models {
-        let mut srcs: Vec<(usize, u64, Option<&Parameters>)> = models
-            .iter()
-            .map(|m| (index_of(&m.model), 0, m.parameters.as_ref()))
-            .collect();
-        if let Some(b) = base
-            && !srcs.iter().any(|s| s.0 == b)
-        {
-            srcs.push((b, 0, None));
-        }
-        let len = inputs[srcs[0].0].layers;
-        for s in &srcs {
-            if inputs[s.0].layers != len {
-                return Err(cfg_err(
-                    path,
-                    format!(
-                        "{} has {} layers but {} has {len}; use `slices` to merge models of different depths",
-                        inputs[s.0].reference, inputs[s.0].layers, inputs[srcs[0].0].reference
-                    ),
-                ));
-            }
-        }
-        slices.push(Slice {
-            sources: srcs,
-            len,
-            params: None,
-            base,
-        });
-    } else {
-        for (si, s) in cfg.slices.iter().flatten().enumerate() {
-            if s.sources.is_empty() {
-                return Err(cfg_err(path, format!("slice {si} has no sources")));
-            }
-            let mut srcs = Vec::new();
-            let mut len = None;
-            for src in &s.sources {
-                let m = index_of(&src.model);
-                let [a, b] = src.layer_range;
-                let layers = inputs[m].layers;
-                if a < 0 || b <= a || b as u64 > layers {
-                    return Err(cfg_err(
-                        path,
-                        format!(
-                            "slice {si}: layer_range [{a}, {b}] of {} is outside its {layers} layers",
-                            src.model
-                        ),
-                    ));
-                }
-                let n = (b - a) as u64;
-                match len {
-                    None => len = Some(n),
-                    Some(l) if l != n => {
-                        return Err(cfg_err(
-                            path,
-                            format!(
-                                "slice {si}: sources cover different numbers of layers ({l} and {n})"
-                            ),
-                        ));
-                    }
-                    _ => {}
-                }
-                srcs.push((m, a as u64, src.parameters.as_ref()));
-            }
-            let slice_base = s.base_model.as_ref().map(index_of).or(base);
-            slices.push(Slice {
-                sources: srcs,
-                len: len.unwrap_or(0),
-                params: s.parameters.as_ref(),
-                base: slice_base,
-            });
-        }
-    }
+    let arch = architecture(path, opts, &mut models, donor)?;
+    let slices = build_slices(path, &cfg, &models, base)?;
     for (si, s) in slices.iter().enumerate() {
-        check_method_inputs(path, method, si, s, &inputs)?;
+        check_method_inputs(path, method, si, s, &models.inputs)?;
     }
-
-    // The output tensors, in mergekit's plan order.
-    let mut planned: Vec<Planned<'_>> = Vec::new();
-    let weight_inputs = |slice: &Slice<'_>, w: &arch::Weight| -> Option<Vec<(usize, String)>> {
-        let has = |m: usize, n: &str| sources[inputs[m].source].get(n).is_some();
-        if w.optional && !slice.sources.iter().any(|s| has(s.0, &w.name)) {
-            return None;
-        }
-        Some(
-            slice
-                .sources
-                .iter()
-                .map(|s| {
-                    let name = match &w.tied_to {
-                        Some(t) if !has(s.0, &w.name) && has(s.0, t) => t.clone(),
-                        _ => w.name.clone(),
-                    };
-                    (s.0, name)
-                })
-                .collect(),
-        )
-    };
-    if let Some(first) = slices.first() {
-        for w in &arch.pre {
-            if let Some(ins) = weight_inputs(first, w) {
-                planned.push(Planned {
-                    out: w.name.clone(),
-                    inputs: ins,
-                    t: 0.0,
-                    slice: first,
-                });
-            }
-        }
-    }
-    let mut out_layer = 0u64;
-    for s in &slices {
-        for idx in 0..s.len {
-            let t = if s.len > 1 {
-                idx as f64 / (s.len - 1) as f64
-            } else {
-                1.0
-            };
-            for tpl in &arch.layer_templates {
-                let ins = s
-                    .sources
-                    .iter()
-                    .map(|src| (src.0, tpl.replacen("{}", &(src.1 + idx).to_string(), 1)))
-                    .collect();
-                planned.push(Planned {
-                    out: tpl.replacen("{}", &out_layer.to_string(), 1),
-                    inputs: ins,
-                    t,
-                    slice: s,
-                });
-            }
-            out_layer += 1;
-        }
-    }
-    if let Some(last) = slices.last() {
-        for w in &arch.post {
-            if let Some(ins) = weight_inputs(last, w) {
-                planned.push(Planned {
-                    out: w.name.clone(),
-                    inputs: ins,
-                    t: 0.0,
-                    slice: last,
-                });
-            }
-        }
-    }
-
-    // Every {filter, value} must match some tensor: a filter that matches nothing is a typo.
-    let mut all_filters = Vec::new();
-    for p in [cfg.parameters.as_ref()]
-        .into_iter()
-        .chain(slices.iter().map(|s| s.params))
-        .chain(slices.iter().flat_map(|s| s.sources.iter().map(|x| x.2)))
-        .flatten()
-    {
-        filters(p, &mut all_filters);
-    }
-    for f in &all_filters {
-        let hit = planned.iter().any(|p| {
-            p.out.contains(f.as_str()) || p.inputs.iter().any(|(_, n)| n.contains(f.as_str()))
-        });
-        if !hit {
-            return Err(cfg_err(
-                path,
-                format!("filter `{f}` matches no tensor of the models"),
-            ));
-        }
-    }
-
-    let top = cfg.parameters.as_ref();
-    let mut steps = Vec::with_capacity(planned.len());
-    let mut write_key: Vec<(String, usize)> = Vec::with_capacity(planned.len());
-    for (pi, p) in planned.iter().enumerate() {
-        let mut operands = Vec::with_capacity(p.inputs.len());
-        let mut shape: Option<Vec<u64>> = None;
-        let mut in_dtypes = Vec::new();
-        let mut first_computable: Option<bool> = None;
-        for (m, name) in &p.inputs {
-            let inp = &inputs[*m];
-            let model = &sources[inp.source];
-            let Some(idx) = model.index_of(name) else {
-                return Err(
-                    Error::invalid(format!("{} has no tensor `{name}`", inp.reference))
-                        .at_tensor(&p.out)
-                        .in_file(path),
-                );
-            };
-            let t = model.tensor(idx);
-            let mut op = inp
-                .effect
-                .as_ref()
-                .and_then(|e| e.operand(model, inp.source, name))
-                .unwrap_or_else(|| {
-                    Operand::plain(
-                        TensorRef {
-                            source: inp.source,
-                            tensor: idx,
-                        },
-                        t.rows(),
-                    )
-                });
-            let patched = !op.patches.is_empty() || op.load_as.is_some();
-            if patched {
-                op.roundings.push(t.dtype); // mergekit saves the PEFT merge in the checkpoint dtype
-            }
-            // mergekit casts every input to `dtype` at load.
-            if let Some(d) = dtype
-                && t.dtype.is_computable()
-                && (d != t.dtype || patched)
-            {
-                op.roundings.push(d);
-            }
-            // All inputs float, or all not (those pass through): never decode ints as floats.
-            let float = t.dtype.is_computable();
-            if *first_computable.get_or_insert(float) != float {
-                return Err(Error::invalid(format!(
-                    "{} stores it as {}; float and non-float tensors cannot be merged",
-                    inp.reference, t.dtype
-                ))
-                .at_tensor(&p.out)
-                .in_file(path));
-            }
-            in_dtypes.push(t.dtype);
-            match &shape {
-                None => shape = Some(t.shape.clone()),
-                Some(s) if *s != t.shape => {
-                    if opts.truncate_embeddings
-                        && s.len() == 2
-                        && t.shape.len() == 2
-                        && s[1] == t.shape[1]
-                    {
-                        let rows = s[0].min(t.shape[0]);
-                        shape = Some(vec![rows, s[1]]);
-                    } else {
-                        return Err(Error::invalid(format!(
-                            "tensor size mismatch: {s:?} vs {:?} in {}; models with different vocabularies need --unsafe-truncate-embeddings (tokenizer merging is not supported yet)",
-                            t.shape, inp.reference
-                        ))
-                        .at_tensor(&p.out)
-                        .in_file(path));
-                    }
-                }
-                _ => {}
-            }
-            operands.push(op);
-        }
-        let shape = shape.unwrap_or_default();
-        let rows = shape.first().copied().unwrap_or(1);
-        for op in &mut operands {
-            op.rows = op.rows.min(rows);
-        }
-        let promoted = promote(&in_dtypes);
-        let compute = dtype.unwrap_or(promoted);
-        let first = &sources[operands[0].tensor.source].tensor(operands[0].tensor.tensor);
-        let out_dt = if first.dtype.is_computable() {
-            out_dtype.or(dtype).unwrap_or(promoted)
-        } else {
-            first.dtype
-        };
-        let recipe = if !first.dtype.is_computable() {
-            // mergekit passes non-float buffers through.
-            Recipe::Copy(operands[0].tensor)
-        } else {
-            let r = tensor_recipe(path, method, p, &inputs, top, compute, opts.random_seed)?;
-            Recipe::Compute {
-                operands,
-                method: Method::Mergekit(Box::new(r)),
-            }
-        };
-        steps.push(Step::new(p.out.clone(), out_dt, shape, recipe));
-        // mergekit writes in order of the (largest) input tensor name, ties in plan order.
-        let key = p
-            .inputs
-            .iter()
-            .map(|(_, n)| n.clone())
-            .max()
-            .unwrap_or_default();
-        write_key.push((key, pi));
-    }
-    write_key.sort();
-    let mut ordered: Vec<Step> = Vec::with_capacity(steps.len());
-    let mut slots: Vec<Option<Step>> = steps.into_iter().map(Some).collect();
-    for (_, i) in write_key {
-        if let Some(s) = slots[i].take() {
-            ordered.push(s);
-        }
-    }
-    let mut steps = ordered;
+    let (planned, out_layers) = output_tensors(&arch, &slices, &models);
+    check_filters(path, &cfg, &slices, &planned)?;
+    let mut steps = build_steps(
+        path,
+        opts,
+        method,
+        &planned,
+        &models,
+        cfg.parameters.as_ref(),
+        dtype,
+        out_dtype,
+    )?;
     let shards = place(&mut steps, opts.max_shard_size);
-
     let outputs = output_files(
         opts,
         &cfg,
         &text,
-        &inputs,
-        &sources,
+        &models.inputs,
+        &models.sources,
         donor,
-        &slices,
-        out_layer,
+        out_layers,
         out_dtype.or(dtype),
     )?;
     Ok(Plan {
         title: format!("merge {} ({})", path.display(), cfg.merge_method),
-        sources,
+        sources: models.sources,
         steps,
         shards,
         outputs,
@@ -532,313 +152,4 @@ fn parse_dtype(path: &Path, key: &str, v: Option<&str>) -> Result<Option<DType>>
         })
     })
     .transpose()
-}
-
-/// torch.promote_types over the inputs' dtypes.
-fn promote(dtypes: &[DType]) -> DType {
-    let mut out: Option<DType> = None;
-    for &d in dtypes.iter().filter(|d| d.is_computable()) {
-        out = Some(match out {
-            None => d,
-            Some(o) if o == d => o,
-            Some(DType::F64) | Some(_) if d == DType::F64 => DType::F64,
-            Some(DType::F64) => DType::F64,
-            Some(_) => DType::F32,
-        });
-    }
-    out.unwrap_or(DType::F32)
-}
-
-fn check_method_inputs(
-    path: &Path,
-    method: &dyn MergeMethod,
-    si: usize,
-    s: &Slice<'_>,
-    inputs: &[Input],
-) -> Result<()> {
-    let name = method.name();
-    let has_base = s.base.is_some_and(|b| s.sources.iter().any(|x| x.0 == b));
-    if method.needs_base() && s.base.is_none() {
-        return Err(cfg_err(
-            path,
-            format!("merge_method {name} needs a base_model"),
-        ));
-    }
-    if method.needs_base() && !has_base {
-        let b = s
-            .base
-            .map(|b| inputs[b].reference.to_string())
-            .unwrap_or_default();
-        return Err(cfg_err(
-            path,
-            format!("slice {si}: base_model {b} is not one of its sources"),
-        ));
-    }
-    let count = InputCount {
-        total: s.sources.len(),
-        others: s.sources.iter().filter(|x| Some(x.0) != s.base).count(),
-    };
-    method
-        .check_inputs(count)
-        .map_err(|msg| cfg_err(path, format!("slice {si}: {msg}")))
-}
-
-/// Resolve the method's declared parameters for one output tensor and prepare its merge.
-fn tensor_recipe(
-    path: &Path,
-    method: &'static dyn MergeMethod,
-    p: &Planned<'_>,
-    inputs: &[Input],
-    top: Option<&Parameters>,
-    compute: DType,
-    seed: u64,
-) -> Result<MergekitRecipe> {
-    let slice = p.slice;
-    let tensor_err = |msg: String| Error::invalid(msg).at_tensor(&p.out).in_file(path);
-    let base = p.inputs.iter().position(|(m, _)| Some(*m) == slice.base);
-    let mut resolved = Resolved::new(method.name(), base, p.inputs.len(), seed_for(seed, &p.out));
-    for param in method.params() {
-        match param.scope {
-            Scope::Tensor => {
-                // Shared parameters are looked up with no model and filtered on the output
-                // name.
-                let found = resolve(param.name, &[slice.params, top], &p.out, p.t);
-                let value = typed(path, &p.out, param, found)?;
-                match (value, param.need) {
-                    (Some(v), _) => resolved.set(param.name, v),
-                    (None, Need::Default(v)) => resolved.set(param.name, v),
-                    (None, Need::Required | Need::RequiredUnlessBase) => {
-                        return Err(tensor_err(format!(
-                            "missing required parameter `{}` for {}",
-                            param.name,
-                            method.name()
-                        )));
-                    }
-                    (None, Need::Optional) => {}
-                }
-            }
-            Scope::Input => {
-                for (i, (m, in_name)) in p.inputs.iter().enumerate() {
-                    // Per-input parameters: this model's sources in the slice, then the
-                    // slice, then the top level, filtered on the input tensor's name.
-                    let mut scopes: Vec<Option<&Parameters>> = slice
-                        .sources
-                        .iter()
-                        .filter(|s| s.0 == *m)
-                        .map(|s| s.2)
-                        .collect();
-                    scopes.push(slice.params);
-                    scopes.push(top);
-                    let found = resolve(param.name, &scopes, in_name, p.t);
-                    let value = typed(path, &p.out, param, found)?;
-                    let required = match param.need {
-                        Need::Required => true,
-                        Need::RequiredUnlessBase => Some(i) != base,
-                        _ => false,
-                    };
-                    match (value, param.need) {
-                        (Some(v), _) => resolved.set_input(i, param.name, v),
-                        (None, Need::Default(v)) => resolved.set_input(i, param.name, v),
-                        (None, _) if required => {
-                            return Err(tensor_err(format!(
-                                "missing required parameter `{}` for {}",
-                                param.name, inputs[*m].reference
-                            )));
-                        }
-                        (None, _) => {}
-                    }
-                }
-            }
-        }
-    }
-    let merge = method.prepare(&resolved).map_err(tensor_err)?;
-    Ok(MergekitRecipe {
-        method: method.name(),
-        compute,
-        merge,
-    })
-}
-
-/// A looked-up parameter checked against the kind the method declares.
-fn typed(path: &Path, tensor: &str, param: &Param, v: Option<Scalar>) -> Result<Option<Value>> {
-    let wrong = |what: &str, other: &Scalar| {
-        Err(Error::invalid(format!(
-            "parameter `{}` must be {what}, not {}",
-            param.name,
-            other.describe()
-        ))
-        .at_tensor(tensor)
-        .in_file(path))
-    };
-    match (param.kind, v) {
-        (_, None) => Ok(None),
-        (Kind::Number, Some(Scalar::Number(n))) => Ok(Some(Value::Number(n))),
-        (Kind::Number, Some(other)) => wrong("a number", &other),
-        (Kind::Flag, Some(Scalar::Bool(b))) => Ok(Some(Value::Flag(b))),
-        (Kind::Flag, Some(Scalar::Number(n))) if n == 0.0 || n == 1.0 => {
-            Ok(Some(Value::Flag(n == 1.0)))
-        }
-        (Kind::Flag, Some(other)) => wrong("true or false", &other),
-    }
-}
-
-/// A per-tensor seed: the run's seed mixed with the tensor name (FNV-1a), so masks do not
-/// depend on the order tensors are processed in.
-fn seed_for(seed: u64, name: &str) -> u64 {
-    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    for b in name.bytes() {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0000_0100_0000_01B3);
-    }
-    h
-}
-
-/// config.json (dtype, layer count), tokenizer files, mergekit_config.yml and the model card.
-#[allow(clippy::too_many_arguments)]
-fn output_files(
-    opts: &MergeOptions,
-    cfg: &MergeConfig,
-    text: &str,
-    inputs: &[Input],
-    sources: &[Model],
-    donor: usize,
-    slices: &[Slice<'_>],
-    out_layers: u64,
-    dtype: Option<DType>,
-) -> Result<OutputFiles> {
-    let donor_dir = sources[inputs[donor].source].dir.clone();
-    let mut config = inputs[donor].config.clone();
-    if let (Some(c), Some(d)) = (config.take(), dtype) {
-        config = Some(with_dtype(c, d));
-    } else {
-        config = inputs[donor].config.clone();
-    }
-    if cfg.slices.is_some()
-        && let Some(serde_json::Value::Object(map)) = config.as_mut()
-        && map.contains_key("num_hidden_layers")
-    {
-        map.insert("num_hidden_layers".into(), out_layers.into());
-    }
-    let _ = slices;
-    let mut out = OutputFiles {
-        config,
-        ..OutputFiles::default()
-    };
-    // Tokenizer: tokenizer_source names base or a model; otherwise the donor's files.
-    let tok_dir: Option<PathBuf> = match cfg.tokenizer_source.as_deref() {
-        Some("base") => Some(donor_dir.clone()),
-        Some(other) => {
-            let r = ModelRef::parse(other).map_err(|e| cfg_err(&opts.config_path, e))?;
-            match inputs.iter().find(|i| i.reference.path == r.path) {
-                Some(i) => Some(sources[i.source].dir.clone()),
-                None => {
-                    return Err(cfg_err(
-                        &opts.config_path,
-                        format!("tokenizer_source `{other}` is not one of the merged models"),
-                    ));
-                }
-            }
-        }
-        None if opts.copy_tokenizer => Some(donor_dir.clone()),
-        None => None,
-    };
-    if let Some(dir) = tok_dir {
-        out.copy_present(&dir, TOKENIZER_FILES);
-        out.copy_present(&dir, &["generation_config.json"]);
-    }
-    if let Some(template) = &cfg.chat_template {
-        let tpl = chat_template(template, inputs, sources).ok_or_else(|| {
-            cfg_err(
-                &opts.config_path,
-                if template == "auto" {
-                    "chat_template auto: no model's tokenizer_config.json has a chat_template".to_string()
-                } else {
-                    format!("unknown chat_template `{template}` (chatml, llama3, alpaca, auto, or Jinja text)")
-                },
-            )
-        })?;
-        let tok_cfg = out
-            .copies
-            .iter()
-            .find(|(_, n)| n == "tokenizer_config.json")
-            .map(|(p, _)| p.clone());
-        let mut v: serde_json::Value = match tok_cfg {
-            Some(p) => {
-                let t = std::fs::read_to_string(&p)
-                    .map_err(|e| Error::io("cannot read", e).in_file(&p))?;
-                serde_json::from_str(&t)
-                    .map_err(|e| Error::invalid(format!("not valid JSON: {e}")).in_file(&p))?
-            }
-            None => serde_json::json!({}),
-        };
-        if let serde_json::Value::Object(m) = &mut v {
-            m.insert("chat_template".into(), tpl.into());
-        }
-        out.copies.retain(|(_, n)| n != "tokenizer_config.json");
-        out.generated.push((
-            "tokenizer_config.json".into(),
-            crate::plan::outputs::config_bytes(&v),
-        ));
-    }
-    if opts.write_model_card {
-        out.generated
-            .push(("mergekit_config.yml".into(), text.as_bytes().to_vec()));
-        out.generated.push((
-            "README.md".into(),
-            model_card(cfg, text, inputs).into_bytes(),
-        ));
-    }
-    Ok(out)
-}
-
-/// A chat template by mergekit's names, `auto` (the inputs' most common), or Jinja text.
-fn chat_template(name: &str, inputs: &[Input], sources: &[Model]) -> Option<String> {
-    match name {
-        "chatml" => Some(CHATML.to_string()),
-        "llama3" => Some(LLAMA3.to_string()),
-        "alpaca" => Some(ALPACA.to_string()),
-        "auto" => {
-            let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-            for i in inputs {
-                let p = sources[i.source].dir.join("tokenizer_config.json");
-                let Ok(t) = std::fs::read_to_string(p) else {
-                    continue;
-                };
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&t)
-                    && let Some(s) = v.get("chat_template").and_then(|s| s.as_str())
-                {
-                    *counts.entry(s.to_string()).or_default() += 1;
-                }
-            }
-            counts.into_iter().max_by_key(|(_, c)| *c).map(|(t, _)| t)
-        }
-        t if t.contains("{%") || t.contains("{{") => Some(t.to_string()),
-        _ => None,
-    }
-}
-
-// The standard chat formats, written out for mergekit's template names.
-const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
-const LLAMA3: &str = "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}";
-const ALPACA: &str = "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] | trim + '\\n\\n' }}{% elif message['role'] == 'user' %}{{ '### Instruction:\\n' + message['content'] | trim + '\\n\\n' }}{% elif message['role'] == 'assistant' %}{{ '### Response:\\n' + message['content'] | trim + eos_token + '\\n\\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}";
-
-fn model_card(cfg: &MergeConfig, text: &str, inputs: &[Input]) -> String {
-    let mut s = String::new();
-    s.push_str("---\nlibrary_name: transformers\ntags:\n- mergekit\n- merge\n- mergestream\n---\n");
-    s.push_str("# Merged model\n\nThis model was merged with [mergestream](https://github.com/) from a mergekit configuration.\n\n");
-    s.push_str(&format!("## Merge method\n\n`{}`", cfg.merge_method));
-    if let Some(b) = &cfg.base_model {
-        s.push_str(&format!(", with {b} as the base"));
-    }
-    s.push_str(".\n\n## Models merged\n\n");
-    for i in inputs {
-        s.push_str(&format!("- {}\n", i.reference));
-    }
-    s.push_str("\n## Configuration\n\n```yaml\n");
-    s.push_str(text);
-    if !text.ends_with('\n') {
-        s.push('\n');
-    }
-    s.push_str("```\n");
-    s
 }
