@@ -311,7 +311,7 @@ fn as_typed(mut err: clap::Error, argv: impl Iterator<Item = OsString>) -> clap:
         return err;
     };
     let (arg, value) = (arg.clone(), value.clone());
-    let (main, rest) = arg.split_once(' ').unwrap_or((&arg, ""));
+    let (named, rest) = arg.split_once(' ').unwrap_or((&arg, ""));
     let args: Vec<String> = argv
         .skip(1)
         .map(|a| a.to_string_lossy().into_owned())
@@ -320,11 +320,11 @@ fn as_typed(mut err: clap::Error, argv: impl Iterator<Item = OsString>) -> clap:
     let Some(sub) = args.first().and_then(|name| cmd.find_subcommand(name)) else {
         return err;
     };
-    let is_main = |a: &&clap::Arg| {
-        a.get_long().is_some_and(|l| main == format!("--{l}"))
-            || a.get_short().is_some_and(|c| main == format!("-{c}"))
+    let is_named = |a: &&clap::Arg| {
+        a.get_long().is_some_and(|l| named == format!("--{l}"))
+            || a.get_short().is_some_and(|c| named == format!("-{c}"))
     };
-    let Some(flag) = sub.get_arguments().find(is_main) else {
+    let Some(flag) = sub.get_arguments().find(is_named) else {
         return err;
     };
     let longs = flag
@@ -350,7 +350,7 @@ fn as_typed(mut err: clap::Error, argv: impl Iterator<Item = OsString>) -> clap:
         })
     });
     match typed {
-        Some(t) if t != main => {
+        Some(t) if t != named => {
             let shown = if rest.is_empty() {
                 t
             } else {
