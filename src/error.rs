@@ -2,7 +2,10 @@
 //!
 //! Every failure a user can act on becomes an [`Error`] that names the file, the tensor (when
 //! there is one) and what is wrong, so the CLI can print a single line:
-//! `error: <file>: <tensor>: <what is wrong>`.
+//! `error: <file>: <tensor>: <what is wrong>: <cause>`.
+//!
+//! Each level's `Display` shows only its own message; the cause (an OS error, ...) is reached
+//! through `source()`, and [`Error::report`] joins the chain, so each message appears once.
 
 use std::fmt;
 use std::io;
@@ -25,13 +28,15 @@ pub struct Error {
 /// What went wrong, without the context.
 #[derive(Debug, thiserror::Error)]
 pub enum ErrorKind {
-    #[error("{0}")]
+    // Transparent: the wrapped error's message and source, not the error again as a source.
+    #[error(transparent)]
     Header(HeaderError),
-    #[error("{0}")]
+    #[error(transparent)]
     Index(#[from] IndexError),
-    #[error("{0}")]
+    #[error(transparent)]
     AdapterConfig(#[from] AdapterConfigError),
-    #[error("{action}: {source}")]
+    /// `action` is shown; the OS reason is the source, shown once by [`Error::report`].
+    #[error("{action}")]
     Io {
         action: &'static str,
         source: io::Error,
@@ -45,6 +50,9 @@ pub enum ErrorKind {
     Usage(String),
     #[error("interrupted; nothing was written")]
     Interrupted,
+    /// An invariant of mergestream itself failed: a bug, not a problem with the input.
+    #[error("internal error (a bug in mergestream, please report it): {0}")]
+    Internal(String),
 }
 
 impl Error {
@@ -68,6 +76,16 @@ impl Error {
         Error::new(ErrorKind::Io { action, source })
     }
 
+    /// A broken invariant (a bug in mergestream), reported as such rather than as bad input.
+    pub fn internal(msg: impl Into<String>) -> Self {
+        Error::new(ErrorKind::Internal(msg.into()))
+    }
+
+    /// The whole chain on one line: this error's message, then each source's, once each.
+    pub fn report(&self) -> Report<'_> {
+        Report(self)
+    }
+
     /// Attach the file, unless a more specific one is already known.
     pub fn in_file(mut self, path: impl AsRef<Path>) -> Self {
         if self.file.is_none() {
@@ -84,7 +102,8 @@ impl Error {
         self
     }
 
-    /// Exit status for the CLI: 2 for usage errors, 1 for everything else.
+    /// Exit status for the CLI: 2 for usage errors, 1 for everything else (bugs included: the
+    /// 0/1/2 contract has no status of its own for them).
     pub fn exit_code(&self) -> i32 {
         match self.kind {
             ErrorKind::Usage(_) => 2,
@@ -102,17 +121,48 @@ impl fmt::Display for Error {
         if let Some(tensor) = &self.tensor {
             write!(f, "{}: ", tensor.escape_debug())?;
         }
-        // One line, always: messages from JSON/YAML parsers may carry newlines.
-        let what = self.kind.to_string();
-        let mut first = true;
-        for part in what.lines() {
-            if !first {
-                f.write_str(" ")?;
-            }
-            f.write_str(part.trim())?;
-            first = false;
+        f.write_str(&one_line(&self.kind.to_string()))
+    }
+}
+
+/// One line, always: messages from JSON/YAML parsers may carry newlines (joined with a
+/// space) or other control characters (escaped), which would break the `error:` line.
+fn one_line(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for (i, part) in text.lines().enumerate() {
+        if i > 0 {
+            out.push(' ');
         }
-        Ok(())
+        for c in part.trim().chars() {
+            if c.is_control() {
+                out.extend(c.escape_default());
+            } else {
+                out.push(c);
+            }
+        }
+    }
+    out
+}
+
+/// [`Error::report`]: `<message>: <source>: <source's source>...`, on one line (for any
+/// error, so other error types can be reported the same way).
+pub struct Report<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl fmt::Display for Report<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut line = one_line(&self.0.to_string());
+        let mut next = self.0.source();
+        while let Some(e) = next {
+            let msg = one_line(&e.to_string());
+            // A wrapper that also prints its source in its own message (`#[error("{0}")]`
+            // with `#[from]`) would otherwise show it twice.
+            if !msg.is_empty() && !line.ends_with(&msg) {
+                line.push_str(": ");
+                line.push_str(&msg);
+            }
+            next = e.source();
+        }
+        f.write_str(&line)
     }
 }
 
@@ -157,5 +207,61 @@ impl<T, E: Into<Error>> Context<T> for std::result::Result<T, E> {
     }
     fn at_tensor(self, name: &str) -> Result<T> {
         self.map_err(|e| e.into().at_tensor(name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn enoent() -> io::Error {
+        io::Error::from_raw_os_error(libc::ENOENT)
+    }
+
+    #[test]
+    fn io_reason_is_a_source_shown_once() {
+        let e = Error::io("cannot open", enoent()).in_file("/m/x.safetensors");
+        assert_eq!(e.to_string(), "/m/x.safetensors: cannot open");
+        let src = std::error::Error::source(&e).expect("the OS error is the source");
+        assert_eq!(src.to_string(), enoent().to_string());
+        let line = e.report().to_string();
+        assert_eq!(line, format!("/m/x.safetensors: cannot open: {}", enoent()));
+        assert_eq!(line.matches("os error").count(), 1, "{line}");
+    }
+
+    #[test]
+    fn wrapped_parser_errors_are_not_repeated() {
+        let e = Error::from(IndexError::MissingWeightMap).in_file("i.json");
+        assert_eq!(e.report().to_string(), "i.json: index has no weight_map");
+        assert!(std::error::Error::source(&e).is_none());
+    }
+
+    #[test]
+    fn a_source_repeated_in_its_wrapper_is_shown_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("{0}")]
+        struct Wrapper(#[from] io::Error);
+        let w = Wrapper(enoent());
+        assert_eq!(Report(&w).to_string(), enoent().to_string());
+    }
+
+    #[test]
+    fn one_line_always() {
+        let e = Error::invalid("bad\n  yaml\tat\x1b[31m line 2").in_file("a\nb.yml");
+        let line = e.report().to_string();
+        assert!(!line.chars().any(|c| c.is_control()), "{line:?}");
+        assert_eq!(line, "a\\nb.yml: bad yaml\\tat\\u{1b}[31m line 2");
+    }
+
+    #[test]
+    fn internal_errors_say_they_are_bugs_and_exit_1() {
+        let e = Error::internal("3 bytes computed where the plan has 4");
+        assert_eq!(e.exit_code(), 1);
+        assert!(
+            e.to_string()
+                .starts_with("internal error (a bug in mergestream, please report it): 3 bytes")
+        );
+        assert_eq!(Error::usage("x").exit_code(), 2);
+        assert_eq!(Error::invalid("x").exit_code(), 1);
     }
 }

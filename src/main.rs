@@ -1,27 +1,27 @@
 //! The `mergestream` command line: parse arguments, build a plan, run it, report errors.
 //! Everything else lives in the library.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 use mergestream::dtype::DType;
-use mergestream::error::{Error, Result};
+use mergestream::error::Result;
 use mergestream::output;
 use mergestream::pipeline::reader::IoMode;
 use mergestream::pipeline::{INTERRUPTED, RunOptions, default_memory_limit};
 use mergestream::plan::Plan;
-use mergestream::plan::blockmerge::{
-    BlockMergeOptions, Operation, Schedule, YamlConfig, plan_blockmerge,
-};
+use mergestream::plan::blockmerge::plan_blockmerge;
+use mergestream::plan::blockmerge_args::BlockMergeArgs;
 use mergestream::plan::convert::{ConvertOptions, plan_convert};
-use mergestream::plan::gradient::parse_gradient_list;
+use mergestream::plan::gradient::GradientList;
 use mergestream::plan::lora::LoraSpec;
 use mergestream::plan::lora_merge::{LoraOptions, plan_lora};
 use mergestream::plan::mergekit::{MergeOptions, plan_merge};
-use mergestream::units::{human, parse_size};
+use mergestream::units::{ByteSize, human};
 
 #[derive(Parser)]
 #[command(
@@ -37,7 +37,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Gradient merge of two models with BlockMerge_Gradient's semantics (bit-exact by default).
-    Blockmerge(BlockMergeArgs),
+    Blockmerge(BlockMergeFlags),
     /// Apply a PEFT LoRA adapter to a model (PEFT merge_and_unload semantics).
     Lora(LoraArgs),
     /// Convert any checkpoint (PyTorch .bin, safetensors) to sharded safetensors.
@@ -56,16 +56,16 @@ enum Command {
 struct Common {
     /// Working-memory budget (e.g. 512MiB, 2GB); default: min(1 GiB, half the available RAM).
     #[arg(long)]
-    memory_limit: Option<String>,
+    memory_limit: Option<ByteSize>,
     /// Compute threads (default: one per core, plus one).
     #[arg(long)]
     threads: Option<usize>,
     /// How to read inputs: mmap, positional reads, or auto (read on network filesystems).
-    #[arg(long, value_parser = ["auto", "mmap", "read"], default_value = "auto")]
-    io: String,
+    #[arg(long, value_enum, default_value_t = Io::Auto)]
+    io: Io,
     /// Dtype of the output's float tensors (float16, bfloat16, float32).
-    #[arg(long)]
-    out_dtype: Option<String>,
+    #[arg(long, value_parser = float_dtype)]
+    out_dtype: Option<DType>,
     /// Replace an existing output.
     #[arg(long)]
     force: bool,
@@ -77,8 +77,33 @@ struct Common {
     quiet: bool,
 }
 
+/// `--io`, checked by clap; the library's [`IoMode`] stays free of CLI concerns.
+#[derive(Clone, Copy, ValueEnum)]
+enum Io {
+    /// mmap, except on network filesystems (NFS, SMB, FUSE), where positional reads.
+    Auto,
+    /// Map the inputs, releasing each chunk after use.
+    Mmap,
+    /// Positional reads only.
+    Read,
+}
+
+impl From<Io> for IoMode {
+    fn from(io: Io) -> IoMode {
+        match io {
+            Io::Auto => IoMode::Auto,
+            Io::Mmap => IoMode::Mmap,
+            Io::Read => IoMode::Read,
+        }
+    }
+}
+
+fn float_dtype(s: &str) -> std::result::Result<DType, String> {
+    DType::parse_float(s).ok_or_else(|| "expected float16, bfloat16 or float32".to_string())
+}
+
 #[derive(Args)]
-struct BlockMergeArgs {
+struct BlockMergeFlags {
     /// First model (the base; its extra vocab rows, config and tokenizer are kept).
     #[arg(long = "model_path1", alias = "model-path1")]
     model_path1: Option<PathBuf>,
@@ -94,7 +119,7 @@ struct BlockMergeArgs {
         alias = "gradient-values",
         allow_hyphen_values = true
     )]
-    gradient_values: Option<String>,
+    gradient_values: Option<GradientList>,
     /// Only blend tensors whose names contain "layer".
     #[arg(long = "layer_only", alias = "layer-only")]
     layer_only: bool,
@@ -104,9 +129,9 @@ struct BlockMergeArgs {
     /// Only blend tensors whose names contain this string.
     #[arg(long = "custom_filter", alias = "custom-filter")]
     custom_filter: Option<String>,
-    /// Output shard size (2000MiB, 5GB, 5B ...).
+    /// Output shard size (2000MiB, 5GB, 5B ...; default 2000MiB, or the config's).
     #[arg(long = "max_shard_size", alias = "max-shard-size")]
-    max_shard_size: Option<String>,
+    max_shard_size: Option<ByteSize>,
     /// BlockMerge_Gradient's YAML edition: model paths and a list of operations.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -151,9 +176,13 @@ struct LoraArgs {
     /// Output folder.
     #[arg(long, short = 'o')]
     output: PathBuf,
-    /// Output shard size (default 5GB, as transformers).
-    #[arg(long = "max-shard-size", alias = "max_shard_size")]
-    max_shard_size: Option<String>,
+    /// Output shard size (2000MiB, 5GB, bytes ...; the default is transformers').
+    #[arg(
+        long = "max-shard-size",
+        alias = "max_shard_size",
+        default_value = "5GB"
+    )]
+    max_shard_size: ByteSize,
     #[command(flatten)]
     common: Common,
 }
@@ -165,11 +194,15 @@ struct ConvertArgs {
     /// Output folder.
     output: PathBuf,
     /// Write float tensors in this dtype (float16, bfloat16, float32); default as stored.
-    #[arg(long)]
-    dtype: Option<String>,
-    /// Output shard size (default 5GB, as transformers).
-    #[arg(long = "max-shard-size", alias = "max_shard_size")]
-    max_shard_size: Option<String>,
+    #[arg(long, value_parser = float_dtype)]
+    dtype: Option<DType>,
+    /// Output shard size (2000MiB, 5GB, bytes ...; the default is transformers').
+    #[arg(
+        long = "max-shard-size",
+        alias = "max_shard_size",
+        default_value = "5GB"
+    )]
+    max_shard_size: ByteSize,
     #[command(flatten)]
     common: Common,
 }
@@ -180,9 +213,13 @@ struct MergeArgs {
     config: PathBuf,
     /// Output folder.
     out: PathBuf,
-    /// Output shard size in bytes; K, M, B suffixes as mergekit (default 5B).
-    #[arg(long = "out-shard-size", aliases = ["out_shard_size", "max-shard-size"])]
-    out_shard_size: Option<String>,
+    /// Output shard size in bytes; K, M, B suffixes as mergekit (the default is mergekit's).
+    #[arg(
+        long = "out-shard-size",
+        aliases = ["out_shard_size", "max-shard-size"],
+        default_value = "5B"
+    )]
+    out_shard_size: ByteSize,
     /// Copy the base model's tokenizer files (default).
     #[arg(long, overrides_with = "no_copy_tokenizer")]
     copy_tokenizer: bool,
@@ -237,7 +274,7 @@ struct MergeArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|e| as_typed(e, std::env::args_os()).exit());
     // First signal: stop cleanly (the pipeline notices, the temporary folder is removed).
     // Second signal: the user insists; leave at once.
     let _ = ctrlc::set_handler(|| {
@@ -250,9 +287,79 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", e.report());
             ExitCode::from(e.exit_code() as u8)
         }
+    }
+}
+
+/// clap names a flag by its main spelling; name it as the user typed it (`--max-shard-size`
+/// for blockmerge's `--max_shard_size`, `-j` for `--num-threads`), so the user finds it in
+/// the command they wrote.
+fn as_typed(mut err: clap::Error, argv: impl Iterator<Item = OsString>) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if !matches!(
+        err.kind(),
+        ErrorKind::InvalidValue | ErrorKind::ValueValidation
+    ) {
+        return err;
+    }
+    let (Some(ContextValue::String(arg)), Some(ContextValue::String(value))) = (
+        err.get(ContextKind::InvalidArg),
+        err.get(ContextKind::InvalidValue),
+    ) else {
+        return err;
+    };
+    let (arg, value) = (arg.clone(), value.clone());
+    let (named, rest) = arg.split_once(' ').unwrap_or((&arg, ""));
+    let args: Vec<String> = argv
+        .skip(1)
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let cmd = Cli::command();
+    let Some(sub) = args.first().and_then(|name| cmd.find_subcommand(name)) else {
+        return err;
+    };
+    let is_named = |a: &&clap::Arg| {
+        a.get_long().is_some_and(|l| named == format!("--{l}"))
+            || a.get_short().is_some_and(|c| named == format!("-{c}"))
+    };
+    let Some(flag) = sub.get_arguments().find(is_named) else {
+        return err;
+    };
+    let longs = flag
+        .get_long()
+        .into_iter()
+        .chain(flag.get_all_aliases().unwrap_or_default());
+    let shorts = flag
+        .get_short()
+        .into_iter()
+        .chain(flag.get_all_short_aliases().unwrap_or_default());
+    let spellings: Vec<(String, bool)> = longs
+        .map(|l| (format!("--{l}"), false))
+        .chain(shorts.map(|c| (format!("-{c}"), true)))
+        .collect();
+    // `--flag value`, `--flag=value`, `-jvalue`.
+    let typed = args.iter().enumerate().find_map(|(i, t)| {
+        spellings.iter().find_map(|(s, short)| {
+            let rest = t.strip_prefix(s.as_str())?;
+            let ok = (rest.is_empty() && args.get(i + 1) == Some(&value))
+                || rest.strip_prefix('=') == Some(value.as_str())
+                || (*short && rest == value);
+            ok.then(|| s.clone())
+        })
+    });
+    match typed {
+        Some(t) if t != named => {
+            let shown = if rest.is_empty() {
+                t
+            } else {
+                format!("{t} {rest}")
+            };
+            err.insert(ContextKind::InvalidArg, ContextValue::String(shown));
+            err
+        }
+        _ => err,
     }
 }
 
@@ -262,23 +369,32 @@ fn run(cli: Cli) -> Result<()> {
             print!("{}", mergestream::inspect::inspect(&path)?);
             Ok(())
         }
-        Command::Blockmerge(args) => {
-            let (plan, out) = blockmerge_plan(&args)?;
-            execute(&plan, &out, &args.common)
+        Command::Blockmerge(a) => {
+            let lora = |path: Option<PathBuf>, weight| path.map(|path| LoraSpec { path, weight });
+            let run = BlockMergeArgs {
+                model_path1: a.model_path1,
+                model_path2: a.model_path2,
+                output_model_path: a.output_model_path,
+                gradient_values: a.gradient_values.map(|g| g.0),
+                layer_only: a.layer_only,
+                no_layers: a.no_layers,
+                custom_filter: a.custom_filter,
+                max_shard_size: a.max_shard_size.map(ByteSize::bytes),
+                config: a.config,
+                precise: a.precise,
+                out_dtype: a.common.out_dtype,
+                lora1: lora(a.lora1, a.lora1_weight),
+                lora2: lora(a.lora2, a.lora2_weight),
+            }
+            .resolve()?;
+            let plan = plan_blockmerge(&run.options)?;
+            execute(&plan, &run.output, &a.common)
         }
         Command::Convert(args) => {
-            let dtype = match args.dtype.as_deref().or(args.common.out_dtype.as_deref()) {
-                Some(s) => Some(DType::parse_float(s).ok_or_else(|| {
-                    Error::usage(format!(
-                        "--dtype `{s}`: expected float16, bfloat16 or float32"
-                    ))
-                })?),
-                None => None,
-            };
             let plan = plan_convert(&ConvertOptions {
                 input: args.input.clone(),
-                dtype,
-                max_shard_size: shard_size(args.max_shard_size.as_deref(), "5GB")?,
+                dtype: args.dtype.or(args.common.out_dtype),
+                max_shard_size: args.max_shard_size.bytes(),
             })?;
             execute(&plan, &args.output, &args.common)
         }
@@ -307,13 +423,13 @@ fn run(cli: Cli) -> Result<()> {
             }
             let plan = plan_merge(&MergeOptions {
                 config_path: args.config.clone(),
-                max_shard_size: shard_size(args.out_shard_size.as_deref(), "5B")?,
+                max_shard_size: args.out_shard_size.bytes(),
                 allow_crimes: args.allow_crimes,
                 copy_tokenizer: !args.no_copy_tokenizer,
                 write_model_card: !args.no_write_model_card,
                 random_seed: args.random_seed,
                 truncate_embeddings: args.unsafe_truncate_embeddings,
-                out_dtype: out_dtype(&args.common)?,
+                out_dtype: args.common.out_dtype,
             })?;
             let mut common = args.common;
             if common.threads.is_none() {
@@ -328,104 +444,18 @@ fn run(cli: Cli) -> Result<()> {
                     path: args.lora.clone(),
                     weight: args.weight,
                 },
-                max_shard_size: shard_size(args.max_shard_size.as_deref(), "5GB")?,
-                out_dtype: out_dtype(&args.common)?,
+                max_shard_size: args.max_shard_size.bytes(),
+                out_dtype: args.common.out_dtype,
             })?;
             execute(&plan, &args.output, &args.common)
         }
     }
 }
 
-fn shard_size(given: Option<&str>, default: &str) -> Result<u64> {
-    parse_size(given.unwrap_or(default)).map_err(|e| Error::usage(format!("--max-shard-size: {e}")))
-}
-
-fn out_dtype(c: &Common) -> Result<Option<DType>> {
-    c.out_dtype
-        .as_deref()
-        .map(|s| {
-            DType::parse_float(s).ok_or_else(|| {
-                Error::usage(format!(
-                    "--out-dtype `{s}`: expected float16, bfloat16 or float32"
-                ))
-            })
-        })
-        .transpose()
-}
-
-fn blockmerge_plan(a: &BlockMergeArgs) -> Result<(Plan, PathBuf)> {
-    let yaml = a.config.as_deref().map(YamlConfig::load).transpose()?;
-    let lora = |p: &Option<PathBuf>, w: f64| p.clone().map(|path| LoraSpec { path, weight: w });
-    let (model1, model2, out, shard, schedule) = match yaml {
-        Some(cfg) => {
-            if a.gradient_values.is_some() {
-                return Err(Error::usage("--gradient_values and --config are exclusive"));
-            }
-            let shard = a
-                .max_shard_size
-                .as_deref()
-                .map(|s| shard_size(Some(s), ""))
-                .transpose()?
-                .or(cfg.max_shard_size_bytes(a.config.as_deref().unwrap_or(Path::new("")))?);
-            (
-                a.model_path1.clone().unwrap_or(cfg.model_path1),
-                a.model_path2.clone().unwrap_or(cfg.model_path2),
-                a.output_model_path.clone().or(cfg.output_model_path),
-                shard,
-                Schedule::Operations(cfg.operations),
-            )
-        }
-        None => {
-            let need = |v: &Option<PathBuf>, flag: &str| {
-                v.clone()
-                    .ok_or_else(|| Error::usage(format!("{flag} is required (or --config)")))
-            };
-            let text = a
-                .gradient_values
-                .as_deref()
-                .ok_or_else(|| Error::usage("--gradient_values is required (or --config)"))?;
-            let values = parse_gradient_list(text)
-                .map_err(|e| Error::invalid(format!("--gradient_values: {e}")))?;
-            (
-                need(&a.model_path1, "--model_path1")?,
-                need(&a.model_path2, "--model_path2")?,
-                a.output_model_path.clone(),
-                a.max_shard_size
-                    .as_deref()
-                    .map(|s| shard_size(Some(s), ""))
-                    .transpose()?,
-                Schedule::Gradient(Operation {
-                    operation: String::new(),
-                    filter: a.custom_filter.clone(),
-                    gradient_values: values,
-                    layer_only: a.layer_only,
-                    no_layers: a.no_layers,
-                }),
-            )
-        }
-    };
-    let out = out.ok_or_else(|| Error::usage("--output_model_path is required"))?;
-    let plan = plan_blockmerge(&BlockMergeOptions {
-        model1,
-        model2,
-        schedule,
-        max_shard_size: match shard {
-            Some(s) => s,
-            None => shard_size(None, "2000MiB")?,
-        },
-        precise: a.precise,
-        out_dtype: out_dtype(&a.common)?,
-        lora1: lora(&a.lora1, a.lora1_weight),
-        lora2: lora(&a.lora2, a.lora2_weight),
-    })?;
-    Ok((plan, out))
-}
-
-fn execute(plan: &Plan, out: &std::path::Path, c: &Common) -> Result<()> {
-    let memory_limit = match &c.memory_limit {
-        Some(s) => parse_size(s).map_err(|e| Error::usage(format!("--memory-limit: {e}")))?,
-        None => default_memory_limit(),
-    };
+fn execute(plan: &Plan, out: &Path, c: &Common) -> Result<()> {
+    let memory_limit = c
+        .memory_limit
+        .map_or_else(default_memory_limit, ByteSize::bytes);
     if c.dry_run {
         let estimate = mergestream::pipeline::chunking::peak_memory_estimate(plan, memory_limit);
         print!("{}", plan.describe(estimate, memory_limit));
@@ -437,11 +467,7 @@ fn execute(plan: &Plan, out: &std::path::Path, c: &Common) -> Result<()> {
             .threads
             .unwrap_or_else(mergestream::pipeline::default_threads)
             .max(1),
-        io: match c.io.as_str() {
-            "mmap" => IoMode::Mmap,
-            "read" => IoMode::Read,
-            _ => IoMode::Auto,
-        },
+        io: c.io.into(),
         progress: !c.quiet,
     };
     let stats = output::run(plan, out, c.force, &opts)?;

@@ -47,6 +47,24 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     Ok(bytes as u64)
 }
 
+/// A size as users write it, parsed by [`parse_size`] (so a command-line parser can check it
+/// before anything is opened).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn bytes(self) -> u64 {
+        self.0
+    }
+}
+
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        parse_size(s).map(ByteSize)
+    }
+}
+
 /// Human-readable size for messages and the dry-run plan.
 pub fn human(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -80,6 +98,13 @@ mod tests {
         assert!(parse_size("12 parsecs").is_err());
         assert!(parse_size("0").is_err());
         assert!(parse_size("").is_err());
+    }
+
+    #[test]
+    fn byte_size_from_str() {
+        assert_eq!("2000MiB".parse::<ByteSize>().unwrap().bytes(), 2000 << 20);
+        let e = "5Q".parse::<ByteSize>().unwrap_err();
+        assert!(e.contains("unknown unit `Q`"), "{e}");
     }
 
     #[test]

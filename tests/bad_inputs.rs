@@ -298,7 +298,14 @@ fn gradient_list_empty_or_not_numbers() {
         ("[0.5, abc]", "`abc` is not a number"),
     ] {
         let o = blockmerge(&golden(), "models/base", "models/other", &out, g, &[]);
-        assert_clean_failure(&o, &out, &["--gradient_values", msg]);
+        // A bad flag value is a usage error (exit 2), reported by the flag parser.
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains("'--gradient_values <") && err.contains(msg),
+            "{err}"
+        );
+        assert!(!out.exists());
     }
 }
 

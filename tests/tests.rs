@@ -5,6 +5,7 @@ mod common;
 mod torch_common;
 
 mod bad_inputs;
+mod cli;
 mod golden_blockmerge;
 mod golden_lora;
 mod golden_mergekit;

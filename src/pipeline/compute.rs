@@ -89,9 +89,7 @@ pub(crate) fn run_streamed(io: &StreamIo<'_>, si: usize, chunk_rows: u64) -> Res
         method: Method::Mergekit(recipe),
     } = &step.recipe
     else {
-        return Err(Error::invalid(
-            "internal: only mergekit methods are streamed",
-        ));
+        return Err(Error::internal("only mergekit methods are streamed"));
     };
     let cols = step.row_elems() as usize;
     let load = |rows: Range<u64>| -> Result<Vec<Vec<f32>>> {
@@ -112,8 +110,8 @@ pub(crate) fn run_streamed(io: &StreamIo<'_>, si: usize, chunk_rows: u64) -> Res
     let emit = |rows: Range<u64>, values: &[f32]| -> Result<()> {
         let bytes = encode(step.dtype, values);
         if bytes.len() as u64 != chunk_len(step, &rows) {
-            return Err(Error::invalid(format!(
-                "internal error: {} bytes computed where the plan has {}",
+            return Err(Error::internal(format!(
+                "{} bytes computed where the plan has {}",
                 bytes.len(),
                 chunk_len(step, &rows)
             )));

@@ -158,8 +158,8 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &RunOptions) -> Result<RunStats> {
             Out::Copied(b) => b,
         };
         if bytes.len() as u64 != w.expected {
-            return Err(Error::invalid(format!(
-                "internal error: {} bytes computed where the plan has {}",
+            return Err(Error::internal(format!(
+                "{} bytes computed where the plan has {}",
                 bytes.len(),
                 w.expected
             ))

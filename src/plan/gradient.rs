@@ -97,6 +97,18 @@ pub fn parse_gradient_list(text: &str) -> Result<Vec<f64>, String> {
     Ok(out)
 }
 
+/// A gradient list as users pass it, parsed by [`parse_gradient_list`] (so a command-line
+/// parser can check it before anything is opened).
+#[derive(Clone, Debug, PartialEq)]
+pub struct GradientList(pub Vec<f64>);
+
+impl std::str::FromStr for GradientList {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        parse_gradient_list(s).map(GradientList)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,6 +6,7 @@
 //! in any order. `--dry-run` prints the plan.
 
 pub mod blockmerge;
+pub mod blockmerge_args;
 pub mod convert;
 pub mod gradient;
 pub mod layout;
