@@ -36,7 +36,7 @@ fn to_f32(bytes: &[u8], dtype: DType, n: usize) -> Vec<f32> {
 /// Why a LoRA product cannot be computed with the given shapes: the plan checks them
 /// against the weight, so this is a bug, but the GEMM below must never see them.
 fn shape_error(what: String) -> Error {
-    Error::invalid(format!("internal error: LoRA product with {what}"))
+    Error::internal(format!("LoRA product with {what}"))
 }
 
 /// Δ for rows `r0..r0+nrows` of the weight, written row-major into `delta` (nrows × cols).

@@ -3,7 +3,9 @@
 use std::sync::Arc;
 
 use super::arith::D;
-use super::method::{Capability, MergeMethod, Need, Param, Resolved, Scope, TensorMerge};
+use super::method::{
+    Capability, MergeMethod, Need, Param, PrepareError, Resolved, Scope, TensorMerge,
+};
 use crate::methods::torch_compat as tc;
 
 pub struct Linear;
@@ -25,7 +27,7 @@ impl MergeMethod for Linear {
         false
     }
 
-    fn prepare(&self, p: &Resolved) -> Result<Arc<dyn TensorMerge>, String> {
+    fn prepare(&self, p: &Resolved) -> Result<Arc<dyn TensorMerge>, PrepareError> {
         let weights = (0..p.inputs)
             .map(|i| p.need_input_number(i, "weight").map(|w| w as f32))
             .collect::<Result<_, _>>()?;

@@ -112,7 +112,22 @@ pub trait MergeMethod: Sync {
     }
     /// The arithmetic of one tensor with its resolved parameters; an error message for
     /// values the method cannot use.
-    fn prepare(&self, p: &Resolved) -> std::result::Result<Arc<dyn TensorMerge>, String>;
+    fn prepare(&self, p: &Resolved) -> std::result::Result<Arc<dyn TensorMerge>, PrepareError>;
+}
+
+/// Why a method cannot merge a tensor with its resolved parameters.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PrepareError {
+    /// The config's values cannot be used (the message says why).
+    Invalid(String),
+    /// The method reads a parameter it does not declare: a bug in the method.
+    Undeclared { method: &'static str, name: String },
+}
+
+impl From<String> for PrepareError {
+    fn from(msg: String) -> Self {
+        PrepareError::Invalid(msg)
+    }
 }
 
 /// One tensor's merge: typed parameters and the arithmetic.
@@ -207,16 +222,20 @@ impl Resolved {
 
     /// A parameter the method declared with a default or as required: the planner always
     /// resolves those, so its absence is a bug in the method's declaration.
-    pub fn need_number(&self, name: &str) -> std::result::Result<f64, String> {
+    pub fn need_number(&self, name: &str) -> std::result::Result<f64, PrepareError> {
         self.number(name)
             .ok_or_else(|| undeclared(self.method, name))
     }
 
-    pub fn need_flag(&self, name: &str) -> std::result::Result<bool, String> {
+    pub fn need_flag(&self, name: &str) -> std::result::Result<bool, PrepareError> {
         self.flag(name).ok_or_else(|| undeclared(self.method, name))
     }
 
-    pub fn need_input_number(&self, input: usize, name: &str) -> std::result::Result<f64, String> {
+    pub fn need_input_number(
+        &self,
+        input: usize,
+        name: &str,
+    ) -> std::result::Result<f64, PrepareError> {
         self.input_number(input, name)
             .ok_or_else(|| undeclared(self.method, name))
     }
@@ -255,6 +274,9 @@ impl Resolved {
     }
 }
 
-fn undeclared(method: &str, name: &str) -> String {
-    format!("internal error: {method} reads parameter `{name}`, which it does not declare")
+fn undeclared(method: &'static str, name: &str) -> PrepareError {
+    PrepareError::Undeclared {
+        method,
+        name: name.to_string(),
+    }
 }

@@ -32,7 +32,8 @@ use std::sync::Arc;
 use crate::dtype::DType;
 pub use arith::D;
 pub use method::{
-    Capability, InputCount, Kind, MergeMethod, Need, Param, Resolved, Scope, TensorMerge, Value,
+    Capability, InputCount, Kind, MergeMethod, Need, Param, PrepareError, Resolved, Scope,
+    TensorMerge, Value,
 };
 pub use stream::StreamCtx;
 
@@ -132,5 +133,80 @@ mod tests {
         assert!(find("ties").is_some());
         assert!(find("frobnicate").is_none());
         assert!(names().starts_with("linear, slerp, nuslerp"));
+    }
+
+    /// Resolve every declared parameter (required ones with a plausible value) for a slice
+    /// the method accepts.
+    fn resolved_for(m: &dyn MergeMethod) -> Resolved {
+        let shapes = [
+            (1, None),
+            (2, Some(0)),
+            (3, Some(2)),
+            (3, None),
+            (4, Some(0)),
+        ];
+        let (n, base) = shapes
+            .into_iter()
+            .find(|&(n, base): &(usize, Option<usize>)| {
+                (base.is_some() || !m.needs_base())
+                    && m.check_inputs(InputCount {
+                        total: n,
+                        others: n - usize::from(base.is_some()),
+                    })
+                    .is_ok()
+            })
+            .expect("some slice shape is accepted");
+        let mut r = Resolved::new(m.name(), base, n, 7);
+        for p in m.params() {
+            let value = match (p.need, p.kind) {
+                (Need::Default(v), _) => Some(v),
+                (Need::Optional, _) => None,
+                (_, Kind::Number) => Some(Value::Number(0.5)),
+                (_, Kind::Flag) => Some(Value::Flag(false)),
+            };
+            for v in value {
+                match p.scope {
+                    Scope::Tensor => r.set(p.name, v),
+                    Scope::Input => (0..n).for_each(|i| r.set_input(i, p.name, v)),
+                }
+            }
+        }
+        r
+    }
+
+    #[test]
+    fn every_method_reads_only_what_it_declares_and_merges() {
+        for m in METHODS {
+            let r = resolved_for(*m);
+            let merge = m
+                .prepare(&r)
+                .unwrap_or_else(|e| panic!("{}: {e:?}", m.name()));
+            // Two rows of three: every method gives one value per element.
+            let xs: Vec<Vec<f32>> = (0..r.inputs)
+                .map(|i| (0..6).map(|j| (i * 6 + j) as f32 * 0.25 - 1.0).collect())
+                .collect();
+            let out = merge.merge(&xs, 2, 3, D(DType::F32));
+            assert_eq!(out.len(), 6, "{}", m.name());
+            assert!(out.iter().all(|v| v.is_finite()), "{}: {out:?}", m.name());
+        }
+    }
+
+    #[test]
+    fn a_parameter_read_but_not_declared_is_reported_as_a_bug() {
+        let r = Resolved::new("linear", None, 2, 0);
+        assert_eq!(
+            r.need_number("t"),
+            Err(PrepareError::Undeclared {
+                method: "linear",
+                name: "t".into()
+            })
+        );
+        assert_eq!(
+            linear::Linear.prepare(&r).err(),
+            Some(PrepareError::Undeclared {
+                method: "linear",
+                name: "weight".into()
+            })
+        );
     }
 }

@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use super::arith::D;
-use super::method::{Capability, InputCount, MergeMethod, Param, Resolved, TensorMerge};
+use super::method::{
+    Capability, InputCount, MergeMethod, Param, PrepareError, Resolved, TensorMerge,
+};
 use super::stream::{StreamCtx, sum_sq};
 use crate::error::Result;
 
@@ -31,7 +33,7 @@ impl MergeMethod for ModelStock {
         Ok(())
     }
 
-    fn prepare(&self, p: &Resolved) -> std::result::Result<Arc<dyn TensorMerge>, String> {
+    fn prepare(&self, p: &Resolved) -> std::result::Result<Arc<dyn TensorMerge>, PrepareError> {
         let base = p.base.unwrap_or(0);
         Ok(Arc::new(ModelStockMerge {
             base,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::arith::D;
 use super::method::{
-    Capability, InputCount, MergeMethod, Need, Param, Resolved, Scope, TensorMerge,
+    Capability, InputCount, MergeMethod, Need, Param, PrepareError, Resolved, Scope, TensorMerge,
 };
 use super::stream::StreamCtx;
 use crate::error::Result;
@@ -38,10 +38,12 @@ impl MergeMethod for NuSlerp {
         Ok(())
     }
 
-    fn prepare(&self, p: &Resolved) -> std::result::Result<Arc<dyn TensorMerge>, String> {
+    fn prepare(&self, p: &Resolved) -> std::result::Result<Arc<dyn TensorMerge>, PrepareError> {
         let others = p.others();
         let [i0, i1] = others[..] else {
-            return Err("nuslerp merges exactly two models besides the base".into());
+            return Err(PrepareError::Invalid(
+                "nuslerp merges exactly two models besides the base".into(),
+            ));
         };
         let (w0, w1) = (
             p.need_input_number(i0, "weight")?,

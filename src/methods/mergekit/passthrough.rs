@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::arith::D;
 use super::method::{
-    Capability, InputCount, MergeMethod, Need, Param, Resolved, Scope, TensorMerge,
+    Capability, InputCount, MergeMethod, Need, Param, PrepareError, Resolved, Scope, TensorMerge,
 };
 
 pub struct Passthrough;
@@ -31,7 +31,7 @@ impl MergeMethod for Passthrough {
         Ok(())
     }
 
-    fn prepare(&self, p: &Resolved) -> Result<Arc<dyn TensorMerge>, String> {
+    fn prepare(&self, p: &Resolved) -> Result<Arc<dyn TensorMerge>, PrepareError> {
         Ok(Arc::new(PassthroughMerge {
             scale: p.input_number(0, "scale").map(|s| s as f32),
         }))

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::arith::D;
 use super::method::{
-    Capability, InputCount, MergeMethod, Need, Param, Resolved, Scope, TensorMerge,
+    Capability, InputCount, MergeMethod, Need, Param, PrepareError, Resolved, Scope, TensorMerge,
 };
 use super::stream::{StreamCtx, sum_sq};
 use crate::dtype::DType;
@@ -35,7 +35,7 @@ impl MergeMethod for Slerp {
         Ok(())
     }
 
-    fn prepare(&self, p: &Resolved) -> std::result::Result<Arc<dyn TensorMerge>, String> {
+    fn prepare(&self, p: &Resolved) -> std::result::Result<Arc<dyn TensorMerge>, PrepareError> {
         let v0 = p.base.unwrap_or(0);
         Ok(Arc::new(SlerpMerge {
             t: p.need_number("t")? as f32,

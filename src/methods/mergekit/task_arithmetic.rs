@@ -7,7 +7,9 @@
 use std::sync::Arc;
 
 use super::arith::D;
-use super::method::{Capability, MergeMethod, Need, Param, Resolved, Scope, TensorMerge, Value};
+use super::method::{
+    Capability, MergeMethod, Need, Param, PrepareError, Resolved, Scope, TensorMerge, Value,
+};
 use super::sparsify::{Sparsify, masked, sparsify};
 use super::stream::StreamCtx;
 use crate::error::Result;
@@ -124,7 +126,7 @@ impl MergeMethod for TaskArithmetic {
         true
     }
 
-    fn prepare(&self, p: &Resolved) -> std::result::Result<Arc<dyn TensorMerge>, String> {
+    fn prepare(&self, p: &Resolved) -> std::result::Result<Arc<dyn TensorMerge>, PrepareError> {
         let base = p.base.unwrap_or(0);
         let number =
             |i: usize, name: &str, default: f64| p.input_number(i, name).unwrap_or(default);
@@ -147,10 +149,10 @@ impl MergeMethod for TaskArithmetic {
                 && input.density > 0.0
                 && (input.density + input.epsilon >= 1.0 || input.density - input.epsilon <= 0.0)
             {
-                return Err(format!(
+                return Err(PrepareError::Invalid(format!(
                     "della needs density ± epsilon inside (0, 1); got density {} and epsilon {}",
                     input.density, input.epsilon
-                ));
+                )));
             }
             inputs.push(input);
         }

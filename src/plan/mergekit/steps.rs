@@ -7,7 +7,7 @@ use std::path::Path;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::methods::mergekit::{
-    Kind, MergeMethod, MergekitRecipe, Need, Param, Resolved, Scope, Value,
+    Kind, MergeMethod, MergekitRecipe, Need, Param, PrepareError, Resolved, Scope, Value,
 };
 use crate::plan::{Method, Operand, Recipe, Step, TensorRef};
 
@@ -233,7 +233,13 @@ fn tensor_recipe(
             }
         }
     }
-    let merge = method.prepare(&resolved).map_err(tensor_err)?;
+    let merge = method.prepare(&resolved).map_err(|e| match e {
+        PrepareError::Invalid(msg) => tensor_err(msg),
+        PrepareError::Undeclared { method, name } => Error::internal(format!(
+            "{method} reads parameter `{name}`, which it does not declare"
+        ))
+        .at_tensor(&p.out),
+    })?;
     Ok(MergekitRecipe {
         method: method.name(),
         params: resolved.describe(),
