@@ -164,7 +164,7 @@ mod tests {
                 (_, Kind::Number) => Some(Value::Number(0.5)),
                 (_, Kind::Flag) => Some(Value::Flag(false)),
             };
-            for v in value {
+            if let Some(v) = value {
                 match p.scope {
                     Scope::Tensor => r.set(p.name, v),
                     Scope::Input => (0..n).for_each(|i| r.set_input(i, p.name, v)),
