@@ -16,7 +16,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::plan::gradient::blockmerge_ratios;
-use crate::plan::layout::{LayoutItem, lay_out};
+use crate::plan::layout::place;
 use crate::plan::lora::{AdapterEffect, LoraSpec, open_adapter, resolve};
 use crate::plan::order::sort_module_order;
 use crate::plan::{Method, Operand, OutputFiles, Plan, Recipe, Step, TensorRef};
@@ -334,25 +334,6 @@ pub fn plan_blockmerge(opts: &BlockMergeOptions) -> Result<Plan> {
         shards,
         outputs,
     })
-}
-
-/// Assign shards and offsets to steps (in their order).
-pub fn place(steps: &mut [Step], max_shard_size: u64) -> Vec<crate::plan::Shard> {
-    let items: Vec<LayoutItem<'_>> = steps
-        .iter()
-        .map(|s| LayoutItem {
-            name: &s.name,
-            dtype: s.dtype,
-            shape: &s.shape,
-            len: s.len,
-        })
-        .collect();
-    let (shards, placements) = lay_out(&items, max_shard_size, "model");
-    for (s, p) in steps.iter_mut().zip(placements) {
-        s.shard = p.shard;
-        s.offset = p.offset;
-    }
-    shards
 }
 
 /// Both models must hold the same tensors with the same shapes, but for the vocab rule.

@@ -7,6 +7,7 @@
 
 use crate::dtype::DType;
 use crate::format::safetensors::{OutEntry, write_header};
+use crate::plan::Step;
 
 /// One output shard file.
 #[derive(Clone, Debug, PartialEq)]
@@ -32,6 +33,25 @@ pub struct Placement {
     pub shard: usize,
     /// Absolute offset in the shard file.
     pub offset: u64,
+}
+
+/// Assign shards and offsets to steps (in their order).
+pub fn place(steps: &mut [Step], max_shard_size: u64) -> Vec<Shard> {
+    let items: Vec<LayoutItem<'_>> = steps
+        .iter()
+        .map(|s| LayoutItem {
+            name: &s.name,
+            dtype: s.dtype,
+            shape: &s.shape,
+            len: s.len,
+        })
+        .collect();
+    let (shards, placements) = lay_out(&items, max_shard_size, "model");
+    for (s, p) in steps.iter_mut().zip(placements) {
+        s.shard = p.shard;
+        s.offset = p.offset;
+    }
+    shards
 }
 
 /// Lay out `items` (in output order) into shards of at most `max_shard_size` bytes of data.

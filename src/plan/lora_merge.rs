@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::model::Model;
-use crate::plan::blockmerge::place;
+use crate::plan::layout::place;
 use crate::plan::lora::{LoraSpec, open_adapter, resolve};
 use crate::plan::order::sort_module_order;
 use crate::plan::outputs::TOKENIZER_FILES;

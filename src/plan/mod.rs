@@ -121,7 +121,7 @@ pub struct Step {
 }
 
 impl Step {
-    /// A step not yet placed in a shard ([`blockmerge::place`] assigns shard and offset).
+    /// A step not yet placed in a shard ([`layout::place`] assigns shard and offset).
     pub fn new(name: String, dtype: DType, shape: Vec<u64>, recipe: Recipe) -> Step {
         // Shapes come from validated headers, whose byte sizes do not overflow.
         let len = shape.iter().product::<u64>() * dtype.bits() / 8;

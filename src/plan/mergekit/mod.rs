@@ -21,7 +21,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::methods::mergekit as methods;
 use crate::plan::Plan;
-use crate::plan::blockmerge::place;
+use crate::plan::layout::place;
 use card::output_files;
 use config::MergeConfig;
 use inputs::{architecture, open_models};
