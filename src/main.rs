@@ -2,9 +2,11 @@
 //! Everything else lives in the library.
 
 use std::ffi::OsString;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
@@ -12,7 +14,7 @@ use mergestream::dtype::DType;
 use mergestream::error::Result;
 use mergestream::output;
 use mergestream::pipeline::reader::IoMode;
-use mergestream::pipeline::{INTERRUPTED, RunOptions, default_memory_limit};
+use mergestream::pipeline::{RunOptions, default_memory_limit};
 use mergestream::plan::Plan;
 use mergestream::plan::blockmerge::plan_blockmerge;
 use mergestream::plan::blockmerge_args::BlockMergeArgs;
@@ -273,18 +275,44 @@ struct MergeArgs {
     common: Common,
 }
 
+impl Cli {
+    /// Whether the command asked for no chatter on stderr.
+    fn quiet(&self) -> bool {
+        match &self.command {
+            Command::Blockmerge(a) => a.common.quiet,
+            Command::Lora(a) => a.common.quiet,
+            Command::Convert(a) => a.common.quiet,
+            Command::Merge(a) => a.common.quiet,
+            Command::Inspect { .. } => false,
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::try_parse().unwrap_or_else(|e| as_typed(e, std::env::args_os()).exit());
     // First signal: stop cleanly (the pipeline notices, the temporary folder is removed).
-    // Second signal: the user insists; leave at once.
-    let _ = ctrlc::set_handler(|| {
-        if INTERRUPTED.swap(true, Ordering::SeqCst) {
+    // Second signal: the user insists; leave at once. Writes to stderr may fail (a closed
+    // pipe): ignored, never a panic.
+    let cancel = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&cancel);
+    let quiet = cli.quiet();
+    let _ = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
             output::abandon();
-            eprintln!("error: interrupted twice; stopped at once, nothing was written");
+            let _ = writeln!(
+                std::io::stderr(),
+                "error: interrupted twice; stopped at once, nothing was written"
+            );
             std::process::exit(130);
         }
+        if !quiet {
+            let _ = writeln!(
+                std::io::stderr(),
+                "interrupted: stopping, nothing will be written (interrupt again to stop at once)"
+            );
+        }
     });
-    match run(cli) {
+    match run(cli, cancel) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", e.report());
@@ -363,7 +391,7 @@ fn as_typed(mut err: clap::Error, argv: impl Iterator<Item = OsString>) -> clap:
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<()> {
     match cli.command {
         Command::Inspect { path } => {
             print!("{}", mergestream::inspect::inspect(&path)?);
@@ -388,7 +416,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             .resolve()?;
             let plan = plan_blockmerge(&run.options)?;
-            execute(&plan, &run.output, &a.common)
+            execute(&plan, &run.output, &a.common, &cancel)
         }
         Command::Convert(args) => {
             let plan = plan_convert(&ConvertOptions {
@@ -396,7 +424,7 @@ fn run(cli: Cli) -> Result<()> {
                 dtype: args.dtype.or(args.common.out_dtype),
                 max_shard_size: args.max_shard_size.bytes(),
             })?;
-            execute(&plan, &args.output, &args.common)
+            execute(&plan, &args.output, &args.common, &cancel)
         }
         Command::Merge(args) => {
             let ignored: Vec<&str> = [
@@ -435,7 +463,7 @@ fn run(cli: Cli) -> Result<()> {
             if common.threads.is_none() {
                 common.threads = args.num_threads;
             }
-            execute(&plan, &args.out, &common)
+            execute(&plan, &args.out, &common, &cancel)
         }
         Command::Lora(args) => {
             let plan = plan_lora(&LoraOptions {
@@ -447,12 +475,12 @@ fn run(cli: Cli) -> Result<()> {
                 max_shard_size: args.max_shard_size.bytes(),
                 out_dtype: args.common.out_dtype,
             })?;
-            execute(&plan, &args.output, &args.common)
+            execute(&plan, &args.output, &args.common, &cancel)
         }
     }
 }
 
-fn execute(plan: &Plan, out: &Path, c: &Common) -> Result<()> {
+fn execute(plan: &Plan, out: &Path, c: &Common, cancel: &Arc<AtomicBool>) -> Result<()> {
     let memory_limit = c
         .memory_limit
         .map_or_else(default_memory_limit, ByteSize::bytes);
@@ -469,6 +497,8 @@ fn execute(plan: &Plan, out: &Path, c: &Common) -> Result<()> {
             .max(1),
         io: c.io.into(),
         progress: !c.quiet,
+        cancel: Arc::clone(cancel),
+        observer: None,
     };
     let stats = output::run(plan, out, c.force, &opts)?;
     if !c.quiet {

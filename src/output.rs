@@ -16,7 +16,7 @@ use std::sync::Mutex;
 
 use tempfile::TempDir;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::pipeline::{RunOptions, RunStats, execute};
 use crate::plan::Plan;
 use crate::plan::outputs::config_bytes;
@@ -246,6 +246,10 @@ pub fn run(plan: &Plan, target: &Path, force: bool, opts: &RunOptions) -> Result
     };
     let stats = execute(plan, &staged, opts).map_err(rename)?;
     write_extras(plan, &staged).map_err(rename)?;
+    // An interrupt that came after the last tensor still wins: nothing is committed.
+    if opts.cancelled() {
+        return Err(Error::new(ErrorKind::Interrupted));
+    }
     staging.commit()?;
     Ok(stats)
 }

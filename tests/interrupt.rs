@@ -1,84 +1,139 @@
-//! SIGINT and SIGTERM during a run: exit 1 with one error line, nothing under the output
-//! name, no temporary folder left behind.
+//! Interrupting a run: it stops with one error line (exit 1), nothing under the output name,
+//! no temporary folder left behind. Each test interrupts at a point it controls, so none can
+//! miss: the library tests cancel from the progress observer (mid-run, and after the last
+//! chunk); the CLI tests signal the process while it is blocked reading its config from a
+//! FIFO, and feed the config only once the process said it noticed.
 
-use crate::common;
-
+use std::ffi::CString;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::*;
+use mergestream::error::ErrorKind;
+use mergestream::output;
+use mergestream::pipeline::RunOptions;
+use mergestream::plan::convert::{ConvertOptions, plan_convert};
+use mergestream::progress::Observer;
 
-/// A 256 MiB fp16 model whose data is a sparse hole: big enough to take seconds, cheap to make.
-fn big_sparse_model(dir: &Path) {
-    std::fs::create_dir_all(dir).unwrap();
-    let (rows, cols) = (8192u64, 16384u64);
-    let len = rows * cols * 2;
-    let json = format!(
-        "{{\"model.layers.0.mlp.up_proj.weight\":{{\"dtype\":\"F16\",\"shape\":[{rows},{cols}],\"data_offsets\":[0,{len}]}}}}"
-    );
-    let mut header = (json.len() as u64).to_le_bytes().to_vec();
-    header.extend_from_slice(json.as_bytes());
-    let f = std::fs::File::create(dir.join("model.safetensors")).unwrap();
-    use std::io::Write;
-    (&f).write_all(&header).unwrap();
-    f.set_len(header.len() as u64 + len).unwrap();
+use crate::common::*;
+
+fn no_staging_left(parent: &Path) {
+    for e in std::fs::read_dir(parent).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(
+            !name.contains(".mergestream-"),
+            "temporary folder left: {name}"
+        );
+    }
 }
 
+/// Convert the golden base (many tensors, one chunk each) and cancel once `stop_after`
+/// chunks are written.
+fn cancelled_convert(stop_after: impl Fn(usize, u64, u64) -> bool + Send + Sync + 'static) {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let plan = plan_convert(&ConvertOptions {
+        input: golden().join("models/base"),
+        dtype: None,
+        max_shard_size: 1 << 30,
+    })
+    .unwrap();
+    let total: u64 = plan.steps.iter().map(|s| s.len).sum();
+    let cancel = Arc::new(AtomicBool::new(false));
+    let chunks = Arc::new(AtomicUsize::new(0));
+    let (flag, seen) = (Arc::clone(&cancel), Arc::clone(&chunks));
+    let opts = RunOptions {
+        threads: 1,
+        cancel,
+        observer: Some(Observer(Arc::new(move |written| {
+            let n = seen.fetch_add(1, Ordering::SeqCst) + 1;
+            if stop_after(n, written, total) {
+                flag.store(true, Ordering::SeqCst);
+            }
+        }))),
+        ..RunOptions::default()
+    };
+    let err = output::run(&plan, &out, false, &opts).unwrap_err();
+    assert!(matches!(err.kind, ErrorKind::Interrupted), "{err}");
+    assert!(chunks.load(Ordering::SeqCst) >= 1, "the run started");
+    assert!(!out.exists());
+    no_staging_left(tmp.path());
+}
+
+#[test]
+fn cancel_mid_run_leaves_nothing_behind() {
+    cancelled_convert(|chunks, _, _| chunks == 1);
+}
+
+#[test]
+fn cancel_after_the_last_chunk_still_commits_nothing() {
+    cancelled_convert(|_, written, total| written == total);
+}
+
+/// Signal the CLI while it waits for its config, then let it run into the interrupt.
 fn interrupted_by(signal: i32) {
     let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("big");
-    big_sparse_model(&model);
-    let work = tmp.path().join("work");
-    std::fs::create_dir(&work).unwrap();
-    let out = work.join("out");
-    let child = Command::new(env!("CARGO_BIN_EXE_mergestream"))
-        .args([
-            "blockmerge",
-            "--model_path1",
-            model.to_str().unwrap(),
-            "--model_path2",
-            model.to_str().unwrap(),
-            "--output_model_path",
-            out.to_str().unwrap(),
-            "--gradient_values",
-            "[0.5]",
-            "--threads",
-            "1",
-            "--io",
-            "read",
-            "--memory-limit",
-            "32MiB",
-            "--quiet",
-        ])
+    let fifo = tmp.path().join("config.yml");
+    let c = CString::new(fifo.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let out = tmp.path().join("out");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mergestream"))
+        .args(["merge", fifo.to_str().unwrap(), out.to_str().unwrap()])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait until the run is under way: its temporary folder holds the shard.
+    // A writer can open the FIFO only once the process has opened it for reading, which it
+    // does after installing its signal handler.
     let start = Instant::now();
-    loop {
-        let staged = std::fs::read_dir(&work)
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .any(|e| {
-                e.file_name().to_string_lossy().contains(".mergestream-")
-                    && e.path().join("model.safetensors").exists()
-            });
-        if staged {
-            break;
+    let mut writer = loop {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+        {
+            Ok(f) => break f,
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+                assert!(start.elapsed() < Duration::from_secs(30), "never read");
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => panic!("{e}"),
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "run never started"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    };
     // SAFETY: sending a signal to our own child.
     unsafe {
         libc::kill(child.id() as i32, signal);
     }
-    let o = child.wait_with_output().unwrap();
-    assert_clean_failure(&o, &out, &["interrupted"]);
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut note = String::new();
+    stderr.read_line(&mut note).unwrap();
+    assert!(note.starts_with("interrupted: stopping"), "{note}");
+    let base = golden().join("models/base");
+    let other = golden().join("models/other");
+    let config = format!(
+        "merge_method: linear\nmodels:\n  - model: {}\n    parameters: {{weight: 0.5}}\n  - model: {}\n    parameters: {{weight: 0.5}}\ndtype: float16\n",
+        base.display(),
+        other.display()
+    );
+    writer.write_all(config.as_bytes()).unwrap();
+    drop(writer);
+    let mut rest = String::new();
+    stderr.read_to_string(&mut rest).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(1), "{rest}");
+    let lines: Vec<&str> = rest.lines().collect();
+    assert_eq!(lines.len(), 1, "one error line expected, got: {rest}");
+    assert!(
+        lines[0].starts_with("error: ") && lines[0].contains("interrupted"),
+        "{rest}"
+    );
+    assert!(!out.exists());
+    no_staging_left(tmp.path());
 }
 
 #[test]

@@ -2,15 +2,13 @@
 //! in passes (methods with whole-tensor statistics on tensors too large to hold).
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
-
-use indicatif::ProgressBar;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::kernels::bytes::encode;
 use crate::methods::lora::PatchData;
 use crate::methods::mergekit::StreamCtx;
 use crate::plan::{Method, Operand, Plan, Recipe};
+use crate::progress::Progress;
 
 use super::arithmetic::{OperandData, compute_chunk, operand_f32};
 use super::reader::InputFile;
@@ -76,8 +74,7 @@ pub(crate) struct StreamIo<'a> {
     pub plan: &'a Plan,
     pub inputs: &'a [Vec<InputFile>],
     pub shards: &'a ShardFiles,
-    pub progress: &'a ProgressBar,
-    pub written: &'a AtomicU64,
+    pub progress: &'a Progress,
     pub stopped: &'a (dyn Fn() -> bool + Sync),
 }
 
@@ -121,8 +118,7 @@ pub(crate) fn run_streamed(io: &StreamIo<'_>, si: usize, chunk_rows: u64) -> Res
             step.offset + chunk_offset(step, rows.start),
             &bytes,
         )?;
-        io.written.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        io.progress.inc(bytes.len() as u64);
+        io.progress.add(bytes.len() as u64);
         Ok(())
     };
     let ctx = StreamCtx {

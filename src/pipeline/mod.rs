@@ -17,8 +17,8 @@ pub mod writer;
 
 use std::ops::Range;
 use std::path::Path;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::bounded;
@@ -27,15 +27,13 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::format::torch_bin::gather_strided;
 use crate::model::Layout;
 use crate::plan::{Plan, Recipe, Step};
+use crate::progress::{Observer, Progress};
 use budget::{Budget, Permit};
 use chunking::{
     chunk_cost, chunk_target, chunkable, prefers_streaming, rows_per_chunk, stream_rows, streamable,
 };
 use reader::{Buf, InputFile, IoMode};
 use writer::ShardFiles;
-
-/// Set by the CLI's signal handler; every stage checks it and stops.
-pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 #[derive(Clone, Debug)]
 pub struct RunOptions {
@@ -44,7 +42,13 @@ pub struct RunOptions {
     /// Compute workers.
     pub threads: usize,
     pub io: IoMode,
+    /// Show a progress bar (on a terminal).
     pub progress: bool,
+    /// Set it to stop the run: every stage checks it, and the run ends with
+    /// [`ErrorKind::Interrupted`] and leaves nothing behind (the CLI's signal handler sets it).
+    pub cancel: Arc<AtomicBool>,
+    /// Told the bytes written after each chunk.
+    pub observer: Option<Observer>,
 }
 
 impl Default for RunOptions {
@@ -54,7 +58,15 @@ impl Default for RunOptions {
             threads: default_threads(),
             io: IoMode::Auto,
             progress: false,
+            cancel: Arc::new(AtomicBool::new(false)),
+            observer: None,
         }
+    }
+}
+
+impl RunOptions {
+    pub fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed)
     }
 }
 
@@ -144,9 +156,12 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &RunOptions) -> Result<RunStats> {
         }
         cancel.store(true, Ordering::Relaxed);
     };
-    let stopped = || cancel.load(Ordering::Relaxed) || INTERRUPTED.load(Ordering::Relaxed);
-    let progress = crate::progress::bar(plan.output_bytes(), opts.progress);
-    let written = AtomicU64::new(0);
+    let stopped = || cancel.load(Ordering::Relaxed) || opts.cancelled();
+    let progress = Progress::new(
+        plan.steps.iter().map(|s| s.len).sum(),
+        opts.progress,
+        opts.observer.clone(),
+    );
     // Steps that need whole-tensor statistics are processed whole when that fits in half
     // the budget (exact PyTorch reduction order), streamed in passes otherwise.
     let whole_limit = opts.memory_limit / 2;
@@ -166,8 +181,7 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &RunOptions) -> Result<RunStats> {
             .at_tensor(&plan.steps[w.step].name));
         }
         shards.write_at(w.shard, w.offset, bytes)?;
-        written.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        progress.inc(bytes.len() as u64);
+        progress.add(bytes.len() as u64);
         Ok(())
     };
 
@@ -178,7 +192,7 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &RunOptions) -> Result<RunStats> {
         // the copy into the page cache is spread over all cores.
         let (inputs, budget) = (&inputs, &budget);
         let (fail, stopped, write) = (&fail, &stopped, &write);
-        let (shards, progress, written) = (&shards, &progress, &written);
+        let (shards, progress) = (&shards, &progress);
         for _ in 0..workers {
             let rx = work_rx.clone();
             s.spawn(move || {
@@ -199,7 +213,6 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &RunOptions) -> Result<RunStats> {
                                 inputs,
                                 shards,
                                 progress,
-                                written,
                                 stopped,
                             };
                             compute::run_streamed(&ctx, step, chunk_rows)
@@ -267,17 +280,17 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &RunOptions) -> Result<RunStats> {
         }
         drop(work_tx);
     });
-    progress.finish_and_clear();
+    progress.finish();
 
     if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e);
     }
-    if INTERRUPTED.load(Ordering::Relaxed) {
+    if opts.cancelled() {
         return Err(Error::new(ErrorKind::Interrupted));
     }
     shards.sync()?;
     Ok(RunStats {
-        bytes_written: written.into_inner(),
+        bytes_written: progress.written(),
         peak_budget: budget.peak(),
         elapsed: start.elapsed(),
     })
