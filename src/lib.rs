@@ -4,12 +4,25 @@
 //! The flow is plan → pipeline → output folder:
 //! - [`model`] opens checkpoints (headers only) through the parsers in [`format`];
 //! - [`plan`] decides every output tensor, its shard, offset and recipe, before reading data
-//!   (`blockmerge`, `lora`);
-//! - [`pipeline`] streams the data: reader → compute workers ([`methods`], [`kernels`]) →
-//!   writer, within a byte budget;
+//!   (`blockmerge`, `lora_merge`, `convert`, `mergekit`);
+//! - [`pipeline`] streams the data: reader → compute workers → writer, within a byte budget,
+//!   applying the arithmetic of [`methods`] with the SIMD [`kernels`];
 //! - [`output`] stages the folder and renames it into place when complete.
 //!
-//! Everything here is usable without the CLI; `src/main.rs` only parses arguments.
+//! # Layers
+//!
+//! Each module uses only modules above it in this list, so the graph has no cycle:
+//! 1. [`dtype`], [`units`], [`progress`]: vocabulary shared by everything;
+//! 2. [`format`] (parsers, pure functions of bytes) and [`kernels`] (SIMD, dtype only);
+//! 3. [`error`] (wraps the parsers' error types);
+//! 4. [`model`] (a checkpoint of any format) and [`methods`] (merge arithmetic: no plans, no
+//!    I/O; each mergekit method one file, registered in `methods::mergekit::METHODS`);
+//! 5. [`plan`] (the output decided from headers; recipes name methods);
+//! 6. [`pipeline`] (chunking policy, reading, computing, writing) and [`inspect`];
+//! 7. [`output`] (staging and the atomic rename).
+//!
+//! Everything here is usable without the CLI; `src/main.rs` only parses arguments and
+//! reports errors.
 
 pub mod dtype;
 pub mod error;
