@@ -2,7 +2,7 @@
 //! time.
 //!
 //! The flow is plan → pipeline → output folder:
-//! - [`model`] opens checkpoints (headers only) through the parsers in [`format`];
+//! - [`model`] opens checkpoints (headers only) through the parsers in [`format`](mod@format);
 //! - [`plan`] decides every output tensor, its shard, offset and recipe, before reading data
 //!   (`blockmerge`, `lora_merge`, `convert`, `mergekit`);
 //! - [`pipeline`] streams the data: reader → compute workers → writer, within a byte budget,
@@ -13,7 +13,7 @@
 //!
 //! Each module uses only modules above it in this list, so the graph has no cycle:
 //! 1. [`dtype`], [`units`], [`progress`]: vocabulary shared by everything;
-//! 2. [`format`] (parsers, pure functions of bytes) and [`kernels`] (SIMD, dtype only);
+//! 2. [`format`](mod@format) (parsers, pure functions of bytes) and [`kernels`] (SIMD, dtype only);
 //! 3. [`error`] (wraps the parsers' error types);
 //! 4. [`model`] (a checkpoint of any format) and [`methods`] (merge arithmetic: no plans, no
 //!    I/O; each mergekit method one file, registered in `methods::mergekit::METHODS`);
