@@ -86,31 +86,30 @@ pub static BREADCRUMBS_TIES: TaskArithmetic = TaskArithmetic {
     sparsify: Sparsify::MagnitudeOutliers,
     params: BREADCRUMBS,
 };
+/// DELLA's parameters; the `_linear` variant differs only in `normalize`.
+const fn della_params(normalize: bool) -> [Param; 6] {
+    [
+        WEIGHT,
+        DENSITY,
+        EPSILON,
+        Param::flag("normalize", normalize),
+        Param::flag("rescale", true),
+        LAMBDA,
+    ]
+}
+const DELLA_PARAMS: [Param; 6] = della_params(true);
+const DELLA_LINEAR_PARAMS: [Param; 6] = della_params(false);
 pub static DELLA: TaskArithmetic = TaskArithmetic {
     name: "della",
     consensus: true,
     sparsify: Sparsify::Della,
-    params: &[
-        WEIGHT,
-        DENSITY,
-        EPSILON,
-        Param::flag("normalize", true),
-        Param::flag("rescale", true),
-        LAMBDA,
-    ],
+    params: &DELLA_PARAMS,
 };
 pub static DELLA_LINEAR: TaskArithmetic = TaskArithmetic {
     name: "della_linear",
     consensus: false,
     sparsify: Sparsify::Della,
-    params: &[
-        WEIGHT,
-        DENSITY,
-        EPSILON,
-        Param::flag("normalize", false),
-        Param::flag("rescale", true),
-        LAMBDA,
-    ],
+    params: &DELLA_LINEAR_PARAMS,
 };
 
 impl MergeMethod for TaskArithmetic {
