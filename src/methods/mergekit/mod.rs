@@ -3,7 +3,7 @@
 //! Each method lives in its own file and is registered once in [`METHODS`]: its name, the
 //! parameters it reads with their defaults, the inputs it needs, and its arithmetic (see
 //! [`method`]). The planner derives everything it knows about methods from this table, so a
-//! new method is one file plus one line here.
+//! new method is one file plus one line in the `registry!` below.
 //!
 //! `linear` and `slerp` compute in f32 and round to the compute dtype D once. Every other
 //! method runs its elementwise operations in D — each result rounded to D, which is what
@@ -17,13 +17,8 @@ pub mod arith;
 pub mod method;
 pub mod stream;
 
-mod linear;
-mod model_stock;
-mod nuslerp;
-mod passthrough;
-mod slerp;
+// Helpers of the task-arithmetic family.
 mod sparsify;
-mod task_arithmetic;
 mod task_arithmetic_streamed;
 
 use std::fmt;
@@ -37,22 +32,34 @@ pub use method::{
 };
 pub use stream::StreamCtx;
 
-/// Every merge method, by its `merge_method:` name.
-pub static METHODS: &[&dyn MergeMethod] = &[
-    &linear::Linear,
-    &slerp::Slerp,
-    &nuslerp::NuSlerp,
-    &task_arithmetic::TASK_ARITHMETIC,
-    &task_arithmetic::TIES,
-    &task_arithmetic::DARE_TIES,
-    &task_arithmetic::DARE_LINEAR,
-    &task_arithmetic::BREADCRUMBS_LINEAR,
-    &task_arithmetic::BREADCRUMBS_TIES,
-    &task_arithmetic::DELLA,
-    &task_arithmetic::DELLA_LINEAR,
-    &model_stock::ModelStock,
-    &passthrough::Passthrough,
-];
+/// Declares each method file as a module and lists what it registers, in one place.
+macro_rules! registry {
+    ($($module:ident: [$($method:ident),+ $(,)?]),* $(,)?) => {
+        $(mod $module;)*
+
+        /// Every merge method, by its `merge_method:` name.
+        pub static METHODS: &[&dyn MergeMethod] = &[$($(&$module::$method),+),*];
+    };
+}
+
+// A new method: its file in this folder, and one line here.
+registry! {
+    linear: [Linear],
+    slerp: [Slerp],
+    nuslerp: [NuSlerp],
+    task_arithmetic: [
+        TASK_ARITHMETIC,
+        TIES,
+        DARE_TIES,
+        DARE_LINEAR,
+        BREADCRUMBS_LINEAR,
+        BREADCRUMBS_TIES,
+        DELLA,
+        DELLA_LINEAR,
+    ],
+    model_stock: [ModelStock],
+    passthrough: [Passthrough],
+}
 
 /// The method registered under `name`.
 pub fn find(name: &str) -> Option<&'static dyn MergeMethod> {
