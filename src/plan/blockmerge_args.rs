@@ -111,6 +111,19 @@ impl BlockMergeArgs {
         if self.config.is_some() && self.gradient_values.is_some() {
             return Err(Error::usage("--gradient_values and --config are exclusive"));
         }
+        // The YAML edition selects tensors per operation; these flags would be ignored.
+        if self.config.is_some() {
+            let ignored = [
+                (self.layer_only, "--layer_only"),
+                (self.no_layers, "--no_layers"),
+                (self.custom_filter.is_some(), "--custom_filter"),
+            ];
+            if let Some((_, flag)) = ignored.iter().find(|(given, _)| *given) {
+                return Err(Error::usage(format!(
+                    "{flag} does not apply with --config: each operation of the config selects its own tensors (`layer_only`, `no_layers`, `filter`)"
+                )));
+            }
+        }
         Ok(())
     }
 }
@@ -118,6 +131,41 @@ impl BlockMergeArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn selection_flags_are_refused_with_the_yaml_edition() {
+        for (args, flag) in [
+            (
+                BlockMergeArgs {
+                    layer_only: true,
+                    ..BlockMergeArgs::default()
+                },
+                "--layer_only",
+            ),
+            (
+                BlockMergeArgs {
+                    no_layers: true,
+                    ..BlockMergeArgs::default()
+                },
+                "--no_layers",
+            ),
+            (
+                BlockMergeArgs {
+                    custom_filter: Some("mlp".into()),
+                    ..BlockMergeArgs::default()
+                },
+                "--custom_filter",
+            ),
+        ] {
+            let args = BlockMergeArgs {
+                config: Some("ops.yaml".into()),
+                ..args
+            };
+            let e = args.resolve().unwrap_err();
+            assert_eq!(e.exit_code(), 2);
+            assert!(e.to_string().starts_with(flag), "{e}");
+        }
+    }
     use crate::error::ErrorKind;
 
     fn yaml(text: &str) -> YamlConfig {
