@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use crate::format::index::IndexError;
 use crate::format::peft::AdapterConfigError;
 use crate::format::safetensors::HeaderError;
+use crate::format::torch_bin::TorchBinError;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -31,6 +32,11 @@ pub enum ErrorKind {
     Index(#[from] IndexError),
     #[error("{0}")]
     AdapterConfig(#[from] AdapterConfigError),
+    /// A PyTorch `.bin` (zip, legacy pickle, or the pickle inside) that cannot be read; the
+    /// tensor it concerns is named in the error's context, not repeated here.
+    /// (Boxed: the parsers' errors are large, and every `Result` carries this type.)
+    #[error("{}", .0.detail())]
+    Torch(#[source] Box<TorchBinError>),
     #[error("{action}: {source}")]
     Io {
         action: &'static str,
@@ -142,6 +148,17 @@ impl From<IndexError> for Error {
 impl From<AdapterConfigError> for Error {
     fn from(e: AdapterConfigError) -> Self {
         Error::new(ErrorKind::AdapterConfig(e))
+    }
+}
+
+impl From<TorchBinError> for Error {
+    fn from(e: TorchBinError) -> Self {
+        let tensor = e.tensor().map(str::to_string);
+        Error {
+            file: None,
+            tensor,
+            kind: ErrorKind::Torch(Box::new(e)),
+        }
     }
 }
 

@@ -22,6 +22,7 @@ pub mod output;
 pub mod pipeline;
 pub mod plan;
 pub mod progress;
+pub mod source;
 pub mod units;
 
 pub use error::{Error, ErrorKind, Result};

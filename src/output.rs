@@ -217,7 +217,7 @@ pub fn check_not_an_input(plan: &Plan, target: &Path) -> Result<()> {
         return Ok(()); // does not exist yet
     };
     for m in &plan.sources {
-        for f in &m.files {
+        for f in m.files.iter().filter_map(|f| m.source.local_path(f)) {
             if let Ok(c) = fs::canonicalize(f)
                 && (c == t || c.starts_with(&t))
             {
@@ -285,9 +285,10 @@ pub fn write_extras(plan: &Plan, dir: &Path) -> Result<()> {
     if let Some(cfg) = &plan.outputs.config {
         write_file(&dir.join("config.json"), &config_bytes(cfg))?;
     }
-    for (src, name) in &plan.outputs.copies {
-        let bytes = fs::read(src).map_err(|e| Error::io("cannot read", e).in_file(src))?;
-        write_file(&dir.join(name), &bytes)?;
+    for (_, name) in &plan.outputs.copies {
+        if let Some((_, bytes)) = plan.outputs.read_copy(name)? {
+            write_file(&dir.join(name), &bytes)?;
+        }
     }
     for (name, bytes) in &plan.outputs.generated {
         write_file(&dir.join(name), bytes)?;
