@@ -285,10 +285,9 @@ pub fn write_extras(plan: &Plan, dir: &Path) -> Result<()> {
     if let Some(cfg) = &plan.outputs.config {
         write_file(&dir.join("config.json"), &config_bytes(cfg))?;
     }
-    for (_, name) in &plan.outputs.copies {
-        if let Some((_, bytes)) = plan.outputs.read_copy(name)? {
-            write_file(&dir.join(name), &bytes)?;
-        }
+    for (src, name) in &plan.outputs.copies {
+        let bytes = crate::plan::outputs::read_copied(&**src, name)?;
+        write_file(&dir.join(name), &bytes)?;
     }
     for (name, bytes) in &plan.outputs.generated {
         write_file(&dir.join(name), bytes)?;

@@ -68,15 +68,16 @@ impl OutputFiles {
         let Some((from, _)) = self.copies.iter().find(|(_, n)| n == name) else {
             return Ok(None);
         };
-        let path = from.path_of(name);
-        match from.read_small(name) {
-            Ok(Some(bytes)) => Ok(Some((path, bytes))),
-            Ok(None) => {
-                Err(Error::io("cannot read", std::io::ErrorKind::NotFound.into()).in_file(path))
-            }
-            Err(e) => Err(Error::io("cannot read", e).in_file(path)),
-        }
+        Ok(Some((from.path_of(name), read_copied(&**from, name)?)))
     }
+}
+
+/// The bytes of file `name` of `from`, which must exist (it did when the plan was made).
+pub fn read_copied(from: &dyn Source, name: &str) -> Result<Vec<u8>> {
+    let fail = |e| Error::io("cannot read", e).in_file(from.path_of(name));
+    from.read_small(name)
+        .map_err(fail)?
+        .ok_or_else(|| fail(std::io::ErrorKind::NotFound.into()))
 }
 
 /// Set the dtype in a transformers config: `torch_dtype` (transformers 4) and/or `dtype`
