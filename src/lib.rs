@@ -2,7 +2,9 @@
 //! time.
 //!
 //! The flow is plan → pipeline → output folder:
-//! - [`model`] opens checkpoints (headers only) through the parsers in [`format`];
+//! - [`model`] opens checkpoints (headers only) through the parsers in [`format`], reading
+//!   every byte through a [`source`] (a local folder; remote locations implement the same
+//!   trait);
 //! - [`plan`] decides every output tensor, its shard, offset and recipe, before reading data
 //!   (`blockmerge`, `lora`);
 //! - [`pipeline`] streams the data: reader → compute workers ([`methods`], [`kernels`]) →

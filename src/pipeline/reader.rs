@@ -4,8 +4,8 @@
 //! it, so page-cache pages do not pile up in the process's RSS. `read` uses only positional
 //! reads into owned buffers: on network filesystems a file truncated under a mapping would
 //! kill the process with SIGBUS, and large sequential reads are faster there anyway.
-//! `auto` picks `read` for files on NFS, SMB/CIFS, FUSE, 9p and Ceph, and for every file
-//! a [`Source`](crate::source::Source) cannot map (remote ones).
+//! `auto` picks `read` for files on NFS, SMB/CIFS, FUSE, 9p and Ceph. Files a
+//! [`Source`](crate::source::Source) cannot map (remote ones) are always read.
 //!
 //! [`read_rows`] is the one question the pipeline asks: the bytes of rows `r0..r1` of a
 //! tensor, row-major and little-endian, whatever its layout in the file.
