@@ -122,6 +122,45 @@ impl DType {
         }
     }
 
+    /// The dtype torch calls `name` (`torch.float16` is `float16`; also torch's aliases
+    /// `half`, `float`, `double`, `long`, `int`, `short`). `float4_e2m1fn_x2` is not read:
+    /// its elements are pairs of values, which F4's shapes do not count.
+    pub fn from_torch_name(name: &str) -> Option<DType> {
+        let alias = match name {
+            "half" => Some(DType::F16),
+            "float" => Some(DType::F32),
+            "double" => Some(DType::F64),
+            "long" => Some(DType::I64),
+            "int" => Some(DType::I32),
+            "short" => Some(DType::I16),
+            _ => None,
+        };
+        alias.or_else(|| {
+            NAMES
+                .iter()
+                .map(|(d, _)| *d)
+                .find(|d| d.bits() % 8 == 0 && d.torch_name() == name)
+        })
+    }
+
+    /// The element type of a typed torch storage class (`FloatStorage`, `HalfStorage`, ...),
+    /// as legacy checkpoints and `_rebuild_tensor_v2` pickles name them.
+    pub fn from_torch_storage(class: &str) -> Option<DType> {
+        Some(match class {
+            "FloatStorage" => DType::F32,
+            "HalfStorage" => DType::F16,
+            "BFloat16Storage" => DType::BF16,
+            "DoubleStorage" => DType::F64,
+            "LongStorage" => DType::I64,
+            "IntStorage" => DType::I32,
+            "ShortStorage" => DType::I16,
+            "CharStorage" => DType::I8,
+            "ByteStorage" => DType::U8,
+            "BoolStorage" => DType::Bool,
+            _ => return None,
+        })
+    }
+
     /// Parse a dtype the way users write it on a command line or in a YAML config:
     /// `float16`, `fp16`, `f16`, `half`, `bfloat16`, `bf16`, `float32`, `fp32`, `f32`, `float`.
     pub fn parse_float(s: &str) -> Option<DType> {
@@ -159,5 +198,19 @@ mod tests {
         assert_eq!(DType::parse_float("bfloat16"), Some(DType::BF16));
         assert_eq!(DType::parse_float("FP16"), Some(DType::F16));
         assert_eq!(DType::parse_float("int8"), None);
+    }
+
+    #[test]
+    fn torch_names() {
+        for (d, _) in NAMES.iter().filter(|(d, _)| d.bits() % 8 == 0) {
+            assert_eq!(DType::from_torch_name(d.torch_name()), Some(*d));
+        }
+        assert_eq!(DType::from_torch_name("half"), Some(DType::F16));
+        assert_eq!(DType::from_torch_name("float4_e2m1fn_x2"), None);
+        assert_eq!(
+            DType::from_torch_storage("BFloat16Storage"),
+            Some(DType::BF16)
+        );
+        assert_eq!(DType::from_torch_storage("UntypedStorage"), None);
     }
 }

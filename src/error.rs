@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use crate::format::index::IndexError;
 use crate::format::peft::AdapterConfigError;
 use crate::format::safetensors::HeaderError;
+use crate::format::torch_bin::TorchBinError;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -35,6 +36,12 @@ pub enum ErrorKind {
     Index(#[from] IndexError),
     #[error(transparent)]
     AdapterConfig(#[from] AdapterConfigError),
+    /// A PyTorch `.bin` (zip, legacy pickle, or the pickle inside) that cannot be read; the
+    /// tensor it concerns is named in the error's context, not repeated here. Its message
+    /// already spells out the parser's inner errors, so it is not chained again as a source.
+    /// (Boxed: the parsers' errors are large, and every `Result` carries this type.)
+    #[error("{}", .0.detail())]
+    Torch(Box<TorchBinError>),
     /// `action` is shown; the OS reason is the source, shown once by [`Error::report`].
     #[error("{action}")]
     Io {
@@ -192,6 +199,17 @@ impl From<IndexError> for Error {
 impl From<AdapterConfigError> for Error {
     fn from(e: AdapterConfigError) -> Self {
         Error::new(ErrorKind::AdapterConfig(e))
+    }
+}
+
+impl From<TorchBinError> for Error {
+    fn from(e: TorchBinError) -> Self {
+        let tensor = e.tensor().map(str::to_string);
+        Error {
+            file: None,
+            tensor,
+            kind: ErrorKind::Torch(Box::new(e)),
+        }
     }
 }
 

@@ -13,7 +13,7 @@ pub fn inspect(path: &Path) -> Result<String> {
     let model = Model::open(path)?;
     let mut s = String::new();
     for t in model.tensors() {
-        let file = model.files[t.file]
+        let file = Path::new(&model.files[t.file])
             .file_name()
             .map(|f| f.to_string_lossy().into_owned())
             .unwrap_or_default();

@@ -2,7 +2,9 @@
 //! time.
 //!
 //! The flow is plan → pipeline → output folder:
-//! - [`model`] opens checkpoints (headers only) through the parsers in [`format`](mod@format);
+//! - [`model`] opens checkpoints (headers only) through the parsers in
+//!   [`format`](mod@format), reading every byte through a [`source`] (a local folder; remote
+//!   locations implement the same trait);
 //! - [`plan`] decides every output tensor, its shard, offset and recipe, before reading data
 //!   (`blockmerge`, `lora_merge`, `convert`, `mergekit`);
 //! - [`pipeline`] streams the data: reader → compute workers → writer, within a byte budget,
@@ -35,6 +37,7 @@ pub mod output;
 pub mod pipeline;
 pub mod plan;
 pub mod progress;
+pub mod source;
 pub mod units;
 
 pub use error::{Error, ErrorKind, Result};

@@ -2,21 +2,25 @@
 //!
 //! [`Model::open`] accepts a directory — safetensors (single, or sharded with
 //! `model.safetensors.index.json`) or PyTorch `.bin` (single, or sharded with
-//! `pytorch_model.bin.index.json`) — or a single checkpoint file. It reads headers (or the
-//! pickle) only and validates everything that can be checked without tensor data. The rest
-//! of mergestream sees only [`TensorInfo`]s, so a file format plugs in here and nowhere
-//! else.
+//! `pytorch_model.bin.index.json`) — or a single checkpoint file. [`Model::from_source`]
+//! and [`Model::from_source_file`] do the same for any [`Source`] (a local folder, or a
+//! remote one): every byte, headers and config.json included, is read through it. Only
+//! headers (or the pickle) are read, and everything that can be checked without tensor
+//! data is validated. The rest of mergestream sees only [`TensorInfo`]s, whose [`Layout`]
+//! is format-neutral, so a file format plugs in here and nowhere else.
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::io::Read;
+use std::io::BufReader;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::dtype::DType;
-use crate::error::{Context, Error, Result};
+use crate::error::{Error, Result};
 use crate::format::index::parse_index;
 use crate::format::safetensors::{header_len, parse_header};
-use crate::format::torch_bin::{TensorLocation, index_torch_bin};
+use crate::format::strided::Strided;
+use crate::format::torch_bin::index_torch_bin;
+use crate::source::{LocalSource, Source, SourceFile, SourceReader};
 
 /// How a tensor's bytes sit in its file.
 #[derive(Clone, Debug, PartialEq, Default)]
@@ -24,9 +28,9 @@ pub enum Layout {
     /// Row-major, dense, little-endian: `len` bytes at `offset`, readable by rows.
     #[default]
     Contiguous,
-    /// A PyTorch view (transposed, sliced, expanded) and/or big-endian storage: the span at
+    /// A strided view (transposed, sliced, expanded) and/or big-endian storage: the span at
     /// `offset` is read whole and gathered into row-major little-endian order.
-    Gathered(Box<TensorLocation>),
+    Gathered(Box<Strided>),
 }
 
 /// One tensor of a checkpoint, located in one of its files.
@@ -71,11 +75,12 @@ impl TensorInfo {
 /// A checkpoint, opened and validated from its headers.
 #[derive(Debug)]
 pub struct Model {
-    /// The path the user gave.
+    /// The path the user gave (or the source's location).
     pub path: PathBuf,
-    /// The folder holding config.json and tokenizer files.
-    pub dir: PathBuf,
-    pub files: Vec<PathBuf>,
+    /// Where the files are; config.json and tokenizer files are read from here too.
+    pub source: Arc<dyn Source>,
+    /// The checkpoint files, as names within `source`.
+    pub files: Vec<String>,
     tensors: Vec<TensorInfo>,
     by_name: HashMap<String, usize>,
 }
@@ -83,22 +88,28 @@ pub struct Model {
 const SAFETENSORS_INDEX: &str = "model.safetensors.index.json";
 const BIN_INDEX: &str = "pytorch_model.bin.index.json";
 
+/// Whether `name` ends in `.ext`.
+fn has_ext(name: &str, ext: &str) -> bool {
+    Path::new(name).extension().is_some_and(|x| x == ext)
+}
+
 impl Model {
-    /// Open a checkpoint directory or file.
+    /// Open a local checkpoint directory or file.
     pub fn open(path: &Path) -> Result<Model> {
         let meta =
             std::fs::metadata(path).map_err(|e| Error::io("cannot open", e).in_file(path))?;
+        let parent = || {
+            path.parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| PathBuf::from("."))
+        };
         if meta.is_file() && path.extension().is_some_and(|x| x == "json") {
             // An index or config file names the folder the user meant.
-            let dir = path
-                .parent()
-                .map(Path::to_path_buf)
-                .unwrap_or_else(|| PathBuf::from("."));
             if path
                 .file_name()
                 .is_some_and(|n| n.to_string_lossy().ends_with(".index.json"))
             {
-                return Model::open(&dir);
+                return Model::open(&parent());
             }
             return Err(
                 Error::invalid("a JSON file is not a checkpoint; give the model's folder")
@@ -106,100 +117,115 @@ impl Model {
             );
         }
         if meta.is_file() {
-            let dir = path
-                .parent()
-                .map(Path::to_path_buf)
-                .unwrap_or_else(|| PathBuf::from("."));
-            let tensors = read_file_tensors(path, 0)?;
-            return Model::assemble(path, dir, vec![path.to_path_buf()], tensors);
+            let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+                return Err(Error::invalid("the file name is not UTF-8").in_file(path));
+            };
+            let mut m = Model::from_source_file(Arc::new(LocalSource::new(parent())), name)?;
+            m.path = path.to_path_buf();
+            return Ok(m);
         }
-        let index_path = path.join(SAFETENSORS_INDEX);
-        if index_path.is_file() {
-            return Model::open_indexed(path, &index_path);
+        let mut m = Model::from_source(Arc::new(LocalSource::new(path)))?;
+        m.path = path.to_path_buf();
+        Ok(m)
+    }
+
+    /// Open the checkpoint in a folder-like source: sharded with an index, or the files its
+    /// names say are a checkpoint.
+    pub fn from_source(source: Arc<dyn Source>) -> Result<Model> {
+        let path = source.location().to_path_buf();
+        if let Some(index) = read_small(&*source, SAFETENSORS_INDEX)? {
+            return Model::open_indexed(source, SAFETENSORS_INDEX, index);
         }
-        let listing: Vec<PathBuf> = std::fs::read_dir(path)
-            .map_err(|e| Error::io("cannot list", e).in_file(path))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_file())
-            .collect();
-        let with_ext = |ext: &str| -> Vec<PathBuf> {
-            let mut v: Vec<PathBuf> = listing
+        let mut listing = source
+            .list()
+            .map_err(|e| Error::io("cannot list", e).in_file(&path))?;
+        listing.sort();
+        let with_ext = |ext: &str| -> Vec<String> {
+            listing
                 .iter()
-                .filter(|p| p.extension().is_some_and(|x| x == ext))
+                .filter(|n| has_ext(n, ext))
                 .cloned()
-                .collect();
-            v.sort();
-            v
+                .collect()
         };
         let mut shards = with_ext("safetensors");
         // Folders often hold other safetensors beside the model (Mistral's consolidated
         // weights, an adapter): without an index, prefer model.safetensors, then model-*.
-        let named = |p: &PathBuf, f: &dyn Fn(&str) -> bool| {
-            p.file_name().is_some_and(|n| f(&n.to_string_lossy()))
-        };
-        if shards
-            .iter()
-            .any(|p| named(p, &|n| n == "model.safetensors"))
-        {
-            shards.retain(|p| named(p, &|n| n == "model.safetensors"));
-        } else if shards.iter().any(|p| named(p, &|n| n.starts_with("model"))) {
-            shards.retain(|p| named(p, &|n| n.starts_with("model")));
+        if shards.iter().any(|n| n == "model.safetensors") {
+            shards.retain(|n| n == "model.safetensors");
+        } else if shards.iter().any(|n| n.starts_with("model")) {
+            shards.retain(|n| n.starts_with("model"));
         }
         if shards.is_empty() {
-            let bin_index = path.join(BIN_INDEX);
-            if bin_index.is_file() {
-                return Model::open_indexed(path, &bin_index);
+            if let Some(index) = read_small(&*source, BIN_INDEX)? {
+                return Model::open_indexed(source, BIN_INDEX, index);
             }
             shards = with_ext("bin");
-            shards.retain(|p| {
-                p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("pytorch_model"))
-            });
+            shards.retain(|n| n.starts_with("pytorch_model"));
         }
         if shards.is_empty() {
             return Err(Error::invalid(
                 "no checkpoint here: expected *.safetensors (with model.safetensors.index.json when sharded) or pytorch_model*.bin files",
             )
-            .in_file(path));
+            .in_file(&path));
         }
         let mut tensors = Vec::new();
         for (i, shard) in shards.iter().enumerate() {
-            tensors.extend(read_file_tensors(shard, i)?);
+            tensors.extend(read_file_tensors(&*source, shard, i)?);
         }
-        Model::assemble(path, path.to_path_buf(), shards, tensors)
+        Model::assemble(&path, source, shards, tensors)
     }
 
-    fn open_indexed(dir: &Path, index_path: &Path) -> Result<Model> {
-        let text = std::fs::read_to_string(index_path)
-            .map_err(|e| Error::io("cannot read", e).in_file(index_path))?;
-        let index = parse_index(&text).in_file(index_path)?;
+    /// Open one checkpoint file, `name`, of a source.
+    pub fn from_source_file(source: Arc<dyn Source>, name: &str) -> Result<Model> {
+        let tensors = read_file_tensors(&*source, name, 0)?;
+        let path = source.path_of(name);
+        Model::assemble(&path, source, vec![name.to_string()], tensors)
+    }
+
+    fn open_indexed(source: Arc<dyn Source>, index_name: &str, bytes: Vec<u8>) -> Result<Model> {
+        let index_path = source.path_of(index_name);
+        let text = String::from_utf8(bytes).map_err(|_| {
+            Error::io(
+                "cannot read",
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "stream did not contain valid UTF-8",
+                ),
+            )
+            .in_file(&index_path)
+        })?;
+        let index = parse_index(&text).map_err(|e| Error::from(e).in_file(&index_path))?;
         let shard_names = index.shards();
-        let mut files = Vec::with_capacity(shard_names.len());
+        let mut files: Vec<String> = Vec::with_capacity(shard_names.len());
         let mut by_shard: HashMap<&str, usize> = HashMap::new();
         let mut found: Vec<TensorInfo> = Vec::new();
         for (i, name) in shard_names.iter().enumerate() {
-            let shard = dir.join(name);
-            if !shard.is_file() {
+            let exists = source
+                .file_len(name)
+                .map_err(|e| Error::io("cannot stat", e).in_file(source.path_of(name)))?
+                .is_some();
+            if !exists {
                 return Err(Error::invalid(format!(
                     "the index names shard `{name}`, which does not exist"
                 ))
-                .in_file(index_path));
+                .in_file(&index_path));
             }
-            found.extend(read_file_tensors(&shard, i)?);
-            files.push(shard);
+            found.extend(read_file_tensors(&*source, name, i)?);
+            files.push(name.to_string());
             by_shard.insert(name, i);
         }
+        let shown = |i: usize| source.path_of(&files[i]).display().to_string();
         // A tensor must live in exactly one listed shard, the one the index names.
         let mut location: HashMap<&str, usize> = HashMap::with_capacity(found.len());
         for (i, t) in found.iter().enumerate() {
             if let Some(prev) = location.insert(t.name.as_str(), i) {
                 return Err(Error::invalid(format!(
                     "tensor is stored in two shards: {} and {}",
-                    files[found[prev].file].display(),
-                    files[t.file].display()
+                    shown(found[prev].file),
+                    shown(t.file)
                 ))
                 .at_tensor(&t.name)
-                .in_file(index_path));
+                .in_file(&index_path));
             }
         }
         let mut tensors = Vec::with_capacity(index.weight_map.len());
@@ -210,27 +236,28 @@ impl Model {
                 Some(&i) => {
                     return Err(Error::invalid(format!(
                         "the index maps it to `{shard}` but it is in `{}`",
-                        files[found[i].file].display()
+                        shown(found[i].file)
                     ))
                     .at_tensor(tensor)
-                    .in_file(index_path));
+                    .in_file(&index_path));
                 }
                 None => {
                     return Err(Error::invalid(format!(
                         "the index maps it to `{shard}`, which does not contain it"
                     ))
                     .at_tensor(tensor)
-                    .in_file(index_path));
+                    .in_file(&index_path));
                 }
             }
         }
-        Model::assemble(dir, dir.to_path_buf(), files, tensors)
+        let path = source.location().to_path_buf();
+        Model::assemble(&path, source, files, tensors)
     }
 
     fn assemble(
         path: &Path,
-        dir: PathBuf,
-        files: Vec<PathBuf>,
+        source: Arc<dyn Source>,
+        files: Vec<String>,
         tensors: Vec<TensorInfo>,
     ) -> Result<Model> {
         let mut by_name = HashMap::with_capacity(tensors.len());
@@ -238,8 +265,8 @@ impl Model {
             if let Some(prev) = by_name.insert(t.name.clone(), i) {
                 return Err(Error::invalid(format!(
                     "tensor is stored in two files: {} and {}",
-                    files[tensors[prev].file].display(),
-                    files[t.file].display()
+                    source.path_of(&files[tensors[prev].file]).display(),
+                    source.path_of(&files[t.file]).display()
                 ))
                 .at_tensor(&t.name)
                 .in_file(path));
@@ -250,11 +277,29 @@ impl Model {
         }
         Ok(Model {
             path: path.to_path_buf(),
-            dir,
+            source,
             files,
             tensors,
             by_name,
         })
+    }
+
+    /// How messages name checkpoint file `i` (its path, for a local model).
+    pub fn file_path(&self, i: usize) -> PathBuf {
+        self.source.path_of(&self.files[i])
+    }
+
+    /// Open checkpoint file `i` for reading tensor data.
+    pub fn open_file(&self, i: usize) -> Result<Box<dyn SourceFile>> {
+        self.source
+            .open(&self.files[i])
+            .map_err(|e| Error::io("cannot open", e).in_file(self.file_path(i)))
+    }
+
+    /// The bytes of a small file beside the checkpoint (config.json, tokenizer files), or
+    /// `None` when there is none.
+    pub fn read_file(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        read_small(&*self.source, name)
     }
 
     pub fn tensors(&self) -> &[TensorInfo] {
@@ -280,15 +325,13 @@ impl Model {
 
     /// The model's config.json, if it has one.
     pub fn config(&self) -> Result<Option<serde_json::Value>> {
-        let p = self.dir.join("config.json");
-        if !p.is_file() {
+        let Some(bytes) = self.read_file("config.json")? else {
             return Ok(None);
-        }
-        let text =
-            std::fs::read_to_string(&p).map_err(|e| Error::io("cannot read", e).in_file(&p))?;
-        serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|e| Error::invalid(format!("config.json is not valid JSON: {e}")).in_file(&p))
+        };
+        serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            Error::invalid(format!("config.json is not valid JSON: {e}"))
+                .in_file(self.source.path_of("config.json"))
+        })
     }
 
     /// The dtype most of the model's float tensors have (the model's "torch_dtype").
@@ -306,71 +349,64 @@ impl Model {
     }
 }
 
-/// Read the tensor list of one checkpoint file, dispatching on its format: safetensors by
-/// name, PyTorch pickles (zip or legacy) by name or by their magic bytes.
-fn read_file_tensors(path: &Path, file_idx: usize) -> Result<Vec<TensorInfo>> {
-    let mut f = File::open(path).map_err(|e| Error::io("cannot open", e).in_file(path))?;
-    let len = f
-        .metadata()
-        .map_err(|e| Error::io("cannot stat", e).in_file(path))?
-        .len();
-    let ext = path.extension().and_then(|x| x.to_str()).unwrap_or("");
+/// A small whole file of `source`, with the file named in errors.
+fn read_small(source: &dyn Source, name: &str) -> Result<Option<Vec<u8>>> {
+    source
+        .read_small(name)
+        .map_err(|e| Error::io("cannot read", e).in_file(source.path_of(name)))
+}
+
+/// Read the tensor list of checkpoint file `name`, dispatching on its format: safetensors
+/// by name, PyTorch pickles (zip or legacy) by name or by their magic bytes.
+fn read_file_tensors(source: &dyn Source, name: &str, file_idx: usize) -> Result<Vec<TensorInfo>> {
+    let path = source.path_of(name);
+    let f = source
+        .open(name)
+        .map_err(|e| Error::io("cannot open", e).in_file(&path))?;
+    let f = &*f;
+    let ext = Path::new(name)
+        .extension()
+        .and_then(|x| x.to_str())
+        .unwrap_or("");
     let torch = match ext {
         "safetensors" => false,
         "bin" | "pt" | "pth" | "ckpt" => true,
         _ => {
             let mut head = [0u8; 4];
-            let n = read_up_to(&mut f, &mut head)
-                .map_err(|e| Error::io("cannot read", e).in_file(path))?;
-            use std::io::Seek;
-            f.rewind()
-                .map_err(|e| Error::io("cannot read", e).in_file(path))?;
-            n == 4
-                && (head == *b"PK\x03\x04"
-                    || (head[0] == 0x80 && head[2] == 0x8a && head[3] == 0x0a))
+            f.len() >= 4
+                && f.read_at(0, &mut head)
+                    .map_err(|e| Error::io("cannot read", e).in_file(&path))
+                    .map(|()| {
+                        head == *b"PK\x03\x04"
+                            || (head[0] == 0x80 && head[2] == 0x8a && head[3] == 0x0a)
+                    })?
         }
     };
-    if torch {
-        return read_torch(f, file_idx).in_file(path);
-    }
-    read_safetensors(&mut f, len, file_idx).in_file(path)
+    let tensors = if torch {
+        read_torch(f, file_idx)
+    } else {
+        read_safetensors(f, file_idx)
+    };
+    tensors.map_err(|e| e.in_file(&path))
 }
 
 /// A PyTorch `.bin` (zip or legacy pickle), read through the restricted unpickler.
-fn read_torch(f: File, file_idx: usize) -> Result<Vec<TensorInfo>> {
-    let bin = index_torch_bin(std::io::BufReader::new(f)).map_err(|e| {
-        // Name the tensor in its place in the message when the error concerns one.
-        use crate::format::torch_bin::TorchBinError as T;
-        match &e {
-            T::MissingStorage { name, key } => Error::invalid(format!(
-                "uses storage {key:?}, which the file does not contain"
-            ))
-            .at_tensor(name),
-            T::Span { name, source } => Error::invalid(source.to_string()).at_tensor(name),
-            T::Gather { name, reason } => Error::invalid(reason.to_string()).at_tensor(name),
-            _ => Error::invalid(e.to_string()),
-        }
-    })?;
+fn read_torch(f: &dyn SourceFile, file_idx: usize) -> Result<Vec<TensorInfo>> {
+    // The error names the tensor it concerns in its place (see `From<TorchBinError>`).
+    let bin = index_torch_bin(BufReader::new(SourceReader::new(f)))?;
     let mut out = Vec::with_capacity(bin.tensors.len());
     for loc in bin.tensors {
-        let dtype = DType::from_safetensors(loc.dtype.safetensors_name()).ok_or_else(|| {
-            Error::invalid(format!(
-                "unsupported dtype {}",
-                loc.dtype.safetensors_name()
-            ))
-            .at_tensor(&loc.name)
-        })?;
         let len = loc
             .nbytes()
             .ok_or_else(|| Error::invalid("tensor size overflows").at_tensor(&loc.name))?;
         let layout = if loc.contiguous && !loc.big_endian {
             Layout::Contiguous
         } else {
-            Layout::Gathered(Box::new(loc.clone()))
+            Layout::Gathered(Box::new(loc.view()))
         };
         out.push(TensorInfo {
             name: loc.name,
-            dtype,
+            dtype: loc.dtype,
             shape: loc.shape,
             file: file_idx,
             offset: loc.byte_offset,
@@ -381,13 +417,16 @@ fn read_torch(f: File, file_idx: usize) -> Result<Vec<TensorInfo>> {
     Ok(out)
 }
 
-fn read_safetensors(f: &mut File, len: u64, file_idx: usize) -> Result<Vec<TensorInfo>> {
+fn read_safetensors(f: &dyn SourceFile, file_idx: usize) -> Result<Vec<TensorInfo>> {
+    let len = f.len();
     let mut prefix = [0u8; 8];
-    let got = read_up_to(f, &mut prefix).map_err(|e| Error::io("cannot read", e))?;
+    let got = len.min(8) as usize;
+    f.read_at(0, &mut prefix[..got])
+        .map_err(|e| Error::io("cannot read", e))?;
     let n = header_len(&prefix[..got], len)?;
     let mut bytes = vec![0u8; 8 + n as usize];
     bytes[..8].copy_from_slice(&prefix);
-    f.read_exact(&mut bytes[8..])
+    f.read_at(8, &mut bytes[8..])
         .map_err(|e| Error::io("cannot read header", e))?;
     let header = parse_header(&bytes, len)?;
     Ok(header
@@ -403,15 +442,4 @@ fn read_safetensors(f: &mut File, len: u64, file_idx: usize) -> Result<Vec<Tenso
             layout: Layout::Contiguous,
         })
         .collect())
-}
-
-fn read_up_to(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut got = 0;
-    while got < buf.len() {
-        match f.read(&mut buf[got..])? {
-            0 => break,
-            n => got += n,
-        }
-    }
-    Ok(got)
 }

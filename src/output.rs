@@ -217,7 +217,7 @@ pub fn check_not_an_input(plan: &Plan, target: &Path) -> Result<()> {
         return Ok(()); // does not exist yet
     };
     for m in &plan.sources {
-        for f in &m.files {
+        for f in m.files.iter().filter_map(|f| m.source.local_path(f)) {
             if let Ok(c) = fs::canonicalize(f)
                 && (c == t || c.starts_with(&t))
             {
@@ -290,7 +290,7 @@ pub fn write_extras(plan: &Plan, dir: &Path) -> Result<()> {
         write_file(&dir.join("config.json"), &config_bytes(cfg))?;
     }
     for (src, name) in &plan.outputs.copies {
-        let bytes = fs::read(src).map_err(|e| Error::io("cannot read", e).in_file(src))?;
+        let bytes = crate::plan::outputs::read_copied(&**src, name)?;
         write_file(&dir.join(name), &bytes)?;
     }
     for (name, bytes) in &plan.outputs.generated {

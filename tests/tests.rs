@@ -13,6 +13,7 @@ mod golden_torch;
 mod interrupt;
 mod mergekit_configs;
 mod properties;
+mod source;
 mod torch_bad_inputs;
 mod torch_compat;
 mod torch_golden;

@@ -650,6 +650,32 @@ fn wrong_record_size_is_refused() {
 }
 
 #[test]
+fn model_errors_keep_the_torch_error_and_name_file_and_tensor() {
+    use mergestream::{ErrorKind, Model};
+    let path = fixture("bad_missing_storage.bin");
+    let e = Model::open(&path).unwrap_err();
+    assert!(matches!(
+        &e.kind,
+        ErrorKind::Torch(t) if matches!(**t, TorchBinError::MissingStorage { .. })
+    ));
+    assert_eq!(e.file.as_deref(), Some(path.as_path()));
+    assert_eq!(e.tensor.as_deref(), Some("f16"));
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "{}: f16: uses storage \"1\", which the file does not contain",
+            path.display()
+        )
+    );
+    let e = Model::open(&fixture("bad_compressed.bin")).unwrap_err();
+    assert!(matches!(
+        &e.kind,
+        ErrorKind::Torch(t) if matches!(**t, TorchBinError::Zip(ZipError::Compressed { .. }))
+    ));
+    assert_eq!(e.tensor, None);
+}
+
+#[test]
 fn entries_outside_the_folder_are_refused() {
     assert!(matches!(
         fixture_bin("bad_two_folders.bin"),

@@ -12,7 +12,7 @@ use crate::torch_common as common;
 use std::fs::File;
 
 use common::*;
-use mergestream::format::pickle::DType;
+use mergestream::dtype::DType;
 use mergestream::format::torch_bin::{TorchFormat, index_torch_bin};
 
 #[test]

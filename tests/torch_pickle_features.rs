@@ -9,8 +9,9 @@
 use crate::torch_common as common;
 
 use common::P;
+use mergestream::dtype::DType;
 use mergestream::format::pickle::{
-    DType, Limits, PickleError, PidFlavor, Plain, parse_plain, parse_state_dict,
+    Limits, PickleError, PidFlavor, Plain, parse_plain, parse_state_dict,
 };
 
 /// `{"w": _rebuild_tensor_v2(legacy pid with view (vkey, view_off, view_len) of a 8-float root, 0, shape, (1,))}`

@@ -5,6 +5,7 @@ pub mod index;
 pub mod peft;
 pub mod pickle;
 pub mod safetensors;
+pub mod strided;
 pub mod torch_bin;
 pub mod torch_legacy;
 pub mod torch_zip;

@@ -27,68 +27,16 @@
 //! - Strict where CPython is lax: `STOP` must leave exactly one value and no open `MARK`.
 
 use std::collections::{HashMap, HashSet};
-use std::fmt;
 use std::sync::Arc;
 
 use thiserror::Error;
 
-/// Element types a checkpoint tensor can have. Names follow safetensors.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum DType {
-    Bool,
-    U8,
-    I8,
-    I16,
-    U16,
-    I32,
-    U32,
-    I64,
-    U64,
-    F16,
-    BF16,
-    F32,
-    F64,
-    F8E5M2,
-    F8E4M3,
-}
+use crate::dtype::DType;
 
-impl DType {
-    /// Bytes per element.
-    pub fn size(self) -> u64 {
-        match self {
-            DType::Bool | DType::U8 | DType::I8 | DType::F8E5M2 | DType::F8E4M3 => 1,
-            DType::I16 | DType::U16 | DType::F16 | DType::BF16 => 2,
-            DType::I32 | DType::U32 | DType::F32 => 4,
-            DType::I64 | DType::U64 | DType::F64 => 8,
-        }
-    }
-
-    /// The safetensors spelling (`"F16"`, `"BF16"`, `"F8_E4M3"`, ...).
-    pub fn safetensors_name(self) -> &'static str {
-        match self {
-            DType::Bool => "BOOL",
-            DType::U8 => "U8",
-            DType::I8 => "I8",
-            DType::I16 => "I16",
-            DType::U16 => "U16",
-            DType::I32 => "I32",
-            DType::U32 => "U32",
-            DType::I64 => "I64",
-            DType::U64 => "U64",
-            DType::F16 => "F16",
-            DType::BF16 => "BF16",
-            DType::F32 => "F32",
-            DType::F64 => "F64",
-            DType::F8E5M2 => "F8_E5M2",
-            DType::F8E4M3 => "F8_E4M3",
-        }
-    }
-}
-
-impl fmt::Display for DType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.safetensors_name())
-    }
+/// Bytes per element of a dtype torch can name (all are whole bytes), for checked offset
+/// arithmetic in u64.
+pub fn elem_bytes(d: DType) -> u64 {
+    d.bits() / 8
 }
 
 /// What kind of storage a persistent id names.
@@ -133,7 +81,7 @@ impl TensorSpec {
     /// Storage size in bytes (checked).
     pub fn storage_nbytes(&self) -> Option<u64> {
         self.storage_numel
-            .checked_mul(self.storage_kind.element().size())
+            .checked_mul(elem_bytes(self.storage_kind.element()))
     }
 
     /// Number of logical elements (checked).
@@ -149,7 +97,7 @@ impl TensorSpec {
     /// The byte range `[start, end)` inside the storage that the tensor's elements span,
     /// checked against the storage size. Empty tensors span nothing (`start == end`).
     pub fn storage_byte_span(&self) -> Result<(u64, u64), SpanError> {
-        let es = self.dtype.size();
+        let es = elem_bytes(self.dtype);
         let extent = extent_elems(&self.shape, &self.strides).ok_or(SpanError::Overflow)?;
         let storage_bytes = self.storage_nbytes().ok_or(SpanError::Overflow)?;
         if extent == 0 {
@@ -386,7 +334,6 @@ pub enum Global {
 
 impl Global {
     fn resolve(module: &str, name: &str) -> Option<Global> {
-        use DType::*;
         let g = match (module, name) {
             ("collections", "OrderedDict") => Global::OrderedDict,
             ("torch._utils", "_rebuild_tensor") => Global::RebuildTensor,
@@ -402,50 +349,16 @@ impl Global {
             ("torch" | "torch.storage", "UntypedStorage") => Global::Storage(StorageKind::Untyped),
             // Legacy files written from a GPU name the CUDA storage classes; the bytes on
             // disk are the same, so they map to the same kinds.
-            ("torch" | "torch.cuda", storage) => {
-                let d = match storage {
-                    "FloatStorage" => F32,
-                    "HalfStorage" => F16,
-                    "BFloat16Storage" => BF16,
-                    "DoubleStorage" => F64,
-                    "LongStorage" => I64,
-                    "IntStorage" => I32,
-                    "ShortStorage" => I16,
-                    "CharStorage" => I8,
-                    "ByteStorage" => U8,
-                    "BoolStorage" => Bool,
-                    _ if module == "torch" => {
-                        return Self::resolve_dtype(storage).map(Global::Dtype);
-                    }
-                    _ => return None,
-                };
-                Global::Storage(StorageKind::Typed(d))
-            }
+            ("torch" | "torch.cuda", storage) => match DType::from_torch_storage(storage) {
+                Some(d) => Global::Storage(StorageKind::Typed(d)),
+                None if module == "torch" => {
+                    return DType::from_torch_name(storage).map(Global::Dtype);
+                }
+                None => return None,
+            },
             _ => return None,
         };
         Some(g)
-    }
-
-    fn resolve_dtype(name: &str) -> Option<DType> {
-        use DType::*;
-        Some(match name {
-            "float32" | "float" => F32,
-            "float16" | "half" => F16,
-            "bfloat16" => BF16,
-            "float64" | "double" => F64,
-            "int64" | "long" => I64,
-            "int32" | "int" => I32,
-            "int16" | "short" => I16,
-            "int8" => I8,
-            "uint8" => U8,
-            "uint16" => U16,
-            "uint32" => U32,
-            "uint64" => U64,
-            "bool" => Bool,
-            "float8_e5m2" => F8E5M2,
-            "float8_e4m3fn" => F8E4M3,
-            _ => return None,
-        })
     }
 
     fn name(self) -> &'static str {
@@ -1283,7 +1196,7 @@ impl<'a> Machine<'a> {
         if let Some((view_offset, view_numel)) = storage.view {
             // A legacy view is a window of its root storage: bound the tensor by the window,
             // then express it relative to the root.
-            let es = storage.kind.element().size();
+            let es = elem_bytes(storage.kind.element());
             let window = TensorSpec {
                 storage_numel: view_numel,
                 ..spec.clone()
@@ -1292,7 +1205,7 @@ impl<'a> Machine<'a> {
                 .storage_byte_span()
                 .map_err(|e| format!("tensor does not fit its storage view: {e}"))?;
             let view_bytes = view_offset.checked_mul(es).ok_or("view offset overflows")?;
-            let dsize = dtype.size();
+            let dsize = elem_bytes(dtype);
             if !view_bytes.is_multiple_of(dsize) {
                 return Err("storage view offset is not a whole number of elements".into());
             }
@@ -1419,7 +1332,7 @@ impl<'a> Machine<'a> {
         let numel =
             u64::try_from(numel).map_err(|_| bad(format!("negative storage size {numel}")))?;
         numel
-            .checked_mul(kind.element().size())
+            .checked_mul(elem_bytes(kind.element()))
             .ok_or_else(|| bad("storage byte size overflows".into()))?;
         let view = match (self.flavor, view_v) {
             (PidFlavor::Zip, _) | (PidFlavor::Legacy, Value::None) => None,

@@ -22,9 +22,12 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
+use crate::dtype::DType;
+
 use super::pickle::{
-    DType, Limits, PickleError, PidFlavor, SpanError, StateDict, parse_state_dict,
+    Limits, PickleError, PidFlavor, SpanError, StateDict, elem_bytes, parse_state_dict,
 };
+use super::strided::Strided;
 use super::torch_legacy::{LegacyError, index_legacy};
 use super::torch_zip::{StorageLocation, ZipError, index_zip};
 
@@ -64,7 +67,19 @@ impl TensorLocation {
 
     /// Size of the tensor in row-major form (checked).
     pub fn nbytes(&self) -> Option<u64> {
-        self.numel()?.checked_mul(self.dtype.size())
+        self.numel()?.checked_mul(elem_bytes(self.dtype))
+    }
+
+    /// The format-neutral description of where the elements are in the span.
+    pub fn view(&self) -> Strided {
+        Strided {
+            elem_size: elem_bytes(self.dtype),
+            span: self.byte_len,
+            shape: self.shape.clone(),
+            strides: self.strides.clone(),
+            contiguous: self.contiguous,
+            big_endian: self.big_endian,
+        }
     }
 }
 
@@ -99,6 +114,30 @@ pub enum TorchBinError {
     Span { name: String, source: SpanError },
     #[error("tensor {name:?}: {reason}")]
     Gather { name: String, reason: &'static str },
+}
+
+impl TorchBinError {
+    /// The tensor the error concerns, if it concerns one.
+    pub fn tensor(&self) -> Option<&str> {
+        match self {
+            TorchBinError::MissingStorage { name, .. }
+            | TorchBinError::Span { name, .. }
+            | TorchBinError::Gather { name, .. } => Some(name),
+            _ => None,
+        }
+    }
+
+    /// The message without the tensor's name, for an error that names it in its own place.
+    pub fn detail(&self) -> String {
+        match self {
+            TorchBinError::MissingStorage { key, .. } => {
+                format!("uses storage {key:?}, which the file does not contain")
+            }
+            TorchBinError::Span { source, .. } => source.to_string(),
+            TorchBinError::Gather { reason, .. } => (*reason).to_string(),
+            e => e.to_string(),
+        }
+    }
 }
 
 const ZIP_MAGIC: &[u8; 4] = b"PK\x03\x04";
@@ -191,78 +230,12 @@ fn locate_all(
 }
 
 /// Copies a tensor's elements from its span (the `byte_len` bytes at `byte_offset`) into
-/// row-major order. Works for contiguous tensors too (a plain copy). Byte order is left
-/// as stored. The output is `nbytes()` long, which for an expanded tensor (stride 0) can
-/// be much larger than the span: callers with a memory budget should check `nbytes()`.
+/// row-major order ([`Strided::gather_raw`]). Byte order is left as stored.
 pub fn gather_strided(span: &[u8], t: &TensorLocation) -> Result<Vec<u8>, TorchBinError> {
-    let fail = |reason| TorchBinError::Gather {
-        name: t.name.clone(),
-        reason,
-    };
-    if u64::try_from(span.len()).ok() != Some(t.byte_len) {
-        return Err(fail("span length differs from byte_len"));
-    }
-    let es = usize::try_from(t.dtype.size()).map_err(|_| fail("element size overflows"))?;
-    let total = t.nbytes().ok_or_else(|| fail("tensor size overflows"))?;
-    let total = usize::try_from(total).map_err(|_| fail("tensor does not fit in memory"))?;
-    if total == 0 {
-        return Ok(Vec::new());
-    }
-    if t.contiguous {
-        return Ok(span.to_vec());
-    }
-    let strides: Vec<usize> = t
-        .strides
-        .iter()
-        .map(|&s| usize::try_from(s))
-        .collect::<Result<_, _>>()
-        .map_err(|_| fail("stride overflows"))?;
-    let shape: Vec<usize> = t
-        .shape
-        .iter()
-        .map(|&s| usize::try_from(s))
-        .collect::<Result<_, _>>()
-        .map_err(|_| fail("shape overflows"))?;
-    let mut out = Vec::with_capacity(total);
-    // An odometer over the index space, keeping the element offset incrementally so each
-    // element costs O(1) amortized and the walk needs no recursion.
-    let mut idx = vec![0usize; shape.len()];
-    let mut elem = 0usize;
-    loop {
-        let byte = elem
-            .checked_mul(es)
-            .ok_or_else(|| fail("offset overflows"))?;
-        let end = byte
-            .checked_add(es)
-            .ok_or_else(|| fail("offset overflows"))?;
-        out.extend_from_slice(
-            span.get(byte..end)
-                .ok_or_else(|| fail("element outside the span"))?,
-        );
-        // Advance the last dimension, carrying into earlier ones.
-        let mut d = shape.len();
-        loop {
-            let Some(nd) = d.checked_sub(1) else {
-                return Ok(out);
-            };
-            d = nd;
-            let (Some(i), Some(&n), Some(&s)) = (idx.get_mut(d), shape.get(d), strides.get(d))
-            else {
-                return Err(fail("internal index error"));
-            };
-            *i = i.saturating_add(1);
-            elem = elem
-                .checked_add(s)
-                .ok_or_else(|| fail("offset overflows"))?;
-            if *i < n {
-                break;
-            }
-            // Wrap this dimension back to 0.
-            let back = n.checked_mul(s).ok_or_else(|| fail("offset overflows"))?;
-            elem = elem
-                .checked_sub(back)
-                .ok_or_else(|| fail("offset underflows"))?;
-            *i = 0;
-        }
-    }
+    t.view()
+        .gather_raw(span)
+        .map_err(|e| TorchBinError::Gather {
+            name: t.name.clone(),
+            reason: e.0,
+        })
 }

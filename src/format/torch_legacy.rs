@@ -20,7 +20,7 @@ use std::io::{Read, Seek, SeekFrom};
 use thiserror::Error;
 
 use super::pickle::{
-    Limits, PickleError, PidFlavor, Plain, StateDict, parse_plain, parse_state_dict,
+    Limits, PickleError, PidFlavor, Plain, StateDict, elem_bytes, parse_plain, parse_state_dict,
 };
 use super::torch_zip::StorageLocation;
 
@@ -125,7 +125,7 @@ pub fn index_legacy<R: Read + Seek>(mut r: R) -> Result<LegacyCheckpoint, Legacy
     for (_, t) in &state_dict.tensors {
         declared.insert(
             &t.storage_key,
-            (t.storage_numel, t.storage_kind.element().size()),
+            (t.storage_numel, elem_bytes(t.storage_kind.element())),
         );
     }
 

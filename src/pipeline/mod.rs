@@ -24,8 +24,6 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::bounded;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::format::torch_bin::gather_strided;
-use crate::model::Layout;
 use crate::plan::{Plan, Recipe, Step};
 use crate::progress::{Observer, Progress};
 use budget::{Budget, Permit};
@@ -300,7 +298,11 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &RunOptions) -> Result<RunStats> {
 fn open_inputs(plan: &Plan, io: IoMode) -> Result<Vec<Vec<InputFile>>> {
     plan.sources
         .iter()
-        .map(|m| m.files.iter().map(|f| InputFile::open(f, io)).collect())
+        .map(|m| {
+            (0..m.files.len())
+                .map(|i| Ok(InputFile::new(m.open_file(i)?, io)))
+                .collect()
+        })
         .collect()
 }
 
@@ -377,43 +379,7 @@ fn read_tensor(
     range: Option<Range<u64>>,
 ) -> Result<Buf> {
     let t = plan.tensor(r);
-    let file = &plan.sources[r.source].files[t.file];
-    let io_err = |e: std::io::Error| Error::io("read failed", e).in_file(file).at_tensor(&t.name);
-    let rb = t.row_bytes();
-    // A range covering every row is the whole tensor (the only way sub-byte types, whose
-    // rows need not end on a byte, are ever read).
-    let range = range.filter(|rr| !(rr.start == 0 && rr.end >= t.rows()));
-    if let Layout::Gathered(loc) = &t.layout {
-        // Views and big-endian storages: read the span, gather, swap, then cut the rows.
-        let span = inputs[r.source][t.file]
-            .read(t.offset, loc.byte_len)
-            .map_err(io_err)?;
-        let mut bytes = gather_strided(&span, loc).map_err(|e| {
-            Error::invalid(e.to_string())
-                .in_file(file)
-                .at_tensor(&t.name)
-        })?;
-        if loc.big_endian {
-            let size = t.dtype.size().max(1);
-            for el in bytes.chunks_exact_mut(size) {
-                el.reverse();
-            }
-        }
-        if let Some(rr) = range {
-            let (a, b) = ((rr.start * rb) as usize, (rr.end * rb) as usize);
-            bytes = bytes.get(a..b).map(<[u8]>::to_vec).ok_or_else(|| {
-                Error::invalid(format!("gathered {} bytes, rows need {b}", bytes.len()))
-                    .in_file(file)
-                    .at_tensor(&t.name)
-            })?;
-        }
-        return Ok(Buf::Owned(bytes));
-    }
-    let (off, len) = match range {
-        Some(rr) => (t.offset + rr.start * rb, (rr.end - rr.start) * rb),
-        None => (t.offset, t.len),
-    };
-    inputs[r.source][t.file].read(off, len).map_err(io_err)
+    reader::read_rows(&inputs[r.source][t.file], t, range)
 }
 
 /// The bytes of every operand of a computed step for rows `rows` (each clamped to the rows

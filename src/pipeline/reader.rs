@@ -4,17 +4,21 @@
 //! it, so page-cache pages do not pile up in the process's RSS. `read` uses only positional
 //! reads into owned buffers: on network filesystems a file truncated under a mapping would
 //! kill the process with SIGBUS, and large sequential reads are faster there anyway.
-//! `auto` picks `read` for files on NFS, SMB/CIFS, FUSE, 9p and Ceph.
+//! `auto` picks `read` for files on NFS, SMB/CIFS, FUSE, 9p and Ceph. Files a
+//! [`Source`](crate::source::Source) cannot map (remote ones) are always read.
+//!
+//! [`read_rows`] is the one question the pipeline asks: the bytes of rows `r0..r1` of a
+//! tensor, row-major and little-endian, whatever its layout in the file.
 
-use std::fs::File;
-use std::ops::Deref;
-use std::os::unix::fs::FileExt;
+use std::ops::{Deref, Range};
 use std::path::Path;
 use std::sync::Mutex;
 
-use memmap2::{Advice, Mmap, MmapOptions};
-
 use crate::error::{Error, Result};
+use crate::model::{Layout, TensorInfo};
+use crate::source::{Mapped, SourceFile};
+
+pub use crate::source::is_network_fs;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IoMode {
@@ -25,11 +29,8 @@ pub enum IoMode {
 
 /// Bytes of one tensor chunk.
 pub enum Buf {
-    Mapped {
-        map: Mmap,
-        start: usize,
-        len: usize,
-    },
+    /// A mapping of a local file, released when the chunk drops.
+    Mapped(Mapped),
     Owned(Vec<u8>),
     /// A positional read into a recycled buffer.
     Pooled(Pooled),
@@ -39,7 +40,7 @@ impl Deref for Buf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
         match self {
-            Buf::Mapped { map, start, len } => &map[*start..*start + *len],
+            Buf::Mapped(m) => m,
             Buf::Owned(v) => v,
             Buf::Pooled(p) => &p.0,
         }
@@ -82,106 +83,90 @@ impl Drop for Pooled {
 
 /// An open input file and how to read it.
 pub struct InputFile {
-    file: File,
+    file: Box<dyn SourceFile>,
     mode: IoMode,
-    len: u64,
 }
 
 impl InputFile {
-    pub fn open(path: &Path, mode: IoMode) -> Result<InputFile> {
-        let file = File::open(path).map_err(|e| Error::io("cannot open", e).in_file(path))?;
-        let len = file
-            .metadata()
-            .map_err(|e| Error::io("cannot stat", e).in_file(path))?
-            .len();
+    /// Read `file` in `mode`; `auto` maps local files and reads network and remote ones.
+    pub fn new(file: Box<dyn SourceFile>, mode: IoMode) -> InputFile {
         let mode = match mode {
-            IoMode::Auto if is_network_fs(path) => IoMode::Read,
+            IoMode::Auto if file.prefers_reads() => IoMode::Read,
             IoMode::Auto => IoMode::Mmap,
             m => m,
         };
-        Ok(InputFile { file, mode, len })
+        InputFile { file, mode }
     }
 
     pub fn mode(&self) -> IoMode {
         self.mode
     }
 
+    /// How messages name the file.
+    pub fn path(&self) -> &Path {
+        self.file.path()
+    }
+
     /// Bytes `offset..offset+len` of the file.
     pub fn read(&self, offset: u64, len: u64) -> std::io::Result<Buf> {
-        if offset.checked_add(len).is_none_or(|end| end > self.len) {
+        let file_len = self.file.len();
+        if offset.checked_add(len).is_none_or(|end| end > file_len) {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
                 format!(
-                    "bytes {offset}..+{len} lie past the end of the file ({} bytes); was it truncated?",
-                    self.len
+                    "bytes {offset}..+{len} lie past the end of the file ({file_len} bytes); was it truncated?"
                 ),
             ));
         }
         if len == 0 {
             return Ok(Buf::Owned(Vec::new()));
         }
-        match self.mode {
-            IoMode::Mmap => {
-                let page = page_size();
-                let aligned = offset - offset % page;
-                let start = (offset - aligned) as usize;
-                let map_len = start + len as usize;
-                // SAFETY: the mapping is read-only and private to this chunk. If another
-                // process truncates the file while it is mapped, reads fault (SIGBUS);
-                // `--io read` exists for filesystems where that can happen.
-                // MAP_POPULATE: the reader thread takes the page faults (and any disk reads)
-                // up front, so compute workers never stall on them.
-                let map = unsafe {
-                    MmapOptions::new()
-                        .offset(aligned)
-                        .len(map_len)
-                        .populate()
-                        .map(&self.file)?
-                };
-                let _ = map.advise(Advice::Sequential);
-                Ok(Buf::Mapped {
-                    map,
-                    start,
-                    len: len as usize,
-                })
-            }
-            _ => {
-                let mut v = Pooled::take(len as usize);
-                self.file.read_exact_at(&mut v.0, offset)?;
-                Ok(Buf::Pooled(v))
-            }
+        let n = usize::try_from(len)
+            .map_err(|_| std::io::Error::other(format!("{len} bytes do not fit in memory")))?;
+        if self.mode == IoMode::Mmap
+            && let Some(mapped) = self.file.map(offset, n)
+        {
+            return Ok(Buf::Mapped(mapped?));
         }
+        let mut v = Pooled::take(n);
+        self.file.read_at(offset, &mut v.0)?;
+        Ok(Buf::Pooled(v))
     }
 }
 
-fn page_size() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if p > 0 { p as u64 } else { 4096 }
-}
-
-/// Whether `path` lives on a network or FUSE filesystem (statfs magic numbers).
-pub fn is_network_fs(path: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
-        return false;
+/// Rows `rows` of tensor `t` (all of it when `None`), row-major and little-endian, read from
+/// `file`, the file `t` lives in. Errors name the file and the tensor.
+pub fn read_rows(file: &InputFile, t: &TensorInfo, rows: Option<Range<u64>>) -> Result<Buf> {
+    let io_err = |e: std::io::Error| {
+        Error::io("read failed", e)
+            .in_file(file.path())
+            .at_tensor(&t.name)
     };
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a valid NUL-terminated path and `st` a properly sized out-parameter.
-    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
-        return false;
+    let rb = t.row_bytes();
+    // A range covering every row is the whole tensor (the only way sub-byte types, whose
+    // rows need not end on a byte, are ever read).
+    let rows = rows.filter(|rr| !(rr.start == 0 && rr.end >= t.rows()));
+    if let Layout::Gathered(view) = &t.layout {
+        // Views and big-endian storages: read the span, gather, then cut the rows.
+        let span = file.read(t.offset, view.span).map_err(io_err)?;
+        let mut bytes = view.gather(&span).map_err(|e| {
+            Error::invalid(e.to_string())
+                .in_file(file.path())
+                .at_tensor(&t.name)
+        })?;
+        if let Some(rr) = rows {
+            let (a, b) = ((rr.start * rb) as usize, (rr.end * rb) as usize);
+            bytes = bytes.get(a..b).map(<[u8]>::to_vec).ok_or_else(|| {
+                Error::invalid(format!("gathered {} bytes, rows need {b}", bytes.len()))
+                    .in_file(file.path())
+                    .at_tensor(&t.name)
+            })?;
+        }
+        return Ok(Buf::Owned(bytes));
     }
-    const NETWORK: &[i64] = &[
-        0x6969,                // NFS
-        0x517B,                // SMB
-        0xFE53_4D42u32 as i64, // SMB2
-        0xFF53_4D42u32 as i64, // CIFS
-        0x6573_5546,           // FUSE
-        0x0102_1997,           // 9p
-        0x00C3_6400,           // Ceph
-        0x0BD0_0BD0,           // Lustre
-    ];
-    #[allow(clippy::unnecessary_cast)]
-    let t = st.f_type as i64;
-    NETWORK.contains(&t) || NETWORK.contains(&(t & 0xFFFF_FFFF))
+    let (off, len) = match rows {
+        Some(rr) => (t.offset + rr.start * rb, (rr.end - rr.start) * rb),
+        None => (t.offset, t.len),
+    };
+    file.read(off, len).map_err(io_err)
 }

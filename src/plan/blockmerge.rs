@@ -307,7 +307,7 @@ pub fn plan_blockmerge(opts: &BlockMergeOptions) -> Result<Plan> {
     }
 
     let shards = place(&mut steps, opts.max_shard_size);
-    let outputs = OutputFiles::from_model_dir(&m1.dir, m1.config()?, out_dtype);
+    let outputs = OutputFiles::from_model(m1, m1.config()?, out_dtype);
     let title = match &opts.schedule {
         Schedule::Gradient(op) => format!(
             "blockmerge {} ← {} gradient {:?}{}",

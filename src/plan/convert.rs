@@ -52,9 +52,9 @@ pub fn plan_convert(opts: &ConvertOptions) -> Result<Plan> {
     let shards = place(&mut steps, opts.max_shard_size);
     let config = model.config()?;
     let outputs = match opts.dtype {
-        Some(d) => OutputFiles::from_model_dir(&model.dir, config, d),
+        Some(d) => OutputFiles::from_model(&model, config, d),
         None => {
-            let mut o = OutputFiles::from_model_dir(&model.dir, None, DType::F32);
+            let mut o = OutputFiles::from_model(&model, None, DType::F32);
             o.config = config;
             o
         }

@@ -28,7 +28,7 @@ pub fn plan_lora(opts: &LoraOptions) -> Result<Plan> {
     let base = Model::open(&opts.base)?;
     let adapter = open_adapter(&opts.lora.path)?;
     let effect = resolve(&adapter, 1, opts.lora.weight, &base)?;
-    let adapter_dir = adapter.dir.clone();
+    let adapter_files = adapter.model.source.clone();
     let sources = vec![base, adapter.model];
     let base = &sources[0];
 
@@ -69,13 +69,13 @@ pub fn plan_lora(opts: &LoraOptions) -> Result<Plan> {
         .out_dtype
         .or_else(|| base.main_dtype())
         .unwrap_or(DType::F16);
-    let mut outputs = OutputFiles::from_model_dir(&base.dir, base.config()?, config_dtype);
+    let mut outputs = OutputFiles::from_model(base, base.config()?, config_dtype);
     if opts.out_dtype.is_none() {
         // Keep the base config's dtype as it was.
         outputs.config = base.config()?;
     }
     // An adapter trained with added tokens ships its tokenizer; it wins over the base's.
-    outputs.copy_present(&adapter_dir, TOKENIZER_FILES);
+    outputs.copy_present(&adapter_files, TOKENIZER_FILES);
     let title = format!(
         "lora {} + {} × {}",
         base.path.display(),

@@ -61,7 +61,7 @@ pub fn tensor_bytes(file: &mut File, t: &TensorLocation) -> Vec<u8> {
     file.read_exact(&mut span).unwrap();
     let mut out = gather_strided(&span, t).unwrap();
     if t.big_endian {
-        let es = t.dtype.size() as usize;
+        let es = t.dtype.size();
         for e in out.chunks_mut(es) {
             e.reverse();
         }

@@ -2,12 +2,13 @@
 //! chat template, mergekit_config.yml and the model card.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::sync::Arc;
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::plan::outputs::{OutputFiles, TOKENIZER_FILES, with_dtype};
+use crate::source::Source;
 
 use super::config::{MergeConfig, ModelRef};
 use super::inputs::Input;
@@ -25,7 +26,7 @@ pub(super) fn output_files(
     out_layers: u64,
     dtype: Option<DType>,
 ) -> Result<OutputFiles> {
-    let donor_dir = sources[inputs[donor].source].dir.clone();
+    let donor_files = sources[inputs[donor].source].source.clone();
     let mut config = inputs[donor].config.clone();
     if let (Some(c), Some(d)) = (config.take(), dtype) {
         config = Some(with_dtype(c, d));
@@ -43,12 +44,12 @@ pub(super) fn output_files(
         ..OutputFiles::default()
     };
     // Tokenizer: tokenizer_source names base or a model; otherwise the donor's files.
-    let tok_dir: Option<PathBuf> = match cfg.tokenizer_source.as_deref() {
-        Some("base") => Some(donor_dir.clone()),
+    let tok_dir: Option<Arc<dyn Source>> = match cfg.tokenizer_source.as_deref() {
+        Some("base") => Some(donor_files.clone()),
         Some(other) => {
             let r = ModelRef::parse(other).map_err(|e| cfg_err(&opts.config_path, e))?;
             match inputs.iter().find(|i| i.reference.path == r.path) {
-                Some(i) => Some(sources[i.source].dir.clone()),
+                Some(i) => Some(sources[i.source].source.clone()),
                 None => {
                     return Err(cfg_err(
                         &opts.config_path,
@@ -57,7 +58,7 @@ pub(super) fn output_files(
                 }
             }
         }
-        None if opts.copy_tokenizer => Some(donor_dir.clone()),
+        None if opts.copy_tokenizer => Some(donor_files.clone()),
         None => None,
     };
     if let Some(dir) = tok_dir {
@@ -75,18 +76,9 @@ pub(super) fn output_files(
                 },
             )
         })?;
-        let tok_cfg = out
-            .copies
-            .iter()
-            .find(|(_, n)| n == "tokenizer_config.json")
-            .map(|(p, _)| p.clone());
-        let mut v: serde_json::Value = match tok_cfg {
-            Some(p) => {
-                let t = std::fs::read_to_string(&p)
-                    .map_err(|e| Error::io("cannot read", e).in_file(&p))?;
-                serde_json::from_str(&t)
-                    .map_err(|e| Error::invalid(format!("not valid JSON: {e}")).in_file(&p))?
-            }
+        let mut v: serde_json::Value = match out.read_copy("tokenizer_config.json")? {
+            Some((p, t)) => serde_json::from_slice(&t)
+                .map_err(|e| Error::invalid(format!("not valid JSON: {e}")).in_file(&p))?,
             None => serde_json::json!({}),
         };
         if let serde_json::Value::Object(m) = &mut v {
@@ -118,11 +110,10 @@ fn chat_template(name: &str, inputs: &[Input], sources: &[Model]) -> Option<Stri
         "auto" => {
             let mut counts: BTreeMap<String, usize> = BTreeMap::new();
             for i in inputs {
-                let p = sources[i.source].dir.join("tokenizer_config.json");
-                let Ok(t) = std::fs::read_to_string(p) else {
+                let Ok(Some(t)) = sources[i.source].read_file("tokenizer_config.json") else {
                     continue;
                 };
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&t)
+                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&t)
                     && let Some(s) = v.get("chat_template").and_then(|s| s.as_str())
                 {
                     *counts.entry(s.to_string()).or_default() += 1;
