@@ -14,7 +14,7 @@
 //! # Layers
 //!
 //! Each module uses only modules above it in this list, so the graph has no cycle:
-//! 1. [`dtype`], [`units`], [`progress`]: vocabulary shared by everything;
+//! 1. [`dtype`], [`shape`], [`units`], [`progress`]: vocabulary shared by everything;
 //! 2. [`format`](mod@format) (parsers, pure functions of bytes) and [`kernels`] (SIMD, dtype only);
 //! 3. [`error`] (wraps the parsers' error types);
 //! 4. [`model`] (a checkpoint of any format) and [`methods`] (merge arithmetic: no plans, no
@@ -37,6 +37,7 @@ pub mod output;
 pub mod pipeline;
 pub mod plan;
 pub mod progress;
+pub mod shape;
 pub mod source;
 pub mod units;
 

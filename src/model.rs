@@ -20,6 +20,7 @@ use crate::format::index::parse_index;
 use crate::format::safetensors::{header_len, parse_header};
 use crate::format::strided::Strided;
 use crate::format::torch_bin::index_torch_bin;
+use crate::shape::RowMajor;
 use crate::source::{LocalSource, Source, SourceFile, SourceReader};
 
 /// How a tensor's bytes sit in its file.
@@ -52,23 +53,14 @@ impl TensorInfo {
     pub fn numel(&self) -> u64 {
         self.shape.iter().product()
     }
+}
 
-    /// Rows for chunked processing: the first dimension (1 for a scalar).
-    pub fn rows(&self) -> u64 {
-        self.shape.first().copied().unwrap_or(1)
+impl RowMajor for TensorInfo {
+    fn dims(&self) -> &[u64] {
+        &self.shape
     }
-
-    /// Elements in one row: the product of all dimensions but the first.
-    pub fn row_elems(&self) -> u64 {
-        // Saturating: an empty tensor may have huge other dimensions.
-        self.shape
-            .iter()
-            .skip(1)
-            .fold(1u64, |a, &d| a.saturating_mul(d))
-    }
-
-    pub fn row_bytes(&self) -> u64 {
-        self.row_elems() * self.dtype.bits() / 8
+    fn elem_type(&self) -> DType {
+        self.dtype
     }
 }
 

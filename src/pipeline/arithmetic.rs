@@ -18,6 +18,7 @@ use crate::kernels::bytes::{decode, encode, halves, round_to};
 use crate::methods::lora::{self, PatchData};
 use crate::methods::mergekit::Capability;
 use crate::plan::{Method, Operand, Plan, Recipe, Step};
+use crate::shape::RowMajor;
 
 /// Elements per tile of the elementwise passes: a few such f32 arrays fit in L2.
 const TILE_ELEMS: usize = 32 * 1024;

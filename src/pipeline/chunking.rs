@@ -6,6 +6,7 @@
 use crate::methods::mergekit::Capability;
 use crate::model::Layout;
 use crate::plan::{DeltaLayout, Method, Plan, Recipe, Step, TensorRef};
+use crate::shape::RowMajor;
 
 /// Bytes a chunk should cost: big enough to amortize per-chunk work, small enough that
 /// several chunks are in flight within the budget.

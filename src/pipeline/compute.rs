@@ -9,6 +9,7 @@ use crate::methods::lora::PatchData;
 use crate::methods::mergekit::StreamCtx;
 use crate::plan::{Method, Operand, Plan, Recipe};
 use crate::progress::Progress;
+use crate::shape::RowMajor;
 
 use super::arithmetic::{OperandData, compute_chunk, operand_f32};
 use super::reader::InputFile;

@@ -26,6 +26,7 @@ use crossbeam_channel::bounded;
 use crate::error::{Error, ErrorKind, Result};
 use crate::plan::{Plan, Recipe, Step};
 use crate::progress::{Observer, Progress};
+use crate::shape::RowMajor;
 use budget::{Budget, Permit};
 use chunking::{
     chunk_cost, chunk_target, chunkable, prefers_streaming, rows_per_chunk, stream_rows, streamable,

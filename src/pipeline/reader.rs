@@ -16,6 +16,7 @@ use std::sync::Mutex;
 
 use crate::error::{Error, Result};
 use crate::model::{Layout, TensorInfo};
+use crate::shape::RowMajor;
 use crate::source::{Mapped, SourceFile};
 
 pub use crate::source::is_network_fs;

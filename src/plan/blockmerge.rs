@@ -20,6 +20,7 @@ use crate::plan::layout::place;
 use crate::plan::lora::{AdapterEffect, LoraSpec, open_adapter, resolve};
 use crate::plan::order::sort_module_order;
 use crate::plan::{Method, Operand, OutputFiles, Plan, Recipe, Step, TensorRef};
+use crate::shape::RowMajor;
 use crate::units::parse_size;
 
 /// Rows of these tensors may differ between the models (the vocab rule).

@@ -9,6 +9,7 @@ use crate::model::Model;
 use crate::plan::layout::place;
 use crate::plan::order::sort_module_order;
 use crate::plan::{Method, Operand, OutputFiles, Plan, Recipe, Step, TensorRef};
+use crate::shape::RowMajor;
 
 #[derive(Clone, Debug)]
 pub struct ConvertOptions {

@@ -15,6 +15,7 @@ use crate::error::{Context, Error, Result};
 use crate::format::peft::{AdapterConfig, AdapterKey, classify_key, parse_adapter_config};
 use crate::model::Model;
 use crate::plan::{DeltaLayout, LoraPatch, Operand, TensorRef};
+use crate::shape::RowMajor;
 
 /// A LoRA adapter to apply, as the user names it.
 #[derive(Clone, Debug, PartialEq)]

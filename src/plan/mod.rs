@@ -20,6 +20,7 @@ use std::fmt::Write as _;
 
 use crate::dtype::DType;
 use crate::model::{Model, TensorInfo};
+use crate::shape::RowMajor;
 use crate::units::human;
 
 pub use crate::methods::lora::DeltaLayout;
@@ -135,17 +136,14 @@ impl Step {
             recipe,
         }
     }
+}
 
-    pub fn rows(&self) -> u64 {
-        self.shape.first().copied().unwrap_or(1)
+impl RowMajor for Step {
+    fn dims(&self) -> &[u64] {
+        &self.shape
     }
-
-    pub fn row_elems(&self) -> u64 {
-        // Saturating: an empty tensor may have huge other dimensions.
-        self.shape
-            .iter()
-            .skip(1)
-            .fold(1u64, |a, &d| a.saturating_mul(d))
+    fn elem_type(&self) -> DType {
+        self.dtype
     }
 }
 

@@ -10,6 +10,7 @@ use crate::methods::mergekit::{
     Kind, MergeMethod, MergekitRecipe, Need, Param, PrepareError, Resolved, Scope, Value,
 };
 use crate::plan::{Method, Operand, Recipe, Step, TensorRef};
+use crate::shape::RowMajor;
 
 use super::MergeOptions;
 use super::config::Parameters;
