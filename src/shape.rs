@@ -1,6 +1,6 @@
 //! Tensors as the pipeline cuts them: row-major, the first dimension is the rows and the
-//! rest is one row. Input tensors ([`crate::model::TensorInfo`]) and output steps
-//! ([`crate::plan::Step`]) share this one definition.
+//! rest is one row. Input tensors (`model::TensorInfo`) and output steps (`plan::Step`)
+//! share this one definition.
 
 use crate::dtype::DType;
 
