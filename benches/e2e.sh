@@ -5,9 +5,14 @@
 # generated.
 #
 #   benches/e2e.sh [--preset llama2-13b] [--layers 8] [--rank 64] [--dir DIR] [--io auto]
-#                  [--all] [--keep] [--extra "ARGS for mergestream"]
+#                  [--all] [--keep] [--extra "ARGS for mergestream"] [--compare OLD_BINARY]
+#                  [--merge "linear ties"]
 #
 # --all blends every tensor (embeddings and lm_head included) instead of --layer_only.
+# --merge "linear ties ..." adds `mergestream merge` rows: those mergekit methods with model a
+#   as the base and b as the fine-tune (density 0.5 where the method reads one).
+# --compare runs every row with a second binary too (interleaved, same page cache, best of
+# the same number of runs) and adds its time and the new/old ratio: a before/after check.
 #
 # Needs ~3.3x one model of free disk in DIR (default: target/e2e).
 set -euo pipefail
@@ -20,6 +25,8 @@ dir=target/e2e
 io=auto
 keep=0
 extra=""
+old_bin=""
+methods=""
 filter=--layer_only
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -31,6 +38,8 @@ while [ $# -gt 0 ]; do
     --keep) keep=1; shift ;;
     --all) filter=""; shift ;;
     --extra) extra=$2; shift 2 ;;
+    --compare) old_bin=$2; shift 2 ;;
+    --merge) methods=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -40,7 +49,7 @@ cargo build --release --quiet
 bin=target/release/mergestream
 synth=target/release/examples/synth
 mkdir -p "$dir"
-cleanup() { if [ "$keep" = 0 ]; then rm -rf "$dir/a" "$dir/b" "$dir/lora" "$dir/out" "$dir/floor"; fi; }
+cleanup() { if [ "$keep" = 0 ]; then rm -rf "$dir/a" "$dir/b" "$dir/lora" "$dir/out" "$dir/floor" "$dir/merge.yml"; fi; }
 trap cleanup EXIT
 
 if [ ! -d "$dir/a" ]; then
@@ -73,30 +82,72 @@ done
 
 # Gradient reaching 0 at layer 5 of 8 (the seed recipe's shape).
 gradient="[0.9,0.72,0.54,0.36,0.18,0.0,0.0,0.0,0.0]"
+# One timed run of binary $1 (the rest: its arguments); prints "wall rss_kib".
+timed() {
+  local bin=$1; shift
+  rm -rf "$dir/out"
+  sync
+  local t0 t1
+  t0=$(now)
+  /usr/bin/time -f "%M" -o "$dir/rss" "$bin" "$@"
+  t1=$(now)
+  echo "$(echo "$t1 - $t0" | bc -l) $(cat "$dir/rss")"
+}
 run() {
   local label=$1; shift
-  local wall=999999 rss=0
+  local args=(blockmerge --model_path1 "$dir/a" --model_path2 "$dir/b"
+    --gradient_values "$gradient" $filter -o "$dir/out" --quiet --io "$io" $extra "$@")
+  measure "$label" "${args[@]}"
+}
+# A mergekit config for method $1 over the two models.
+merge_config() {
+  case "$1" in
+    linear) printf 'merge_method: linear\nmodels:\n  - model: %s\n    parameters: {weight: 0.5}\n  - model: %s\n    parameters: {weight: 0.5}\ndtype: float16\n' "$dir/a" "$dir/b" ;;
+    slerp) printf 'merge_method: slerp\nbase_model: %s\nmodels:\n  - model: %s\n  - model: %s\nparameters: {t: 0.4}\ndtype: float16\n' "$dir/a" "$dir/a" "$dir/b" ;;
+    *) printf 'merge_method: %s\nbase_model: %s\nmodels:\n  - model: %s\n    parameters: {weight: 1.0, density: 0.5}\ndtype: float16\n' "$1" "$dir/a" "$dir/b" ;;
+  esac
+}
+run_merge() {
+  merge_config "$1" > "$dir/merge.yml"
+  measure "merge $1" merge "$dir/merge.yml" "$dir/out" --quiet --io "$io" $extra
+}
+measure() {
+  local label=$1; shift
+  local args=("$@")
+  local wall=999999 rss=0 old=999999
   for _ in $(seq $repeat); do
-    rm -rf "$dir/out"
-    sync
-    local t0 t1
-    t0=$(now)
-    /usr/bin/time -f "%M" -o "$dir/rss" "$bin" blockmerge --model_path1 "$dir/a" --model_path2 "$dir/b" \
-      --gradient_values "$gradient" $filter -o "$dir/out" --quiet --io "$io" $extra "$@"
-    t1=$(now)
-    wall=$(min "$wall" "$(echo "$t1 - $t0" | bc -l)")
-    rss=$(echo "$rss $(cat "$dir/rss")" | awk '{print ($1 > $2) ? $1 : $2}')
+    local w r
+    read -r w r < <(timed "$bin" "${args[@]}")
+    wall=$(min "$wall" "$w")
+    rss=$(echo "$rss $r" | awk '{print ($1 > $2) ? $1 : $2}')
+    if [ -n "$old_bin" ]; then
+      read -r w r < <(timed "$old_bin" "${args[@]}")
+      old=$(min "$old" "$w")
+    fi
   done
   local ratio
   ratio=$(echo "$wall / $floor" | bc -l)
-  printf "| %-28s | %7.2f s | %5.2fx | %6.0f MiB |\n" "$label" "$wall" "$ratio" "$(echo "$rss / 1024" | bc -l)"
+  if [ -n "$old_bin" ]; then
+    printf "| %-28s | %7.2f s | %5.2fx | %6.0f MiB | %7.2f s | %5.2f |\n" "$label" "$wall" "$ratio" \
+      "$(echo "$rss / 1024" | bc -l)" "$old" "$(echo "$wall / $old" | bc -l)"
+  else
+    printf "| %-28s | %7.2f s | %5.2fx | %6.0f MiB |\n" "$label" "$wall" "$ratio" "$(echo "$rss / 1024" | bc -l)"
+  fi
 }
 
 echo
 echo "preset $preset, $layers layers, best of $repeat runs, $(echo "$size / 1073741824" | bc -l | cut -c1-5) GiB per model, LoRA rank $rank, io $io, $(nproc) cores"
 echo
-echo "| run                          | wall      | floor | peak RSS   |"
-echo "|------------------------------|-----------|-------|------------|"
+if [ -n "$old_bin" ]; then
+  echo "| run                          | wall      | floor | peak RSS   | old wall  | new/old |"
+  echo "|------------------------------|-----------|-------|------------|-----------|-------|"
+else
+  echo "| run                          | wall      | floor | peak RSS   |"
+  echo "|------------------------------|-----------|-------|------------|"
+fi
 printf "| %-28s | %7.2f s | %5.2fx | %10s |\n" "I/O floor (dd + cp + sync)" "$floor" 1 "-"
 run "seed recipe, no LoRA"
 run "seed recipe + LoRA at 0.25" --lora2 "$dir/lora" --lora2-weight 0.25
+for m in $methods; do
+  run_merge "$m"
+done
