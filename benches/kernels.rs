@@ -72,6 +72,23 @@ fn kernels(c: &mut Criterion) {
             let mut w = f1.clone();
             b.iter(|| (k.add_scaled)(&mut w, black_box(&f2), 0.5));
         });
+        g.bench_function(BenchmarkId::new("fma_acc", k.name), |b| {
+            let mut w = f1.clone();
+            b.iter(|| (k.fma_acc)(&mut w, black_box(&f2), 0.5));
+        });
+        g.finish();
+
+        // In-place rounding: one f32 array read and written.
+        let mut g = c.benchmark_group("round");
+        g.throughput(Throughput::Bytes((N * 8) as u64));
+        g.bench_function(BenchmarkId::new("round_f16", k.name), |b| {
+            let mut w = f1.clone();
+            b.iter(|| (k.round_f16)(black_box(&mut w)));
+        });
+        g.bench_function(BenchmarkId::new("round_bf16", k.name), |b| {
+            let mut w = f1.clone();
+            b.iter(|| (k.round_bf16)(black_box(&mut w)));
+        });
         g.finish();
     }
 }
