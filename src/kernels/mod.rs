@@ -1,9 +1,9 @@
 //! Conversion and blend kernels, with runtime CPU-feature dispatch chosen once.
 //!
-//! `scalar` is the reference definition. `x86_64` has AVX2+F16C and AVX-512 versions,
-//! `aarch64` NEON ones; [`active`] picks the best set this CPU supports the first time it is
-//! called. Every kernel set is tested against the scalar reference (see `tests` below and
-//! `benches/kernels.rs` for speed).
+//! `scalar` is the reference definition. `x86_64` has AVX2+F16C+FMA and AVX-512 versions
+//! (each kernel written once over a vector trait), `aarch64` NEON ones; [`active`] picks the
+//! best set this CPU supports the first time it is called. Every kernel set is tested against
+//! the scalar reference (`tests.rs`; `benches/kernels.rs` for speed).
 
 #[cfg(target_arch = "aarch64")]
 mod aarch64;
