@@ -504,12 +504,13 @@ macro_rules! kernel_set {
                 fn $kernel($($arg: $ty),*) {
                     #[target_feature(enable = $features)]
                     fn imp($($arg: $ty),*) {
-                        // SAFETY: `imp` runs only on a CPU with `$features` (it is itself a
-                        // target-feature function), which covers the vector type's needs.
+                        // SAFETY: `imp` is a target-feature function, so it runs only where
+                        // the set's features exist; they cover the vector type's methods.
                         unsafe { body::$kernel::<$vector>($($arg),*) }
                     }
                     // SAFETY: this function is private to this module, whose only use of it
-                    // is in `kernels` below, after `$detect` found the features `imp` needs.
+                    // is in `kernels` below, after the detection found the features `imp`
+                    // enables.
                     unsafe { imp($($arg),*) }
                 }
             )*
