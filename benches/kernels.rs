@@ -39,40 +39,79 @@ fn kernels(c: &mut Criterion) {
     });
     g.finish();
 
-    for k in available() {
-        let mut g = c.benchmark_group("convert");
-        g.throughput(Throughput::Bytes((N * 6) as u64));
+    // Each kernel's sets run back to back, so they are compared under the same machine load
+    // (the machine is shared; minutes apart, memory bandwidth can differ several-fold).
+    let sets = available();
+    let mut g = c.benchmark_group("convert");
+    g.throughput(Throughput::Bytes((N * 6) as u64));
+    for k in &sets {
         g.bench_function(BenchmarkId::new("f16_to_f32", k.name), |b| {
             b.iter(|| (k.f16_to_f32)(black_box(&h1), &mut out32));
         });
+    }
+    for k in &sets {
         g.bench_function(BenchmarkId::new("bf16_to_f32", k.name), |b| {
             b.iter(|| (k.bf16_to_f32)(black_box(&h1), &mut out32));
         });
+    }
+    for k in &sets {
         g.bench_function(BenchmarkId::new("f32_to_f16", k.name), |b| {
             b.iter(|| (k.f32_to_f16)(black_box(&f1), &mut out16));
         });
+    }
+    for k in &sets {
         g.bench_function(BenchmarkId::new("f32_to_bf16", k.name), |b| {
             b.iter(|| (k.f32_to_bf16)(black_box(&f1), &mut out16));
         });
-        g.finish();
+    }
+    g.finish();
 
-        let mut g = c.benchmark_group("blend");
-        // fp16 reproduction blend: two fp16 inputs, one fp16 output.
-        g.throughput(Throughput::Bytes((N * 6) as u64));
+    let mut g = c.benchmark_group("blend");
+    // fp16 reproduction blend: two fp16 inputs, one fp16 output.
+    g.throughput(Throughput::Bytes((N * 6) as u64));
+    for k in &sets {
         g.bench_function(BenchmarkId::new("blend_f16_reproduce", k.name), |b| {
             b.iter(|| (k.blend_f16)(black_box(&h1), black_box(&h2), 0.3, 0.7, &mut out16));
         });
-        // f32 blend (precise mode / YAML edition): two f32 inputs, one f32 output.
-        g.throughput(Throughput::Bytes((N * 12) as u64));
+    }
+    // f32 blend (precise mode / YAML edition), add_scaled, fma_acc: two f32 inputs, one
+    // f32 output.
+    g.throughput(Throughput::Bytes((N * 12) as u64));
+    for k in &sets {
         g.bench_function(BenchmarkId::new("blend_f32_precise", k.name), |b| {
             b.iter(|| (k.blend_f32)(black_box(&f1), black_box(&f2), 0.3, 0.7, &mut out32));
         });
+    }
+    for k in &sets {
         g.bench_function(BenchmarkId::new("add_scaled", k.name), |b| {
             let mut w = f1.clone();
             b.iter(|| (k.add_scaled)(&mut w, black_box(&f2), 0.5));
         });
-        g.finish();
     }
+    for k in &sets {
+        g.bench_function(BenchmarkId::new("fma_acc", k.name), |b| {
+            let mut w = f1.clone();
+            b.iter(|| (k.fma_acc)(&mut w, black_box(&f2), 0.5));
+        });
+    }
+    g.finish();
+
+    // In-place rounding: one f32 array read and written.
+    let mut g = c.benchmark_group("round");
+    g.throughput(Throughput::Bytes((N * 8) as u64));
+    for k in &sets {
+        g.bench_function(BenchmarkId::new("round_f16", k.name), |b| {
+            let mut w = f1.clone();
+            b.iter(|| (k.round_f16)(black_box(&mut w)));
+        });
+    }
+    for k in &sets {
+        g.bench_function(BenchmarkId::new("round_bf16", k.name), |b| {
+            let mut w = f1.clone();
+            b.iter(|| (k.round_bf16)(black_box(&mut w)));
+        });
+    }
+    g.finish();
 }
 
 /// The LoRA delta Δ = B @ A for a 13B-sized layer at rank 64 (5120 × 13824).

@@ -28,7 +28,8 @@ pub(super) fn bf16_to_f32_neon(src: &[u16], dst: &mut [f32]) {
     let body = n - n % 4;
     let mut i = 0;
     while i < body {
-        // SAFETY: i + 4 <= n.
+        // SAFETY: i + 4 <= n, the common length of the slices, so the 4-lane loads and
+        // stores stay in bounds; NEON is part of the aarch64 baseline.
         unsafe {
             let h = vld1_u16(src.as_ptr().add(i));
             let w = vshlq_n_u32::<16>(vmovl_u16(h));
@@ -55,7 +56,8 @@ pub(super) fn f32_to_bf16_neon(src: &[f32], dst: &mut [u16]) {
     let body = n - n % 4;
     let mut i = 0;
     while i < body {
-        // SAFETY: i + 4 <= n.
+        // SAFETY: i + 4 <= n, the common length of the slices, so the 4-lane loads and
+        // stores stay in bounds; NEON is part of the aarch64 baseline.
         unsafe {
             let r = bf16_round_neon(vld1q_f32(src.as_ptr().add(i)));
             vst1_u16(dst.as_mut_ptr().add(i), vmovn_u32(r));
@@ -100,7 +102,8 @@ pub(super) fn blend_f32_neon(a: &[f32], b: &[f32], wa: f32, wb: f32, dst: &mut [
     let vb = vdupq_n_f32(wb);
     let mut i = 0;
     while i < body {
-        // SAFETY: i + 4 <= n.
+        // SAFETY: i + 4 <= n, the common length of the slices, so the 4-lane loads and
+        // stores stay in bounds; NEON is part of the aarch64 baseline.
         unsafe {
             let x = vmulq_f32(vld1q_f32(a.as_ptr().add(i)), va);
             let y = vmulq_f32(vld1q_f32(b.as_ptr().add(i)), vb);
@@ -117,7 +120,8 @@ pub(super) fn add_scaled_neon(dst: &mut [f32], delta: &[f32], s: f32) {
     let vs = vdupq_n_f32(s);
     let mut i = 0;
     while i < body {
-        // SAFETY: i + 4 <= n.
+        // SAFETY: i + 4 <= n, the common length of the slices, so the 4-lane loads and
+        // stores stay in bounds; NEON is part of the aarch64 baseline.
         unsafe {
             let p = vmulq_f32(vld1q_f32(delta.as_ptr().add(i)), vs);
             let d = vld1q_f32(dst.as_ptr().add(i));
@@ -134,7 +138,8 @@ pub(super) fn fma_acc_neon(acc: &mut [f32], x: &[f32], w: f32) {
     let vw = vdupq_n_f32(w);
     let mut i = 0;
     while i < body {
-        // SAFETY: i + 4 <= n.
+        // SAFETY: i + 4 <= n, the common length of the slices, so the 4-lane loads and
+        // stores stay in bounds; NEON is part of the aarch64 baseline.
         unsafe {
             let a = vld1q_f32(acc.as_ptr().add(i));
             let v = vld1q_f32(x.as_ptr().add(i));
@@ -161,7 +166,8 @@ pub(super) fn round_bf16_neon(v: &mut [f32]) {
     let body = n - n % 4;
     let mut i = 0;
     while i < body {
-        // SAFETY: i + 4 <= n.
+        // SAFETY: i + 4 <= n, the common length of the slices, so the 4-lane loads and
+        // stores stay in bounds; NEON is part of the aarch64 baseline.
         unsafe {
             let r = bf16_round_neon(vld1q_f32(v.as_ptr().add(i)));
             vst1q_f32(

@@ -1,442 +1,564 @@
-//! x86-64 kernels: AVX2 + F16C (8 lanes) and AVX-512 F/BW/VL (16 lanes).
+//! x86-64 kernels: AVX2 + F16C + FMA (8 lanes) and AVX-512 F/BW/VL (16 lanes).
 //!
-//! Each kernel does the vector body and leaves the tail (fewer than one vector) to the scalar
-//! reference, so both paths agree by construction on every element. The exported wrappers
-//! are safe: [`super`] installs them only after runtime feature detection.
+//! Each kernel is written once, in [`body`], over the [`Vector`] trait (one register of f32
+//! lanes and the few operations the kernels need), then instantiated per instruction set
+//! inside `#[target_feature]` functions so the intrinsics inline — the way the `memchr` crate
+//! writes its algorithms. Bodies process whole vectors and leave the tail (fewer than one
+//! vector) to the scalar reference, so both paths agree by construction on every element.
+//!
+//! [`avx2`] and [`avx512`] detect their CPU features themselves and are the only way out of
+//! this file to the SIMD code, so no safe function here relies on a check made elsewhere.
 
 use std::arch::x86_64::*;
 
-use super::scalar;
+use super::{Kernels, scalar};
 
-// ---------------------------------------------------------------- AVX2 + F16C
+/// One register of `LANES` f32 lanes and the operations the kernels are written with.
+///
+/// Every method is `unsafe` for one reason shared by all of them: the caller must ensure the
+/// CPU supports the instruction set of the implementing type (AVX2+F16C+FMA for `__m256`,
+/// AVX-512 F/BW/VL for `__m512`). Methods taking a pointer also need `LANES` readable (or
+/// writable) elements there; no alignment is required.
+trait Vector: Copy {
+    const LANES: usize;
+    /// `LANES` 16-bit values (fp16 or bf16 bits).
+    type Halves: Copy;
+    /// `LANES` 32-bit integer lanes.
+    type Ints: Copy;
 
-#[target_feature(enable = "avx2,f16c")]
-fn f16_to_f32_avx2_imp(src: &[u16], dst: &mut [f32]) {
-    let n = src.len().min(dst.len());
-    let body = n - n % 8;
-    let mut i = 0;
-    while i < body {
-        // SAFETY: i + 8 <= n, in bounds of both slices; unaligned loads/stores.
-        unsafe {
-            let h = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
-            _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
-        }
-        i += 8;
+    unsafe fn splat(x: f32) -> Self;
+    unsafe fn load(p: *const f32) -> Self;
+    unsafe fn store(self, p: *mut f32);
+    unsafe fn load_halves(p: *const u16) -> Self::Halves;
+    unsafe fn store_halves(h: Self::Halves, p: *mut u16);
+
+    /// Lane-wise product, rounded.
+    unsafe fn mul(self, other: Self) -> Self;
+    /// Lane-wise sum, rounded.
+    unsafe fn add(self, other: Self) -> Self;
+    /// `self·m + a` rounded once (fused).
+    unsafe fn mul_add(self, m: Self, a: Self) -> Self;
+
+    /// fp16 bits to f32 (exact).
+    unsafe fn from_f16(h: Self::Halves) -> Self;
+    /// f32 to fp16 bits, round to nearest even.
+    unsafe fn to_f16(self) -> Self::Halves;
+
+    unsafe fn to_bits(self) -> Self::Ints;
+    /// Zero-extend 16-bit values to 32-bit lanes.
+    unsafe fn widen(h: Self::Halves) -> Self::Ints;
+    /// Truncate 32-bit lanes holding values <= 0xFFFF to 16 bits.
+    unsafe fn narrow(i: Self::Ints) -> Self::Halves;
+    /// `i << 16` reinterpreted as f32: bf16 bits in the low half become the f32 they denote.
+    unsafe fn shl16_to_f32(i: Self::Ints) -> Self;
+    unsafe fn splat_int(x: i32) -> Self::Ints;
+    unsafe fn shr16_int(i: Self::Ints) -> Self::Ints;
+    unsafe fn and_int(a: Self::Ints, b: Self::Ints) -> Self::Ints;
+    unsafe fn add_int(a: Self::Ints, b: Self::Ints) -> Self::Ints;
+    /// `if_nan` in the lanes where `self` is NaN, `other` elsewhere.
+    unsafe fn select_nan(self, if_nan: Self::Ints, other: Self::Ints) -> Self::Ints;
+}
+
+// ---------------------------------------------------------------- AVX2 + F16C + FMA
+
+impl Vector for __m256 {
+    const LANES: usize = 8;
+    type Halves = __m128i;
+    type Ints = __m256i;
+
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> Self {
+        // SAFETY: the caller guarantees AVX2 (trait contract); same for every block below.
+        unsafe { _mm256_set1_ps(x) }
     }
-    scalar::f16_to_f32(&src[body..n], &mut dst[body..n]);
-}
-
-#[target_feature(enable = "avx2,f16c")]
-fn f32_to_f16_avx2_imp(src: &[f32], dst: &mut [u16]) {
-    let n = src.len().min(dst.len());
-    let body = n - n % 8;
-    let mut i = 0;
-    while i < body {
-        // SAFETY: i + 8 <= n.
-        unsafe {
-            let v = _mm256_loadu_ps(src.as_ptr().add(i));
-            let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
-            _mm_storeu_si128(dst.as_mut_ptr().add(i) as *mut __m128i, h);
-        }
-        i += 8;
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        // SAFETY: AVX2, and 8 readable f32 at `p` (trait contract); unaligned load.
+        unsafe { _mm256_loadu_ps(p) }
     }
-    scalar::f32_to_f16(&src[body..n], &mut dst[body..n]);
-}
-
-#[target_feature(enable = "avx2")]
-fn bf16_to_f32_avx2_imp(src: &[u16], dst: &mut [f32]) {
-    let n = src.len().min(dst.len());
-    let body = n - n % 8;
-    let mut i = 0;
-    while i < body {
-        // SAFETY: i + 8 <= n.
-        unsafe {
-            let h = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
-            let w = _mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h));
-            _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_castsi256_ps(w));
-        }
-        i += 8;
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        // SAFETY: AVX2, and 8 writable f32 at `p` (trait contract); unaligned store.
+        unsafe { _mm256_storeu_ps(p, self) }
     }
-    scalar::bf16_to_f32(&src[body..n], &mut dst[body..n]);
-}
-
-/// Round eight f32 to bf16 bits (RNE, NaN → 0x7FC0), as 32-bit lanes.
-#[target_feature(enable = "avx2")]
-fn bf16_round_avx2(v: __m256) -> __m256i {
-    let bits = _mm256_castps_si256(v);
-    let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(bits), _mm256_set1_epi32(1));
-    let biased = _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
-    let rounded = _mm256_srli_epi32::<16>(biased);
-    let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
-    _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan)
-}
-
-#[target_feature(enable = "avx2")]
-fn f32_to_bf16_avx2_imp(src: &[f32], dst: &mut [u16]) {
-    let n = src.len().min(dst.len());
-    let body = n - n % 8;
-    let mut i = 0;
-    while i < body {
-        // SAFETY: i + 8 <= n.
-        unsafe {
-            let r = bf16_round_avx2(_mm256_loadu_ps(src.as_ptr().add(i)));
-            // Lanes hold values <= 0xFFFF, so unsigned saturation packs them exactly.
-            let p = _mm256_packus_epi32(r, _mm256_setzero_si256());
-            let p = _mm256_permute4x64_epi64::<0b11_01_10_00>(p);
-            _mm_storeu_si128(
-                dst.as_mut_ptr().add(i) as *mut __m128i,
-                _mm256_castsi256_si128(p),
-            );
-        }
-        i += 8;
+    #[inline(always)]
+    unsafe fn load_halves(p: *const u16) -> Self::Halves {
+        // SAFETY: 8 readable u16 at `p` (trait contract); unaligned load.
+        unsafe { _mm_loadu_si128(p as *const __m128i) }
     }
-    scalar::f32_to_bf16(&src[body..n], &mut dst[body..n]);
-}
-
-#[target_feature(enable = "avx2,f16c")]
-fn blend_f16_avx2_imp(a: &[u16], b: &[u16], wa: f32, wb: f32, dst: &mut [u16]) {
-    let n = a.len().min(b.len()).min(dst.len());
-    let body = n - n % 8;
-    let va = _mm256_set1_ps(wa);
-    let vb = _mm256_set1_ps(wb);
-    let mut i = 0;
-    while i < body {
-        // SAFETY: i + 8 <= n.
-        unsafe {
-            let x = _mm256_cvtph_ps(_mm_loadu_si128(a.as_ptr().add(i) as *const __m128i));
-            let y = _mm256_cvtph_ps(_mm_loadu_si128(b.as_ptr().add(i) as *const __m128i));
-            let px = _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_mul_ps(
-                x, va,
-            )));
-            let py = _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_mul_ps(
-                y, vb,
-            )));
-            let s = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_add_ps(px, py));
-            _mm_storeu_si128(dst.as_mut_ptr().add(i) as *mut __m128i, s);
-        }
-        i += 8;
+    #[inline(always)]
+    unsafe fn store_halves(h: Self::Halves, p: *mut u16) {
+        // SAFETY: 8 writable u16 at `p` (trait contract); unaligned store.
+        unsafe { _mm_storeu_si128(p as *mut __m128i, h) }
     }
-    scalar::blend_f16(&a[body..n], &b[body..n], wa, wb, &mut dst[body..n]);
-}
-
-#[target_feature(enable = "avx2")]
-fn blend_f32_avx2_imp(a: &[f32], b: &[f32], wa: f32, wb: f32, dst: &mut [f32]) {
-    let n = a.len().min(b.len()).min(dst.len());
-    let body = n - n % 8;
-    let va = _mm256_set1_ps(wa);
-    let vb = _mm256_set1_ps(wb);
-    let mut i = 0;
-    while i < body {
-        // SAFETY: i + 8 <= n.
-        unsafe {
-            let x = _mm256_mul_ps(_mm256_loadu_ps(a.as_ptr().add(i)), va);
-            let y = _mm256_mul_ps(_mm256_loadu_ps(b.as_ptr().add(i)), vb);
-            _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_add_ps(x, y));
-        }
-        i += 8;
+    #[inline(always)]
+    unsafe fn mul(self, other: Self) -> Self {
+        // SAFETY: AVX2 (trait contract).
+        unsafe { _mm256_mul_ps(self, other) }
     }
-    scalar::blend_f32(&a[body..n], &b[body..n], wa, wb, &mut dst[body..n]);
-}
-
-#[target_feature(enable = "avx2")]
-fn add_scaled_avx2_imp(dst: &mut [f32], delta: &[f32], s: f32) {
-    let n = dst.len().min(delta.len());
-    let body = n - n % 8;
-    let vs = _mm256_set1_ps(s);
-    let mut i = 0;
-    while i < body {
-        // SAFETY: i + 8 <= n.
-        unsafe {
-            let p = _mm256_mul_ps(_mm256_loadu_ps(delta.as_ptr().add(i)), vs);
-            let d = _mm256_loadu_ps(dst.as_ptr().add(i));
-            _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_add_ps(d, p));
-        }
-        i += 8;
+    #[inline(always)]
+    unsafe fn add(self, other: Self) -> Self {
+        // SAFETY: AVX2 (trait contract).
+        unsafe { _mm256_add_ps(self, other) }
     }
-    scalar::add_scaled(&mut dst[body..n], &delta[body..n], s);
-}
-
-#[target_feature(enable = "avx2,fma")]
-fn fma_acc_avx2_imp(acc: &mut [f32], x: &[f32], w: f32) {
-    let n = acc.len().min(x.len());
-    let body = n - n % 8;
-    let vw = _mm256_set1_ps(w);
-    let mut i = 0;
-    while i < body {
-        // SAFETY: i + 8 <= n.
-        unsafe {
-            let a = _mm256_loadu_ps(acc.as_ptr().add(i));
-            let v = _mm256_loadu_ps(x.as_ptr().add(i));
-            _mm256_storeu_ps(acc.as_mut_ptr().add(i), _mm256_fmadd_ps(v, vw, a));
-        }
-        i += 8;
+    #[inline(always)]
+    unsafe fn mul_add(self, m: Self, a: Self) -> Self {
+        // SAFETY: FMA (trait contract).
+        unsafe { _mm256_fmadd_ps(self, m, a) }
     }
-    scalar::fma_acc(&mut acc[body..n], &x[body..n], w);
-}
-
-#[target_feature(enable = "avx2,f16c")]
-fn round_f16_avx2_imp(v: &mut [f32]) {
-    let n = v.len();
-    let body = n - n % 8;
-    let mut i = 0;
-    while i < body {
-        // SAFETY: i + 8 <= n.
-        unsafe {
-            let x = _mm256_loadu_ps(v.as_ptr().add(i));
-            let r = _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x));
-            _mm256_storeu_ps(v.as_mut_ptr().add(i), r);
-        }
-        i += 8;
+    #[inline(always)]
+    unsafe fn from_f16(h: Self::Halves) -> Self {
+        // SAFETY: F16C (trait contract).
+        unsafe { _mm256_cvtph_ps(h) }
     }
-    scalar::round_f16(&mut v[body..n]);
-}
-
-#[target_feature(enable = "avx2")]
-fn round_bf16_avx2_imp(v: &mut [f32]) {
-    let n = v.len();
-    let body = n - n % 8;
-    let mut i = 0;
-    while i < body {
-        // SAFETY: i + 8 <= n.
-        unsafe {
-            let r = bf16_round_avx2(_mm256_loadu_ps(v.as_ptr().add(i)));
-            let f = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(r));
-            _mm256_storeu_ps(v.as_mut_ptr().add(i), f);
-        }
-        i += 8;
+    #[inline(always)]
+    unsafe fn to_f16(self) -> Self::Halves {
+        // SAFETY: F16C (trait contract).
+        unsafe { _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(self) }
     }
-    scalar::round_bf16(&mut v[body..n]);
-}
-
-// ---------------------------------------------------------------- AVX-512
-
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-fn f16_to_f32_avx512_imp(src: &[u16], dst: &mut [f32]) {
-    let n = src.len().min(dst.len());
-    let body = n - n % 16;
-    let mut i = 0;
-    while i < body {
-        // SAFETY: i + 16 <= n.
-        unsafe {
-            let h = _mm256_loadu_si256(src.as_ptr().add(i) as *const __m256i);
-            _mm512_storeu_ps(dst.as_mut_ptr().add(i), _mm512_cvtph_ps(h));
-        }
-        i += 16;
+    #[inline(always)]
+    unsafe fn to_bits(self) -> Self::Ints {
+        // SAFETY: AVX (trait contract).
+        unsafe { _mm256_castps_si256(self) }
     }
-    scalar::f16_to_f32(&src[body..n], &mut dst[body..n]);
-}
-
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-fn f32_to_f16_avx512_imp(src: &[f32], dst: &mut [u16]) {
-    let n = src.len().min(dst.len());
-    let body = n - n % 16;
-    let mut i = 0;
-    while i < body {
-        // SAFETY: i + 16 <= n.
-        unsafe {
-            let v = _mm512_loadu_ps(src.as_ptr().add(i));
-            let h = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
-            _mm256_storeu_si256(dst.as_mut_ptr().add(i) as *mut __m256i, h);
-        }
-        i += 16;
+    #[inline(always)]
+    unsafe fn widen(h: Self::Halves) -> Self::Ints {
+        // SAFETY: AVX2 (trait contract).
+        unsafe { _mm256_cvtepu16_epi32(h) }
     }
-    scalar::f32_to_f16(&src[body..n], &mut dst[body..n]);
-}
-
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-fn bf16_to_f32_avx512_imp(src: &[u16], dst: &mut [f32]) {
-    let n = src.len().min(dst.len());
-    let body = n - n % 16;
-    let mut i = 0;
-    while i < body {
-        // SAFETY: i + 16 <= n.
+    #[inline(always)]
+    unsafe fn narrow(i: Self::Ints) -> Self::Halves {
+        // SAFETY: AVX2 (trait contract). Lanes hold values <= 0xFFFF, so unsigned
+        // saturation packs them exactly; the permute puts the two halves back in order.
         unsafe {
-            let h = _mm256_loadu_si256(src.as_ptr().add(i) as *const __m256i);
-            let w = _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h));
-            _mm512_storeu_ps(dst.as_mut_ptr().add(i), _mm512_castsi512_ps(w));
+            let p = _mm256_packus_epi32(i, _mm256_setzero_si256());
+            _mm256_castsi256_si128(_mm256_permute4x64_epi64::<0b11_01_10_00>(p))
         }
-        i += 16;
     }
-    scalar::bf16_to_f32(&src[body..n], &mut dst[body..n]);
-}
-
-/// Round sixteen f32 to bf16 bits (RNE, NaN → 0x7FC0), as 32-bit lanes.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-fn bf16_round_avx512(v: __m512) -> __m512i {
-    let bits = _mm512_castps_si512(v);
-    let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
-    let biased = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-    let rounded = _mm512_srli_epi32::<16>(biased);
-    let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
-    _mm512_mask_blend_epi32(nan, rounded, _mm512_set1_epi32(0x7FC0))
-}
-
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-fn f32_to_bf16_avx512_imp(src: &[f32], dst: &mut [u16]) {
-    let n = src.len().min(dst.len());
-    let body = n - n % 16;
-    let mut i = 0;
-    while i < body {
-        // SAFETY: i + 16 <= n.
+    #[inline(always)]
+    unsafe fn shl16_to_f32(i: Self::Ints) -> Self {
+        // SAFETY: AVX2 (trait contract).
+        unsafe { _mm256_castsi256_ps(_mm256_slli_epi32::<16>(i)) }
+    }
+    #[inline(always)]
+    unsafe fn splat_int(x: i32) -> Self::Ints {
+        // SAFETY: AVX (trait contract).
+        unsafe { _mm256_set1_epi32(x) }
+    }
+    #[inline(always)]
+    unsafe fn shr16_int(i: Self::Ints) -> Self::Ints {
+        // SAFETY: AVX2 (trait contract).
+        unsafe { _mm256_srli_epi32::<16>(i) }
+    }
+    #[inline(always)]
+    unsafe fn and_int(a: Self::Ints, b: Self::Ints) -> Self::Ints {
+        // SAFETY: AVX2 (trait contract).
+        unsafe { _mm256_and_si256(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn add_int(a: Self::Ints, b: Self::Ints) -> Self::Ints {
+        // SAFETY: AVX2 (trait contract).
+        unsafe { _mm256_add_epi32(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn select_nan(self, if_nan: Self::Ints, other: Self::Ints) -> Self::Ints {
+        // SAFETY: AVX2 (trait contract).
         unsafe {
-            let r = bf16_round_avx512(_mm512_loadu_ps(src.as_ptr().add(i)));
-            _mm256_storeu_si256(
-                dst.as_mut_ptr().add(i) as *mut __m256i,
-                _mm512_cvtepi32_epi16(r),
-            );
+            let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(self, self));
+            _mm256_blendv_epi8(other, if_nan, nan)
         }
-        i += 16;
     }
-    scalar::f32_to_bf16(&src[body..n], &mut dst[body..n]);
 }
 
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-fn blend_f16_avx512_imp(a: &[u16], b: &[u16], wa: f32, wb: f32, dst: &mut [u16]) {
-    const R: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-    let n = a.len().min(b.len()).min(dst.len());
-    let body = n - n % 16;
-    let va = _mm512_set1_ps(wa);
-    let vb = _mm512_set1_ps(wb);
-    let mut i = 0;
-    while i < body {
-        // SAFETY: i + 16 <= n.
+// ---------------------------------------------------------------- AVX-512 F/BW/VL
+
+/// Round to nearest even, and no floating-point exception flags raised.
+const RNE_NO_EXC: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+
+impl Vector for __m512 {
+    const LANES: usize = 16;
+    type Halves = __m256i;
+    type Ints = __m512i;
+
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> Self {
+        // SAFETY: the caller guarantees AVX-512F (trait contract); same for every block below.
+        unsafe { _mm512_set1_ps(x) }
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        // SAFETY: AVX-512F, and 16 readable f32 at `p` (trait contract); unaligned load.
+        unsafe { _mm512_loadu_ps(p) }
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        // SAFETY: AVX-512F, and 16 writable f32 at `p` (trait contract); unaligned store.
+        unsafe { _mm512_storeu_ps(p, self) }
+    }
+    #[inline(always)]
+    unsafe fn load_halves(p: *const u16) -> Self::Halves {
+        // SAFETY: AVX, and 16 readable u16 at `p` (trait contract); unaligned load.
+        unsafe { _mm256_loadu_si256(p as *const __m256i) }
+    }
+    #[inline(always)]
+    unsafe fn store_halves(h: Self::Halves, p: *mut u16) {
+        // SAFETY: AVX, and 16 writable u16 at `p` (trait contract); unaligned store.
+        unsafe { _mm256_storeu_si256(p as *mut __m256i, h) }
+    }
+    #[inline(always)]
+    unsafe fn mul(self, other: Self) -> Self {
+        // SAFETY: AVX-512F (trait contract).
+        unsafe { _mm512_mul_ps(self, other) }
+    }
+    #[inline(always)]
+    unsafe fn add(self, other: Self) -> Self {
+        // SAFETY: AVX-512F (trait contract).
+        unsafe { _mm512_add_ps(self, other) }
+    }
+    #[inline(always)]
+    unsafe fn mul_add(self, m: Self, a: Self) -> Self {
+        // SAFETY: AVX-512F (trait contract).
+        unsafe { _mm512_fmadd_ps(self, m, a) }
+    }
+    #[inline(always)]
+    unsafe fn from_f16(h: Self::Halves) -> Self {
+        // SAFETY: AVX-512F (trait contract).
+        unsafe { _mm512_cvtph_ps(h) }
+    }
+    #[inline(always)]
+    unsafe fn to_f16(self) -> Self::Halves {
+        // SAFETY: AVX-512F (trait contract).
+        unsafe { _mm512_cvtps_ph::<RNE_NO_EXC>(self) }
+    }
+    #[inline(always)]
+    unsafe fn to_bits(self) -> Self::Ints {
+        // SAFETY: AVX-512F (trait contract).
+        unsafe { _mm512_castps_si512(self) }
+    }
+    #[inline(always)]
+    unsafe fn widen(h: Self::Halves) -> Self::Ints {
+        // SAFETY: AVX-512F (trait contract).
+        unsafe { _mm512_cvtepu16_epi32(h) }
+    }
+    #[inline(always)]
+    unsafe fn narrow(i: Self::Ints) -> Self::Halves {
+        // SAFETY: AVX-512F (trait contract). Truncation is exact: lanes are <= 0xFFFF.
+        unsafe { _mm512_cvtepi32_epi16(i) }
+    }
+    #[inline(always)]
+    unsafe fn shl16_to_f32(i: Self::Ints) -> Self {
+        // SAFETY: AVX-512F (trait contract).
+        unsafe { _mm512_castsi512_ps(_mm512_slli_epi32::<16>(i)) }
+    }
+    #[inline(always)]
+    unsafe fn splat_int(x: i32) -> Self::Ints {
+        // SAFETY: AVX-512F (trait contract).
+        unsafe { _mm512_set1_epi32(x) }
+    }
+    #[inline(always)]
+    unsafe fn shr16_int(i: Self::Ints) -> Self::Ints {
+        // SAFETY: AVX-512F (trait contract).
+        unsafe { _mm512_srli_epi32::<16>(i) }
+    }
+    #[inline(always)]
+    unsafe fn and_int(a: Self::Ints, b: Self::Ints) -> Self::Ints {
+        // SAFETY: AVX-512F (trait contract).
+        unsafe { _mm512_and_si512(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn add_int(a: Self::Ints, b: Self::Ints) -> Self::Ints {
+        // SAFETY: AVX-512F (trait contract).
+        unsafe { _mm512_add_epi32(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn select_nan(self, if_nan: Self::Ints, other: Self::Ints) -> Self::Ints {
+        // SAFETY: AVX-512F (trait contract).
         unsafe {
-            let x = _mm512_cvtph_ps(_mm256_loadu_si256(a.as_ptr().add(i) as *const __m256i));
-            let y = _mm512_cvtph_ps(_mm256_loadu_si256(b.as_ptr().add(i) as *const __m256i));
-            let px = _mm512_cvtph_ps(_mm512_cvtps_ph::<R>(_mm512_mul_ps(x, va)));
-            let py = _mm512_cvtph_ps(_mm512_cvtps_ph::<R>(_mm512_mul_ps(y, vb)));
-            let s = _mm512_cvtps_ph::<R>(_mm512_add_ps(px, py));
-            _mm256_storeu_si256(dst.as_mut_ptr().add(i) as *mut __m256i, s);
+            let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(self, self);
+            _mm512_mask_blend_epi32(nan, other, if_nan)
         }
-        i += 16;
     }
-    scalar::blend_f16(&a[body..n], &b[body..n], wa, wb, &mut dst[body..n]);
 }
 
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-fn blend_f32_avx512_imp(a: &[f32], b: &[f32], wa: f32, wb: f32, dst: &mut [f32]) {
-    let n = a.len().min(b.len()).min(dst.len());
-    let body = n - n % 16;
-    let va = _mm512_set1_ps(wa);
-    let vb = _mm512_set1_ps(wb);
-    let mut i = 0;
-    while i < body {
-        // SAFETY: i + 16 <= n.
+// ---------------------------------------------------------------- kernels, written once
+
+/// The kernels over any [`Vector`]. Each one is `unsafe` only because of the trait's CPU
+/// requirement: the caller must ensure the CPU supports `V`'s instruction set. Lengths are
+/// checked here, next to the pointer arithmetic they justify: every kernel works on the
+/// common length of its slices, as the scalar reference (which zips them) does.
+mod body {
+    use super::{Vector, scalar};
+
+    #[inline(always)]
+    pub unsafe fn f16_to_f32<V: Vector>(src: &[u16], dst: &mut [f32]) {
+        let n = src.len().min(dst.len());
+        let body = n - n % V::LANES;
+        let mut i = 0;
+        while i < body {
+            // SAFETY: i + LANES <= n, so both accesses are in bounds; the caller guarantees
+            // V's CPU features (same for every loop in this module).
+            unsafe {
+                V::from_f16(V::load_halves(src.as_ptr().add(i))).store(dst.as_mut_ptr().add(i))
+            }
+            i += V::LANES;
+        }
+        scalar::f16_to_f32(&src[body..n], &mut dst[body..n]);
+    }
+
+    #[inline(always)]
+    pub unsafe fn f32_to_f16<V: Vector>(src: &[f32], dst: &mut [u16]) {
+        let n = src.len().min(dst.len());
+        let body = n - n % V::LANES;
+        let mut i = 0;
+        while i < body {
+            // SAFETY: i + LANES <= n; V's features (caller).
+            unsafe {
+                V::store_halves(
+                    V::load(src.as_ptr().add(i)).to_f16(),
+                    dst.as_mut_ptr().add(i),
+                )
+            }
+            i += V::LANES;
+        }
+        scalar::f32_to_f16(&src[body..n], &mut dst[body..n]);
+    }
+
+    #[inline(always)]
+    pub unsafe fn bf16_to_f32<V: Vector>(src: &[u16], dst: &mut [f32]) {
+        let n = src.len().min(dst.len());
+        let body = n - n % V::LANES;
+        let mut i = 0;
+        while i < body {
+            // SAFETY: i + LANES <= n; V's features (caller).
+            unsafe {
+                let h = V::load_halves(src.as_ptr().add(i));
+                V::shl16_to_f32(V::widen(h)).store(dst.as_mut_ptr().add(i))
+            }
+            i += V::LANES;
+        }
+        scalar::bf16_to_f32(&src[body..n], &mut dst[body..n]);
+    }
+
+    /// bf16 bits of every lane in 32-bit lanes: round to nearest even, every NaN to 0x7FC0
+    /// (`scalar::f32_to_bf16_bits`, lane-wise).
+    #[inline(always)]
+    unsafe fn bf16_round<V: Vector>(v: V) -> V::Ints {
+        // SAFETY: V's features (caller); no memory access.
         unsafe {
-            let x = _mm512_mul_ps(_mm512_loadu_ps(a.as_ptr().add(i)), va);
-            let y = _mm512_mul_ps(_mm512_loadu_ps(b.as_ptr().add(i)), vb);
-            _mm512_storeu_ps(dst.as_mut_ptr().add(i), _mm512_add_ps(x, y));
+            let bits = v.to_bits();
+            let lsb = V::and_int(V::shr16_int(bits), V::splat_int(1));
+            let biased = V::add_int(bits, V::add_int(lsb, V::splat_int(0x7FFF)));
+            v.select_nan(V::splat_int(0x7FC0), V::shr16_int(biased))
         }
-        i += 16;
     }
-    scalar::blend_f32(&a[body..n], &b[body..n], wa, wb, &mut dst[body..n]);
-}
 
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-fn add_scaled_avx512_imp(dst: &mut [f32], delta: &[f32], s: f32) {
-    let n = dst.len().min(delta.len());
-    let body = n - n % 16;
-    let vs = _mm512_set1_ps(s);
-    let mut i = 0;
-    while i < body {
-        // SAFETY: i + 16 <= n.
-        unsafe {
-            let p = _mm512_mul_ps(_mm512_loadu_ps(delta.as_ptr().add(i)), vs);
-            let d = _mm512_loadu_ps(dst.as_ptr().add(i));
-            _mm512_storeu_ps(dst.as_mut_ptr().add(i), _mm512_add_ps(d, p));
+    #[inline(always)]
+    pub unsafe fn f32_to_bf16<V: Vector>(src: &[f32], dst: &mut [u16]) {
+        let n = src.len().min(dst.len());
+        let body = n - n % V::LANES;
+        let mut i = 0;
+        while i < body {
+            // SAFETY: i + LANES <= n; V's features (caller).
+            unsafe {
+                let r = bf16_round(V::load(src.as_ptr().add(i)));
+                V::store_halves(V::narrow(r), dst.as_mut_ptr().add(i))
+            }
+            i += V::LANES;
         }
-        i += 16;
+        scalar::f32_to_bf16(&src[body..n], &mut dst[body..n]);
     }
-    scalar::add_scaled(&mut dst[body..n], &delta[body..n], s);
-}
 
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-fn fma_acc_avx512_imp(acc: &mut [f32], x: &[f32], w: f32) {
-    let n = acc.len().min(x.len());
-    let body = n - n % 16;
-    let vw = _mm512_set1_ps(w);
-    let mut i = 0;
-    while i < body {
-        // SAFETY: i + 16 <= n.
-        unsafe {
-            let a = _mm512_loadu_ps(acc.as_ptr().add(i));
-            let v = _mm512_loadu_ps(x.as_ptr().add(i));
-            _mm512_storeu_ps(acc.as_mut_ptr().add(i), _mm512_fmadd_ps(v, vw, a));
+    /// `f16(f16(a·wa) + f16(b·wb))`: each product rounded to fp16 before the sum, so no
+    /// fused multiply-add here (the reference rounds between the operations).
+    #[inline(always)]
+    pub unsafe fn blend_f16<V: Vector>(a: &[u16], b: &[u16], wa: f32, wb: f32, dst: &mut [u16]) {
+        let n = a.len().min(b.len()).min(dst.len());
+        let body = n - n % V::LANES;
+        // SAFETY: V's features (caller).
+        let (va, vb) = unsafe { (V::splat(wa), V::splat(wb)) };
+        let mut i = 0;
+        while i < body {
+            // SAFETY: i + LANES <= n; V's features (caller).
+            unsafe {
+                let x = V::from_f16(V::load_halves(a.as_ptr().add(i)));
+                let y = V::from_f16(V::load_halves(b.as_ptr().add(i)));
+                let px = V::from_f16(x.mul(va).to_f16());
+                let py = V::from_f16(y.mul(vb).to_f16());
+                V::store_halves(px.add(py).to_f16(), dst.as_mut_ptr().add(i))
+            }
+            i += V::LANES;
         }
-        i += 16;
+        scalar::blend_f16(&a[body..n], &b[body..n], wa, wb, &mut dst[body..n]);
     }
-    scalar::fma_acc(&mut acc[body..n], &x[body..n], w);
-}
 
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-fn round_f16_avx512_imp(v: &mut [f32]) {
-    const R: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-    let n = v.len();
-    let body = n - n % 16;
-    let mut i = 0;
-    while i < body {
-        // SAFETY: i + 16 <= n.
-        unsafe {
-            let x = _mm512_loadu_ps(v.as_ptr().add(i));
-            _mm512_storeu_ps(
-                v.as_mut_ptr().add(i),
-                _mm512_cvtph_ps(_mm512_cvtps_ph::<R>(x)),
-            );
+    /// `a·wa + b·wb`, each product rounded (no FMA).
+    #[inline(always)]
+    pub unsafe fn blend_f32<V: Vector>(a: &[f32], b: &[f32], wa: f32, wb: f32, dst: &mut [f32]) {
+        let n = a.len().min(b.len()).min(dst.len());
+        let body = n - n % V::LANES;
+        // SAFETY: V's features (caller).
+        let (va, vb) = unsafe { (V::splat(wa), V::splat(wb)) };
+        let mut i = 0;
+        while i < body {
+            // SAFETY: i + LANES <= n; V's features (caller).
+            unsafe {
+                let x = V::load(a.as_ptr().add(i)).mul(va);
+                let y = V::load(b.as_ptr().add(i)).mul(vb);
+                x.add(y).store(dst.as_mut_ptr().add(i))
+            }
+            i += V::LANES;
         }
-        i += 16;
+        scalar::blend_f32(&a[body..n], &b[body..n], wa, wb, &mut dst[body..n]);
     }
-    scalar::round_f16(&mut v[body..n]);
-}
 
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-fn round_bf16_avx512_imp(v: &mut [f32]) {
-    let n = v.len();
-    let body = n - n % 16;
-    let mut i = 0;
-    while i < body {
-        // SAFETY: i + 16 <= n.
-        unsafe {
-            let r = bf16_round_avx512(_mm512_loadu_ps(v.as_ptr().add(i)));
-            let f = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(r));
-            _mm512_storeu_ps(v.as_mut_ptr().add(i), f);
+    /// `dst += delta·s`, the product rounded before the add (no FMA).
+    #[inline(always)]
+    pub unsafe fn add_scaled<V: Vector>(dst: &mut [f32], delta: &[f32], s: f32) {
+        let n = dst.len().min(delta.len());
+        let body = n - n % V::LANES;
+        // SAFETY: V's features (caller).
+        let vs = unsafe { V::splat(s) };
+        let mut i = 0;
+        while i < body {
+            // SAFETY: i + LANES <= n; V's features (caller).
+            unsafe {
+                let p = V::load(delta.as_ptr().add(i)).mul(vs);
+                let d = V::load(dst.as_ptr().add(i));
+                d.add(p).store(dst.as_mut_ptr().add(i))
+            }
+            i += V::LANES;
         }
-        i += 16;
+        scalar::add_scaled(&mut dst[body..n], &delta[body..n], s);
     }
-    scalar::round_bf16(&mut v[body..n]);
-}
 
-// ---------------------------------------------------------------- safe entry points
-
-/// Generate safe wrappers; sound because `super::select` installs them only when the CPU
-/// has the features the implementation enables.
-macro_rules! wrap {
-    ($($name:ident => $imp:ident ($($arg:ident : $ty:ty),*);)*) => {$(
-        pub(super) fn $name($($arg: $ty),*) {
-            // SAFETY: installed only after feature detection (see `super::select`).
-            unsafe { $imp($($arg),*) }
+    /// `acc = fma(x, w, acc)`: fused, as the reference's `mul_add`.
+    #[inline(always)]
+    pub unsafe fn fma_acc<V: Vector>(acc: &mut [f32], x: &[f32], w: f32) {
+        let n = acc.len().min(x.len());
+        let body = n - n % V::LANES;
+        // SAFETY: V's features (caller).
+        let vw = unsafe { V::splat(w) };
+        let mut i = 0;
+        while i < body {
+            // SAFETY: i + LANES <= n; V's features (caller).
+            unsafe {
+                let a = V::load(acc.as_ptr().add(i));
+                let v = V::load(x.as_ptr().add(i));
+                v.mul_add(vw, a).store(acc.as_mut_ptr().add(i))
+            }
+            i += V::LANES;
         }
-    )*};
+        scalar::fma_acc(&mut acc[body..n], &x[body..n], w);
+    }
+
+    #[inline(always)]
+    pub unsafe fn round_f16<V: Vector>(v: &mut [f32]) {
+        let n = v.len();
+        let body = n - n % V::LANES;
+        let mut i = 0;
+        while i < body {
+            // SAFETY: i + LANES <= n; V's features (caller).
+            unsafe {
+                let x = V::load(v.as_ptr().add(i));
+                V::from_f16(x.to_f16()).store(v.as_mut_ptr().add(i))
+            }
+            i += V::LANES;
+        }
+        scalar::round_f16(&mut v[body..n]);
+    }
+
+    #[inline(always)]
+    pub unsafe fn round_bf16<V: Vector>(v: &mut [f32]) {
+        let n = v.len();
+        let body = n - n % V::LANES;
+        let mut i = 0;
+        while i < body {
+            // SAFETY: i + LANES <= n; V's features (caller).
+            unsafe {
+                let r = bf16_round(V::load(v.as_ptr().add(i)));
+                V::shl16_to_f32(r).store(v.as_mut_ptr().add(i))
+            }
+            i += V::LANES;
+        }
+        scalar::round_bf16(&mut v[body..n]);
+    }
 }
 
-wrap! {
-    f16_to_f32_avx2 => f16_to_f32_avx2_imp(src: &[u16], dst: &mut [f32]);
-    f32_to_f16_avx2 => f32_to_f16_avx2_imp(src: &[f32], dst: &mut [u16]);
-    bf16_to_f32_avx2 => bf16_to_f32_avx2_imp(src: &[u16], dst: &mut [f32]);
-    f32_to_bf16_avx2 => f32_to_bf16_avx2_imp(src: &[f32], dst: &mut [u16]);
-    blend_f16_avx2 => blend_f16_avx2_imp(a: &[u16], b: &[u16], wa: f32, wb: f32, dst: &mut [u16]);
-    blend_f32_avx2 => blend_f32_avx2_imp(a: &[f32], b: &[f32], wa: f32, wb: f32, dst: &mut [f32]);
-    add_scaled_avx2 => add_scaled_avx2_imp(dst: &mut [f32], delta: &[f32], s: f32);
-    fma_acc_avx2 => fma_acc_avx2_imp(acc: &mut [f32], x: &[f32], w: f32);
-    round_f16_avx2 => round_f16_avx2_imp(v: &mut [f32]);
-    round_bf16_avx2 => round_bf16_avx2_imp(v: &mut [f32]);
-    f16_to_f32_avx512 => f16_to_f32_avx512_imp(src: &[u16], dst: &mut [f32]);
-    f32_to_f16_avx512 => f32_to_f16_avx512_imp(src: &[f32], dst: &mut [u16]);
-    bf16_to_f32_avx512 => bf16_to_f32_avx512_imp(src: &[u16], dst: &mut [f32]);
-    f32_to_bf16_avx512 => f32_to_bf16_avx512_imp(src: &[f32], dst: &mut [u16]);
-    blend_f16_avx512 => blend_f16_avx512_imp(a: &[u16], b: &[u16], wa: f32, wb: f32, dst: &mut [u16]);
-    blend_f32_avx512 => blend_f32_avx512_imp(a: &[f32], b: &[f32], wa: f32, wb: f32, dst: &mut [f32]);
-    add_scaled_avx512 => add_scaled_avx512_imp(dst: &mut [f32], delta: &[f32], s: f32);
-    fma_acc_avx512 => fma_acc_avx512_imp(acc: &mut [f32], x: &[f32], w: f32);
-    round_f16_avx512 => round_f16_avx512_imp(v: &mut [f32]);
-    round_bf16_avx512 => round_bf16_avx512_imp(v: &mut [f32]);
+// ---------------------------------------------------------------- instantiation
+
+/// One kernel set: `$set::kernels()` checks the CPU features and only then hands out the
+/// safe wrappers, which are private to the generated module. Each wrapper calls an inner
+/// `#[target_feature]` function, so the generic body and the trait's `#[inline(always)]`
+/// methods are compiled (and their intrinsics inlined) with the set's features.
+macro_rules! kernel_set {
+    (
+        $set:ident, $vector:ty, $features:literal, $label:literal,
+        detect: $detect:expr;
+        $($kernel:ident($($arg:ident: $ty:ty),*);)*
+    ) => {
+        pub(super) mod $set {
+            use super::{Kernels, body};
+            use std::arch::x86_64::*;
+
+            $(
+                fn $kernel($($arg: $ty),*) {
+                    #[target_feature(enable = $features)]
+                    fn imp($($arg: $ty),*) {
+                        // SAFETY: `imp` is a target-feature function, so it runs only where
+                        // the set's features exist; they cover the vector type's methods.
+                        unsafe { body::$kernel::<$vector>($($arg),*) }
+                    }
+                    // SAFETY: this function is private to this module, whose only use of it
+                    // is in `kernels` below, after the detection found the features `imp`
+                    // enables.
+                    unsafe { imp($($arg),*) }
+                }
+            )*
+
+            /// This set, if the CPU has its features.
+            pub(in super::super) fn kernels() -> Option<Kernels> {
+                if !$detect {
+                    return None;
+                }
+                Some(Kernels {
+                    name: $label,
+                    $($kernel,)*
+                })
+            }
+        }
+    };
+}
+
+kernel_set! {
+    avx2, __m256, "avx2,f16c,fma", "avx2+f16c",
+    detect: is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("f16c")
+        && is_x86_feature_detected!("fma");
+    f16_to_f32(src: &[u16], dst: &mut [f32]);
+    bf16_to_f32(src: &[u16], dst: &mut [f32]);
+    f32_to_f16(src: &[f32], dst: &mut [u16]);
+    f32_to_bf16(src: &[f32], dst: &mut [u16]);
+    blend_f16(a: &[u16], b: &[u16], wa: f32, wb: f32, dst: &mut [u16]);
+    blend_f32(a: &[f32], b: &[f32], wa: f32, wb: f32, dst: &mut [f32]);
+    add_scaled(dst: &mut [f32], delta: &[f32], s: f32);
+    fma_acc(acc: &mut [f32], x: &[f32], w: f32);
+    round_f16(v: &mut [f32]);
+    round_bf16(v: &mut [f32]);
+}
+
+kernel_set! {
+    avx512, __m512, "avx512f,avx512bw,avx512vl", "avx512",
+    detect: is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl");
+    f16_to_f32(src: &[u16], dst: &mut [f32]);
+    bf16_to_f32(src: &[u16], dst: &mut [f32]);
+    f32_to_f16(src: &[f32], dst: &mut [u16]);
+    f32_to_bf16(src: &[f32], dst: &mut [u16]);
+    blend_f16(a: &[u16], b: &[u16], wa: f32, wb: f32, dst: &mut [u16]);
+    blend_f32(a: &[f32], b: &[f32], wa: f32, wb: f32, dst: &mut [f32]);
+    add_scaled(dst: &mut [f32], delta: &[f32], s: f32);
+    fma_acc(acc: &mut [f32], x: &[f32], w: f32);
+    round_f16(v: &mut [f32]);
+    round_bf16(v: &mut [f32]);
 }
