@@ -6,7 +6,7 @@
 #
 #   benches/e2e.sh [--preset llama2-13b] [--layers 8] [--rank 64] [--dir DIR] [--io auto]
 #                  [--all] [--keep] [--extra "ARGS for mergestream"] [--compare OLD_BINARY]
-#                  [--merge "linear ties"]
+#                  [--merge "linear ties"] [--repeat 3]
 #
 # --all blends every tensor (embeddings and lm_head included) instead of --layer_only.
 # --merge "linear ties ..." adds `mergestream merge` rows: those mergekit methods with model a
@@ -27,6 +27,7 @@ keep=0
 extra=""
 old_bin=""
 methods=""
+repeat=3
 filter=--layer_only
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -40,6 +41,7 @@ while [ $# -gt 0 ]; do
     --extra) extra=$2; shift 2 ;;
     --compare) old_bin=$2; shift 2 ;;
     --merge) methods=$2; shift 2 ;;
+    --repeat) repeat=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -66,7 +68,6 @@ now() { date +%s.%N; }
 min() { echo "$1 $2" | awk '{print ($1 < $2) ? $1 : $2}'; }
 # The floor: read both inputs, write an output of the same size, sync. Disk writes on a
 # shared machine are noisy, so every measurement here is the best of $repeat runs.
-repeat=3
 floor=999999
 for _ in $(seq $repeat); do
   sync
