@@ -10,7 +10,7 @@ use crate::units::human;
 /// Open and validate a checkpoint (folder or file) and describe it: one line per tensor
 /// (name, dtype, shape, bytes, file), then totals.
 pub fn inspect(path: &Path) -> Result<String> {
-    let model = Model::open(path)?;
+    let model = Model::open_reference(path)?;
     let mut s = String::new();
     for t in model.tensors() {
         let file = Path::new(&model.files[t.file])

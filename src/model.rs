@@ -21,7 +21,7 @@ use crate::format::safetensors::{header_len, parse_header};
 use crate::format::strided::Strided;
 use crate::format::torch_bin::index_torch_bin;
 use crate::shape::RowMajor;
-use crate::source::{LocalSource, Source, SourceFile, SourceReader};
+use crate::source::{LocalSource, Source, SourceFile, SourceReader, locate};
 
 /// How a tensor's bytes sit in its file.
 #[derive(Clone, Debug, PartialEq, Default)]
@@ -86,6 +86,22 @@ fn has_ext(name: &str, ext: &str) -> bool {
 }
 
 impl Model {
+    /// Open the checkpoint a user named: a local folder or file as [`Model::open`] does, or
+    /// any other reference [`locate`] resolves (its bytes then come through its source).
+    pub fn open_reference(reference: &Path) -> Result<Model> {
+        if std::fs::metadata(reference).is_ok() {
+            return Model::open(reference);
+        }
+        let located =
+            locate(reference).map_err(|e| Error::io("cannot open", e).in_file(reference))?;
+        let mut m = match &located.file {
+            Some(name) => Model::from_source_file(located.source, name)?,
+            None => Model::from_source(located.source)?,
+        };
+        m.path = reference.to_path_buf();
+        Ok(m)
+    }
+
     /// Open a local checkpoint directory or file.
     pub fn open(path: &Path) -> Result<Model> {
         let meta =

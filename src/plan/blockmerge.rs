@@ -174,8 +174,8 @@ pub fn plan_blockmerge(opts: &BlockMergeOptions) -> Result<Plan> {
     if !out_dtype.is_computable() {
         return Err(Error::usage(format!("cannot write {out_dtype} tensors")));
     }
-    let m1 = Model::open(&opts.model1)?;
-    let m2 = Model::open(&opts.model2)?;
+    let m1 = Model::open_reference(&opts.model1)?;
+    let m2 = Model::open_reference(&opts.model2)?;
     let tied1 = is_tied(&m1)?;
     let tied2 = is_tied(&m2)?;
     let mut sources = vec![m1, m2];

@@ -23,7 +23,7 @@ pub fn plan_convert(opts: &ConvertOptions) -> Result<Plan> {
     if let Some(d) = opts.dtype.filter(|d| !d.is_computable()) {
         return Err(Error::usage(format!("cannot convert to {d}")));
     }
-    let model = Model::open(&opts.input)?;
+    let model = Model::open_reference(&opts.input)?;
     let mut names: Vec<String> = model.tensors().iter().map(|t| t.name.clone()).collect();
     sort_module_order(&mut names);
     let mut steps = Vec::with_capacity(names.len());

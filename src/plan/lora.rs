@@ -16,6 +16,7 @@ use crate::format::peft::{AdapterConfig, AdapterKey, classify_key, parse_adapter
 use crate::model::Model;
 use crate::plan::{DeltaLayout, LoraPatch, Operand, TensorRef};
 use crate::shape::RowMajor;
+use crate::source::{Located, locate};
 
 /// A LoRA adapter to apply, as the user names it.
 #[derive(Clone, Debug, PartialEq)]
@@ -29,42 +30,53 @@ pub struct LoraSpec {
 pub struct Adapter {
     pub model: Model,
     pub config: AdapterConfig,
+    /// How messages name `adapter_config.json`.
     pub config_path: PathBuf,
-    /// The folder, for tokenizer files shipped with the adapter.
-    pub dir: PathBuf,
 }
 
-/// Open an adapter folder (`adapter_config.json` + `adapter_model.safetensors`).
+/// Open an adapter (`adapter_config.json` + `adapter_model.safetensors` or `.bin`): a folder,
+/// or its weights file, local or any reference [`locate`] resolves.
 pub fn open_adapter(path: &Path) -> Result<Adapter> {
-    let dir = if path.is_file() {
-        path.parent().map(Path::to_path_buf).unwrap_or_default()
-    } else {
-        path.to_path_buf()
-    };
-    let config_path = dir.join("adapter_config.json");
-    let text = std::fs::read_to_string(&config_path)
-        .map_err(|e| Error::io("cannot read the adapter config", e).in_file(&config_path))?;
+    let Located { source, file } =
+        locate(path).map_err(|e| Error::io("cannot open", e).in_file(path))?;
+    let config_path = source.path_of("adapter_config.json");
+    let text = source
+        .read_small("adapter_config.json")
+        .map_err(|e| Error::io("cannot read the adapter config", e).in_file(&config_path))?
+        .ok_or_else(|| {
+            Error::invalid("missing: a PEFT adapter folder holds adapter_config.json")
+                .in_file(&config_path)
+        })?;
+    let text = String::from_utf8(text)
+        .map_err(|_| Error::invalid("not UTF-8 text").in_file(&config_path))?;
     let config = parse_adapter_config(&text).in_file(&config_path)?;
-    let weights = if path.is_file() {
-        path.to_path_buf()
-    } else {
-        let candidates = ["adapter_model.safetensors", "adapter_model.bin"];
-        match candidates.iter().map(|c| dir.join(c)).find(|p| p.is_file()) {
-            Some(p) => p,
-            None => {
-                return Err(Error::invalid(
+    let weights = match file {
+        Some(name) => name,
+        None => {
+            let candidates = ["adapter_model.safetensors", "adapter_model.bin"];
+            let mut found = None;
+            for c in candidates {
+                let len = source
+                    .file_len(c)
+                    .map_err(|e| Error::io("cannot read", e).in_file(source.path_of(c)))?;
+                if len.is_some() {
+                    found = Some(c.to_string());
+                    break;
+                }
+            }
+            found.ok_or_else(|| {
+                Error::invalid(
                     "no adapter weights: expected adapter_model.safetensors or adapter_model.bin",
                 )
-                .in_file(&dir));
-            }
+                .in_file(source.location())
+            })?
         }
     };
-    let model = Model::open(&weights)?;
+    let model = Model::from_source_file(source, &weights)?;
     Ok(Adapter {
         model,
         config,
         config_path,
-        dir,
     })
 }
 

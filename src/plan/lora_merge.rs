@@ -25,7 +25,7 @@ pub fn plan_lora(opts: &LoraOptions) -> Result<Plan> {
     if let Some(d) = opts.out_dtype.filter(|d| !d.is_computable()) {
         return Err(Error::usage(format!("cannot write {d} tensors")));
     }
-    let base = Model::open(&opts.base)?;
+    let base = Model::open_reference(&opts.base)?;
     let adapter = open_adapter(&opts.lora.path)?;
     let effect = resolve(&adapter, 1, opts.lora.weight, &base)?;
     let adapter_files = adapter.model.source.clone();

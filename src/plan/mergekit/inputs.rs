@@ -63,7 +63,7 @@ pub(super) fn open_models(path: &Path, cfg: &MergeConfig) -> Result<Models> {
     let mut sources: Vec<Model> = Vec::new();
     let mut inputs: Vec<Input> = Vec::new();
     for r in &refs {
-        let model = Model::open(&r.path)?;
+        let model = Model::open_reference(&r.path)?;
         let config = model.config()?;
         sources.push(model);
         inputs.push(Input {
