@@ -19,7 +19,9 @@
 //!
 //! [`LocalSource`] is the local implementation.
 
+mod hf_cache;
 mod local;
+mod reference;
 
 use std::fmt;
 use std::io::{self, Read, Seek, SeekFrom};
@@ -28,7 +30,9 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 
+pub use hf_cache::{HfEnv, cached_commit, cached_snapshot, offline_missing, repo_dir};
 pub use local::{LocalSource, is_network_fs};
+pub use reference::{Reference, parse_reference, validate_repo_id, validate_revision};
 
 /// A model location: a set of files with relative names.
 pub trait Source: Send + Sync + fmt::Debug {
