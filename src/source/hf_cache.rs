@@ -175,7 +175,7 @@ pub fn cached_snapshot(
 pub fn offline_missing(env: &HfEnv, repo: &str, revision: Option<&str>) -> String {
     let rev = revision.unwrap_or("main");
     format!(
-        "{repo}@{rev}: not in the Hugging Face cache ({}) with all its checkpoint files, and {}=1 forbids downloading it; download it first (hf download {repo} --revision {rev}) or unset {}",
+        "{repo}@{rev}: not in the Hugging Face cache ({}) with all its checkpoint files, and {} forbids downloading it; download it first (hf download {repo} --revision {rev}) or unset {}",
         repo_dir(env, repo).display(),
         env.offline_var,
         env.offline_var,
