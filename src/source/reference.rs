@@ -62,6 +62,21 @@ pub fn parse_reference(
     text: &str,
     local_exists: impl Fn(&Path) -> bool,
 ) -> Result<Reference, String> {
+    // Messages quote the text: control characters (a newline) would break them apart.
+    parse(text, local_exists).map_err(|e| {
+        e.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_debug().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect()
+    })
+}
+
+fn parse(text: &str, local_exists: impl Fn(&Path) -> bool) -> Result<Reference, String> {
     if text.is_empty() {
         return Err(format!(
             "an empty model reference: give a local file or folder, or one of {FORMS}"
@@ -93,11 +108,17 @@ pub fn parse_reference(
         Some((repo, rev)) => (repo, Some(rev)),
         None => (text, None),
     };
-    if repo.matches('/').count() != 1 {
+    // A path-like text (`./x`, `/x`, `~/x`) gets no advice about repo ids.
+    if repo.matches('/').count() != 1 || repo.starts_with(['.', '/', '~']) {
         return Err(missing);
     }
     // Shaped like a repo id: say what is wrong with it, after what was expected.
     validate_repo_id(repo).map_err(|why| format!("{missing}; as a Hub repo id: {why}"))?;
+    if revision == Some("") {
+        return Err(format!(
+            "{missing}; as a Hub reference: an empty revision after `@`"
+        ));
+    }
     if let Some(rev) = revision {
         validate_revision(rev).map_err(|why| format!("{missing}; as a Hub revision: {why}"))?;
     }
@@ -493,6 +514,14 @@ mod tests {
             "org/na--me: no such file or folder, and not a model reference (org/name[@rev], hf://…, https://…, s3://…); as a Hub repo id: `org/na--me` cannot contain `--` or `..`"
         );
         assert_eq!(
+            parse_reference("./missing", none).unwrap_err(),
+            "./missing: no such file or folder, and not a model reference (org/name[@rev], hf://…, https://…, s3://…)"
+        );
+        assert_eq!(
+            parse_reference("org/x\n@y", none).unwrap_err(),
+            "org/x\\n@y: no such file or folder, and not a model reference (org/name[@rev], hf://…, https://…, s3://…); as a Hub repo id: `org/x\\n` may use only letters, digits, `-`, `_` and `.`"
+        );
+        assert_eq!(
             parse_reference("hf://gpt2", none).unwrap_err(),
             "hf://gpt2: not a Hub reference: `gpt2` is a single name; the Hub's repo ids are org/name; expected hf://org/name[@revision][/subfolder]"
         );
@@ -581,7 +610,9 @@ mod tests {
 
         #[test]
         fn never_panics(text in "\\PC{0,40}|(hf://|s3://|https://|[a-z]{1,4}/)[a-z@/%.2F-]{0,20}") {
-            let _ = parse_reference(&text, none);
+            if let Err(e) = parse_reference(&text, none) {
+                prop_assert!(!e.chars().any(char::is_control), "{}", e);
+            }
         }
 
         #[test]
