@@ -531,7 +531,7 @@ fn disk_full_while_writing() {
     use std::os::unix::process::CommandExt;
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_mergestream"));
+    let mut cmd = command();
     cmd.current_dir(golden()).args([
         "blockmerge",
         "--model_path1",

@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -83,7 +83,7 @@ fn interrupted_by(signal: i32) {
     // SAFETY: a valid NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
     let out = tmp.path().join("out");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mergestream"))
+    let mut child = command()
         .args(["merge", fifo.to_str().unwrap(), out.to_str().unwrap()])
         .stderr(Stdio::piped())
         .spawn()

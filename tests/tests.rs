@@ -10,6 +10,7 @@ mod golden_blockmerge;
 mod golden_lora;
 mod golden_mergekit;
 mod golden_torch;
+mod hf_cache;
 mod interrupt;
 mod mergekit_configs;
 mod properties;

@@ -19,8 +19,10 @@
 //!
 //! [`LocalSource`] is the local implementation.
 
+mod hf_cache;
 mod local;
 mod locate;
+mod reference;
 
 use std::fmt;
 use std::io::{self, Read, Seek, SeekFrom};
@@ -29,8 +31,10 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 
+pub use hf_cache::{HfEnv, cached_commit, cached_snapshot, offline_missing, repo_dir};
 pub use local::{LocalSource, is_network_fs};
-pub use locate::{Located, locate};
+pub use locate::{Environment, Located, locate, locate_in};
+pub use reference::{Reference, parse_reference, validate_repo_id, validate_revision};
 
 /// A model location: a set of files with relative names.
 pub trait Source: Send + Sync + fmt::Debug {

@@ -16,9 +16,20 @@ pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
+/// The binary, hermetic: no Hub access and an empty HF cache, so a test never touches the
+/// network or a developer's cache (a missing path shaped like `org/name` is a repo id).
+pub fn command() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_mergestream"));
+    c.env("HF_HUB_OFFLINE", "1")
+        .env("HF_HUB_CACHE", fixtures().join("no-hf-cache"))
+        .env_remove("HF_ENDPOINT")
+        .env_remove("HF_TOKEN");
+    c
+}
+
 /// Run the binary in `cwd`.
 pub fn mergestream(cwd: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mergestream"))
+    command()
         .current_dir(cwd)
         .args(args)
         .output()
