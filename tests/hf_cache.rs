@@ -332,3 +332,139 @@ fn a_reference_finds_its_snapshot() {
         );
     }
 }
+
+/// Run the CLI with `cache` as the HF cache, offline (the cache is the only way to the Hub).
+fn run_with_cache(cache: &Path, cwd: &Path, args: &[&str]) -> std::process::Output {
+    common::command()
+        .env("HF_HUB_CACHE", cache)
+        .current_dir(cwd)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Every output file of `a` is byte-identical to `b`'s.
+fn same_files(a: &Path, b: &Path) {
+    let names = |d: &Path| {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n != "README.md" && n != "mergekit_config.yml")
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(a), names(b));
+    for n in names(a) {
+        assert!(
+            std::fs::read(a.join(&n)).unwrap() == std::fs::read(b.join(&n)).unwrap(),
+            "{n} differs"
+        );
+    }
+}
+
+#[test]
+fn a_mergekit_config_naming_hub_repos_runs_from_the_cache_offline() {
+    let (tmp, env) = build_cache();
+    let work = tmp.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    let config = |a: &str, b: &str, lora: &str| {
+        format!(
+            "merge_method: linear\nmodels:\n  - model: {a}+{lora}\n    parameters: {{weight: 0.7}}\n  - model: {b}\n    parameters: {{weight: 0.3}}\ndtype: float16\n"
+        )
+    };
+    let golden = common::golden().join("models");
+    let local = config(
+        golden.join("base").to_str().unwrap(),
+        golden.join("other").to_str().unwrap(),
+        golden.join("lora").to_str().unwrap(),
+    );
+    let hub = config("org/base@v1", "hf://org/base/variants/other", "org/lora");
+    std::fs::write(work.join("local.yml"), local).unwrap();
+    std::fs::write(work.join("hub.yml"), hub).unwrap();
+    for (cfg, out) in [("local.yml", "local-out"), ("hub.yml", "hub-out")] {
+        let o = run_with_cache(&env.cache_dir, &work, &["merge", cfg, out, "--quiet"]);
+        assert!(o.status.success(), "{}", common::stderr(&o));
+    }
+    same_files(&work.join("hub-out"), &work.join("local-out"));
+}
+
+#[test]
+fn blockmerge_and_inspect_take_hub_names_and_a_missing_repo_is_named_offline() {
+    let (tmp, env) = build_cache();
+    let work = tmp.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    let golden = common::golden().join("models");
+    let g = |m: &str| golden.join(m).to_str().unwrap().to_string();
+    let args = |m1: &str, m2: &str, lora: &str, out: &str| {
+        vec![
+            "blockmerge".to_string(),
+            "--model_path1".into(),
+            m1.into(),
+            "--model_path2".into(),
+            m2.into(),
+            "--lora2".into(),
+            lora.into(),
+            "--lora2-weight".into(),
+            "0.25".into(),
+            "--gradient_values".into(),
+            "[0.9,0.0]".into(),
+            "-o".into(),
+            out.into(),
+            "--quiet".into(),
+        ]
+    };
+    for (a, out) in [
+        (
+            args(&g("base"), &g("other"), &g("lora"), "local-out"),
+            "local",
+        ),
+        (
+            args(
+                "org/base",
+                "hf://org/base@main/variants/other",
+                "org/lora@v1",
+                "hub-out",
+            ),
+            "hub",
+        ),
+    ] {
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let o = run_with_cache(&env.cache_dir, &work, &a);
+        // org/lora has no tag v1: the adapter reference must fail, naming it.
+        if out == "hub" {
+            let err = common::stderr(&o);
+            assert_eq!(o.status.code(), Some(1), "{err}");
+            assert!(
+                err.starts_with("error: org/lora@v1: cannot open: "),
+                "{err}"
+            );
+            assert!(err.contains("HF_HUB_OFFLINE"), "{err}");
+            assert!(err.contains(env.cache_dir.to_str().unwrap()), "{err}");
+            assert_eq!(err.lines().count(), 1, "{err}");
+            let fixed = args(
+                "org/base",
+                "hf://org/base@main/variants/other",
+                "org/lora",
+                "hub-out",
+            );
+            let fixed: Vec<&str> = fixed.iter().map(String::as_str).collect();
+            let o = run_with_cache(&env.cache_dir, &work, &fixed);
+            assert!(o.status.success(), "{}", common::stderr(&o));
+        } else {
+            assert!(o.status.success(), "{}", common::stderr(&o));
+        }
+    }
+    same_files(&work.join("hub-out"), &work.join("local-out"));
+    let local = run_with_cache(&env.cache_dir, &work, &["inspect", &g("base")]);
+    let hub = run_with_cache(&env.cache_dir, &work, &["inspect", "org/base"]);
+    assert!(hub.status.success(), "{}", common::stderr(&hub));
+    // The listing names files by where they are; the tensors and sizes are the same.
+    let rows = |o: &std::process::Output| -> Vec<String> {
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(|l| l.split_whitespace().take(4).collect::<Vec<_>>().join(" "))
+            .collect()
+    };
+    assert_eq!(rows(&hub), rows(&local));
+}
