@@ -19,6 +19,8 @@
 //!
 //! [`LocalSource`] is the local implementation.
 
+pub mod http;
+pub mod hub;
 mod local;
 
 use std::fmt;
@@ -28,6 +30,8 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 
+pub use http::{HttpClient, HttpConfig, HttpFile, HttpSource};
+pub use hub::{HubConfig, HubSource};
 pub use local::{LocalSource, is_network_fs};
 
 /// A model location: a set of files with relative names.
