@@ -10,6 +10,8 @@ mod golden_blockmerge;
 mod golden_lora;
 mod golden_mergekit;
 mod golden_torch;
+mod hub;
+mod hub_server;
 mod interrupt;
 mod mergekit_configs;
 mod properties;

@@ -28,7 +28,7 @@ pub struct RetryPolicy {
     pub attempts: u32,
     /// The delay before the first retry; it doubles with each further one.
     pub base_delay: Duration,
-    /// The longest delay between attempts (a longer `Retry-After` is capped to it too).
+    /// The longest delay between attempts (`Retry-After` is honoured up to a minute).
     pub max_delay: Duration,
 }
 
@@ -244,6 +244,7 @@ fn jitter() -> f64 {
 }
 
 const MAX_REDIRECTS: u32 = 10;
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 
 impl HttpClient {
     pub fn new(cfg: HttpConfig) -> HttpClient {
@@ -279,14 +280,10 @@ impl HttpClient {
     }
 
     /// One request, redirects followed; the token is attached only on its own origin.
-    fn send(&self, head: bool, url: &str, range: Option<(u64, u64)>) -> Result<Reply, Failure> {
+    fn send(&self, url: &str, range: Option<(u64, u64)>) -> Result<Reply, Failure> {
         let mut url = url.to_string();
         for _ in 0..=MAX_REDIRECTS {
-            let mut req = if head {
-                self.agent.head(&url)
-            } else {
-                self.agent.get(&url)
-            };
+            let mut req = self.agent.get(&url);
             if let Some((a, b)) = range {
                 req = req.header("Range", format!("bytes={a}-{b}"));
             }
@@ -335,7 +332,8 @@ impl HttpClient {
     fn backoff(&self, attempt: u32, retry_after: Option<Duration>) -> bool {
         let p = &self.cfg.retry;
         let delay = match retry_after {
-            Some(d) => d.min(p.max_delay),
+            // The server knows best, within reason: a longer wait would look like a hang.
+            Some(d) => d.min(MAX_RETRY_AFTER),
             None => {
                 let exp = p
                     .base_delay
@@ -393,30 +391,10 @@ impl HttpClient {
         }
     }
 
-    /// A successful (2xx) reply to a GET (or HEAD) of `url`, retried; any other status is an
-    /// error carrying an [`HttpStatusError`].
-    fn get_ok(&self, head: bool, url: &str, range: Option<(u64, u64)>) -> io::Result<Reply> {
-        let what = if head { "HEAD" } else { "GET" };
-        self.retrying(what, || {
-            let r = self.send(head, url, range).map_err(|f| (f, false))?;
-            if (200..300).contains(&r.status) || r.status == 416 {
-                return Ok(r);
-            }
-            if transient_status(r.status) {
-                let after = r.retry_after();
-                return Err((
-                    Failure::Transient(r.status_error().to_string(), after),
-                    false,
-                ));
-            }
-            Err((Failure::Fatal(r.status_error().into_io()), false))
-        })
-    }
-
     /// The whole body of `url` (an API answer, a small file), retried.
     pub fn get_bytes(&self, url: &str, limit: u64) -> io::Result<Vec<u8>> {
         self.retrying("GET", || {
-            let r = self.send(false, url, None).map_err(|f| (f, false))?;
+            let r = self.send(url, None).map_err(|f| (f, false))?;
             if !(200..300).contains(&r.status) {
                 let e = r.status_error();
                 return Err(if transient_status(r.status) {
@@ -497,7 +475,22 @@ impl HttpFile {
     /// the file `url` (see [`HttpFile::named`]).
     pub fn open(client: &HttpClient, url: &str) -> io::Result<HttpFile> {
         let want = client.cfg.prefetch.max(1);
-        let r = client.get_ok(false, url, Some((0, want - 1)))?;
+        client.retrying(&format!("bytes 0..{want}"), || {
+            Self::open_once(client, url, want).map_err(|f| (f, false))
+        })
+    }
+
+    /// One attempt at [`HttpFile::open`], reading up to `want` bytes.
+    fn open_once(client: &HttpClient, url: &str, want: u64) -> Result<HttpFile, Failure> {
+        let r = client.send(url, Some((0, want - 1)))?;
+        if transient_status(r.status) {
+            let after = r.retry_after();
+            return Err(Failure::Transient(r.status_error().to_string(), after));
+        }
+        if !(200..300).contains(&r.status) && r.status != 416 {
+            return Err(Failure::Fatal(r.status_error().into_io()));
+        }
+        let fatal = |m: String| Failure::Fatal(io::Error::other(m));
         let etag = r.header("etag").map(str::to_string);
         let mut file = HttpFile {
             client: client.clone(),
@@ -513,18 +506,18 @@ impl HttpFile {
                 let Some((Some((a, b)), total)) =
                     content_range.as_deref().and_then(parse_content_range)
                 else {
-                    return Err(io::Error::other(format!(
+                    return Err(fatal(format!(
                         "a 206 answer without a valid Content-Range ({content_range:?})"
                     )));
                 };
                 if a != 0 || b < a || b >= total {
-                    return Err(io::Error::other(format!(
+                    return Err(fatal(format!(
                         "asked for bytes 0-{}, got Content-Range {content_range:?}",
                         want - 1
                     )));
                 }
                 let mut head = vec![0u8; (b - a + 1) as usize];
-                fill(r.body, &mut head).map_err(|(_, e)| io::Error::other(e))?;
+                fill(r.body, &mut head).map_err(|(_, e)| Failure::Transient(e, None))?;
                 file.len = total;
                 file.head = Arc::new(head);
             }
@@ -532,10 +525,10 @@ impl HttpFile {
             416 => {
                 match content_range.as_deref().and_then(parse_content_range) {
                     Some((None, total)) => file.len = total,
-                    _ => return Err(HttpStatusError::into_io(r.status_error())),
+                    _ => return Err(Failure::Fatal(r.status_error().into_io())),
                 }
                 if file.len != 0 {
-                    return Err(io::Error::other(format!(
+                    return Err(fatal(format!(
                         "bytes 0-{} not satisfiable in a file of {} bytes",
                         want - 1,
                         file.len
@@ -546,12 +539,12 @@ impl HttpFile {
             _ => {
                 let len = r.body.content_length().unwrap_or(u64::MAX);
                 if len > want {
-                    return Err(io::Error::other(
-                        "the server does not support range requests (200 instead of 206)",
+                    return Err(fatal(
+                        "the server does not support range requests (200 instead of 206)".into(),
                     ));
                 }
                 let mut head = vec![0u8; len as usize];
-                fill(r.body, &mut head).map_err(|(_, e)| io::Error::other(e))?;
+                fill(r.body, &mut head).map_err(|(_, e)| Failure::Transient(e, None))?;
                 file.len = len;
                 file.head = Arc::new(head);
             }
@@ -580,7 +573,7 @@ impl HttpFile {
         let end = offset + buf.len() as u64 - 1;
         let r = self
             .client
-            .send(false, &self.url, Some((offset, end)))
+            .send(&self.url, Some((offset, end)))
             .map_err(|f| (f, 0))?;
         if transient_status(r.status) {
             let after = r.retry_after();
