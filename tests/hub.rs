@@ -299,6 +299,36 @@ fn transient_faults_are_retried_and_the_bytes_stay_identical() {
 }
 
 #[test]
+fn reads_go_to_the_storage_url_until_it_expires() {
+    let server = HubServer::start();
+    let src = hub("golden/base", &config(&server, Some(TOKEN)));
+    let shard = "model-00002-of-00003.safetensors";
+    // The storage URL stops answering once (a signed URL expired): the file is resolved again.
+    let remote = convert_remote(&local("base"), &src, || {
+        server.fault(shard, FaultKind::Status(403, None), 1)
+    })
+    .unwrap();
+    assert_same(&remote, &convert_local(&local("base")));
+    let log = server.log();
+    let resolves = |f: &str| {
+        log.iter()
+            .filter(|r| r.role == Role::Api && r.path.ends_with(f))
+            .count()
+    };
+    let reads = |f: &str| {
+        log.iter()
+            .filter(|r| r.role == Role::Storage && r.path.ends_with(f))
+            .count()
+    };
+    // Opened once through the Hub, then read from storage directly.
+    let first = "model-00001-of-00003.safetensors";
+    assert_eq!(resolves(first), 1);
+    assert!(reads(first) > 1);
+    assert_eq!(resolves(shard), 2);
+    assert_token_only_to_hub(&log);
+}
+
+#[test]
 fn faults_while_opening_are_retried_too() {
     let server = HubServer::start();
     // The index is served by the Hub host, the shards by the storage host.

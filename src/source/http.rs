@@ -156,6 +156,8 @@ impl fmt::Debug for HttpClient {
 
 /// The answer to one request (after redirects), before its body is read.
 struct Reply {
+    /// The URL that answered (after redirects).
+    url: String,
     status: u16,
     headers: ureq::http::HeaderMap,
     body: ureq::Body,
@@ -244,6 +246,8 @@ fn jitter() -> f64 {
 }
 
 const MAX_REDIRECTS: u32 = 10;
+/// The largest file kept whole in memory when a server ignores range requests.
+const WHOLE_FILE_LIMIT: u64 = 64 << 20;
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 
 impl HttpClient {
@@ -318,6 +322,7 @@ impl HttpClient {
                 continue;
             }
             return Ok(Reply {
+                url,
                 status,
                 headers: parts.headers,
                 body,
@@ -458,6 +463,9 @@ pub struct HttpFile {
     etag: Option<String>,
     /// The file's first bytes, fetched at open time.
     head: Arc<Vec<u8>>,
+    /// Where `url` last redirected to: reads go there directly, saving the Hub a request
+    /// each, until it stops answering (a signed storage URL expires).
+    target: Arc<Mutex<Option<String>>>,
 }
 
 impl fmt::Debug for HttpFile {
@@ -499,6 +507,7 @@ impl HttpFile {
             len: 0,
             etag,
             head: Arc::default(),
+            target: Arc::new(Mutex::new((r.url != url).then(|| r.url.clone()))),
         };
         let content_range = r.header("content-range").map(str::to_string);
         match r.status {
@@ -538,10 +547,11 @@ impl HttpFile {
             // No range support: acceptable for a file small enough to keep whole.
             _ => {
                 let len = r.body.content_length().unwrap_or(u64::MAX);
-                if len > want {
-                    return Err(fatal(
-                        "the server does not support range requests (200 instead of 206)".into(),
-                    ));
+                if len > WHOLE_FILE_LIMIT {
+                    return Err(fatal(format!(
+                        "the server ignores range requests (200 instead of 206) and the file is over {} MiB",
+                        WHOLE_FILE_LIMIT >> 20
+                    )));
                 }
                 let mut head = vec![0u8; len as usize];
                 fill(r.body, &mut head).map_err(|(_, e)| Failure::Transient(e, None))?;
@@ -567,14 +577,34 @@ impl HttpFile {
         self.etag.as_deref()
     }
 
+    fn set_target(&self, to: Option<String>) {
+        if let Ok(mut t) = self.target.lock() {
+            *t = to;
+        }
+    }
+
     /// One attempt at bytes `[offset, offset + buf.len())`; on failure, how many bytes were
     /// filled.
     fn read_once(&self, offset: u64, buf: &mut [u8]) -> Result<(), (Failure, usize)> {
         let end = offset + buf.len() as u64 - 1;
-        let r = self
-            .client
-            .send(&self.url, Some((offset, end)))
-            .map_err(|f| (f, 0))?;
+        let range = Some((offset, end));
+        let target = self.target.lock().ok().and_then(|t| t.clone());
+        let r = match target {
+            Some(t) => {
+                let r = self.client.send(&t, range).map_err(|f| (f, 0))?;
+                if matches!(r.status, 401 | 403 | 404 | 410) {
+                    // Expired or withdrawn: ask the file's own URL again.
+                    self.set_target(None);
+                    self.client.send(&self.url, range).map_err(|f| (f, 0))?
+                } else {
+                    r
+                }
+            }
+            None => self.client.send(&self.url, range).map_err(|f| (f, 0))?,
+        };
+        if (200..300).contains(&r.status) && r.url != self.url {
+            self.set_target(Some(r.url.clone()));
+        }
         if transient_status(r.status) {
             let after = r.retry_after();
             return Err((Failure::Transient(r.status_error().to_string(), after), 0));
