@@ -507,3 +507,39 @@ fn http_folder_and_file_urls() {
         "{e}"
     );
 }
+
+#[test]
+fn the_hub_config_reads_the_variables_huggingface_hub_reads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home");
+    std::fs::create_dir_all(home.join(".cache/huggingface")).unwrap();
+    std::fs::write(home.join(".cache/huggingface/token"), "hf_from_home\n").unwrap();
+    let hf_home = tmp.path().join("hf");
+    std::fs::create_dir_all(&hf_home).unwrap();
+    std::fs::write(hf_home.join("token"), "hf_from_hf_home").unwrap();
+    let vars = |pairs: &[(&str, String)]| {
+        let pairs: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        HubConfig::from_vars(move |k| pairs.iter().find(|p| p.0 == k).map(|p| p.1.clone()))
+    };
+    let home_s = home.display().to_string();
+    let c = vars(&[("HOME", home_s.clone())]);
+    assert_eq!(c.endpoint, "https://huggingface.co");
+    assert_eq!(c.token.as_deref(), Some("hf_from_home"));
+    let c = vars(&[
+        ("HOME", home_s.clone()),
+        ("HF_HOME", hf_home.display().to_string()),
+        ("HF_ENDPOINT", "https://mirror.example/".to_string()),
+    ]);
+    assert_eq!(c.endpoint, "https://mirror.example");
+    assert_eq!(c.token.as_deref(), Some("hf_from_hf_home"));
+    let c = vars(&[("HOME", home_s.clone()), ("HF_TOKEN", "hf_env".to_string())]);
+    assert_eq!(c.token.as_deref(), Some("hf_env"));
+    // The token never shows in debug output.
+    assert!(!format!("{c:?}").contains("hf_env"));
+    assert!(!format!("{:?}", c.client()).contains("hf_env"));
+    let c = vars(&[("HOME", tmp.path().display().to_string())]);
+    assert_eq!(c.token, None);
+}

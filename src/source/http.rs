@@ -43,7 +43,7 @@ impl Default for RetryPolicy {
 }
 
 /// What an [`HttpClient`] is built from.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct HttpConfig {
     pub user_agent: String,
     /// A bearer token, and the origin (`scheme://host[:port]`) it is sent to; no other origin
@@ -57,6 +57,20 @@ pub struct HttpConfig {
     pub prefetch: u64,
     /// Set to stop: checked before every attempt and during backoff waits.
     pub cancel: Option<Arc<AtomicBool>>,
+}
+
+impl fmt::Debug for HttpConfig {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        // Never the token itself.
+        f.debug_struct("HttpConfig")
+            .field("user_agent", &self.user_agent)
+            .field("token_origin", &self.token.as_ref().map(|t| &t.1))
+            .field("connect_timeout", &self.connect_timeout)
+            .field("read_timeout", &self.read_timeout)
+            .field("retry", &self.retry)
+            .field("prefetch", &self.prefetch)
+            .finish()
+    }
 }
 
 impl Default for HttpConfig {

@@ -20,7 +20,7 @@ use super::{Source, SourceFile};
 
 /// Where the Hub is and who we are: from the environment by [`HubConfig::from_env`], or
 /// built directly (tests, other endpoints).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct HubConfig {
     /// The Hub's URL, without a trailing `/` (`HF_ENDPOINT`, default https://huggingface.co).
     pub endpoint: String,
@@ -28,6 +28,17 @@ pub struct HubConfig {
     pub token: Option<String>,
     /// Timeouts, retries and the rest; its `token` field is ignored (set from `token`).
     pub http: HttpConfig,
+}
+
+impl std::fmt::Debug for HubConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        // Never the token itself.
+        f.debug_struct("HubConfig")
+            .field("endpoint", &self.endpoint)
+            .field("token", &self.token.as_ref().map(|_| "<set>"))
+            .field("http", &self.http)
+            .finish()
+    }
 }
 
 impl std::fmt::Debug for HubSource {
@@ -54,7 +65,13 @@ impl HubConfig {
     /// `HF_TOKEN_PATH`, else `$HF_HOME/token` (`HF_HOME` defaulting to
     /// `~/.cache/huggingface`).
     pub fn from_env() -> HubConfig {
-        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+        HubConfig::from_vars(|k| std::env::var(k).ok())
+    }
+
+    /// [`HubConfig::from_env`] with the variables given by `var` (empty values count as
+    /// unset).
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> HubConfig {
+        let var = |k: &str| var(k).filter(|v| !v.trim().is_empty());
         let mut cfg = HubConfig::new(var("HF_ENDPOINT").as_deref().unwrap_or(DEFAULT_ENDPOINT));
         cfg.token = var("HF_TOKEN").map(|t| t.trim().to_string()).or_else(|| {
             let file = var("HF_TOKEN_PATH").map(PathBuf::from).or_else(|| {
