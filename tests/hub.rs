@@ -293,6 +293,7 @@ fn transient_faults_are_retried_and_the_bytes_stay_identical() {
                     assert!(log[i + 1..].iter().any(|r| r.range == resumed));
                 }
             }
+            _ => unreachable!(),
         }
         assert_token_only_to_hub(&server.log());
     }
@@ -326,6 +327,62 @@ fn reads_go_to_the_storage_url_until_it_expires() {
     assert!(reads(first) > 1);
     assert_eq!(resolves(shard), 2);
     assert_token_only_to_hub(&log);
+}
+
+#[test]
+fn dropped_connections_and_timeouts_are_retried() {
+    let expected = convert_local(&local("base"));
+    let shard = "model-00002-of-00003.safetensors";
+    let server = HubServer::start();
+    let mut cfg = config(&server, None);
+    cfg.http.read_timeout = Duration::from_millis(300);
+    let src = hub("golden/base", &cfg);
+    let remote = convert_remote(&local("base"), &src, || {
+        server.fault(shard, FaultKind::Drop, 2);
+        server.fault(shard, FaultKind::Stall(Duration::from_secs(3)), 1);
+    })
+    .unwrap();
+    assert_same(&remote, &expected);
+    // Two dropped, one stalled (answered too late), then the rest.
+    let log: Vec<Req> = server
+        .log()
+        .into_iter()
+        .filter(|r| r.role == Role::Storage && r.path.ends_with(shard))
+        .collect();
+    let asked = |r: &Req| log.iter().filter(|x| x.range == r.range).count();
+    let retried: Vec<&Req> = log.iter().filter(|r| asked(r) > 1).collect();
+    assert_eq!(retried.len(), 4, "{log:?}");
+    assert_eq!(retried.iter().filter(|r| r.status == 0).count(), 2);
+}
+
+#[test]
+fn servers_without_range_support() {
+    let server = HubServer::start();
+    let shard = "model-00002-of-00003.safetensors";
+    let client = HttpClient::new(HttpConfig {
+        prefetch: 1024,
+        ..HttpConfig::default()
+    });
+    let url = format!("{}/plain/golden/base/", server.endpoint());
+    // At open, a whole small file is kept: the model reads the same.
+    server.fault(shard, FaultKind::IgnoreRange, 1);
+    let src: Arc<dyn Source> = Arc::new(HttpSource::new(&client, &url).unwrap());
+    assert_same_model(&Model::from_source(src.clone()).unwrap(), &local("base"));
+    let remote = convert_remote(&local("base"), &src, || ()).unwrap();
+    assert_same(&remote, &convert_local(&local("base")));
+
+    // Ignored once the file was opened by ranges: an error, never wrong bytes.
+    let src: Arc<dyn Source> = Arc::new(HttpSource::new(&client, &url).unwrap());
+    let e = convert_remote(&local("base"), &src, || {
+        server.fault(shard, FaultKind::IgnoreRange, 1)
+    })
+    .unwrap_err();
+    let prefix = format!("{url}{shard}: model.layers.");
+    assert!(e.starts_with(&prefix), "{e}");
+    assert!(
+        e.ends_with(": read failed: the server ignored the range request (200 instead of 206)"),
+        "{e}"
+    );
 }
 
 #[test]

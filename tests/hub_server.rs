@@ -13,7 +13,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -41,6 +41,12 @@ pub enum FaultKind {
     Status(u16, Option<u64>),
     /// Send the headers and half of the body, then close the connection.
     Cut,
+    /// Close the connection without an answer.
+    Drop,
+    /// Answer after this long.
+    Stall(Duration),
+    /// Answer 200 with the whole file, as a server without range support does.
+    IgnoreRange,
 }
 
 #[derive(Clone, Debug)]
@@ -246,6 +252,9 @@ fn read_request(conn: &TcpStream) -> Option<Request> {
 
 struct Answer {
     status: u16,
+    /// Close without answering, or answer late.
+    drop: bool,
+    stall: Option<Duration>,
     headers: Vec<(String, String)>,
     body: Vec<u8>,
     /// Send only this many body bytes, then close (a cut transfer).
@@ -256,6 +265,8 @@ impl Answer {
     fn new(status: u16) -> Answer {
         Answer {
             status,
+            drop: false,
+            stall: None,
             headers: Vec::new(),
             body: Vec::new(),
             cut_at: None,
@@ -294,11 +305,18 @@ fn handle(mut conn: TcpStream, role: Role, state: &Mutex<State>, storage: u16) -
         path: req.path.clone(),
         range,
         auth: req.headers.get("authorization").cloned(),
-        status: answer.status,
-        sent: sent as u64,
+        // 0: closed without an answer.
+        status: if answer.drop { 0 } else { answer.status },
+        sent: if answer.drop { 0 } else { sent as u64 },
         at: Instant::now(),
     });
     drop(st);
+    if answer.drop {
+        return None;
+    }
+    if let Some(d) = answer.stall {
+        std::thread::sleep(d);
+    }
     let mut out = format!(
         "HTTP/1.1 {} X\r\nContent-Length: {}\r\nConnection: close\r\n",
         answer.status,
@@ -432,6 +450,11 @@ fn serve(st: &mut State, file: &str, bytes: &[u8], range: Option<(u64, Option<u6
         return a;
     }
     let len = bytes.len() as u64;
+    let range = if let Some(FaultKind::IgnoreRange) = fault {
+        None
+    } else {
+        range
+    };
     let mut a = match range {
         None => {
             let mut a = Answer::new(200);
@@ -449,8 +472,11 @@ fn serve(st: &mut State, file: &str, bytes: &[u8], range: Option<(u64, Option<u6
             a
         }
     };
-    if let Some(FaultKind::Cut) = fault {
-        a.cut_at = Some(a.body.len() / 2);
+    match fault {
+        Some(FaultKind::Cut) => a.cut_at = Some(a.body.len() / 2),
+        Some(FaultKind::Drop) => a.drop = true,
+        Some(FaultKind::Stall(d)) => a.stall = Some(d),
+        _ => {}
     }
     a.header("ETag", etag).header("Accept-Ranges", "bytes")
 }
