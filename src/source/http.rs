@@ -873,3 +873,44 @@ impl Source for HttpSource {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_ranges() {
+        assert_eq!(
+            parse_content_range("bytes 0-1023/4096"),
+            Some((Some((0, 1023)), 4096))
+        );
+        assert_eq!(parse_content_range("bytes */0"), Some((None, 0)));
+        assert_eq!(parse_content_range("bytes 5-/9"), None);
+        assert_eq!(parse_content_range("items 0-1/2"), None);
+        assert_eq!(parse_content_range(""), None);
+    }
+
+    #[test]
+    fn origins_and_paths() {
+        assert_eq!(
+            origin_of("https://HuggingFace.co/org/name/resolve/x").as_deref(),
+            Some("https://huggingface.co")
+        );
+        assert_eq!(
+            origin_of("http://127.0.0.1:8080?x").as_deref(),
+            Some("http://127.0.0.1:8080")
+        );
+        assert_eq!(origin_of("/relative"), None);
+        assert_eq!(origin_of("http:///x"), None);
+        assert_eq!(encode_path("sub dir/a+b.json"), "sub%20dir/a%2Bb.json");
+        assert_eq!(encode_segment("refs/pr/1"), "refs%2Fpr%2F1");
+    }
+
+    #[test]
+    fn jitter_stays_in_range() {
+        for _ in 0..1000 {
+            let j = jitter();
+            assert!((0.5..1.0).contains(&j), "{j}");
+        }
+    }
+}
