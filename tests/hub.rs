@@ -169,9 +169,22 @@ fn hub_repos_read_like_local_folders() {
         assert_same_model(&Model::from_source(src).unwrap(), &local(dir));
     }
     for dir in ["base", "base_bin"] {
-        let src = hub(&format!("golden/{dir}"), &cfg);
+        server.clear_log();
+        let src = HubSource::open(&format!("golden/{dir}"), None, None, &cfg).unwrap();
+        let client = src.client().clone();
+        let src: Arc<dyn Source> = Arc::new(src);
         let remote = convert_remote(&local(dir), &src, || ()).unwrap();
         assert_same(&remote, &convert_local(&local(dir)));
+        // Every byte fetched about once: the repo's size, plus per file at most the first
+        // KiB again and one 16 KiB block read for small reads (headers, pickle records).
+        let files = folder(&local(dir));
+        let size: usize = files.values().map(Vec::len).sum();
+        let fetched = client.bytes_fetched() as usize;
+        assert!(fetched >= size);
+        assert!(
+            fetched <= size + files.len() * 17 * 1024,
+            "{fetched} bytes fetched for {size}"
+        );
     }
     assert_token_only_to_hub(&server.log());
 }
@@ -211,9 +224,12 @@ fn opening_a_model_reads_its_headers_only() {
     let server = HubServer::start();
     // The default prefetch: one request per shard covers the header.
     let cfg = HubConfig::new(&server.endpoint());
-    let model = Model::from_source(hub("golden/base_f32", &cfg)).unwrap();
+    let src = HubSource::open("golden/base_f32", None, None, &cfg).unwrap();
+    let client = src.client().clone();
+    let model = Model::from_source(Arc::new(src)).unwrap();
     let sent = server.bytes_sent();
     assert!(sent > 0);
+    assert_eq!(client.bytes_fetched(), sent);
     assert!(
         sent * 4 < model.data_bytes(),
         "{sent} of {}",

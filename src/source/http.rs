@@ -10,12 +10,12 @@
 //! than a silent mix, and a body cut mid-transfer is resumed from the last byte received.
 //! [`HttpSource`] is a folder URL (or one file URL) as a model location.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -157,6 +157,8 @@ fn status_text(status: u16) -> String {
 pub struct HttpClient {
     agent: ureq::Agent,
     cfg: Arc<HttpConfig>,
+    /// Body bytes received, retries included (for progress and for tests).
+    fetched: Arc<AtomicU64>,
 }
 
 impl fmt::Debug for HttpClient {
@@ -260,6 +262,9 @@ fn jitter() -> f64 {
 }
 
 const MAX_REDIRECTS: u32 = 10;
+/// Reads shorter than this are served from blocks of this size, the last few kept per file.
+const BLOCK: u64 = 16 * 1024;
+const BLOCKS_KEPT: usize = 8;
 /// The largest file kept whole in memory when a server ignores range requests.
 const WHOLE_FILE_LIMIT: u64 = 64 << 20;
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
@@ -279,11 +284,37 @@ impl HttpClient {
         HttpClient {
             agent,
             cfg: Arc::new(cfg),
+            fetched: Arc::default(),
         }
     }
 
     pub fn config(&self) -> &HttpConfig {
         &self.cfg
+    }
+
+    /// Body bytes received so far by this client and its clones, retries included.
+    pub fn bytes_fetched(&self) -> u64 {
+        self.fetched.load(Ordering::Relaxed)
+    }
+
+    /// Read `buf.len()` bytes of `body` into `buf`; the count read before a failure is
+    /// returned with it.
+    fn fill(&self, body: ureq::Body, buf: &mut [u8]) -> Result<(), (usize, String)> {
+        let mut r = body.into_with_config().limit(u64::MAX).reader();
+        let mut got = 0;
+        while got < buf.len() {
+            let Some(dst) = buf.get_mut(got..) else { break };
+            match r.read(dst) {
+                Ok(0) => return Err((got, "the body ended early".to_string())),
+                Ok(n) => {
+                    got += n;
+                    self.fetched.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err((got, e.to_string())),
+            }
+        }
+        Ok(())
     }
 
     fn cancelled(&self) -> bool {
@@ -424,12 +455,14 @@ impl HttpClient {
                 });
             }
             let mut v = Vec::new();
-            r.body
+            let read = r
+                .body
                 .into_with_config()
                 .limit(limit)
                 .reader()
-                .read_to_end(&mut v)
-                .map_err(|e| (Failure::Transient(e.to_string(), None), false))?;
+                .read_to_end(&mut v);
+            self.fetched.fetch_add(v.len() as u64, Ordering::Relaxed);
+            read.map_err(|e| (Failure::Transient(e.to_string(), None), false))?;
             Ok(v)
         })
     }
@@ -450,22 +483,8 @@ fn parse_content_range(s: &str) -> Option<(Option<(u64, u64)>, u64)> {
     ))
 }
 
-/// Read `buf.len()` bytes of `body` into `buf`; the count read before a failure is returned
-/// with it.
-fn fill(body: ureq::Body, buf: &mut [u8]) -> Result<(), (usize, String)> {
-    let mut r = body.into_with_config().limit(u64::MAX).reader();
-    let mut got = 0;
-    while got < buf.len() {
-        let Some(dst) = buf.get_mut(got..) else { break };
-        match r.read(dst) {
-            Ok(0) => return Err((got, "the body ended early".to_string())),
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err((got, e.to_string())),
-        }
-    }
-    Ok(())
-}
+/// Cached blocks of a file: (offset, bytes).
+type Blocks = VecDeque<(u64, Arc<Vec<u8>>)>;
 
 /// One remote file, read by range requests.
 #[derive(Clone)]
@@ -477,6 +496,8 @@ pub struct HttpFile {
     etag: Option<String>,
     /// The file's first bytes, fetched at open time.
     head: Arc<Vec<u8>>,
+    /// The last blocks fetched for small reads, oldest first.
+    blocks: Arc<Mutex<Blocks>>,
     /// Where `url` last redirected to: reads go there directly, saving the Hub a request
     /// each, until it stops answering (a signed storage URL expires).
     target: Arc<Mutex<Option<String>>>,
@@ -521,6 +542,7 @@ impl HttpFile {
             len: 0,
             etag,
             head: Arc::default(),
+            blocks: Arc::default(),
             target: Arc::new(Mutex::new((r.url != url).then(|| r.url.clone()))),
         };
         let content_range = r.header("content-range").map(str::to_string);
@@ -540,7 +562,9 @@ impl HttpFile {
                     )));
                 }
                 let mut head = vec![0u8; (b - a + 1) as usize];
-                fill(r.body, &mut head).map_err(|(_, e)| Failure::Transient(e, None))?;
+                client
+                    .fill(r.body, &mut head)
+                    .map_err(|(_, e)| Failure::Transient(e, None))?;
                 file.len = total;
                 file.head = Arc::new(head);
             }
@@ -568,7 +592,9 @@ impl HttpFile {
                     )));
                 }
                 let mut head = vec![0u8; len as usize];
-                fill(r.body, &mut head).map_err(|(_, e)| Failure::Transient(e, None))?;
+                client
+                    .fill(r.body, &mut head)
+                    .map_err(|(_, e)| Failure::Transient(e, None))?;
                 file.len = len;
                 file.head = Arc::new(head);
             }
@@ -668,7 +694,9 @@ impl HttpFile {
             }
             _ => return Err((Failure::Fatal(r.status_error().into_io()), 0)),
         }
-        fill(r.body, buf).map_err(|(got, e)| (Failure::Transient(e, None), got))
+        self.client
+            .fill(r.body, buf)
+            .map_err(|(got, e)| (Failure::Transient(e, None), got))
     }
 }
 
@@ -701,6 +729,17 @@ impl SourceFile for HttpFile {
             buf.copy_from_slice(src);
             return Ok(());
         }
+        if (buf.len() as u64) < BLOCK {
+            return self.read_blocks(offset, buf);
+        }
+        self.fetch(offset, buf)
+    }
+}
+
+impl HttpFile {
+    /// Bytes `[offset, offset + buf.len())` by range requests, resuming cut bodies.
+    fn fetch(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let end = offset + buf.len() as u64;
         // `done` bytes are in; a cut body resumes from there.
         let mut done = 0usize;
         self.client.retrying(&format!("bytes {offset}..{end}"), || {
@@ -714,6 +753,51 @@ impl SourceFile for HttpFile {
                 }
             }
         })
+    }
+
+    /// A small read, served from whole aligned blocks kept for the next small reads: the
+    /// pickle and zip parsers read a few KiB at a time around seeks, which would otherwise be
+    /// a request each.
+    fn read_blocks(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let mut pos = offset;
+        let end = offset + buf.len() as u64;
+        while pos < end {
+            let start = pos - pos % BLOCK;
+            let block = self.block(start)?;
+            let from = (pos - start) as usize;
+            let n = (block.len() - from.min(block.len())).min((end - pos) as usize);
+            let (Some(src), Some(dst)) = (
+                block.get(from..from + n),
+                buf.get_mut((pos - offset) as usize..(pos - offset) as usize + n),
+            ) else {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            };
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            dst.copy_from_slice(src);
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    /// The block at `start`, from the cache or fetched (and cached).
+    fn block(&self, start: u64) -> io::Result<Arc<Vec<u8>>> {
+        if let Ok(blocks) = self.blocks.lock()
+            && let Some((_, b)) = blocks.iter().find(|(s, _)| *s == start)
+        {
+            return Ok(b.clone());
+        }
+        let mut b = vec![0u8; (self.len - start).min(BLOCK) as usize];
+        self.fetch(start, &mut b)?;
+        let b = Arc::new(b);
+        if let Ok(mut blocks) = self.blocks.lock() {
+            if blocks.len() >= BLOCKS_KEPT {
+                blocks.pop_front();
+            }
+            blocks.push_back((start, b.clone()));
+        }
+        Ok(b)
     }
 }
 
@@ -778,6 +862,11 @@ impl HttpSource {
             single,
             opened: Mutex::default(),
         })
+    }
+
+    /// The client every file is read with.
+    pub fn client(&self) -> &HttpClient {
+        &self.client
     }
 
     /// The one file the URL named, if it named one.

@@ -239,6 +239,11 @@ impl HubSource {
         &self.repo
     }
 
+    /// The client every file is read with (its [`HttpClient::bytes_fetched`] counts them).
+    pub fn client(&self) -> &HttpClient {
+        &self.client
+    }
+
     /// Where file `name` (relative to the subfolder) is read from.
     pub fn url_of(&self, name: &str) -> String {
         format!(
