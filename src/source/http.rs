@@ -555,7 +555,7 @@ impl HttpFile {
                         "a 206 answer without a valid Content-Range ({content_range:?})"
                     )));
                 };
-                if a != 0 || b < a || b >= total {
+                if a != 0 || b < a || b >= total || b >= want {
                     return Err(fatal(format!(
                         "asked for bytes 0-{}, got Content-Range {content_range:?}",
                         want - 1
@@ -649,6 +649,9 @@ impl HttpFile {
             let after = r.retry_after();
             return Err((Failure::Transient(r.status_error().to_string(), after), 0));
         }
+        if !matches!(r.status, 200 | 206) {
+            return Err((Failure::Fatal(r.status_error().into_io()), 0));
+        }
         let fatal = |msg: String| (Failure::Fatal(io::Error::other(msg)), 0);
         if let (Some(was), Some(now)) = (&self.etag, r.header("etag"))
             && was != now
@@ -687,12 +690,11 @@ impl HttpFile {
                     )));
                 }
             }
-            200 => {
+            _ => {
                 return Err(fatal(
                     "the server ignored the range request (200 instead of 206)".to_string(),
                 ));
             }
-            _ => return Err((Failure::Fatal(r.status_error().into_io()), 0)),
         }
         self.client
             .fill(r.body, buf)
