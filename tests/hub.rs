@@ -490,6 +490,7 @@ fn missing_repos_revisions_and_files_are_named() {
     let endpoint = server.endpoint();
     let cfg = config(&server, None);
     let e = HubSource::open("golden/nope", None, None, &cfg).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
     assert_eq!(
         e.to_string(),
         format!("golden/nope: no such model repo on {endpoint} (or it is private: set HF_TOKEN)")

@@ -296,7 +296,11 @@ fn explain(e: &io::Error, repo: &str, endpoint: &str, has_token: bool) -> Option
         ),
         _ => return None,
     };
-    Some(io::Error::new(e.kind(), msg))
+    let kind = match s.error_code.as_deref() {
+        Some("RepoNotFound") => io::ErrorKind::NotFound,
+        _ => e.kind(),
+    };
+    Some(io::Error::new(kind, msg))
 }
 
 impl Source for HubSource {
