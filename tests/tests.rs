@@ -11,6 +11,8 @@ mod golden_lora;
 mod golden_mergekit;
 mod golden_torch;
 mod hf_cache;
+mod hub;
+mod hub_server;
 mod interrupt;
 mod mergekit_configs;
 mod properties;

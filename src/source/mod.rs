@@ -20,6 +20,8 @@
 //! [`LocalSource`] is the local implementation.
 
 mod hf_cache;
+pub mod http;
+pub mod hub;
 mod local;
 mod locate;
 mod reference;
@@ -32,6 +34,8 @@ use std::path::{Path, PathBuf};
 use memmap2::Mmap;
 
 pub use hf_cache::{HfEnv, cached_commit, cached_snapshot, offline_missing, repo_dir};
+pub use http::{HttpClient, HttpConfig, HttpFile, HttpSource};
+pub use hub::{HubConfig, HubSource};
 pub use local::{LocalSource, is_network_fs};
 pub use locate::{Environment, Located, locate, locate_in};
 pub use reference::{Reference, parse_reference, validate_repo_id, validate_revision};
