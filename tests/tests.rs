@@ -13,6 +13,7 @@ mod golden_torch;
 mod interrupt;
 mod mergekit_configs;
 mod properties;
+mod s3;
 mod source;
 mod torch_bad_inputs;
 mod torch_compat;

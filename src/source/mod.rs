@@ -20,6 +20,7 @@
 //! [`LocalSource`] is the local implementation.
 
 mod local;
+mod s3;
 
 use std::fmt;
 use std::io::{self, Read, Seek, SeekFrom};
@@ -29,6 +30,7 @@ use std::path::{Path, PathBuf};
 use memmap2::Mmap;
 
 pub use local::{LocalSource, is_network_fs};
+pub use s3::{S3Config, S3Source};
 
 /// A model location: a set of files with relative names.
 pub trait Source: Send + Sync + fmt::Debug {
