@@ -286,6 +286,38 @@ fn s3_models_give_the_same_tensors_and_outputs_as_local_files() {
     let mut buf = [0u8; 16];
     let e = f.read_at(want.len() as u64 - 8, &mut buf).unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
+
+    // Called from inside a tokio runtime (a caller of its own), reads still work.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        f.read_at(0, &mut buf).unwrap();
+        assert_eq!(buf[..], want[..16]);
+    });
+}
+
+#[test]
+fn s3_a_server_that_went_away_fails_after_bounded_retries() {
+    let moto = Moto::start();
+    moto.create_bucket("models");
+    moto.upload_dir("models", &common::golden().join("models/base"), "base");
+    let cfg = moto.config();
+    let s3 = S3Source::open("models", "base", &cfg).unwrap();
+    let f = s3.open("model-00001-of-00003.safetensors").unwrap();
+    drop(moto);
+
+    let t = std::time::Instant::now();
+    let mut buf = [0u8; 8];
+    let e = f.read_at(0, &mut buf).unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("after 2 retries"), "{msg}");
+    assert!(msg.contains("onnect"), "{msg}");
+    assert!(!msg.contains('\n'), "{msg}");
+    let e = S3Source::open("models", "base", &cfg).unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.starts_with("s3://models/base: cannot list: "), "{msg}");
+    assert!(t.elapsed() < Duration::from_secs(30));
 }
 
 #[test]

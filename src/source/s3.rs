@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as ObjectPath;
 use object_store::{
@@ -177,7 +178,16 @@ struct Client {
 }
 
 impl Client {
-    fn run<T>(&self, f: impl Future<Output = T>) -> T {
+    fn run<T: Send>(&self, f: impl Future<Output = T> + Send) -> T {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            // Called from inside some tokio runtime, where `block_on` would panic: block on
+            // a plain thread instead.
+            return std::thread::scope(|s| {
+                s.spawn(|| self.runtime.block_on(f))
+                    .join()
+                    .unwrap_or_else(|p| std::panic::resume_unwind(p))
+            });
+        }
         self.runtime.block_on(f)
     }
 }
@@ -317,7 +327,7 @@ impl Source for S3Source {
             r.bytes().await.map(|b| (size, b))
         });
         match got {
-            Ok((size, bytes)) if bytes.len() as u64 == size => Ok(Some(bytes.to_vec())),
+            Ok((size, bytes)) if bytes.len() as u64 == size => Ok(Some(Vec::from(bytes))),
             Ok((size, bytes)) => Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 format!("short body: {} of {size} bytes", bytes.len()),
@@ -366,14 +376,26 @@ impl SourceFile for S3File {
             range: Some(range.clone().into()),
             ..GetOptions::default()
         };
-        let (size, bytes) = self
-            .client
-            .run(async {
-                let r = self.client.store.get_opts(&self.key, opts).await?;
-                let size = r.meta.size;
-                r.bytes().await.map(|b| (size, b))
-            })
-            .map_err(|e| io_error(e, ""))?;
+        let (key, store, len) = (&self.key, &self.client.store, buf.len());
+        let dst_buf = &mut *buf;
+        let got = self.client.run(async move {
+            let r = store.get_opts(key, opts).await?;
+            let size = r.meta.size;
+            // Straight into the caller's buffer: no second copy of a large chunk in memory.
+            // The stream resumes a cut body itself (same ETag, within the retry budget).
+            let mut stream = r.into_stream();
+            let mut filled = 0usize;
+            while let Some(part) = stream.next().await {
+                let part = part?;
+                let Some(dst) = dst_buf.get_mut(filled..filled + part.len()) else {
+                    return Ok((size, None));
+                };
+                dst.copy_from_slice(&part);
+                filled += part.len();
+            }
+            Ok::<_, object_store::Error>((size, Some(filled)))
+        });
+        let (size, filled) = got.map_err(|e| io_error(e, ""))?;
         // Stores without ETags: a changed size still shows a different object.
         if size != self.len {
             return Err(changed(format!(
@@ -381,18 +403,16 @@ impl SourceFile for S3File {
                 self.len
             )));
         }
-        if bytes.len() != buf.len() {
-            return Err(io::Error::new(
+        match filled {
+            Some(n) if n == len => Ok(()),
+            Some(n) => Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
-                format!(
-                    "short body: {} of {} bytes at offset {offset}",
-                    bytes.len(),
-                    buf.len()
-                ),
-            ));
+                format!("short body: {n} of {} bytes at offset {offset}", buf.len()),
+            )),
+            None => Err(io::Error::other(format!(
+                "the server sent more than the {len} bytes asked for at offset {offset}"
+            ))),
         }
-        buf.copy_from_slice(&bytes);
-        Ok(())
     }
 }
 
@@ -447,7 +467,8 @@ fn io_error(e: object_store::Error, doing: &str) -> io::Error {
             ),
         );
     }
-    let what = reason.unwrap_or(text);
+    // The store's name adds nothing to a message that names the `s3://` object.
+    let what = reason.unwrap_or_else(|| text.trim_start_matches("Generic S3 error: ").to_string());
     if doing.is_empty() {
         io::Error::other(what)
     } else {
