@@ -174,21 +174,35 @@ impl S3Config {
 /// What a source and its open files share: the client and the runtime that drives it.
 struct Client {
     store: AmazonS3,
-    runtime: Runtime,
+    /// Always `Some` until dropped.
+    runtime: Option<Runtime>,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        // Dropping a runtime inside another one panics; shutting it down in the background
+        // does not, and nothing is in flight once the last file is gone.
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 impl Client {
     fn run<T: Send>(&self, f: impl Future<Output = T> + Send) -> T {
+        let Some(runtime) = &self.runtime else {
+            unreachable!("the runtime is only taken on drop");
+        };
         if tokio::runtime::Handle::try_current().is_ok() {
             // Called from inside some tokio runtime, where `block_on` would panic: block on
             // a plain thread instead.
             return std::thread::scope(|s| {
-                s.spawn(|| self.runtime.block_on(f))
+                s.spawn(|| runtime.block_on(f))
                     .join()
                     .unwrap_or_else(|p| std::panic::resume_unwind(p))
             });
         }
-        self.runtime.block_on(f)
+        runtime.block_on(f)
     }
 }
 
@@ -233,7 +247,10 @@ impl S3Source {
             .build()
             .map_err(|e| named(format!("cannot start the S3 client: {e}")))?;
         let source = S3Source {
-            client: Arc::new(Client { store, runtime }),
+            client: Arc::new(Client {
+                store,
+                runtime: Some(runtime),
+            }),
             bucket: bucket.to_string(),
             prefix,
             location: PathBuf::from(&location),
@@ -431,7 +448,7 @@ fn io_error(e: object_store::Error, doing: &str) -> io::Error {
     let code = reason.as_deref().map(|r| r.split(':').next().unwrap_or(r));
     // Some requests (listings) come back as generic errors: the S3 code in the body, or
     // the status in the text, still tells what went wrong.
-    let status = |s: &str| text.contains(&format!("status {s}"));
+    let status = |s: &str| text.contains(&format!("status code: {s}"));
     let with_reason = |what: &str| match &reason {
         Some(r) => format!("{what} ({r})"),
         None => what.to_string(),
@@ -468,6 +485,12 @@ fn io_error(e: object_store::Error, doing: &str) -> io::Error {
         );
     }
     // The store's name adds nothing to a message that names the `s3://` object.
+    // AWS redirects requests for a bucket of another region, without a body.
+    if status("301") || code == Some("PermanentRedirect") {
+        return io::Error::other(with_reason(
+            "the bucket is in another region: set AWS_REGION to its region",
+        ));
+    }
     let what = reason.unwrap_or_else(|| text.trim_start_matches("Generic S3 error: ").to_string());
     if doing.is_empty() {
         io::Error::other(what)
@@ -552,6 +575,52 @@ mod tests {
         assert_eq!(c.region, "us-west-2");
         assert_eq!(c.endpoint.as_deref(), Some("https://s3.example"));
         assert!(!c.allow_http);
+    }
+
+    /// `text` as the generic error a listing gives.
+    fn generic(text: &str) -> io::Error {
+        let e = object_store::Error::Generic {
+            store: "S3",
+            source: text.into(),
+        };
+        io_error(e, "cannot list")
+    }
+
+    #[test]
+    fn errors_say_what_is_wrong_on_one_line() {
+        let e = generic(
+            "Error performing GET http://h/b in 1ms - Server returned error response: \
+             <Error>\n<Code>NoSuchKey</Code>\n<Message>The specified key does not exist.\
+             </Message></Error>",
+        );
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        assert_eq!(
+            e.to_string(),
+            "no such object (NoSuchKey: The specified key does not exist.)"
+        );
+        let e = generic(
+            "Error performing GET http://h/b in 1ms - Server returned non-2xx status code: 301 Moved Permanently: ",
+        );
+        assert_eq!(
+            e.to_string(),
+            "the bucket is in another region: set AWS_REGION to its region"
+        );
+        let e = generic(
+            "Error performing GET http://h/b in 1ms - Server returned non-2xx status code: 403 Forbidden: ",
+        );
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
+        let e = generic(
+            "Error performing GET http://h/b in 1ms - Server returned non-2xx status code: 412 Precondition Failed: ",
+        );
+        assert!(
+            e.to_string()
+                .starts_with("the object changed since it was opened")
+        );
+        let e = generic("Error performing GET http://h/b in 1ms - HTTP error: timed out\n");
+        assert_eq!(
+            e.to_string(),
+            "cannot list: Error performing GET http://h/b in 1ms - HTTP error: timed out"
+        );
     }
 
     #[test]
