@@ -256,6 +256,20 @@ fn s3_models_give_the_same_tensors_and_outputs_as_local_files() {
     same_as_local(&moto, &models.join("base"), "golden/base");
     same_as_local(&moto, &models.join("base_bin"), "golden/base_bin");
 
+    // A model at the top level of a bucket.
+    moto.create_bucket("flat");
+    let objects: Vec<(String, Vec<u8>)> = folder(&models.join("base")).into_iter().collect();
+    moto.put("flat", &objects);
+    let flat = S3Source::open("flat", "", &moto.config()).unwrap();
+    assert_eq!(flat.location().to_str().unwrap(), "s3://flat");
+    let flat = Model::from_source(Arc::new(flat)).unwrap();
+    let local = Model::open(&models.join("base")).unwrap();
+    assert_eq!(
+        flat.file_path(0).to_str().unwrap(),
+        format!("s3://flat/{}", local.files[0])
+    );
+    assert_eq!(flat.tensors(), local.tensors());
+
     // A trailing slash names the same prefix; the parent prefix holds no objects itself.
     let s3 = S3Source::open("models", "/golden/base/", &moto.config()).unwrap();
     assert_eq!(s3.location().to_str().unwrap(), "s3://models/golden/base");
