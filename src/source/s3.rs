@@ -12,16 +12,16 @@
 //! (Calling from inside another tokio runtime is not supported: `block_on` would panic.)
 //!
 //! A file's size and ETag are fixed when it is opened and every range read carries
-//! `If-Match`: an object overwritten during a run is an error, never a mix of versions.
+//! `If-Match`: an object overwritten during a run is an error, never a mix of versions. A
+//! large read is split into parts fetched concurrently into the caller's buffer.
 
 use std::fmt;
 use std::io;
-use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as ObjectPath;
 use object_store::{
@@ -61,9 +61,12 @@ pub struct S3Config {
     pub initial_backoff: Duration,
     /// Time allowed to connect.
     pub connect_timeout: Duration,
-    /// Time allowed for one whole request, body included (a range read of a large chunk over
-    /// a slow link needs minutes).
+    /// Time allowed for one whole request, body included.
     pub request_timeout: Duration,
+    /// A read larger than this is split into ranged GETs of this size…
+    pub part_size: usize,
+    /// …of which this many are in flight at once.
+    pub parts_in_flight: usize,
 }
 
 impl Default for S3Config {
@@ -80,7 +83,9 @@ impl Default for S3Config {
             retry_timeout: Duration::from_secs(120),
             initial_backoff: Duration::from_millis(200),
             connect_timeout: Duration::from_secs(10),
-            request_timeout: Duration::from_secs(300),
+            request_timeout: Duration::from_secs(120),
+            part_size: 8 << 20,
+            parts_in_flight: 4,
         }
     }
 }
@@ -100,6 +105,8 @@ impl fmt::Debug for S3Config {
             .field("skip_signature", &self.skip_signature)
             .field("allow_http", &self.allow_http)
             .field("max_retries", &self.max_retries)
+            .field("part_size", &self.part_size)
+            .field("parts_in_flight", &self.parts_in_flight)
             .finish_non_exhaustive()
     }
 }
@@ -174,6 +181,8 @@ impl S3Config {
 /// What a source and its open files share: the client and the runtime that drives it.
 struct Client {
     store: AmazonS3,
+    part_size: usize,
+    parts_in_flight: usize,
     /// Always `Some` until dropped.
     runtime: Option<Runtime>,
 }
@@ -249,6 +258,8 @@ impl S3Source {
         let source = S3Source {
             client: Arc::new(Client {
                 store,
+                part_size: cfg.part_size,
+                parts_in_flight: cfg.parts_in_flight,
                 runtime: Some(runtime),
             }),
             bucket: bucket.to_string(),
@@ -377,59 +388,78 @@ impl SourceFile for S3File {
         if buf.is_empty() {
             return Ok(());
         }
-        let range: Range<u64> = offset..offset.saturating_add(buf.len() as u64);
-        if range.end > self.len {
+        let end = offset.saturating_add(buf.len() as u64);
+        if end > self.len {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 format!(
-                    "read of bytes {}..{} past the end ({} bytes)",
-                    range.start, range.end, self.len
+                    "read of bytes {offset}..{end} past the end ({} bytes)",
+                    self.len
                 ),
             ));
         }
+        // A large read goes out as several ranged GETs at once, each straight into its part
+        // of the caller's buffer: the link stays busy with no extra memory.
+        let part = self.client.part_size.max(1);
+        // Collected first: a lazy `map` in the future trips the compiler's `Send` check.
+        let parts: Vec<_> = buf
+            .chunks_mut(part)
+            .enumerate()
+            .map(|(i, dst)| self.read_part(offset + (i * part) as u64, dst))
+            .collect();
+        let in_flight = self.client.parts_in_flight.max(1);
+        self.client.run(async move {
+            futures_util::stream::iter(parts)
+                .buffer_unordered(in_flight)
+                .try_collect::<()>()
+                .await
+        })
+    }
+}
+
+impl S3File {
+    /// One ranged GET of `dst.len()` bytes at `at`, into `dst`.
+    async fn read_part(&self, at: u64, dst: &mut [u8]) -> io::Result<()> {
+        let want = dst.len();
         let opts = GetOptions {
             // The store refuses the read (412) when the object is no longer the one opened.
             if_match: self.e_tag.clone(),
-            range: Some(range.clone().into()),
+            range: Some((at..at + want as u64).into()),
             ..GetOptions::default()
         };
-        let (key, store, len) = (&self.key, &self.client.store, buf.len());
-        let dst_buf = &mut *buf;
-        let got = self.client.run(async move {
-            let r = store.get_opts(key, opts).await?;
-            let size = r.meta.size;
-            // Straight into the caller's buffer: no second copy of a large chunk in memory.
-            // The stream resumes a cut body itself (same ETag, within the retry budget).
-            let mut stream = r.into_stream();
-            let mut filled = 0usize;
-            while let Some(part) = stream.next().await {
-                let part = part?;
-                let Some(dst) = dst_buf.get_mut(filled..filled + part.len()) else {
-                    return Ok((size, None));
-                };
-                dst.copy_from_slice(&part);
-                filled += part.len();
-            }
-            Ok::<_, object_store::Error>((size, Some(filled)))
-        });
-        let (size, filled) = got.map_err(|e| io_error(e, ""))?;
+        let r = self
+            .client
+            .store
+            .get_opts(&self.key, opts)
+            .await
+            .map_err(|e| io_error(e, ""))?;
         // Stores without ETags: a changed size still shows a different object.
-        if size != self.len {
+        if r.meta.size != self.len {
             return Err(changed(format!(
-                "its size is now {size} bytes, was {}",
-                self.len
+                "its size is now {} bytes, was {}",
+                r.meta.size, self.len
             )));
         }
-        match filled {
-            Some(n) if n == len => Ok(()),
-            Some(n) => Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!("short body: {n} of {} bytes at offset {offset}", buf.len()),
-            )),
-            None => Err(io::Error::other(format!(
-                "the server sent more than the {len} bytes asked for at offset {offset}"
-            ))),
+        // The stream resumes a cut body itself (same ETag, within the retry budget).
+        let mut stream = r.into_stream();
+        let mut filled = 0usize;
+        while let Some(bytes) = stream.next().await {
+            let bytes = bytes.map_err(|e| io_error(e, ""))?;
+            let Some(d) = dst.get_mut(filled..filled + bytes.len()) else {
+                return Err(io::Error::other(format!(
+                    "the server sent more than the {want} bytes asked for at offset {at}"
+                )));
+            };
+            d.copy_from_slice(&bytes);
+            filled += bytes.len();
         }
+        if filled != want {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("short body: {filled} of {want} bytes at offset {at}"),
+            ));
+        }
+        Ok(())
     }
 }
 
