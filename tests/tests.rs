@@ -16,6 +16,7 @@ mod hub_server;
 mod interrupt;
 mod mergekit_configs;
 mod properties;
+mod s3;
 mod source;
 mod torch_bad_inputs;
 mod torch_compat;

@@ -25,6 +25,7 @@ pub mod hub;
 mod local;
 mod locate;
 mod reference;
+mod s3;
 
 use std::fmt;
 use std::io::{self, Read, Seek, SeekFrom};
@@ -39,6 +40,7 @@ pub use hub::{HubConfig, HubSource};
 pub use local::{LocalSource, is_network_fs};
 pub use locate::{Environment, Located, locate, locate_in};
 pub use reference::{Reference, parse_reference, validate_repo_id, validate_revision};
+pub use s3::{S3Config, S3Source};
 
 /// A model location: a set of files with relative names.
 pub trait Source: Send + Sync + fmt::Debug {
