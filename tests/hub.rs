@@ -617,3 +617,62 @@ fn the_hub_config_reads_the_variables_huggingface_hub_reads() {
     let c = vars(&[("HOME", tmp.path().display().to_string())]);
     assert_eq!(c.token, None);
 }
+
+/// The CLI against the test Hub: online, an empty cache, the test endpoint and token.
+fn cli_against(server: &HubServer, cwd: &Path, args: &[&str]) -> std::process::Output {
+    crate::common::command()
+        .env_remove("HF_HUB_OFFLINE")
+        .env("HF_ENDPOINT", server.endpoint())
+        .env("HF_TOKEN", TOKEN)
+        .current_dir(cwd)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_mergekit_config_naming_hub_repos_runs_against_the_hub_like_the_local_run() {
+    let server = HubServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let config = |a: &str, b: &str, lora: &str| {
+        format!(
+            "merge_method: slerp\nbase_model: {a}\nmodels:\n  - model: {a}\n  - model: {b}+{lora}\nparameters: {{t: 0.3}}\ndtype: float16\n"
+        )
+    };
+    let g = |m: &str| local(m).to_str().unwrap().to_string();
+    std::fs::write(
+        tmp.path().join("local.yml"),
+        config(&g("base"), &g("other"), &g("lora")),
+    )
+    .unwrap();
+    // The gated repo is a copy of base: it needs the token, which must never reach storage.
+    std::fs::write(
+        tmp.path().join("hub.yml"),
+        config("golden/gated@main", "golden/other", "golden/lora"),
+    )
+    .unwrap();
+    for (cfg, out) in [("local.yml", "local-out"), ("hub.yml", "hub-out")] {
+        let o = cli_against(&server, tmp.path(), &["merge", cfg, out, "--quiet"]);
+        assert!(o.status.success(), "{}", crate::common::stderr(&o));
+    }
+    let tensors = |d: &str| {
+        let mut f = folder(&tmp.path().join(d));
+        f.retain(|n, _| n.ends_with(".safetensors") || n.ends_with(".json"));
+        f
+    };
+    assert_same(&tensors("hub-out"), &tensors("local-out"));
+    assert_token_only_to_hub(&server.log());
+
+    // Without the token, the gated repo is refused with what to do.
+    let o = crate::common::command()
+        .env_remove("HF_HUB_OFFLINE")
+        .env("HF_ENDPOINT", server.endpoint())
+        .current_dir(tmp.path())
+        .args(["inspect", "golden/gated"])
+        .output()
+        .unwrap();
+    let err = crate::common::stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("gated") && err.contains("HF_TOKEN"), "{err}");
+}

@@ -426,3 +426,69 @@ fn s3_wrong_credentials_give_a_clear_error() {
     );
     assert!(!msg.contains('\n'), "{msg}");
 }
+
+#[test]
+fn s3_references_work_from_the_command_line_like_local_paths() {
+    let moto = Moto::start();
+    moto.create_bucket("models");
+    let models = common::golden().join("models");
+    moto.upload_dir("models", &models.join("base"), "golden/base");
+    moto.upload_dir("models", &models.join("other"), "golden/other");
+    moto.upload_dir("models", &models.join("lora"), "golden/lora");
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        common::command()
+            .env("AWS_ENDPOINT_URL", moto.endpoint())
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ALLOW_HTTP", "true")
+            .current_dir(tmp.path())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let g = |m: &str| models.join(m).to_str().unwrap().to_string();
+    let blockmerge = |m1: &str, m2: &str, lora: &str, out: &str| {
+        let o = run(&[
+            "blockmerge",
+            "--model_path1",
+            m1,
+            "--model_path2",
+            m2,
+            "--lora2",
+            lora,
+            "--gradient_values",
+            "[0.9,0.0]",
+            "-o",
+            out,
+            "--quiet",
+        ]);
+        assert!(o.status.success(), "{}", common::stderr(&o));
+    };
+    blockmerge(&g("base"), &g("other"), &g("lora"), "local-out");
+    blockmerge(
+        "s3://models/golden/base",
+        "s3://models/golden/other/",
+        "s3://models/golden/lora",
+        "s3-out",
+    );
+    assert_eq!(
+        folder(&tmp.path().join("s3-out")),
+        folder(&tmp.path().join("local-out"))
+    );
+    // One object named directly: its folder is the source.
+    let o = run(&[
+        "inspect",
+        "s3://models/golden/base/model-00001-of-00003.safetensors",
+    ]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let o = run(&["inspect", "s3://models/golden/missing"]);
+    let err = common::stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.starts_with("error: s3://models/golden/missing: "),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+}

@@ -3,7 +3,8 @@
 //!
 //! An existing local path always wins and behaves exactly as before. Otherwise the text is a
 //! model reference ([`parse_reference`]): a Hub repo is read from the local HF cache when it
-//! is complete there (no network at all), else — unless offline — from the Hub at one commit.
+//! is complete there (no network at all), else — unless offline — from the Hub at one commit;
+//! an `http(s)://` URL by range requests; an `s3://` prefix from S3 or an S3-compatible store.
 //! This is the one place where kinds of references are told apart.
 
 use std::io;
@@ -11,7 +12,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::{
-    HfEnv, LocalSource, Reference, Source, cached_snapshot, offline_missing, parse_reference,
+    HfEnv, HttpSource, HubConfig, HubSource, LocalSource, Reference, S3Config, S3Source, Source,
+    cached_snapshot, offline_missing, parse_reference,
 };
 
 /// A model argument resolved to its bytes.
@@ -26,12 +28,19 @@ pub struct Located {
 #[derive(Debug, Clone)]
 pub struct Environment {
     pub hf: HfEnv,
+    pub hub: HubConfig,
+    pub s3: S3Config,
 }
+
+/// Checkpoint files a URL or an S3 key may name directly.
+const CHECKPOINT_FILES: [&str; 4] = [".safetensors", ".bin", ".pt", ".pth"];
 
 impl Environment {
     pub fn from_env() -> Environment {
         Environment {
             hf: HfEnv::from_env(),
+            hub: HubConfig::from_env(),
+            s3: S3Config::from_env(),
         }
     }
 }
@@ -80,22 +89,41 @@ pub fn locate_in(reference: &Path, env: &Environment) -> io::Result<Located> {
                     offline_missing(&env.hf, &repo, revision.as_deref()),
                 ));
             }
-            Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                format!(
-                    "{repo}: not in the HF cache ({}), and reading from the Hub is not built in yet",
-                    env.hf.cache_dir.display()
-                ),
-            ))
+            let hub = HubSource::open(&repo, revision.as_deref(), subfolder.as_deref(), &env.hub)?;
+            Ok(Located {
+                source: Arc::new(hub),
+                file: None,
+            })
         }
-        Reference::Http(url) => Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            format!("{url}: reading over HTTP is not built in yet"),
-        )),
-        Reference::S3 { bucket, prefix } => Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            format!("s3://{bucket}/{prefix}: reading from S3 is not built in yet"),
-        )),
+        Reference::Http(url) => {
+            if env.hf.offline {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("offline ({} is set): not reading {url}", env.hf.offline_var),
+                ));
+            }
+            // The Hub's client: its token goes to the Hub's own host and nowhere else.
+            let source = HttpSource::new(&env.hub.client(), &url)?;
+            let file = source.file_name().map(str::to_string);
+            Ok(Located {
+                source: Arc::new(source),
+                file,
+            })
+        }
+        Reference::S3 { bucket, prefix } => {
+            // A key naming one checkpoint file: its folder is the source.
+            let names_a_file = CHECKPOINT_FILES.iter().any(|x| prefix.ends_with(x));
+            let (prefix, file) = match prefix.rsplit_once('/') {
+                _ if !names_a_file => (prefix, None),
+                Some((dir, name)) => (dir.to_string(), Some(name.to_string())),
+                None => (String::new(), Some(prefix)),
+            };
+            let source = S3Source::open(&bucket, &prefix, &env.s3)?;
+            Ok(Located {
+                source: Arc::new(source),
+                file,
+            })
+        }
     }
 }
 
