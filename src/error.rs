@@ -80,6 +80,10 @@ impl Error {
     }
 
     pub fn io(action: &'static str, source: io::Error) -> Self {
+        // Sources answer `Interrupted` only when the run was cancelled (std retries EINTR).
+        if source.kind() == io::ErrorKind::Interrupted {
+            return Error::new(ErrorKind::Interrupted);
+        }
         Error::new(ErrorKind::Io { action, source })
     }
 

@@ -295,6 +295,10 @@ fn main() -> ExitCode {
     // pipe): ignored, never a panic.
     let cancel = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&cancel);
+    // Model references read the environment once; remote reads stop on the same interrupt.
+    mergestream::source::set_environment(
+        mergestream::source::Environment::from_env().with_cancel(Arc::clone(&cancel)),
+    );
     let quiet = cli.quiet();
     let _ = ctrlc::set_handler(move || {
         if flag.swap(true, Ordering::SeqCst) {

@@ -676,3 +676,55 @@ fn a_mergekit_config_naming_hub_repos_runs_against_the_hub_like_the_local_run() 
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("gated") && err.contains("HF_TOKEN"), "{err}");
 }
+
+#[test]
+fn ctrl_c_stops_a_remote_read_that_is_waiting_to_retry() {
+    let server = HubServer::start();
+    // Every read of this shard is refused with a long Retry-After: the run waits.
+    server.fault(
+        "model-00002-of-00003.safetensors",
+        FaultKind::Status(503, Some(50)),
+        1000,
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let mut child = crate::common::command()
+        .env_remove("HF_HUB_OFFLINE")
+        .env("HF_ENDPOINT", server.endpoint())
+        .args(["convert", "golden/base", out.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !server
+        .log()
+        .iter()
+        .any(|r| r.path.contains("model-00002-of-00003") && r.status == 503)
+    {
+        assert!(
+            start.elapsed().as_secs() < 30,
+            "the faulted read never came"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let signalled = std::time::Instant::now();
+    // SAFETY: sending a signal to our own child.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(
+        signalled.elapsed().as_secs() < 10,
+        "took {:?} to stop",
+        signalled.elapsed()
+    );
+    assert_eq!(status.code(), Some(1), "{err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error: ") && last.contains("interrupted"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}

@@ -281,11 +281,12 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &RunOptions) -> Result<RunStats> {
     });
     progress.finish();
 
-    if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        return Err(e);
-    }
+    // An interrupt explains whatever failed after it.
     if opts.cancelled() {
         return Err(Error::new(ErrorKind::Interrupted));
+    }
+    if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
     }
     shards.sync()?;
     Ok(RunStats {

@@ -9,7 +9,8 @@
 
 use std::io;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, OnceLock};
 
 use super::{
     HfEnv, HttpSource, HubConfig, HubSource, LocalSource, Reference, S3Config, S3Source, Source,
@@ -45,9 +46,29 @@ impl Environment {
     }
 }
 
+impl Environment {
+    /// Remote reads stop retrying and waiting once `cancel` is set (Ctrl-C).
+    pub fn with_cancel(mut self, cancel: Arc<AtomicBool>) -> Environment {
+        self.hub.http.cancel = Some(cancel);
+        self
+    }
+}
+
+/// The environment [`locate`] uses, when the program set one (the CLI does, once, with its
+/// interrupt flag); otherwise it is read from the process environment at each call.
+static PROCESS_ENVIRONMENT: OnceLock<Environment> = OnceLock::new();
+
+/// Fix the environment [`locate`] uses for the rest of the process; false if already set.
+pub fn set_environment(env: Environment) -> bool {
+    PROCESS_ENVIRONMENT.set(env).is_ok()
+}
+
 /// Where the bytes of `reference` are, in this process's environment.
 pub fn locate(reference: &Path) -> io::Result<Located> {
-    locate_in(reference, &Environment::from_env())
+    match PROCESS_ENVIRONMENT.get() {
+        Some(env) => locate_in(reference, env),
+        None => locate_in(reference, &Environment::from_env()),
+    }
 }
 
 /// [`locate`] in an explicit environment.

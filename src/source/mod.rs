@@ -38,7 +38,7 @@ pub use hf_cache::{HfEnv, cached_commit, cached_snapshot, offline_missing, repo_
 pub use http::{HttpClient, HttpConfig, HttpFile, HttpSource};
 pub use hub::{HubConfig, HubSource};
 pub use local::{LocalSource, is_network_fs};
-pub use locate::{Environment, Located, locate, locate_in};
+pub use locate::{Environment, Located, locate, locate_in, set_environment};
 pub use reference::{Reference, parse_reference, validate_repo_id, validate_revision};
 pub use s3::{S3Config, S3Source};
 
