@@ -31,6 +31,10 @@ fn config(server: &HubServer, token: Option<&str>) -> HubConfig {
         max_delay: Duration::from_millis(20),
     };
     c.http.prefetch = 1024;
+    // Small parts: the fixtures' tensor reads go out as several concurrent part requests,
+    // so every fault below also hits that path.
+    c.http.part_size = 4096;
+    c.http.parts_in_flight = 3;
     c
 }
 
