@@ -506,8 +506,16 @@ fn execute(plan: &Plan, out: &Path, c: &Common, cancel: &Arc<AtomicBool>) -> Res
     };
     let stats = output::run(plan, out, c.force, &opts)?;
     if !c.quiet {
+        let fetched = if stats.bytes_fetched > 0 {
+            format!(
+                "; fetched {} from remote inputs",
+                human(stats.bytes_fetched)
+            )
+        } else {
+            String::new()
+        };
         eprintln!(
-            "wrote {} ({} tensors) to {} in {:.2}s; peak working memory {}",
+            "wrote {} ({} tensors) to {} in {:.2}s; peak working memory {}{fetched}",
             human(stats.bytes_written),
             plan.steps.len(),
             out.display(),

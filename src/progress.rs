@@ -18,26 +18,46 @@ impl fmt::Debug for Observer {
     }
 }
 
-/// Bytes written by a run, counted once for the bar, the observer and the final summary.
+/// Bytes fetched from remote inputs so far.
+pub type Fetched = Box<dyn Fn() -> u64 + Send + Sync>;
+
+/// Bytes written by a run, counted once for the bar, the observer and the final summary;
+/// with remote inputs, the bar also shows what was fetched.
 pub struct Progress {
     bar: ProgressBar,
     written: AtomicU64,
     observer: Option<Observer>,
+    fetched: Option<Fetched>,
 }
 
 impl Progress {
-    pub fn new(total_bytes: u64, show_bar: bool, observer: Option<Observer>) -> Progress {
+    pub fn new(
+        total_bytes: u64,
+        show_bar: bool,
+        observer: Option<Observer>,
+        fetched: Option<Fetched>,
+    ) -> Progress {
         Progress {
             bar: bar(total_bytes, show_bar),
             written: AtomicU64::new(0),
             observer,
+            fetched,
         }
+    }
+
+    /// Bytes fetched from remote inputs (0 without any).
+    pub fn fetched(&self) -> u64 {
+        self.fetched.as_ref().map_or(0, |f| f())
     }
 
     /// Count `n` more bytes written.
     pub fn add(&self, n: u64) {
         let total = self.written.fetch_add(n, Ordering::Relaxed) + n;
         self.bar.inc(n);
+        if self.fetched.is_some() {
+            self.bar
+                .set_message(format!("fetched {}", crate::units::human(self.fetched())));
+        }
         if let Some(Observer(f)) = &self.observer {
             f(total);
         }
@@ -58,7 +78,7 @@ fn bar(total_bytes: u64, enabled: bool) -> ProgressBar {
     }
     let pb = ProgressBar::new(total_bytes);
     if let Ok(style) = ProgressStyle::with_template(
-        "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+        "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}",
     ) {
         pb.set_style(style);
     }

@@ -732,3 +732,26 @@ fn ctrl_c_stops_a_remote_read_that_is_waiting_to_retry() {
     );
     assert!(!out.exists());
 }
+
+#[test]
+fn the_summary_says_how_much_was_fetched() {
+    let server = HubServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let o = cli_against(&server, tmp.path(), &["convert", "golden/base", "out"]);
+    let err = crate::common::stderr(&o);
+    assert!(o.status.success(), "{err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(last.starts_with("wrote "), "{err}");
+    assert!(
+        last.contains("; fetched ") && last.ends_with(" from remote inputs"),
+        "{err}"
+    );
+    // Reading the data needs every tensor byte once; the server sent what we counted.
+    let data: u64 = Model::open(&local("base"))
+        .unwrap()
+        .tensors()
+        .iter()
+        .map(|t| t.len)
+        .sum();
+    assert!(server.bytes_sent() >= data);
+}

@@ -89,6 +89,8 @@ pub fn default_memory_limit() -> u64 {
 #[derive(Clone, Debug, Default)]
 pub struct RunStats {
     pub bytes_written: u64,
+    /// Bytes fetched from remote inputs (headers included only when read during the run).
+    pub bytes_fetched: u64,
     pub peak_budget: u64,
     pub elapsed: Duration,
 }
@@ -156,10 +158,21 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &RunOptions) -> Result<RunStats> {
         cancel.store(true, Ordering::Relaxed);
     };
     let stopped = || cancel.load(Ordering::Relaxed) || opts.cancelled();
+    let remote: Vec<Arc<dyn crate::source::Source>> = plan
+        .sources
+        .iter()
+        .filter(|m| m.source.bytes_fetched().is_some())
+        .map(|m| Arc::clone(&m.source))
+        .collect();
+    let fetched: Option<crate::progress::Fetched> = (!remote.is_empty()).then(|| {
+        Box::new(move || remote.iter().filter_map(|s| s.bytes_fetched()).sum::<u64>())
+            as crate::progress::Fetched
+    });
     let progress = Progress::new(
         plan.steps.iter().map(|s| s.len).sum(),
         opts.progress,
         opts.observer.clone(),
+        fetched,
     );
     // Steps that need whole-tensor statistics are processed whole when that fits in half
     // the budget (exact PyTorch reduction order), streamed in passes otherwise.
@@ -291,6 +304,7 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &RunOptions) -> Result<RunStats> {
     shards.sync()?;
     Ok(RunStats {
         bytes_written: progress.written(),
+        bytes_fetched: progress.fetched(),
         peak_budget: budget.peak(),
         elapsed: start.elapsed(),
     })

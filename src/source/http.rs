@@ -960,6 +960,10 @@ impl HttpSource {
 }
 
 impl Source for HttpSource {
+    fn bytes_fetched(&self) -> Option<u64> {
+        Some(self.client.bytes_fetched())
+    }
+
     fn location(&self) -> &Path {
         &self.location
     }

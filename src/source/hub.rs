@@ -304,6 +304,10 @@ fn explain(e: &io::Error, repo: &str, endpoint: &str, has_token: bool) -> Option
 }
 
 impl Source for HubSource {
+    fn bytes_fetched(&self) -> Option<u64> {
+        Some(self.client.bytes_fetched())
+    }
+
     fn location(&self) -> &Path {
         &self.location
     }

@@ -75,6 +75,12 @@ pub trait Source: Send + Sync + fmt::Debug {
         Ok(Some(v))
     }
 
+    /// Bytes fetched over the network so far (retries included), for remote sources that
+    /// count them; `None` for local ones.
+    fn bytes_fetched(&self) -> Option<u64> {
+        None
+    }
+
     /// File `name` as a local path, when the source is a local folder (used to refuse
     /// writing the output over an input).
     fn local_path(&self, name: &str) -> Option<PathBuf> {
