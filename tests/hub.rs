@@ -5,6 +5,7 @@
 //! opening a model reads its headers only.
 
 use crate::common;
+use crate::common::folder;
 use crate::hub_server::{FaultKind, HubServer, Req, Role, TOKEN};
 
 use std::collections::BTreeMap;
@@ -44,18 +45,6 @@ fn hub(repo: &str, cfg: &HubConfig) -> Arc<dyn Source> {
 
 fn local(dir: &str) -> std::path::PathBuf {
     common::golden().join("models").join(dir)
-}
-
-/// Every file of a folder, by name.
-fn folder(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .map(|p| {
-            let name = p.file_name().unwrap().to_string_lossy().into_owned();
-            (name, std::fs::read(&p).unwrap())
-        })
-        .collect()
 }
 
 fn convert_options(input: &Path) -> ConvertOptions {

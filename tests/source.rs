@@ -4,6 +4,7 @@
 //! clean error naming the file.
 
 use crate::common;
+use crate::common::folder;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -122,18 +123,6 @@ fn quiet(io: IoMode) -> RunOptions {
         progress: false,
         ..RunOptions::default()
     }
-}
-
-/// Every file of a folder, by name.
-fn folder(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .map(|p| {
-            let name = p.file_name().unwrap().to_string_lossy().into_owned();
-            (name, std::fs::read(&p).unwrap())
-        })
-        .collect()
 }
 
 /// Converts `input` (a folder, or one file of it) read locally, then read from memory; the

@@ -36,6 +36,19 @@ pub fn mergestream(cwd: &Path, args: &[&str]) -> Output {
         .expect("the mergestream binary runs")
 }
 
+/// Every file of `dir` (not its subfolders) by name, with its bytes.
+pub fn folder(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
+        .map(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read(&p).unwrap())
+        })
+        .collect()
+}
+
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
