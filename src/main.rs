@@ -77,6 +77,10 @@ struct Common {
     /// No progress bar or summary.
     #[arg(long, short)]
     quiet: bool,
+    /// Store Hub files in the Hugging Face cache as they are read (complete files only), so
+    /// the next run of the same models is local.
+    #[arg(long)]
+    cache: bool,
 }
 
 /// `--io`, checked by clap; the library's [`IoMode`] stays free of CLI concerns.
@@ -276,6 +280,17 @@ struct MergeArgs {
 }
 
 impl Cli {
+    /// Whether the command asked to store Hub files in the HF cache.
+    fn cache(&self) -> bool {
+        match &self.command {
+            Command::Blockmerge(a) => a.common.cache,
+            Command::Lora(a) => a.common.cache,
+            Command::Convert(a) => a.common.cache,
+            Command::Merge(a) => a.common.cache,
+            Command::Inspect { .. } => false,
+        }
+    }
+
     /// Whether the command asked for no chatter on stderr.
     fn quiet(&self) -> bool {
         match &self.command {
@@ -297,7 +312,9 @@ fn main() -> ExitCode {
     let flag = Arc::clone(&cancel);
     // Model references read the environment once; remote reads stop on the same interrupt.
     mergestream::source::set_environment(
-        mergestream::source::Environment::from_env().with_cancel(Arc::clone(&cancel)),
+        mergestream::source::Environment::from_env()
+            .with_cancel(Arc::clone(&cancel))
+            .with_cache(cli.cache()),
     );
     let quiet = cli.quiet();
     let _ = ctrlc::set_handler(move || {

@@ -744,3 +744,54 @@ fn the_summary_says_how_much_was_fetched() {
         .sum();
     assert!(server.bytes_sent() >= data);
 }
+
+#[test]
+fn with_cache_the_second_run_needs_no_network() {
+    let server = HubServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("hf-cache");
+    let run = |offline: bool, args: &[&str]| {
+        let mut c = crate::common::command();
+        c.env("HF_HUB_CACHE", &cache)
+            .env("HF_ENDPOINT", server.endpoint())
+            .current_dir(tmp.path())
+            .args(args);
+        if !offline {
+            c.env_remove("HF_HUB_OFFLINE");
+        }
+        c.output().unwrap()
+    };
+    let o = run(
+        false,
+        &["convert", "golden/base", "first", "--cache", "--quiet"],
+    );
+    assert!(o.status.success(), "{}", crate::common::stderr(&o));
+    // The repo is now complete in the cache, in huggingface_hub's layout.
+    let repo = cache.join("models--golden--base");
+    let sha = server.sha("golden/base");
+    assert_eq!(
+        std::fs::read_to_string(repo.join("refs/main")).unwrap(),
+        sha
+    );
+    let snapshot = repo.join("snapshots").join(&sha);
+    for (name, bytes) in folder(&local("base")) {
+        let link = snapshot.join(&name);
+        assert!(link.is_symlink(), "{name} is not linked");
+        assert!(std::fs::read(&link).unwrap() == bytes, "{name} differs");
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(repo.join("blobs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".incomplete"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    // Offline now: the same command reads the cache and gives the same bytes.
+    server.clear_log();
+    let o = run(true, &["convert", "golden/base", "second", "--quiet"]);
+    assert!(o.status.success(), "{}", crate::common::stderr(&o));
+    assert!(server.log().is_empty(), "the second run used the network");
+    assert_same(
+        &folder(&tmp.path().join("second")),
+        &folder(&tmp.path().join("first")),
+    );
+}

@@ -13,8 +13,8 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
 
 use super::{
-    HfEnv, HttpSource, HubConfig, HubSource, LocalSource, Reference, S3Config, S3Source, Source,
-    cached_snapshot, offline_missing, parse_reference,
+    CachingSource, HfEnv, HttpSource, HubConfig, HubSource, LocalSource, Reference, S3Config,
+    S3Source, Source, cached_snapshot, offline_missing, parse_reference, repo_dir,
 };
 
 /// A model argument resolved to its bytes.
@@ -31,6 +31,8 @@ pub struct Environment {
     pub hf: HfEnv,
     pub hub: HubConfig,
     pub s3: S3Config,
+    /// `--cache`: store Hub files in the HF cache as they are read.
+    pub store_in_cache: bool,
 }
 
 /// Checkpoint files a URL or an S3 key may name directly.
@@ -42,11 +44,18 @@ impl Environment {
             hf: HfEnv::from_env(),
             hub: HubConfig::from_env(),
             s3: S3Config::from_env(),
+            store_in_cache: false,
         }
     }
 }
 
 impl Environment {
+    /// Hub files read during the run are stored in the HF cache (`--cache`).
+    pub fn with_cache(mut self, store: bool) -> Environment {
+        self.store_in_cache = store;
+        self
+    }
+
     /// Remote reads stop retrying and waiting once `cancel` is set (Ctrl-C).
     pub fn with_cancel(mut self, cancel: Arc<AtomicBool>) -> Environment {
         self.hub.http.cancel = Some(cancel);
@@ -111,10 +120,19 @@ pub fn locate_in(reference: &Path, env: &Environment) -> io::Result<Located> {
                 ));
             }
             let hub = HubSource::open(&repo, revision.as_deref(), subfolder.as_deref(), &env.hub)?;
-            Ok(Located {
-                source: Arc::new(hub),
-                file: None,
-            })
+            let source: Arc<dyn Source> = if env.store_in_cache {
+                let commit = hub.commit().to_string();
+                Arc::new(CachingSource::new(
+                    Arc::new(hub),
+                    repo_dir(&env.hf, &repo),
+                    &commit,
+                    revision.as_deref(),
+                    subfolder.as_deref(),
+                ))
+            } else {
+                Arc::new(hub)
+            };
+            Ok(Located { source, file: None })
         }
         Reference::Http(url) => {
             if env.hf.offline {

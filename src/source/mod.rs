@@ -20,6 +20,7 @@
 //! [`LocalSource`] is the local implementation.
 
 mod hf_cache;
+mod hf_cache_writer;
 pub mod http;
 pub mod hub;
 mod local;
@@ -35,6 +36,7 @@ use std::path::{Path, PathBuf};
 use memmap2::Mmap;
 
 pub use hf_cache::{HfEnv, cached_commit, cached_snapshot, offline_missing, repo_dir};
+pub use hf_cache_writer::CachingSource;
 pub use http::{HttpClient, HttpConfig, HttpFile, HttpSource};
 pub use hub::{HubConfig, HubSource};
 pub use local::{LocalSource, is_network_fs};
