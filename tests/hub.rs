@@ -644,10 +644,16 @@ fn a_mergekit_config_naming_hub_repos_runs_against_the_hub_like_the_local_run() 
         config("golden/gated@main", "golden/other", "golden/lora"),
     )
     .unwrap();
+    // Faults on the way: two 503s, a 429 with Retry-After, and a body cut halfway.
+    server.fault("model-00002", FaultKind::Status(503, None), 2);
+    server.fault("model-00003", FaultKind::Status(429, Some(0)), 1);
+    server.fault("model-00001", FaultKind::Cut, 1);
     for (cfg, out) in [("local.yml", "local-out"), ("hub.yml", "hub-out")] {
         let o = cli_against(&server, tmp.path(), &["merge", cfg, out, "--quiet"]);
         assert!(o.status.success(), "{}", crate::common::stderr(&o));
     }
+    let log = server.log();
+    assert!(log.iter().any(|r| r.status == 503) && log.iter().any(|r| r.status == 429));
     let tensors = |d: &str| {
         let mut f = folder(&tmp.path().join(d));
         f.retain(|n, _| n.ends_with(".safetensors") || n.ends_with(".json"));
