@@ -479,3 +479,33 @@ fn s3_references_work_from_the_command_line_like_local_paths() {
     );
     assert_eq!(err.lines().count(), 1, "{err}");
 }
+
+#[test]
+fn s3_a_cancelled_run_drops_its_requests_at_once() {
+    let moto = Moto::start();
+    moto.create_bucket("models");
+    moto.upload_dir("models", &common::golden().join("models/base"), "base");
+    let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let cfg = S3Config {
+        // Without the interrupt, a vanished server would be retried for a long while.
+        max_retries: 10,
+        initial_backoff: Duration::from_secs(5),
+        retry_timeout: Duration::from_secs(300),
+        cancel: Some(Arc::clone(&cancel)),
+        ..moto.config()
+    };
+    let s3 = S3Source::open("models", "base", &cfg).unwrap();
+    let f = s3.open("model-00001-of-00003.safetensors").unwrap();
+    drop(moto);
+    let flag = Arc::clone(&cancel);
+    let interrupter = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    let t = std::time::Instant::now();
+    let mut buf = [0u8; 8];
+    let e = f.read_at(0, &mut buf).unwrap_err();
+    interrupter.join().unwrap();
+    assert_eq!(e.kind(), std::io::ErrorKind::Interrupted, "{e}");
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+}

@@ -58,7 +58,8 @@ impl Environment {
 
     /// Remote reads stop retrying and waiting once `cancel` is set (Ctrl-C).
     pub fn with_cancel(mut self, cancel: Arc<AtomicBool>) -> Environment {
-        self.hub.http.cancel = Some(cancel);
+        self.hub.http.cancel = Some(Arc::clone(&cancel));
+        self.s3.cancel = Some(cancel);
         self
     }
 }

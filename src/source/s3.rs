@@ -19,6 +19,7 @@ use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::{StreamExt, TryStreamExt};
@@ -67,6 +68,8 @@ pub struct S3Config {
     pub part_size: usize,
     /// …of which this many are in flight at once.
     pub parts_in_flight: usize,
+    /// Set to stop: requests in flight are dropped (checked every 50 ms).
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 impl Default for S3Config {
@@ -86,6 +89,7 @@ impl Default for S3Config {
             request_timeout: Duration::from_secs(120),
             part_size: 8 << 20,
             parts_in_flight: 4,
+            cancel: None,
         }
     }
 }
@@ -183,8 +187,18 @@ struct Client {
     store: AmazonS3,
     part_size: usize,
     parts_in_flight: usize,
+    cancel: Option<Arc<AtomicBool>>,
     /// Always `Some` until dropped.
     runtime: Option<Runtime>,
+}
+
+/// A request dropped because the run was interrupted.
+struct Cancelled;
+
+impl From<Cancelled> for io::Error {
+    fn from(_: Cancelled) -> io::Error {
+        io::Error::new(io::ErrorKind::Interrupted, "cancelled")
+    }
 }
 
 impl Drop for Client {
@@ -198,7 +212,23 @@ impl Drop for Client {
 }
 
 impl Client {
-    fn run<T: Send>(&self, f: impl Future<Output = T> + Send) -> T {
+    /// Drive `f` to completion, or drop it when the run is cancelled.
+    fn run<T: Send>(&self, f: impl Future<Output = T> + Send) -> Result<T, Cancelled> {
+        let cancel = self.cancel.clone();
+        let f = async move {
+            let Some(flag) = cancel else {
+                return Ok(f.await);
+            };
+            let watch = async move {
+                while !flag.load(Ordering::Relaxed) {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            };
+            match futures_util::future::select(std::pin::pin!(f), std::pin::pin!(watch)).await {
+                futures_util::future::Either::Left((v, _)) => Ok(v),
+                futures_util::future::Either::Right(_) => Err(Cancelled),
+            }
+        };
         let Some(runtime) = &self.runtime else {
             unreachable!("the runtime is only taken on drop");
         };
@@ -260,6 +290,7 @@ impl S3Source {
                 store,
                 part_size: cfg.part_size,
                 parts_in_flight: cfg.parts_in_flight,
+                cancel: cfg.cancel.clone(),
                 runtime: Some(runtime),
             }),
             bucket: bucket.to_string(),
@@ -310,7 +341,7 @@ impl Source for S3Source {
         let prefix = (!self.prefix.is_empty()).then(|| ObjectPath::from(self.prefix.as_str()));
         let listing = self
             .client
-            .run(self.client.store.list_with_delimiter(prefix.as_ref()))
+            .run(self.client.store.list_with_delimiter(prefix.as_ref()))?
             .map_err(|e| io_error(e, "cannot list"))?;
         Ok(listing
             .objects
@@ -320,7 +351,7 @@ impl Source for S3Source {
     }
 
     fn file_len(&self, name: &str) -> io::Result<Option<u64>> {
-        match self.client.run(self.client.store.head(&self.key(name))) {
+        match self.client.run(self.client.store.head(&self.key(name)))? {
             Ok(meta) => Ok(Some(meta.size)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(io_error(e, "")),
@@ -331,7 +362,7 @@ impl Source for S3Source {
         let key = self.key(name);
         let meta = self
             .client
-            .run(self.client.store.head(&key))
+            .run(self.client.store.head(&key))?
             .map_err(|e| io_error(e, ""))?;
         Ok(Box::new(S3File {
             client: self.client.clone(),
@@ -353,7 +384,7 @@ impl Source for S3Source {
                 .await?;
             let size = r.meta.size;
             r.bytes().await.map(|b| (size, b))
-        });
+        })?;
         match got {
             Ok((size, bytes)) if bytes.len() as u64 == size => Ok(Some(Vec::from(bytes))),
             Ok((size, bytes)) => Err(io::Error::new(
@@ -413,7 +444,7 @@ impl SourceFile for S3File {
                 .buffer_unordered(in_flight)
                 .try_collect::<()>()
                 .await
-        })
+        })?
     }
 }
 
