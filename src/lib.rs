@@ -3,8 +3,8 @@
 //!
 //! The flow is plan → pipeline → output folder:
 //! - [`model`] opens checkpoints (headers only) through the parsers in
-//!   [`format`](mod@format), reading every byte through a [`source`] (a local folder; remote
-//!   locations implement the same trait);
+//!   [`format`](mod@format), reading every byte through a [`source`] (a local folder, the HF cache,
+//!   a Hub repo, an HTTP folder or an S3 prefix, all behind one trait);
 //! - [`plan`] decides every output tensor, its shard, offset and recipe, before reading data
 //!   (`blockmerge`, `lora_merge`, `convert`, `mergekit`);
 //! - [`pipeline`] streams the data: reader → compute workers → writer, within a byte budget,
@@ -16,7 +16,8 @@
 //! Each module uses only modules above it in this list, so the graph has no cycle:
 //! 1. [`dtype`], [`shape`], [`units`], [`progress`]: vocabulary shared by everything;
 //! 2. [`format`](mod@format) (parsers, pure functions of bytes) and [`kernels`] (SIMD, dtype only);
-//! 3. [`error`] (wraps the parsers' error types);
+//! 3. [`source`] (where bytes come from: local folders, the HF cache, the Hub, HTTP, S3) and
+//!    [`error`] (wraps the parsers' error types);
 //! 4. [`model`] (a checkpoint of any format) and [`methods`] (merge arithmetic: no plans, no
 //!    I/O; each mergekit method one file, registered in `methods::mergekit::METHODS`);
 //! 5. [`plan`] (the output decided from headers; recipes name methods);

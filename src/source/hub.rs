@@ -22,7 +22,7 @@ use super::{Source, SourceFile};
 /// built directly (tests, other endpoints).
 #[derive(Clone)]
 pub struct HubConfig {
-    /// The Hub's URL, without a trailing `/` (`HF_ENDPOINT`, default https://huggingface.co).
+    /// The Hub's URL, without a trailing `/` (`HF_ENDPOINT`, default `https://huggingface.co`).
     pub endpoint: String,
     /// The access token (`HF_TOKEN`, else the token file); sent only to the endpoint's origin.
     pub token: Option<String>,
