@@ -61,7 +61,7 @@ cat "$dir"/a/* "$dir"/b/* > /dev/null
 
 now() { date +%s.%N; }
 min() { echo "$1 $2" | awk '{print ($1 < $2) ? $1 : $2}'; }
-served() { awk '{s += $1} END {printf "%d", s}' "$dir/access.log"; }
+served() { awk '{s += $1} END {printf "%.0f", s}' "$dir/access.log"; }
 
 floor=999999
 for _ in $(seq "$repeat"); do
