@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 use mergestream::dtype::DType;
-use mergestream::error::Result;
+use mergestream::error::{Error, Result};
 use mergestream::output;
 use mergestream::pipeline::reader::IoMode;
 use mergestream::pipeline::{RunOptions, default_memory_limit};
@@ -304,6 +304,12 @@ impl Cli {
 }
 
 fn main() -> ExitCode {
+    // A file-size limit (`ulimit -f`) must surface as EFBIG, reported like a full disk, not
+    // kill the process and leave its staging folder behind.
+    // SAFETY: setting a signal's disposition to "ignore" has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     let cli = Cli::try_parse().unwrap_or_else(|e| as_typed(e, std::env::args_os()).exit());
     // First signal: stop cleanly (the pipeline notices, the temporary folder is removed).
     // Second signal: the user insists; leave at once. Writes to stderr may fail (a closed
@@ -336,10 +342,27 @@ fn main() -> ExitCode {
     match run(cli, cancel) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", e.report());
+            // Nowhere to report a failing stderr: the exit status still says it.
+            let _ = writeln!(std::io::stderr(), "error: {}", e.report());
             ExitCode::from(e.exit_code() as u8)
         }
     }
+}
+
+/// Print a command's result on stdout. A reader that went away (`| head`) ends the program
+/// quietly, as Unix tools do; any other failure (a full disk) is an error.
+fn print_out(text: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => Err(Error::io("cannot write to standard output", e)),
+    }
+}
+
+/// A note on stderr; a stderr that cannot be written to must not fail the run.
+fn note(text: std::fmt::Arguments<'_>) {
+    let _ = writeln!(std::io::stderr(), "{text}");
 }
 
 /// clap names a flag by its main spelling; name it as the user typed it (`--max-shard-size`
@@ -415,7 +438,7 @@ fn as_typed(mut err: clap::Error, argv: impl Iterator<Item = OsString>) -> clap:
 fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<()> {
     match cli.command {
         Command::Inspect { path } => {
-            print!("{}", mergestream::inspect::inspect(&path)?);
+            print_out(&mergestream::inspect::inspect(&path)?)?;
             Ok(())
         }
         Command::Blockmerge(a) => {
@@ -465,10 +488,10 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<()> {
             .map(|(_, f)| *f)
             .collect();
             if !ignored.is_empty() && !args.common.quiet {
-                eprintln!(
+                note(format_args!(
                     "note: {} ignored (mergestream runs on the CPU and applies LoRAs inside the stream)",
                     ignored.join(", ")
-                );
+                ));
             }
             let plan = plan_merge(&MergeOptions {
                 config_path: args.config.clone(),
@@ -507,7 +530,7 @@ fn execute(plan: &Plan, out: &Path, c: &Common, cancel: &Arc<AtomicBool>) -> Res
         .map_or_else(default_memory_limit, ByteSize::bytes);
     if c.dry_run {
         let estimate = mergestream::pipeline::chunking::peak_memory_estimate(plan, memory_limit);
-        print!("{}", plan.describe(estimate, memory_limit));
+        print_out(&plan.describe(estimate, memory_limit))?;
         return Ok(());
     }
     let opts = RunOptions {
@@ -531,14 +554,15 @@ fn execute(plan: &Plan, out: &Path, c: &Common, cancel: &Arc<AtomicBool>) -> Res
         } else {
             String::new()
         };
-        eprintln!(
+        // The output is committed: a failing stderr cannot make this run fail.
+        note(format_args!(
             "wrote {} ({} tensors) to {} in {:.2}s; peak working memory {}{fetched}",
             human(stats.bytes_written),
             plan.steps.len(),
             out.display(),
             stats.elapsed.as_secs_f64(),
             human(stats.peak_budget)
-        );
+        ));
     }
     Ok(())
 }

@@ -15,6 +15,7 @@ mod hub;
 mod hub_server;
 mod interrupt;
 mod mergekit_configs;
+mod output_streams;
 mod properties;
 mod s3;
 mod source;

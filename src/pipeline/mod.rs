@@ -207,7 +207,7 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &RunOptions) -> Result<RunStats> {
         let (shards, progress) = (&shards, &progress);
         for _ in 0..workers {
             let rx = work_rx.clone();
-            s.spawn(move || {
+            let worker = move || {
                 for item in rx {
                     if stopped() {
                         continue; // drain: dropping items returns their permits
@@ -235,7 +235,12 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &RunOptions) -> Result<RunStats> {
                         fail(e);
                     }
                 }
-            });
+            };
+            // A system that refuses threads (`ulimit -u`) gets an error, not a panic.
+            if let Err(e) = std::thread::Builder::new().spawn_scoped(s, worker) {
+                fail(Error::io("cannot start a compute thread", e));
+                break;
+            }
         }
         drop(work_rx);
 
