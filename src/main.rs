@@ -325,11 +325,13 @@ fn main() -> ExitCode {
     let quiet = cli.quiet();
     let _ = ctrlc::set_handler(move || {
         if flag.swap(true, Ordering::SeqCst) {
-            output::abandon();
-            let _ = writeln!(
-                std::io::stderr(),
+            // Waits for a commit that has begun: never half an output, never an empty one.
+            let message = if output::abandon() {
                 "error: interrupted twice; stopped at once, nothing was written"
-            );
+            } else {
+                "error: interrupted twice; stopped at once"
+            };
+            let _ = writeln!(std::io::stderr(), "{message}");
             std::process::exit(130);
         }
         if !quiet {

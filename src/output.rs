@@ -29,10 +29,16 @@ fn set_in_progress(p: Option<PathBuf>) {
 }
 
 /// Remove the temporary folder of the run in progress (the CLI calls this when the user
-/// interrupts twice and the run cannot finish its own cleanup).
-pub fn abandon() {
-    if let Some(p) = IN_PROGRESS.lock().unwrap_or_else(|e| e.into_inner()).take() {
-        let _ = fs::remove_dir_all(p);
+/// interrupts twice and the run cannot finish its own cleanup). Returns whether there was
+/// one. While the output is being moved into place it waits: a commit that has begun
+/// finishes, so the result is the complete new output or the untouched old one.
+pub fn abandon() -> bool {
+    match IN_PROGRESS.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        Some(p) => {
+            let _ = fs::remove_dir_all(p);
+            true
+        }
+        None => false,
     }
 }
 
@@ -81,10 +87,19 @@ impl Staging {
     }
 
     /// Put the finished folder in place atomically (replacing the old output with `--force`).
-    pub fn commit(mut self) -> Result<()> {
+    pub fn commit(self) -> Result<()> {
+        self.commit_observed(|| {})
+    }
+
+    /// [`Staging::commit`], calling `during` inside its critical section (tests use it to
+    /// interrupt a commit at a point they choose).
+    pub fn commit_observed(mut self, during: impl FnOnce()) -> Result<()> {
         let Some(dir) = self.dir.take() else {
             return Ok(());
         };
+        // The critical section: `abandon` waits on this lock until the output is in place.
+        let mut in_progress = IN_PROGRESS.lock().unwrap_or_else(|e| e.into_inner());
+        during();
         let staged = dir.path().to_path_buf();
         let target = self.target.clone();
         sync_dir(&staged);
@@ -131,7 +146,7 @@ impl Staging {
             }
         }
         sync_dir(&parent_of(&target));
-        set_in_progress(None);
+        *in_progress = None;
         Ok(())
     }
 }

@@ -145,3 +145,53 @@ fn sigint_leaves_nothing_behind() {
 fn sigterm_leaves_nothing_behind() {
     interrupted_by(libc::SIGTERM);
 }
+
+/// The body of [`a_second_interrupt_during_the_commit_waits_for_it`], run in a child test
+/// process of its own: `abandon` acts on the process's one run in progress, which other
+/// tests in this process would share.
+#[test]
+fn commit_child() {
+    if std::env::var_os("MERGESTREAM_COMMIT_CHILD").is_none() {
+        return;
+    }
+    use mergestream::output::Staging;
+    for force in [false, true] {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("out");
+        if force {
+            std::fs::create_dir(&target).unwrap();
+            std::fs::write(target.join("old"), b"old output").unwrap();
+        }
+        let staging = Staging::new(&target, force).unwrap();
+        std::fs::write(staging.path().join("new"), b"new output").unwrap();
+        let mut second_interrupt = None;
+        staging
+            .commit_observed(|| {
+                // The user's second Ctrl-C arrives now, inside the commit.
+                second_interrupt = Some(std::thread::spawn(output::abandon));
+                std::thread::sleep(Duration::from_millis(100));
+            })
+            .unwrap();
+        let removed = second_interrupt.unwrap().join().unwrap();
+        assert!(!removed, "the interrupt removed a committed output");
+        assert_eq!(std::fs::read(target.join("new")).unwrap(), b"new output");
+        assert!(!target.join("old").exists());
+        no_staging_left(tmp.path());
+    }
+}
+
+#[test]
+fn a_second_interrupt_during_the_commit_waits_for_it() {
+    let o = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "interrupt::commit_child", "--test-threads=1"])
+        .env("MERGESTREAM_COMMIT_CHILD", "1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(text.contains("1 passed"), "{text}");
+}
