@@ -75,6 +75,33 @@ pub struct Model {
     pub files: Vec<String>,
     tensors: Vec<TensorInfo>,
     by_name: HashMap<String, usize>,
+    /// What each local file was when the model was opened (remote files are pinned by
+    /// their source: a commit, an ETag).
+    pins: Vec<Option<FilePin>>,
+}
+
+/// A local file's identity and state: a file replaced, rewritten or truncated differs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FilePin {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FilePin {
+    fn of(path: &Path) -> Option<FilePin> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(FilePin {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
+    }
 }
 
 const SAFETENSORS_INDEX: &str = "model.safetensors.index.json";
@@ -283,13 +310,36 @@ impl Model {
         if tensors.is_empty() {
             return Err(Error::invalid("checkpoint holds no tensors").in_file(path));
         }
+        let pins = files
+            .iter()
+            .map(|f| source.local_path(f).and_then(|p| FilePin::of(&p)))
+            .collect();
         Ok(Model {
             path: path.to_path_buf(),
             source,
             files,
             tensors,
             by_name,
+            pins,
         })
+    }
+
+    /// Check that no local checkpoint file changed since the model was opened (a copy over
+    /// it, a sync client updating the folder): the run's output would mix old and new bytes.
+    pub fn check_unchanged(&self) -> Result<()> {
+        for (i, pin) in self.pins.iter().enumerate() {
+            let Some(pin) = pin else { continue };
+            let Some(path) = self.source.local_path(&self.files[i]) else {
+                continue;
+            };
+            if FilePin::of(&path).as_ref() != Some(pin) {
+                return Err(Error::invalid(
+                    "changed while the run read it (replaced, rewritten or truncated); nothing was written",
+                )
+                .in_file(path));
+            }
+        }
+        Ok(())
     }
 
     /// How messages name checkpoint file `i` (its path, for a local model).

@@ -265,6 +265,10 @@ pub fn run(plan: &Plan, target: &Path, force: bool, opts: &RunOptions) -> Result
     if opts.cancelled() {
         return Err(Error::new(ErrorKind::Interrupted));
     }
+    // Inputs pinned for the run: a file that changed under it makes the output a mix.
+    for model in &plan.sources {
+        model.check_unchanged()?;
+    }
     staging.commit()?;
     Ok(stats)
 }

@@ -195,3 +195,45 @@ fn a_second_interrupt_during_the_commit_waits_for_it() {
     );
     assert!(text.contains("1 passed"), "{text}");
 }
+
+#[test]
+fn an_input_rewritten_during_the_run_is_an_error_and_nothing_is_committed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for e in std::fs::read_dir(golden().join("models/base")).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, model.join(p.file_name().unwrap())).unwrap();
+    }
+    let plan = plan_convert(&ConvertOptions {
+        input: model.clone(),
+        dtype: None,
+        max_shard_size: 1 << 30,
+    })
+    .unwrap();
+    let shard = model.join("model-00002-of-00003.safetensors");
+    let victim = shard.clone();
+    let done = Arc::new(AtomicBool::new(false));
+    let opts = RunOptions {
+        threads: 1,
+        observer: Some(Observer(Arc::new(move |_| {
+            // A sync client rewrites one shard in place, same bytes, once.
+            if !done.swap(true, Ordering::SeqCst) {
+                let bytes = std::fs::read(&victim).unwrap();
+                std::fs::write(&victim, bytes).unwrap();
+            }
+        }))),
+        ..RunOptions::default()
+    };
+    let out = tmp.path().join("out");
+    let err = output::run(&plan, &out, false, &opts).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "{}: changed while the run read it (replaced, rewritten or truncated); nothing was written",
+            shard.display()
+        )
+    );
+    assert!(!out.exists());
+    no_staging_left(tmp.path());
+}
