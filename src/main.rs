@@ -548,6 +548,12 @@ fn execute(plan: &Plan, out: &Path, c: &Common, cancel: &Arc<AtomicBool>) -> Res
     };
     let stats = output::run(plan, out, c.force, &opts)?;
     if !c.quiet {
+        for dir in &stats.swept_staging {
+            note(format_args!(
+                "note: removed {}, left by an earlier run that was killed",
+                dir.display()
+            ));
+        }
         let fetched = if stats.bytes_fetched > 0 {
             format!(
                 "; fetched {} from remote inputs",

@@ -48,6 +48,8 @@ pub struct Staging {
     dir: Option<TempDir>,
     target: PathBuf,
     force: bool,
+    /// Staging folders of killed earlier runs to the same output, removed.
+    pub swept: Vec<PathBuf>,
 }
 
 impl Staging {
@@ -70,8 +72,13 @@ impl Staging {
                 Error::invalid("the output's parent folder does not exist").in_file(&parent)
             );
         }
+        let stem = format!(".{}.mergestream-", name.to_string_lossy());
+        let swept = sweep_stale(&parent, &stem);
+        // The owner (pid and start time) is in the name, so a later run can tell a folder
+        // left by a killed run from one a live run is writing.
+        let me = std::process::id();
         let dir = tempfile::Builder::new()
-            .prefix(&format!(".{}.mergestream-", name.to_string_lossy()))
+            .prefix(&format!("{stem}{me}-{}-", start_time(me).unwrap_or(0)))
             .tempdir_in(&parent)
             .map_err(|e| Error::io("cannot create a temporary folder", e).in_file(&parent))?;
         set_in_progress(Some(dir.path().to_path_buf()));
@@ -79,6 +86,7 @@ impl Staging {
             dir: Some(dir),
             target: target.to_path_buf(),
             force,
+            swept,
         })
     }
 
@@ -155,6 +163,45 @@ impl Drop for Staging {
     fn drop(&mut self) {
         set_in_progress(None);
     }
+}
+
+/// A process's start time (clock ticks since boot, `/proc/<pid>/stat` field 22): with the
+/// pid, it names one process for good (pids are reused, start times are not).
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Remove staging folders `<stem><pid>-<start>-…` in `parent` whose owner is gone (killed
+/// by SIGKILL, the OOM killer, a power cut); folders of live runs are left alone.
+fn sweep_stale(parent: &Path, stem: &str) -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir(parent) else {
+        return Vec::new();
+    };
+    let mut swept = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(owner) = name.to_str().and_then(|n| n.strip_prefix(stem)) else {
+            continue;
+        };
+        let mut parts = owner.splitn(3, '-');
+        let (Some(pid), Some(start)) = (
+            parts.next().and_then(|p| p.parse::<u32>().ok()),
+            parts.next().and_then(|s| s.parse::<u64>().ok()),
+        ) else {
+            continue; // not ours to judge
+        };
+        let alive = start_time(pid).is_some_and(|t| t == start || start == 0);
+        if !alive {
+            let path = e.path();
+            if fs::remove_dir_all(&path).is_ok() {
+                swept.push(path);
+            }
+        }
+    }
+    swept
 }
 
 fn parent_of(p: &Path) -> PathBuf {
@@ -259,7 +306,8 @@ pub fn run(plan: &Plan, target: &Path, force: bool, opts: &RunOptions) -> Result
         }
         e
     };
-    let stats = execute(plan, &staged, opts).map_err(rename)?;
+    let mut stats = execute(plan, &staged, opts).map_err(rename)?;
+    stats.swept_staging = staging.swept.clone();
     write_extras(plan, &staged).map_err(rename)?;
     // An interrupt that came after the last tensor still wins: nothing is committed.
     if opts.cancelled() {

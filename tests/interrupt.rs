@@ -237,3 +237,44 @@ fn an_input_rewritten_during_the_run_is_an_error_and_nothing_is_committed() {
     assert!(!out.exists());
     no_staging_left(tmp.path());
 }
+
+/// This process's start time, as the staging folder names record it.
+fn own_start_time() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let rest = &stat[stat.rfind(')').unwrap() + 1..];
+    rest.split_whitespace().nth(19).unwrap().parse().unwrap()
+}
+
+#[test]
+fn staging_folders_of_killed_runs_are_swept_and_live_ones_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let dead = tmp.path().join(".out.mergestream-4000000000-1-abcdef");
+    let live = tmp.path().join(format!(
+        ".out.mergestream-{}-{}-ghijkl",
+        std::process::id(),
+        own_start_time()
+    ));
+    let foreign = tmp.path().join(".out.mergestream-notours");
+    for d in [&dead, &live, &foreign] {
+        std::fs::create_dir(d).unwrap();
+        std::fs::write(d.join("model.safetensors"), b"half a shard").unwrap();
+    }
+    let o = command()
+        .current_dir(golden())
+        .args(["convert", "models/base", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains(&format!(
+            "note: removed {}, left by an earlier run that was killed",
+            dead.display()
+        )),
+        "{err}"
+    );
+    assert!(!dead.exists());
+    assert!(live.exists() && foreign.exists());
+    assert!(out.join("config.json").exists());
+}

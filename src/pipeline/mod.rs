@@ -93,6 +93,8 @@ pub struct RunStats {
     pub bytes_fetched: u64,
     pub peak_budget: u64,
     pub elapsed: Duration,
+    /// Staging folders of killed earlier runs to the same output, removed before this one.
+    pub swept_staging: Vec<std::path::PathBuf>,
 }
 
 /// What a compute worker receives.
@@ -310,6 +312,7 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &RunOptions) -> Result<RunStats> {
     Ok(RunStats {
         bytes_written: progress.written(),
         bytes_fetched: progress.fetched(),
+        swept_staging: Vec::new(),
         peak_budget: budget.peak(),
         elapsed: start.elapsed(),
     })
