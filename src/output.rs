@@ -306,7 +306,11 @@ pub fn run(plan: &Plan, target: &Path, force: bool, opts: &RunOptions) -> Result
         }
         e
     };
-    let mut stats = execute(plan, &staged, opts).map_err(rename)?;
+    // An input that changed under the run explains whatever failed after it (a truncated
+    // mapping makes a write from it fail with EFAULT): name the input.
+    let changed_input = || plan.sources.iter().find_map(|m| m.check_unchanged().err());
+    let mut stats =
+        execute(plan, &staged, opts).map_err(|e| changed_input().unwrap_or_else(|| rename(e)))?;
     stats.swept_staging = staging.swept.clone();
     write_extras(plan, &staged).map_err(rename)?;
     // An interrupt that came after the last tensor still wins: nothing is committed.

@@ -278,3 +278,71 @@ fn staging_folders_of_killed_runs_are_swept_and_live_ones_kept() {
     assert!(live.exists() && foreign.exists());
     assert!(out.join("config.json").exists());
 }
+
+/// The body of [`an_input_truncated_under_its_mapping_is_an_error_not_a_crash`], in a child
+/// test process: without the guard, SIGBUS would kill the whole test binary.
+#[test]
+fn sigbus_child() {
+    if std::env::var_os("MERGESTREAM_SIGBUS_CHILD").is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for e in std::fs::read_dir(golden().join("models/base")).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, model.join(p.file_name().unwrap())).unwrap();
+    }
+    let plan = plan_convert(&ConvertOptions {
+        input: model.clone(),
+        // Computed (f16 → f32), so the worker itself reads the mapped bytes: the fault is a
+        // SIGBUS in this process, not an EFAULT inside a write.
+        dtype: Some(mergestream::dtype::DType::F32),
+        max_shard_size: 1 << 30,
+    })
+    .unwrap();
+    let shard = model.join("model-00002-of-00003.safetensors");
+    let victim = shard.clone();
+    let done = Arc::new(AtomicBool::new(false));
+    let opts = RunOptions {
+        threads: 1,
+        io: mergestream::pipeline::reader::IoMode::Mmap,
+        observer: Some(Observer(Arc::new(move |_| {
+            // Another program truncates a shard the run has not read yet.
+            if !done.swap(true, Ordering::SeqCst) {
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&victim)
+                    .unwrap();
+                f.set_len(64).unwrap();
+            }
+        }))),
+        ..RunOptions::default()
+    };
+    let out = tmp.path().join("out");
+    let err = output::run(&plan, &out, false, &opts).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with(&format!("{}: ", shard.display())),
+        "{err}"
+    );
+    assert!(!out.exists());
+    no_staging_left(tmp.path());
+}
+
+#[test]
+fn an_input_truncated_under_its_mapping_is_an_error_not_a_crash() {
+    let o = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "interrupt::sigbus_child", "--test-threads=1"])
+        .env("MERGESTREAM_SIGBUS_CHILD", "1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "status {:?}: {text}{}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(text.contains("1 passed"), "{text}");
+}

@@ -95,8 +95,9 @@ impl SourceFile for LocalFile {
         let start = (offset - aligned) as usize;
         let map_len = start + len;
         // SAFETY: the mapping is read-only and private to this chunk. If another process
-        // truncates the file while it is mapped, reads fault (SIGBUS); `--io read` exists for
-        // filesystems where that can happen.
+        // truncates the file while it is mapped, reads past the new end fault (SIGBUS): the
+        // guard `Mapped::new` registers turns those pages into zeros, and the run's input
+        // pins reject the changed file before anything is committed.
         // MAP_POPULATE: the reader thread takes the page faults (and any disk reads) up
         // front, so compute workers never stall on them.
         let map = unsafe {

@@ -27,6 +27,7 @@ mod local;
 mod locate;
 mod reference;
 mod s3;
+mod sigbus;
 
 use std::fmt;
 use std::io::{self, Read, Seek, SeekFrom};
@@ -121,8 +122,11 @@ pub trait SourceFile: Send + Sync {
     }
 }
 
-/// A range of a memory-mapped file (the mapping starts on a page boundary at or before it).
+/// A range of a memory-mapped file (the mapping starts on a page boundary at or before it),
+/// guarded against its file being truncated ([`sigbus`]).
 pub struct Mapped {
+    // Declared first, dropped first: unregistered before the mapping goes away.
+    _guard: sigbus::Guard,
     map: Mmap,
     start: usize,
     len: usize,
@@ -132,7 +136,12 @@ impl Mapped {
     /// `len` bytes at `start` of `map`; `None` when they lie outside it.
     pub fn new(map: Mmap, start: usize, len: usize) -> Option<Mapped> {
         let end = start.checked_add(len)?;
-        (end <= map.len()).then_some(Mapped { map, start, len })
+        (end <= map.len()).then(|| Mapped {
+            _guard: sigbus::guard(map.as_ptr(), map.len()),
+            map,
+            start,
+            len,
+        })
     }
 }
 
