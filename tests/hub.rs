@@ -265,11 +265,7 @@ fn transient_faults_are_retried_and_the_bytes_stay_identical() {
         })
         .unwrap();
         assert_same(&remote, &expected);
-        let log: Vec<Req> = server
-            .log()
-            .into_iter()
-            .filter(|r| r.role == Role::Storage && r.path.ends_with(shard))
-            .collect();
+        let log: Vec<Req> = storage_requests(&server, shard);
         match kind {
             FaultKind::Status(status, retry_after) => {
                 let failed: Vec<usize> = (0..log.len())
@@ -353,11 +349,7 @@ fn dropped_connections_and_timeouts_are_retried() {
     .unwrap();
     assert_same(&remote, &expected);
     // Two dropped, one stalled (answered too late), then the rest.
-    let log: Vec<Req> = server
-        .log()
-        .into_iter()
-        .filter(|r| r.role == Role::Storage && r.path.ends_with(shard))
-        .collect();
+    let log: Vec<Req> = storage_requests(&server, shard);
     let asked = |r: &Req| log.iter().filter(|x| x.range == r.range).count();
     let retried: Vec<&Req> = log.iter().filter(|r| asked(r) > 1).collect();
     assert_eq!(retried.len(), 4, "{log:?}");
@@ -800,4 +792,13 @@ fn with_cache_the_second_run_needs_no_network() {
         &folder(&tmp.path().join("second")),
         &folder(&tmp.path().join("first")),
     );
+}
+
+/// The requests the storage host answered for `file`.
+fn storage_requests(server: &HubServer, file: &str) -> Vec<Req> {
+    server
+        .log()
+        .into_iter()
+        .filter(|r| r.role == Role::Storage && r.path.ends_with(file))
+        .collect()
 }

@@ -182,29 +182,13 @@ fn commit_child() {
 
 #[test]
 fn a_second_interrupt_during_the_commit_waits_for_it() {
-    let o = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "interrupt::commit_child", "--test-threads=1"])
-        .env("MERGESTREAM_COMMIT_CHILD", "1")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        o.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    assert!(text.contains("1 passed"), "{text}");
+    run_in_child("interrupt::commit_child", "MERGESTREAM_COMMIT_CHILD");
 }
 
 #[test]
 fn an_input_rewritten_during_the_run_is_an_error_and_nothing_is_committed() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("model");
-    std::fs::create_dir(&model).unwrap();
-    for e in std::fs::read_dir(golden().join("models/base")).unwrap() {
-        let p = e.unwrap().path();
-        std::fs::copy(&p, model.join(p.file_name().unwrap())).unwrap();
-    }
+    let model = copy_of_base(tmp.path());
     let plan = plan_convert(&ConvertOptions {
         input: model.clone(),
         dtype: None,
@@ -287,12 +271,7 @@ fn sigbus_child() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("model");
-    std::fs::create_dir(&model).unwrap();
-    for e in std::fs::read_dir(golden().join("models/base")).unwrap() {
-        let p = e.unwrap().path();
-        std::fs::copy(&p, model.join(p.file_name().unwrap())).unwrap();
-    }
+    let model = copy_of_base(tmp.path());
     let plan = plan_convert(&ConvertOptions {
         input: model.clone(),
         // Computed (f16 → f32), so the worker itself reads the mapped bytes: the fault is a
@@ -332,9 +311,15 @@ fn sigbus_child() {
 
 #[test]
 fn an_input_truncated_under_its_mapping_is_an_error_not_a_crash() {
+    run_in_child("interrupt::sigbus_child", "MERGESTREAM_SIGBUS_CHILD");
+}
+
+/// Run test `name` of this binary alone in a child process with `env` set (for tests that
+/// touch process-wide state), and insist it passed.
+fn run_in_child(name: &str, env: &str) {
     let o = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "interrupt::sigbus_child", "--test-threads=1"])
-        .env("MERGESTREAM_SIGBUS_CHILD", "1")
+        .args(["--exact", name, "--test-threads=1"])
+        .env(env, "1")
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&o.stdout);
@@ -345,4 +330,15 @@ fn an_input_truncated_under_its_mapping_is_an_error_not_a_crash() {
         String::from_utf8_lossy(&o.stderr)
     );
     assert!(text.contains("1 passed"), "{text}");
+}
+
+/// A copy of the golden base model in `dir/model`, free to be damaged.
+fn copy_of_base(dir: &Path) -> std::path::PathBuf {
+    let model = dir.join("model");
+    std::fs::create_dir(&model).unwrap();
+    for e in std::fs::read_dir(golden().join("models/base")).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, model.join(p.file_name().unwrap())).unwrap();
+    }
+    model
 }
