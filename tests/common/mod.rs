@@ -12,6 +12,12 @@ pub fn golden() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden")
 }
 
+/// The second golden set: the methods, `modules:`, depth changes, extract-lora and tokenizer
+/// cases (its manifest.json has the exact mergekit commands).
+pub fn golden2() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden2")
+}
+
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
