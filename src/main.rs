@@ -81,6 +81,14 @@ struct Common {
     /// the next run of the same models is local.
     #[arg(long)]
     cache: bool,
+    /// Start over even when a killed run of the same merge left its work beside the output
+    /// (by default the run continues it; see "Failure behaviour" in the README).
+    #[arg(long)]
+    no_resume: bool,
+    /// How much finished output may wait before it is flushed and recorded for resuming: at
+    /// most this much (or 30 s of work) is redone after a crash.
+    #[arg(long, default_value = "1GiB")]
+    journal_every: ByteSize,
 }
 
 /// `--io`, checked by clap; the library's [`IoMode`] stays free of CLI concerns.
@@ -545,6 +553,8 @@ fn execute(plan: &Plan, out: &Path, c: &Common, cancel: &Arc<AtomicBool>) -> Res
         progress: !c.quiet,
         cancel: Arc::clone(cancel),
         observer: None,
+        resume: !c.no_resume,
+        journal_every: c.journal_every.bytes(),
     };
     let stats = output::run(plan, out, c.force, &opts)?;
     if !c.quiet {
@@ -552,6 +562,12 @@ fn execute(plan: &Plan, out: &Path, c: &Common, cancel: &Arc<AtomicBool>) -> Res
             note(format_args!(
                 "note: removed {}, left by an earlier run that was killed",
                 dir.display()
+            ));
+        }
+        if let Some((tensors, bytes)) = stats.resumed {
+            note(format_args!(
+                "note: continued a killed run of this output: {tensors} tensors ({}) it had finished were kept",
+                human(bytes)
             ));
         }
         let fetched = if stats.bytes_fetched > 0 {

@@ -342,6 +342,19 @@ impl Model {
         Ok(())
     }
 
+    /// The identity of every checkpoint file (device, inode, size and times of a local file;
+    /// see [`Source::identity`] for remote ones), for the resume fingerprint.
+    pub fn identity(&self) -> String {
+        let mut s = String::new();
+        for (i, name) in self.files.iter().enumerate() {
+            match &self.pins[i] {
+                Some(pin) => s.push_str(&format!("{} {pin:?}\n", self.file_path(i).display())),
+                None => s.push_str(&format!("{}\n", self.source.identity(name))),
+            }
+        }
+        s
+    }
+
     /// How messages name checkpoint file `i` (its path, for a local model).
     pub fn file_path(&self, i: usize) -> PathBuf {
         self.source.path_of(&self.files[i])

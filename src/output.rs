@@ -14,10 +14,10 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use tempfile::TempDir;
-
 use crate::error::{Error, ErrorKind, Result};
-use crate::pipeline::{RunOptions, RunStats, execute};
+use crate::pipeline::journal::{JOURNAL_NAME, Journal};
+use crate::pipeline::writer::shards_match;
+use crate::pipeline::{Resumable, RunOptions, RunStats, execute_resumable};
 use crate::plan::Plan;
 use crate::plan::outputs::config_bytes;
 
@@ -45,16 +45,35 @@ pub fn abandon() -> bool {
 /// A temporary folder that becomes the output on [`Staging::commit`] and is removed if
 /// dropped before.
 pub struct Staging {
-    dir: Option<TempDir>,
+    dir: Option<PathBuf>,
     target: PathBuf,
     force: bool,
     /// Staging folders of killed earlier runs to the same output, removed.
     pub swept: Vec<PathBuf>,
+    /// The resume journal, and the steps a killed run had finished (when this staging
+    /// folder is that run's, adopted).
+    pub journal: Option<(Journal, Vec<usize>)>,
+    /// Whether the folder is a killed run's, adopted with its shards.
+    pub adopted: bool,
+}
+
+/// What a staging folder is for, so a later run can tell whether it may continue it.
+pub struct ResumeKey<'a> {
+    pub plan: &'a Plan,
+    pub fingerprint: String,
+    /// Reuse a killed run's folder of the same plan (otherwise it is swept like any other).
+    pub reuse: bool,
 }
 
 impl Staging {
     /// Check the target and create the temporary folder beside it.
     pub fn new(target: &Path, force: bool) -> Result<Staging> {
+        Staging::resumable(target, force, None)
+    }
+
+    /// [`Staging::new`] with a resume journal: the folder a killed run of the same plan left
+    /// is taken over (when `key.reuse`), otherwise a new folder starts a new journal.
+    pub fn resumable(target: &Path, force: bool, key: Option<ResumeKey<'_>>) -> Result<Staging> {
         if target.as_os_str().is_empty() {
             return Err(Error::usage("the output path is empty"));
         }
@@ -73,25 +92,55 @@ impl Staging {
             );
         }
         let stem = format!(".{}.mergestream-", name.to_string_lossy());
-        let swept = sweep_stale(&parent, &stem);
         // The owner (pid and start time) is in the name, so a later run can tell a folder
         // left by a killed run from one a live run is writing.
         let me = std::process::id();
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("{stem}{me}-{}-", start_time(me).unwrap_or(0)))
-            .tempdir_in(&parent)
-            .map_err(|e| Error::io("cannot create a temporary folder", e).in_file(&parent))?;
-        set_in_progress(Some(dir.path().to_path_buf()));
+        let mine = format!("{stem}{me}-{}-", start_time(me).unwrap_or(0));
+        let mut stale = stale_folders(&parent, &stem);
+        let adopted = match &key {
+            Some(k) if k.reuse => adopt(&mut stale, &parent, &mine, k),
+            _ => None,
+        };
+        let swept = stale
+            .into_iter()
+            .filter(|p| fs::remove_dir_all(p).is_ok())
+            .collect();
+        let is_adopted = adopted.is_some();
+        let (dir, journal) = match adopted {
+            Some((dir, journal, done)) => (dir, Some((journal, done))),
+            None => {
+                let dir = tempfile::Builder::new()
+                    .prefix(&mine)
+                    .tempdir_in(&parent)
+                    .map_err(|e| Error::io("cannot create a temporary folder", e).in_file(&parent))?
+                    .keep();
+                let journal = match &key {
+                    Some(k) => match Journal::create(&dir, &k.fingerprint, k.plan.steps.len()) {
+                        Ok(j) => Some((j, Vec::new())),
+                        Err(e) => {
+                            let _ = fs::remove_dir_all(&dir);
+                            return Err(Error::io("cannot create the resume journal", e)
+                                .in_file(dir.join(JOURNAL_NAME)));
+                        }
+                    },
+                    None => None,
+                };
+                (dir, journal)
+            }
+        };
+        set_in_progress(Some(dir.clone()));
         Ok(Staging {
             dir: Some(dir),
             target: target.to_path_buf(),
             force,
             swept,
+            journal,
+            adopted: is_adopted,
         })
     }
 
     pub fn path(&self) -> &Path {
-        self.dir.as_ref().map_or(Path::new(""), |d| d.path())
+        self.dir.as_deref().unwrap_or(Path::new(""))
     }
 
     /// Put the finished folder in place atomically (replacing the old output with `--force`).
@@ -108,11 +157,12 @@ impl Staging {
         // The critical section: `abandon` waits on this lock until the output is in place.
         let mut in_progress = IN_PROGRESS.lock().unwrap_or_else(|e| e.into_inner());
         during();
-        let staged = dir.path().to_path_buf();
+        let staged = dir.clone();
         let target = self.target.clone();
         sync_dir(&staged);
         let exists = fs::symlink_metadata(&target).is_ok();
         if exists && !self.force {
+            let _ = fs::remove_dir_all(&staged);
             return Err(Error::invalid(
                 "output appeared while the run was writing it; nothing was replaced",
             )
@@ -126,7 +176,6 @@ impl Staging {
         match rename2(&staged, &target, flags) {
             Ok(()) => {
                 // `staged` now holds the old output (after an exchange) or nothing.
-                let staged = dir.keep();
                 if exists {
                     remove_any(&staged);
                 }
@@ -137,19 +186,20 @@ impl Staging {
                     Some(libc::ENOSYS | libc::EINVAL | libc::ENOTSUP)
                 ) =>
             {
-                let staged = dir.keep();
                 if let Err(e) = replace_by_renames(&staged, &target, exists) {
                     let _ = fs::remove_dir_all(&staged);
                     return Err(e);
                 }
             }
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                let _ = fs::remove_dir_all(&staged);
                 return Err(Error::invalid(
                     "output appeared while the run was writing it; nothing was replaced",
                 )
                 .in_file(&target));
             }
             Err(e) => {
+                let _ = fs::remove_dir_all(&staged);
                 return Err(Error::io("cannot move the output into place", e).in_file(&target));
             }
         }
@@ -162,6 +212,9 @@ impl Staging {
 impl Drop for Staging {
     fn drop(&mut self) {
         set_in_progress(None);
+        if let Some(dir) = self.dir.take() {
+            let _ = fs::remove_dir_all(dir);
+        }
     }
 }
 
@@ -174,13 +227,54 @@ fn start_time(pid: u32) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
-/// Remove staging folders `<stem><pid>-<start>-…` in `parent` whose owner is gone (killed
-/// by SIGKILL, the OOM killer, a power cut); folders of live runs are left alone.
-fn sweep_stale(parent: &Path, stem: &str) -> Vec<PathBuf> {
+/// Take over the staging folder of a killed run of the same plan, if one of `stale` is: its
+/// journal is this plan's and its shards are complete files with this plan's headers. It is
+/// renamed to this run's owner name (so two runs cannot both take it), and files that are not
+/// shards are removed (they are written again at the end).
+fn adopt(
+    stale: &mut Vec<PathBuf>,
+    parent: &Path,
+    mine: &str,
+    key: &ResumeKey<'_>,
+) -> Option<(PathBuf, Journal, Vec<usize>)> {
+    let steps = key.plan.steps.len();
+    let i = stale.iter().position(|dir| {
+        Journal::reopen(dir, &key.fingerprint, steps).is_some()
+            && shards_match(dir, &key.plan.shards)
+    })?;
+    let old = stale.remove(i);
+    let suffix = old.file_name()?.to_str()?.rsplit('-').next()?.to_string();
+    let dir = parent.join(format!("{mine}{suffix}"));
+    // Another run may take it first: then this one starts afresh.
+    rename2(&old, &dir, libc::RENAME_NOREPLACE).ok()?;
+    let keep: Vec<&str> = key
+        .plan
+        .shards
+        .iter()
+        .map(|s| s.file_name.as_str())
+        .collect();
+    for e in fs::read_dir(&dir).ok()?.flatten() {
+        let name = e.file_name();
+        if name != JOURNAL_NAME && !keep.iter().any(|k| name == **k) {
+            remove_any(&e.path());
+        }
+    }
+    match Journal::reopen(&dir, &key.fingerprint, steps) {
+        Some((journal, done)) => Some((dir, journal, done)),
+        None => {
+            stale.push(dir);
+            None
+        }
+    }
+}
+
+/// Staging folders `<stem><pid>-<start>-…` in `parent` whose owner is gone (killed by
+/// SIGKILL, the OOM killer, a power cut); folders of live runs are left alone.
+fn stale_folders(parent: &Path, stem: &str) -> Vec<PathBuf> {
     let Ok(entries) = fs::read_dir(parent) else {
         return Vec::new();
     };
-    let mut swept = Vec::new();
+    let mut stale = Vec::new();
     for e in entries.flatten() {
         let name = e.file_name();
         let Some(owner) = name.to_str().and_then(|n| n.strip_prefix(stem)) else {
@@ -195,13 +289,10 @@ fn sweep_stale(parent: &Path, stem: &str) -> Vec<PathBuf> {
         };
         let alive = start_time(pid).is_some_and(|t| t == start || start == 0);
         if !alive {
-            let path = e.path();
-            if fs::remove_dir_all(&path).is_ok() {
-                swept.push(path);
-            }
+            stale.push(e.path());
         }
     }
-    swept
+    stale
 }
 
 fn parent_of(p: &Path) -> PathBuf {
@@ -296,7 +387,12 @@ pub fn check_not_an_input(plan: &Plan, target: &Path) -> Result<()> {
 /// files, fsync, rename into place. Errors name the output, not the temporary folder.
 pub fn run(plan: &Plan, target: &Path, force: bool, opts: &RunOptions) -> Result<RunStats> {
     check_not_an_input(plan, target)?;
-    let staging = Staging::new(target, force)?;
+    let key = ResumeKey {
+        plan,
+        fingerprint: plan.fingerprint(),
+        reuse: opts.resume,
+    };
+    let staging = Staging::resumable(target, force, Some(key))?;
     let staged = staging.path().to_path_buf();
     let rename = |mut e: Error| {
         if let Some(f) = &e.file
@@ -309,9 +405,18 @@ pub fn run(plan: &Plan, target: &Path, force: bool, opts: &RunOptions) -> Result
     // An input that changed under the run explains whatever failed after it (a truncated
     // mapping makes a write from it fail with EFAULT): name the input.
     let changed_input = || plan.sources.iter().find_map(|m| m.check_unchanged().err());
-    let mut stats =
-        execute(plan, &staged, opts).map_err(|e| changed_input().unwrap_or_else(|| rename(e)))?;
+    let resume = staging.journal.as_ref().map(|(journal, done)| Resumable {
+        journal,
+        done,
+        existing_shards: staging.adopted,
+    });
+    let mut stats = execute_resumable(plan, &staged, opts, resume)
+        .map_err(|e| changed_input().unwrap_or_else(|| rename(e)))?;
     stats.swept_staging = staging.swept.clone();
+    // The journal is not part of the output.
+    Journal::remove(&staged)
+        .map_err(|e| Error::io("cannot remove the resume journal", e).in_file(&staged))
+        .map_err(rename)?;
     write_extras(plan, &staged).map_err(rename)?;
     // An interrupt that came after the last tensor still wins: nothing is committed.
     if opts.cancelled() {

@@ -561,6 +561,48 @@ fn disk_full_while_writing() {
 }
 
 #[test]
+fn threads_refused_by_the_system() {
+    // RLIMIT_NPROC of 1: the process may not start a single thread. Root is exempt from the
+    // limit, so a root test process drops to `nobody` in the child first.
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = tmp.path().join("out");
+    let mut cmd = command();
+    cmd.current_dir(golden()).args([
+        "blockmerge",
+        "--model_path1",
+        "models/base",
+        "--model_path2",
+        "models/other",
+        "--output_model_path",
+        out.to_str().unwrap(),
+        "--gradient_values",
+        "[0.9,0.0]",
+        "--quiet",
+    ]);
+    // SAFETY: only async-signal-safe libc calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 1,
+                rlim_max: 1,
+            };
+            if libc::setrlimit(libc::RLIMIT_NPROC, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getuid() == 0 && (libc::setgid(65534) != 0 || libc::setuid(65534) != 0) {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let o = cmd.output().unwrap();
+    assert_clean_failure(&o, &out, &["cannot start a compute thread"]);
+}
+
+#[test]
 fn a_json_file_given_as_a_model() {
     let tmp = tempfile::tempdir().unwrap();
     // The index names its folder: that works.

@@ -669,3 +669,38 @@ proptest! {
         prop_assert_eq!(classify_key(&k), want);
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// The resume journal (fuzzed as `fuzz/journal`): a journal of recorded steps followed by
+    /// any tail reads back exactly the recorded steps (first occurrence each), plus whatever
+    /// of the tail is itself well formed; arbitrary bytes never panic.
+    #[test]
+    fn journal_reads_back_what_was_recorded(
+        steps in 1usize..50,
+        recorded in prop::collection::vec(0usize..50, 0..40),
+        tail in prop::collection::vec(any::<u8>(), 0..40),
+        noise in prop::collection::vec(any::<u8>(), 0..200),
+    ) {
+        use mergestream::pipeline::journal::parse;
+        let recorded: Vec<usize> = recorded.into_iter().map(|s| s % steps).collect();
+        let mut bytes = format!("mergestream resume journal 1\nplan abc\nsteps {steps}\n").into_bytes();
+        for s in &recorded {
+            bytes.extend_from_slice(format!("done {s}\n").as_bytes());
+        }
+        let prefix = bytes.len();
+        bytes.extend_from_slice(&tail);
+        let (done, valid) = parse(&bytes, "abc", steps).expect("header is this plan's");
+        prop_assert!(valid >= prefix && valid <= bytes.len());
+        let mut want = Vec::new();
+        for s in recorded {
+            if !want.contains(&s) {
+                want.push(s);
+            }
+        }
+        prop_assert_eq!(&done[..want.len()], &want[..]);
+        prop_assert!(parse(&bytes, "abd", steps).is_none());
+        let _ = parse(&noise, "abc", steps);
+    }
+}

@@ -17,6 +17,7 @@ mod interrupt;
 mod mergekit_configs;
 mod output_streams;
 mod properties;
+mod resume;
 mod s3;
 mod source;
 mod torch_bad_inputs;

@@ -12,12 +12,13 @@ mod arithmetic;
 pub mod budget;
 pub mod chunking;
 mod compute;
+pub mod journal;
 pub mod reader;
 pub mod writer;
 
 use std::ops::Range;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -48,7 +49,19 @@ pub struct RunOptions {
     pub cancel: Arc<AtomicBool>,
     /// Told the bytes written after each chunk.
     pub observer: Option<Observer>,
+    /// Continue the work of a killed earlier run of the same plan to the same output, when
+    /// its staging folder is there (see [`journal`]).
+    pub resume: bool,
+    /// How much finished output to let pile up before it is flushed and recorded in the
+    /// resume journal (also every [`JOURNAL_INTERVAL`]): what a killed run can lose at most.
+    pub journal_every: u64,
 }
+
+/// The longest time finished output goes unrecorded in the resume journal.
+pub const JOURNAL_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Default of [`RunOptions::journal_every`].
+pub const DEFAULT_JOURNAL_EVERY: u64 = 1 << 30;
 
 impl Default for RunOptions {
     fn default() -> Self {
@@ -59,6 +72,8 @@ impl Default for RunOptions {
             progress: false,
             cancel: Arc::new(AtomicBool::new(false)),
             observer: None,
+            resume: true,
+            journal_every: DEFAULT_JOURNAL_EVERY,
         }
     }
 }
@@ -95,6 +110,51 @@ pub struct RunStats {
     pub elapsed: Duration,
     /// Staging folders of killed earlier runs to the same output, removed before this one.
     pub swept_staging: Vec<std::path::PathBuf>,
+    /// Tensors (and their bytes) a killed earlier run had finished, reused by this one.
+    pub resumed: Option<(usize, u64)>,
+}
+
+/// The resume journal of a run: where finished tensors are recorded, and which ones a killed
+/// earlier run already finished (their bytes are in the shards, which then already exist).
+pub struct Resumable<'a> {
+    pub journal: &'a journal::Journal,
+    pub done: &'a [usize],
+    pub existing_shards: bool,
+}
+
+/// Finished tensors waiting to be recorded in the journal, flushed in batches.
+struct Recorder<'a> {
+    journal: &'a journal::Journal,
+    every: u64,
+    pending: Mutex<(Vec<usize>, u64, Instant)>,
+    syncing: Mutex<()>,
+}
+
+impl Recorder<'_> {
+    /// Step `step` (of `len` bytes) is completely written. Every `every` bytes or
+    /// [`JOURNAL_INTERVAL`], flush the shards and then record the batch: a recorded tensor's
+    /// bytes are always on disk.
+    fn finished(&self, step: usize, len: u64, shards: &ShardFiles) -> Result<()> {
+        let batch = {
+            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            p.0.push(step);
+            p.1 += len;
+            if p.1 >= self.every || p.2.elapsed() >= JOURNAL_INTERVAL {
+                let batch = std::mem::take(&mut p.0);
+                *p = (Vec::new(), 0, Instant::now());
+                batch
+            } else {
+                return Ok(());
+            }
+        };
+        // Batches taken by two workers may be written in either order: each one's steps
+        // were written before it was taken, so either flush covers them.
+        let _one_at_a_time = self.syncing.lock().unwrap_or_else(|e| e.into_inner());
+        shards.sync_data()?;
+        self.journal.append(&batch).map_err(|e| {
+            Error::io("cannot write the resume journal", e).in_file(self.journal.path())
+        })
+    }
 }
 
 /// What a compute worker receives.
@@ -144,9 +204,51 @@ pub(crate) enum Out {
 
 /// Run `plan`, writing its shards into the existing empty folder `dir`.
 pub fn execute(plan: &Plan, dir: &Path, opts: &RunOptions) -> Result<RunStats> {
+    execute_resumable(plan, dir, opts, None)
+}
+
+/// [`execute`], recording finished tensors in a resume journal and skipping those a killed
+/// earlier run already finished (`resume.done`, whose shards are in `dir`).
+pub fn execute_resumable(
+    plan: &Plan,
+    dir: &Path,
+    opts: &RunOptions,
+    resume: Option<Resumable<'_>>,
+) -> Result<RunStats> {
     let start = Instant::now();
     let inputs = open_inputs(plan, opts.io)?;
-    let shards = ShardFiles::create(dir, &plan.shards)?;
+    let shards = match &resume {
+        Some(r) if r.existing_shards => ShardFiles::open_existing(dir, &plan.shards)?,
+        _ => ShardFiles::create(dir, &plan.shards)?,
+    };
+    let mut skip = vec![false; plan.steps.len()];
+    for &d in resume.as_ref().map_or(&[][..], |r| r.done) {
+        if let Some(s) = skip.get_mut(d) {
+            *s = true;
+        }
+    }
+    let resumed = resume.as_ref().filter(|r| !r.done.is_empty()).map(|r| {
+        let bytes = r
+            .done
+            .iter()
+            .filter_map(|&d| plan.steps.get(d))
+            .map(|s| s.len);
+        (r.done.len(), bytes.sum::<u64>())
+    });
+    let recorder = resume.as_ref().map(|r| Recorder {
+        journal: r.journal,
+        every: opts.journal_every.max(1),
+        pending: Mutex::new((Vec::new(), 0, Instant::now())),
+        syncing: Mutex::new(()),
+    });
+    // Bytes of each step not yet written: the chunk that brings it to zero finishes it.
+    let unwritten: Vec<AtomicU64> = plan.steps.iter().map(|s| AtomicU64::new(s.len)).collect();
+    let finished = |step: usize| -> Result<()> {
+        match &recorder {
+            Some(r) => r.finished(step, plan.steps[step].len, &shards),
+            None => Ok(()),
+        }
+    };
     let budget = Budget::new(opts.memory_limit);
     let target = chunk_target(opts.memory_limit);
     let workers = opts.threads.clamp(1, 256);
@@ -171,7 +273,12 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &RunOptions) -> Result<RunStats> {
             as crate::progress::Fetched
     });
     let progress = Progress::new(
-        plan.steps.iter().map(|s| s.len).sum(),
+        plan.steps
+            .iter()
+            .zip(&skip)
+            .filter(|(_, done)| !**done)
+            .map(|(s, _)| s.len)
+            .sum(),
         opts.progress,
         opts.observer.clone(),
         fetched,
@@ -196,6 +303,10 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &RunOptions) -> Result<RunStats> {
         }
         shards.write_at(w.shard, w.offset, bytes)?;
         progress.add(bytes.len() as u64);
+        let n = bytes.len() as u64;
+        if unwritten[w.step].fetch_sub(n, Ordering::AcqRel) == n {
+            finished(w.step)?;
+        }
         Ok(())
     };
 
@@ -205,7 +316,7 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &RunOptions) -> Result<RunStats> {
         // Workers compute and write: pwrite at the planned offsets from every worker, so
         // the copy into the page cache is spread over all cores.
         let (inputs, budget) = (&inputs, &budget);
-        let (fail, stopped, write) = (&fail, &stopped, &write);
+        let (fail, stopped, write, finished) = (&fail, &stopped, &write, &finished);
         let (shards, progress) = (&shards, &progress);
         for _ in 0..workers {
             let rx = work_rx.clone();
@@ -231,6 +342,7 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &RunOptions) -> Result<RunStats> {
                             };
                             compute::run_streamed(&ctx, step, chunk_rows)
                                 .map_err(|e| e.at_tensor(&plan.steps[step].name))
+                                .and_then(|()| finished(step))
                         }
                     };
                     if let Err(e) = result {
@@ -250,7 +362,7 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &RunOptions) -> Result<RunStats> {
         let order = read_order(plan);
         'steps: for &si in &order {
             let step = &plan.steps[si];
-            if step.len == 0 {
+            if step.len == 0 || skip[si] {
                 continue;
             }
             if !chunkable(plan, step)
@@ -313,6 +425,7 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &RunOptions) -> Result<RunStats> {
         bytes_written: progress.written(),
         bytes_fetched: progress.fetched(),
         swept_staging: Vec::new(),
+        resumed,
         peak_budget: budget.peak(),
         elapsed: start.elapsed(),
     })

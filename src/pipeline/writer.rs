@@ -33,11 +33,43 @@ impl ShardFiles {
         Ok(ShardFiles { files })
     }
 
+    /// Reopen the shards a killed run of the same plan left in `dir` (see
+    /// [`shards_match`]); their headers are already written.
+    pub fn open_existing(dir: &Path, shards: &[Shard]) -> Result<ShardFiles> {
+        let mut files = Vec::with_capacity(shards.len());
+        for s in shards {
+            let path = dir.join(&s.file_name);
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(|e| Error::io("cannot reopen", e).in_file(&path))?;
+            if !shard_matches(&f, s) {
+                return Err(Error::invalid(
+                    "the shard left by the killed run does not match this run's plan",
+                )
+                .in_file(&path));
+            }
+            files.push((path, f));
+        }
+        Ok(ShardFiles { files })
+    }
+
     pub fn write_at(&self, shard: usize, offset: u64, bytes: &[u8]) -> Result<()> {
         let (path, f) = &self.files[shard];
         f.write_all_at(bytes, offset)
             .map_err(|e| Error::io("write failed", e).in_file(path))?;
         start_writeback(f, offset, bytes.len() as u64);
+        Ok(())
+    }
+
+    /// Flush the shards' data to disk (for the resume journal: a tensor is recorded as done
+    /// only after its bytes are durable).
+    pub fn sync_data(&self) -> Result<()> {
+        for (path, f) in &self.files {
+            f.sync_data()
+                .map_err(|e| Error::io("fsync failed", e).in_file(path))?;
+        }
         Ok(())
     }
 
@@ -49,6 +81,22 @@ impl ShardFiles {
         }
         Ok(())
     }
+}
+
+/// Whether `dir` holds every shard of the plan at its full size with the plan's header, as a
+/// killed run of the same plan leaves them.
+pub fn shards_match(dir: &Path, shards: &[Shard]) -> bool {
+    shards
+        .iter()
+        .all(|s| File::open(dir.join(&s.file_name)).is_ok_and(|f| shard_matches(&f, s)))
+}
+
+fn shard_matches(f: &File, s: &Shard) -> bool {
+    if f.metadata().map(|m| m.len()).ok() != Some(s.size) {
+        return false;
+    }
+    let mut header = vec![0u8; s.header.len()];
+    f.read_exact_at(&mut header, 0).is_ok() && header == s.header
 }
 
 /// Ask the kernel to start writing these bytes to disk now (without waiting), so writeback

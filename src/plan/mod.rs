@@ -164,6 +164,41 @@ impl Plan {
         self.sources[r.source].tensor(r.tensor)
     }
 
+    /// A fingerprint of everything that decides the output's tensor bytes: the tool version,
+    /// every shard's name, size and header, every step's recipe (method, parameters,
+    /// operands, LoRA factors), and the identity of every input file. A killed run's work is
+    /// resumed only under the same fingerprint (see `pipeline::journal`).
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        // Each field length-prefixed, so no two different plans feed the same byte stream.
+        let mut put = |bytes: &[u8]| {
+            h.update((bytes.len() as u64).to_le_bytes());
+            h.update(bytes);
+        };
+        put(concat!("mergestream ", env!("CARGO_PKG_VERSION")).as_bytes());
+        for shard in &self.shards {
+            put(shard.file_name.as_bytes());
+            put(&shard.size.to_le_bytes());
+            put(&shard.header);
+        }
+        for step in &self.steps {
+            put(format!("{step:?}").as_bytes());
+            if let Recipe::Compute {
+                method: Method::Mergekit(r),
+                ..
+            } = &step.recipe
+            {
+                // The per-tensor arithmetic with its resolved parameters.
+                put(format!("{:?}", r.merge).as_bytes());
+            }
+        }
+        for model in &self.sources {
+            put(model.identity().as_bytes());
+        }
+        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     /// Bytes of tensor data in the output.
     pub fn output_bytes(&self) -> u64 {
         self.shards.iter().map(|s| s.size).sum()

@@ -304,6 +304,11 @@ fn explain(e: &io::Error, repo: &str, endpoint: &str, has_token: bool) -> Option
 }
 
 impl Source for HubSource {
+    fn identity(&self, name: &str) -> String {
+        let len = self.file_len(name).ok().flatten();
+        format!("{}@{} {name} {len:?}", self.location.display(), self.commit)
+    }
+
     fn bytes_fetched(&self) -> Option<u64> {
         Some(self.client.bytes_fetched())
     }

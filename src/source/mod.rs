@@ -84,6 +84,14 @@ pub trait Source: Send + Sync + fmt::Debug {
         None
     }
 
+    /// What identifies the current contents of file `name` for a later run (the resume
+    /// fingerprint): a run resumes another's work only when every input's identity is the
+    /// same. Remote sources: the name and length (a Hub source's name carries its commit).
+    fn identity(&self, name: &str) -> String {
+        let len = self.file_len(name).ok().flatten();
+        format!("{} {len:?}", self.path_of(name).display())
+    }
+
     /// File `name` as a local path, when the source is a local folder (used to refuse
     /// writing the output over an input).
     fn local_path(&self, name: &str) -> Option<PathBuf> {
