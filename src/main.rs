@@ -221,7 +221,10 @@ struct ConvertArgs {
     common: Common,
 }
 
+/// mergekit-yaml's command line: every option it accepts, with `--no-` forms, and a repeated
+/// option taking its last value, as click does.
 #[derive(Args)]
+#[command(args_override_self = true)]
 struct MergeArgs {
     /// The mergekit YAML config (model paths relative to the working directory).
     config: PathBuf,
@@ -237,54 +240,156 @@ struct MergeArgs {
     /// Copy the base model's tokenizer files (default).
     #[arg(long, overrides_with = "no_copy_tokenizer")]
     copy_tokenizer: bool,
-    #[arg(long)]
+    #[arg(long, overrides_with = "copy_tokenizer")]
     no_copy_tokenizer: bool,
     /// Allow models of different architectures.
-    #[arg(long)]
+    #[arg(long, overrides_with = "no_allow_crimes")]
     allow_crimes: bool,
+    #[arg(long, overrides_with = "allow_crimes")]
+    no_allow_crimes: bool,
     /// Seed for DARE and DELLA masks.
     #[arg(long, default_value_t = 0)]
     random_seed: u64,
     /// Write README.md and mergekit_config.yml (default).
     #[arg(long, overrides_with = "no_write_model_card")]
     write_model_card: bool,
-    #[arg(long)]
+    #[arg(long, overrides_with = "write_model_card")]
     no_write_model_card: bool,
     /// Cut vocabulary tensors to the smallest model's rows.
-    #[arg(long)]
+    #[arg(long, overrides_with = "no_unsafe_truncate_embeddings")]
     unsafe_truncate_embeddings: bool,
-    /// Accepted for compatibility; mergestream never unpickles eagerly.
+    #[arg(long, overrides_with = "unsafe_truncate_embeddings")]
+    no_unsafe_truncate_embeddings: bool,
+    /// The Hugging Face cache for models named as Hub repos (default: $HF_HUB_CACHE, …).
     #[arg(long)]
-    lazy_unpickle: bool,
-    /// Accepted for compatibility; LoRAs are applied inside the stream, no cache is written.
-    #[arg(long)]
-    lora_merge_cache: Option<PathBuf>,
+    transformers_cache: Option<PathBuf>,
+    /// Dtype a `model+lora` input is patched in before the merge (default: as stored).
+    #[arg(long, value_parser = float_dtype)]
+    lora_merge_dtype: Option<DType>,
     /// mergekit's thread count; same as --threads.
     #[arg(long = "num-threads", short = 'j')]
     num_threads: Option<usize>,
-    /// GPU and other mergekit options with no meaning here: accepted and ignored.
+    /// mergekit's log verbosity (-v, -vv): -v prints the plan before running.
+    #[arg(short = 'v', action = clap::ArgAction::Count)]
+    verbosity: u8,
+    /// mergekit's --no-quiet: progress and summary (the default).
+    #[arg(long, overrides_with = "quiet")]
+    no_quiet: bool,
+    // mergekit options with no effect here; each one's note says why (see `ignored_note`).
+    #[arg(long, overrides_with = "no_lazy_unpickle")]
+    lazy_unpickle: bool,
+    #[arg(long, overrides_with = "lazy_unpickle")]
+    no_lazy_unpickle: bool,
     #[arg(long)]
+    lora_merge_cache: Option<PathBuf>,
+    #[arg(long, overrides_with = "no_cuda")]
     cuda: bool,
+    #[arg(long, overrides_with = "cuda")]
+    no_cuda: bool,
     #[arg(long)]
     device: Option<String>,
-    #[arg(long)]
+    #[arg(long, overrides_with = "no_low_cpu_memory")]
     low_cpu_memory: bool,
-    #[arg(long)]
+    #[arg(long, overrides_with = "low_cpu_memory")]
+    no_low_cpu_memory: bool,
+    #[arg(long, overrides_with = "no_read_to_gpu")]
     read_to_gpu: bool,
-    #[arg(long)]
+    #[arg(long, overrides_with = "read_to_gpu")]
+    no_read_to_gpu: bool,
+    #[arg(long, overrides_with = "no_multi_gpu")]
     multi_gpu: bool,
+    #[arg(long, overrides_with = "multi_gpu")]
+    no_multi_gpu: bool,
     #[arg(long)]
     gpu_rich: bool,
-    #[arg(long)]
+    #[arg(long, overrides_with = "no_clone_tensors")]
     clone_tensors: bool,
-    #[arg(long)]
+    #[arg(long, overrides_with = "clone_tensors")]
+    no_clone_tensors: bool,
+    #[arg(long, overrides_with = "no_trust_remote_code")]
     trust_remote_code: bool,
-    #[arg(long)]
+    #[arg(long, overrides_with = "trust_remote_code")]
+    no_trust_remote_code: bool,
+    #[arg(long, overrides_with = "no_safe_serialization")]
     safe_serialization: bool,
-    #[arg(long)]
+    #[arg(long, overrides_with = "safe_serialization")]
+    no_safe_serialization: bool,
+    #[arg(long, overrides_with = "no_async_write")]
     async_write: bool,
+    #[arg(long, overrides_with = "async_write")]
+    no_async_write: bool,
+    #[arg(long)]
+    write_threads: Option<usize>,
     #[command(flatten)]
     common: Common,
+}
+
+impl MergeArgs {
+    /// One note line per mergekit option given that has no effect here, each with its own
+    /// reason (options that only select the default say nothing).
+    fn ignored_notes(&self) -> Vec<String> {
+        let gpu = [
+            (self.cuda, "--cuda"),
+            (
+                self.device.as_deref().is_some_and(|d| d != "cpu"),
+                "--device",
+            ),
+            (self.low_cpu_memory, "--low-cpu-memory"),
+            (self.read_to_gpu, "--read-to-gpu"),
+            (self.multi_gpu, "--multi-gpu"),
+            (self.gpu_rich, "--gpu-rich"),
+        ];
+        let mut notes = Vec::new();
+        let given: Vec<&str> = gpu.iter().filter(|(on, _)| *on).map(|(_, f)| *f).collect();
+        if !given.is_empty() {
+            notes.push(format!(
+                "{} ignored: mergestream computes on the CPU, streaming within --memory-limit",
+                given.join(", ")
+            ));
+        }
+        let single: [(bool, &str, &str); 6] = [
+            (
+                self.lazy_unpickle,
+                "--lazy-unpickle",
+                "PyTorch .bin files are always read lazily, tensor by tensor",
+            ),
+            (
+                self.lora_merge_cache.is_some(),
+                "--lora-merge-cache",
+                "LoRAs are applied inside the stream; no merged copy is written",
+            ),
+            (
+                self.clone_tensors,
+                "--clone-tensors",
+                "every output tensor is written as its own copy already",
+            ),
+            (
+                self.trust_remote_code,
+                "--trust-remote-code",
+                "no model code is ever run; only configs and weights are read",
+            ),
+            (
+                self.async_write || self.write_threads.is_some(),
+                if self.async_write {
+                    "--async-write"
+                } else {
+                    "--write-threads"
+                },
+                "every compute worker writes its own chunks in place",
+            ),
+            (
+                self.no_safe_serialization,
+                "--no-safe-serialization",
+                "the output is always safetensors (no pickles)",
+            ),
+        ];
+        for (on, flag, why) in single {
+            if on {
+                notes.push(format!("{flag} ignored: {why}"));
+            }
+        }
+        notes
+    }
 }
 
 impl Cli {
@@ -296,6 +401,14 @@ impl Cli {
             Command::Convert(a) => a.common.cache,
             Command::Merge(a) => a.common.cache,
             Command::Inspect { .. } => false,
+        }
+    }
+
+    /// The HF cache folder the command names (mergekit's `--transformers-cache`).
+    fn hub_cache(&self) -> Option<PathBuf> {
+        match &self.command {
+            Command::Merge(a) => a.transformers_cache.clone(),
+            _ => None,
         }
     }
 
@@ -328,7 +441,8 @@ fn main() -> ExitCode {
     mergestream::source::set_environment(
         mergestream::source::Environment::from_env()
             .with_cancel(Arc::clone(&cancel))
-            .with_cache(cli.cache()),
+            .with_cache(cli.cache())
+            .with_hub_cache(cli.hub_cache()),
     );
     let quiet = cli.quiet();
     let _ = ctrlc::set_handler(move || {
@@ -481,27 +595,10 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<()> {
             execute(&plan, &args.output, &args.common, &cancel)
         }
         Command::Merge(args) => {
-            let ignored: Vec<&str> = [
-                (args.cuda, "--cuda"),
-                (args.device.is_some(), "--device"),
-                (args.low_cpu_memory, "--low-cpu-memory"),
-                (args.read_to_gpu, "--read-to-gpu"),
-                (args.multi_gpu, "--multi-gpu"),
-                (args.gpu_rich, "--gpu-rich"),
-                (args.clone_tensors, "--clone-tensors"),
-                (args.trust_remote_code, "--trust-remote-code"),
-                (args.async_write, "--async-write"),
-                (args.lora_merge_cache.is_some(), "--lora-merge-cache"),
-            ]
-            .iter()
-            .filter(|(on, _)| *on)
-            .map(|(_, f)| *f)
-            .collect();
-            if !ignored.is_empty() && !args.common.quiet {
-                note(format_args!(
-                    "note: {} ignored (mergestream runs on the CPU and applies LoRAs inside the stream)",
-                    ignored.join(", ")
-                ));
+            if !args.common.quiet {
+                for n in args.ignored_notes() {
+                    note(format_args!("note: {n}"));
+                }
             }
             let plan = plan_merge(&MergeOptions {
                 config_path: args.config.clone(),
@@ -512,10 +609,21 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<()> {
                 random_seed: args.random_seed,
                 truncate_embeddings: args.unsafe_truncate_embeddings,
                 out_dtype: args.common.out_dtype,
+                lora_merge_dtype: args.lora_merge_dtype,
             })?;
             let mut common = args.common;
             if common.threads.is_none() {
                 common.threads = args.num_threads;
+            }
+            if args.verbosity > 0 && !common.quiet && !common.dry_run {
+                let limit = common
+                    .memory_limit
+                    .map_or_else(default_memory_limit, ByteSize::bytes);
+                let estimate = mergestream::pipeline::chunking::peak_memory_estimate(&plan, limit);
+                note(format_args!(
+                    "{}",
+                    plan.describe(estimate, limit).trim_end()
+                ));
             }
             execute(&plan, &args.out, &common, &cancel)
         }

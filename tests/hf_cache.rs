@@ -468,3 +468,44 @@ fn blockmerge_and_inspect_take_hub_names_and_a_missing_repo_is_named_offline() {
     };
     assert_eq!(rows(&hub), rows(&local));
 }
+
+#[test]
+fn transformers_cache_names_the_cache_as_in_mergekit() {
+    let (tmp, env) = build_cache();
+    let work = tmp.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    let golden = common::golden().join("models");
+    let cfg = |a: &str| {
+        format!(
+            "merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.7}}\n  - model: {}\n    parameters: {{weight: 0.3}}\ndtype: float16\n",
+            golden.join("other").display()
+        )
+    };
+    std::fs::write(work.join("hub.yml"), cfg("org/base@v1")).unwrap();
+    std::fs::write(
+        work.join("local.yml"),
+        cfg(golden.join("base").to_str().unwrap()),
+    )
+    .unwrap();
+    let cache = env.cache_dir.to_str().unwrap();
+    // The environment's (empty) cache does not have the repo; --transformers-cache does.
+    let run = |args: &[&str]| {
+        common::command()
+            .current_dir(&work)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let o = run(&["merge", "hub.yml", "without", "--quiet"]);
+    assert_eq!(o.status.code(), Some(1), "{}", common::stderr(&o));
+    assert!(
+        common::stderr(&o).contains("org/base"),
+        "{}",
+        common::stderr(&o)
+    );
+    for (cfg, out) in [("hub.yml", "hub-out"), ("local.yml", "local-out")] {
+        let o = run(&["merge", cfg, out, "--quiet", "--transformers-cache", cache]);
+        assert!(o.status.success(), "{}", common::stderr(&o));
+    }
+    same_files(&work.join("hub-out"), &work.join("local-out"));
+}

@@ -5,6 +5,7 @@ mod common;
 mod torch_common;
 
 mod bad_inputs;
+mod chat_templates;
 mod cli;
 mod golden_blockmerge;
 mod golden_lora;
@@ -14,6 +15,7 @@ mod hf_cache;
 mod hub;
 mod hub_server;
 mod interrupt;
+mod mergekit_cli;
 mod mergekit_configs;
 mod output_streams;
 mod properties;

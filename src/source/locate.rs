@@ -8,7 +8,7 @@
 //! This is the one place where kinds of references are told apart.
 
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
 
@@ -53,6 +53,15 @@ impl Environment {
     /// Hub files read during the run are stored in the HF cache (`--cache`).
     pub fn with_cache(mut self, store: bool) -> Environment {
         self.store_in_cache = store;
+        self
+    }
+
+    /// Use `dir` as the Hugging Face hub cache (mergekit's `--transformers-cache`), instead
+    /// of the one the environment names.
+    pub fn with_hub_cache(mut self, dir: Option<PathBuf>) -> Environment {
+        if let Some(d) = dir {
+            self.hf.cache_dir = d;
+        }
         self
     }
 

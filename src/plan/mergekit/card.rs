@@ -1,7 +1,6 @@
 //! The files beside the tensors: config.json (dtype, layer count), tokenizer files, the
 //! chat template, mergekit_config.yml and the model card.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::dtype::DType;
@@ -65,30 +64,30 @@ pub(super) fn output_files(
         out.copy_present(&dir, TOKENIZER_FILES);
         out.copy_present(&dir, &["generation_config.json"]);
     }
-    if let Some(template) = &cfg.chat_template {
-        let tpl = chat_template(template, inputs, sources).ok_or_else(|| {
-            cfg_err(
-                &opts.config_path,
-                if template == "auto" {
-                    "chat_template auto: no model's tokenizer_config.json has a chat_template".to_string()
-                } else {
-                    format!("unknown chat_template `{template}` (chatml, llama3, alpaca, auto, or Jinja text)")
-                },
-            )
-        })?;
-        let mut v: serde_json::Value = match out.read_copy("tokenizer_config.json")? {
-            Some((p, t)) => serde_json::from_slice(&t)
-                .map_err(|e| Error::invalid(format!("not valid JSON: {e}")).in_file(&p))?,
-            None => serde_json::json!({}),
-        };
-        if let serde_json::Value::Object(m) = &mut v {
-            m.insert("chat_template".into(), tpl.into());
+    // The chat template goes where transformers 5 saves it (chat_template.jinja), and only
+    // with a tokenizer in the output (mergekit: "Chat template will not be saved" otherwise).
+    let has_tokenizer = out.copies.iter().any(|(_, n)| n == "tokenizer_config.json");
+    if let Some(value) = &cfg.chat_template
+        && has_tokenizer
+        && let Some(template) = chat_template(&opts.config_path, value, inputs, sources)?
+    {
+        if let Some((p, t)) = out.read_copy("tokenizer_config.json")? {
+            let mut v: serde_json::Value = serde_json::from_slice(&t)
+                .map_err(|e| Error::invalid(format!("not valid JSON: {e}")).in_file(&p))?;
+            if let serde_json::Value::Object(m) = &mut v
+                && m.remove("chat_template").is_some()
+            {
+                out.copies.retain(|(_, n)| n != "tokenizer_config.json");
+                out.generated.push((
+                    "tokenizer_config.json".into(),
+                    crate::plan::outputs::config_bytes(&v),
+                ));
+            }
         }
-        out.copies.retain(|(_, n)| n != "tokenizer_config.json");
-        out.generated.push((
-            "tokenizer_config.json".into(),
-            crate::plan::outputs::config_bytes(&v),
-        ));
+        out.copies
+            .retain(|(_, n)| n != "chat_template.jinja" && n != "chat_template.json");
+        out.generated
+            .push(("chat_template.jinja".into(), template.into_bytes()));
     }
     if opts.write_model_card {
         out.generated
@@ -101,35 +100,57 @@ pub(super) fn output_files(
     Ok(out)
 }
 
-/// A chat template by mergekit's names, `auto` (the inputs' most common), or Jinja text.
-fn chat_template(name: &str, inputs: &[Input], sources: &[Model]) -> Option<String> {
-    match name {
-        "chatml" => Some(CHATML.to_string()),
-        "llama3" => Some(LLAMA3.to_string()),
-        "alpaca" => Some(ALPACA.to_string()),
-        "auto" => {
-            let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+/// The template `chat_template:` asks for; `None` for `auto` when no input has one (mergekit
+/// then leaves the tokenizer's own).
+fn chat_template(
+    config_path: &std::path::Path,
+    value: &str,
+    inputs: &[Input],
+    sources: &[Model],
+) -> Result<Option<String>> {
+    use super::chat_templates::{Requested, most_common, requested};
+    match requested(value) {
+        Some(Requested::Named(t)) => Ok(Some(t.to_string())),
+        Some(Requested::Text(t)) => Ok(Some(t.to_string())),
+        Some(Requested::Auto) => {
+            let mut found = Vec::new();
             for i in inputs {
-                let Ok(Some(t)) = sources[i.source].read_file("tokenizer_config.json") else {
-                    continue;
-                };
-                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&t)
-                    && let Some(s) = v.get("chat_template").and_then(|s| s.as_str())
-                {
-                    *counts.entry(s.to_string()).or_default() += 1;
+                if let Some(t) = model_template(&sources[i.source])? {
+                    found.push(t);
                 }
             }
-            counts.into_iter().max_by_key(|(_, c)| *c).map(|(t, _)| t)
+            Ok(most_common(found.iter().map(String::as_str)))
         }
-        t if t.contains("{%") || t.contains("{{") => Some(t.to_string()),
-        _ => None,
+        None => Err(cfg_err(
+            config_path,
+            format!(
+                "invalid chat_template `{value}`: chatml, llama3, alpaca, mistral, exaone, auto, or Jinja text"
+            ),
+        )),
     }
 }
 
-// The standard chat formats, written out for mergekit's template names.
-const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
-const LLAMA3: &str = "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}";
-const ALPACA: &str = "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] | trim + '\\n\\n' }}{% elif message['role'] == 'user' %}{{ '### Instruction:\\n' + message['content'] | trim + '\\n\\n' }}{% elif message['role'] == 'assistant' %}{{ '### Response:\\n' + message['content'] | trim + eos_token + '\\n\\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}";
+/// A model's own chat template: chat_template.jinja (transformers 5), else the
+/// `chat_template` of tokenizer_config.json (a string, or the `default` of a named set).
+fn model_template(model: &Model) -> Result<Option<String>> {
+    if let Some(t) = model.read_file("chat_template.jinja")? {
+        return Ok(Some(String::from_utf8_lossy(&t).into_owned()));
+    }
+    let Some(t) = model.read_file("tokenizer_config.json")? else {
+        return Ok(None);
+    };
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&t) else {
+        return Ok(None);
+    };
+    Ok(match v.get("chat_template") {
+        Some(serde_json::Value::String(s)) => Some(s.clone()),
+        Some(serde_json::Value::Array(named)) => named
+            .iter()
+            .find(|e| e.get("name").and_then(|n| n.as_str()) == Some("default"))
+            .and_then(|e| e.get("template")?.as_str().map(str::to_string)),
+        _ => None,
+    })
+}
 
 fn model_card(cfg: &MergeConfig, text: &str, inputs: &[Input]) -> String {
     let mut s = String::new();

@@ -8,6 +8,7 @@
 
 pub mod arch;
 mod card;
+pub mod chat_templates;
 pub mod config;
 mod inputs;
 pub mod params;
@@ -43,6 +44,9 @@ pub struct MergeOptions {
     pub truncate_embeddings: bool,
     /// Overrides the config's `out_dtype` (`--out-dtype`).
     pub out_dtype: Option<DType>,
+    /// The dtype a `model+lora` input is loaded in, patched and saved in before the merge
+    /// (mergekit's `--lora-merge-dtype`); default: the checkpoint's own dtype.
+    pub lora_merge_dtype: Option<DType>,
 }
 
 pub(super) fn cfg_err(path: &Path, msg: impl Into<String>) -> Error {

@@ -63,8 +63,30 @@ pub(super) fn build_steps(
                     )
                 });
             let patched = !op.patches.is_empty() || op.load_as.is_some();
+            // The whole `model+lora` input is loaded in the merge dtype, saved, and read back:
+            // its unpatched float tensors are rounded to it too.
+            if !patched
+                && inp.effect.is_some()
+                && let Some(d) = opts.lora_merge_dtype
+                && t.dtype.is_computable()
+                && d != t.dtype
+            {
+                op.load_as = Some(d);
+                op.roundings.push(d);
+            }
             if patched {
-                op.roundings.push(t.dtype); // mergekit saves the PEFT merge in the checkpoint dtype
+                // mergekit loads the model in `--lora-merge-dtype` (default: as stored), lets
+                // PEFT merge the adapter in it, and saves the result in it.
+                let merge_dtype = opts.lora_merge_dtype.unwrap_or(t.dtype);
+                if merge_dtype != t.dtype {
+                    op.load_as = Some(merge_dtype);
+                    for p in &mut op.patches {
+                        if p.round_delta.is_some() {
+                            p.round_delta = Some(merge_dtype);
+                        }
+                    }
+                }
+                op.roundings.push(merge_dtype);
             }
             // mergekit casts every input to `dtype` at load.
             if let Some(d) = dtype
