@@ -153,7 +153,7 @@ fn bad_configs_fail_with_one_clear_line() {
     );
     bad(
         "merge_method: linear\nmodels:\n  - model: {G}/base\n    parameters: {weight: 1}\nslices:\n  - sources:\n      - model: {G}/base\n        layer_range: [0, 8]\n",
-        &["either `models` or `slices`, not both"],
+        &["give exactly one of `models`, `slices` and `modules`"],
     );
     bad(
         "merge_method: ties\nmodels:\n  - model: {G}/other\n    parameters: {weight: 1, density: 0.5}\n",

@@ -17,6 +17,7 @@ mod hub_server;
 mod interrupt;
 mod mergekit_cli;
 mod mergekit_configs;
+mod mergekit_structure;
 mod output_streams;
 mod properties;
 mod resume;

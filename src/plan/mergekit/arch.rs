@@ -1,140 +1,135 @@
-//! Architectures: which tensors a model has, which belong to layers, and in what order
-//! mergekit plans them.
+//! Architectures: which tensors a model has, in which modules, which belong to layers, and
+//! in what order mergekit plans them.
 //!
-//! Llama, Mistral, Qwen2, Gemma, Gemma2 and Phi-3 follow mergekit's own definitions (only
-//! the tensors they list are written). Anything else is inferred as mergekit does: the
-//! first `.N.` in a name is the layer index, everything else is a pre-layer weight at t = 0.
+//! Every architecture mergekit 0.1.5 defines is in `architectures.json` (generated from
+//! mergekit's definitions by `tools/gen_architectures.py`, in our own form): modules (a
+//! vision tower, a projector and a text decoder for multimodal models; one `default` module
+//! otherwise) with their tensor-name prefix, the config.json key holding their layer count,
+//! and their pre-layer, per-layer and post-layer weights (with the other names inputs may
+//! store them under). Anything else is inferred as mergekit does: the first `.N.` in a name
+//! is the layer index, everything else is a pre-layer weight at t = 0.
 
 use std::collections::BTreeSet;
+use std::sync::OnceLock;
+
+use serde::Deserialize;
 
 use crate::model::Model;
 
-/// A non-layer tensor of an architecture.
-#[derive(Clone, Debug, PartialEq)]
+/// A non-layer tensor of an architecture, or a per-layer one (`{}` for the layer index).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 pub struct Weight {
     pub name: String,
     /// Planned only if some input has it (e.g. an untied lm_head).
+    #[serde(default)]
     pub optional: bool,
-    /// Read instead when an input lacks `name` (tied embeddings).
-    pub tied_to: Option<String>,
+    /// Other names an input may store it under, tried in order.
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    /// Read instead when an input lacks it and its aliases (tied embeddings).
+    #[serde(default)]
+    pub tied: Vec<String>,
+    /// Its vocabulary axis, for tensors with one row per token.
+    #[serde(default)]
+    pub vocab: Option<u8>,
+}
+
+/// One module of an architecture: its tensors all start with `prefix`.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+pub struct Module {
+    pub name: String,
+    #[serde(default)]
+    pub prefix: String,
+    /// Where config.json keeps the module's layer count (dotted: `text_config.num_hidden_layers`).
+    #[serde(default)]
+    pub layers_key: Option<String>,
+    /// A layer count the definition fixes instead.
+    #[serde(default)]
+    pub fixed_layers: Option<u64>,
+    pub pre: Vec<Weight>,
+    #[serde(rename = "layer")]
+    pub layer_templates: Vec<Weight>,
+    pub post: Vec<Weight>,
+    /// Why mergestream cannot plan this module from its definition (it is then inferred).
+    #[serde(default)]
+    pub unsupported: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Architecture {
     pub name: String,
-    pub pre: Vec<Weight>,
-    /// Per-layer names with `{}` standing for the layer index.
-    pub layer_templates: Vec<String>,
-    pub post: Vec<Weight>,
-    /// Whether config.json's `num_hidden_layers` describes the layers (known architectures).
+    pub modules: Vec<Module>,
+    /// Whether it comes from a definition (its layer counts are in config.json).
     pub known: bool,
+    /// Where config.json keeps the vocabulary size (default `vocab_size`).
+    pub vocab_key: Option<String>,
 }
 
-fn w(name: &str) -> Weight {
-    Weight {
-        name: name.into(),
-        optional: false,
-        tied_to: None,
+impl Architecture {
+    /// The module named `name`.
+    pub fn module(&self, name: &str) -> Option<usize> {
+        self.modules.iter().position(|m| m.name == name)
+    }
+
+    pub fn module_names(&self) -> String {
+        let names: Vec<&str> = self.modules.iter().map(|m| m.name.as_str()).collect();
+        names.join(", ")
     }
 }
 
-fn lm_head(optional: bool) -> Weight {
-    Weight {
-        name: "lm_head.weight".into(),
-        optional,
-        tied_to: Some("model.embed_tokens.weight".into()),
-    }
+#[derive(Deserialize)]
+struct Table {
+    architectures: Vec<Entry>,
 }
 
-fn layers(suffixes: &[&str]) -> Vec<String> {
-    suffixes
-        .iter()
-        .map(|s| format!("model.layers.{{}}.{s}"))
-        .collect()
+#[derive(Deserialize)]
+struct Entry {
+    architectures: Vec<String>,
+    model_type: String,
+    modules: Vec<Module>,
+    #[serde(default)]
+    vocab_key: Option<String>,
 }
 
-const LLAMA_LAYER: &[&str] = &[
-    "input_layernorm.weight",
-    "self_attn.q_proj.weight",
-    "self_attn.k_proj.weight",
-    "self_attn.v_proj.weight",
-    "self_attn.o_proj.weight",
-    "post_attention_layernorm.weight",
-    "mlp.up_proj.weight",
-    "mlp.gate_proj.weight",
-    "mlp.down_proj.weight",
-];
+/// The definitions, parsed once (`None` only if the embedded table were malformed, which a
+/// unit test rules out).
+fn table() -> Option<&'static Table> {
+    static TABLE: OnceLock<Option<Table>> = OnceLock::new();
+    TABLE
+        .get_or_init(|| serde_json::from_str(include_str!("architectures.json")).ok())
+        .as_ref()
+}
 
-/// The architecture mergekit knows by this config's `architectures[0]`, if any.
+/// The architecture mergekit defines for this config's `architectures[0]` (several entries
+/// for one name are told apart by `model_type`), if any and if every module is expressible.
 pub fn known(config: &serde_json::Value) -> Option<Architecture> {
     let arch = config.get("architectures")?.get(0)?.as_str()?;
-    let embed = || vec![w("model.embed_tokens.weight")];
-    let a = match arch {
-        "LlamaForCausalLM" | "LLaMaForCausalLM" | "MistralForCausalLM" => Architecture {
-            name: arch.into(),
-            pre: embed(),
-            layer_templates: layers(LLAMA_LAYER),
-            post: vec![w("model.norm.weight"), lm_head(true)],
-            known: true,
-        },
-        "Qwen2ForCausalLM" => Architecture {
-            name: arch.into(),
-            pre: embed(),
-            layer_templates: layers(&[
-                "input_layernorm.weight",
-                "mlp.down_proj.weight",
-                "mlp.gate_proj.weight",
-                "mlp.up_proj.weight",
-                "post_attention_layernorm.weight",
-                "self_attn.k_proj.bias",
-                "self_attn.k_proj.weight",
-                "self_attn.o_proj.weight",
-                "self_attn.q_proj.bias",
-                "self_attn.q_proj.weight",
-                "self_attn.v_proj.bias",
-                "self_attn.v_proj.weight",
-            ]),
-            post: vec![w("model.norm.weight"), lm_head(true)],
-            known: true,
-        },
-        "GemmaForCausalLM" => Architecture {
-            name: arch.into(),
-            pre: embed(),
-            layer_templates: layers(LLAMA_LAYER),
-            post: vec![w("model.norm.weight")],
-            known: true,
-        },
-        "Gemma2ForCausalLM" => {
-            let mut l: Vec<&str> = LLAMA_LAYER.to_vec();
-            l.extend([
-                "pre_feedforward_layernorm.weight",
-                "post_feedforward_layernorm.weight",
-            ]);
-            Architecture {
-                name: arch.into(),
-                pre: embed(),
-                layer_templates: layers(&l),
-                post: vec![w("model.norm.weight"), lm_head(true)],
-                known: true,
-            }
-        }
-        "Phi3ForCausalLM" => Architecture {
-            name: arch.into(),
-            pre: embed(),
-            layer_templates: layers(&[
-                "input_layernorm.weight",
-                "post_attention_layernorm.weight",
-                "self_attn.o_proj.weight",
-                "self_attn.qkv_proj.weight",
-                "mlp.gate_up_proj.weight",
-                "mlp.down_proj.weight",
-            ]),
-            post: vec![lm_head(false), w("model.norm.weight")],
-            known: true,
-        },
-        _ => return None,
+    let model_type = config.get("model_type").and_then(|m| m.as_str());
+    let candidates: Vec<&Entry> = table()?
+        .architectures
+        .iter()
+        .filter(|e| e.architectures.iter().any(|a| a == arch))
+        .collect();
+    let entry = match candidates.as_slice() {
+        [one] => *one,
+        many => *many
+            .iter()
+            .find(|e| Some(e.model_type.as_str()) == model_type)?,
     };
-    Some(a)
+    if entry.modules.iter().any(|m| m.unsupported.is_some()) {
+        return None;
+    }
+    Some(Architecture {
+        name: arch.into(),
+        modules: entry.modules.clone(),
+        known: true,
+        vocab_key: entry.vocab_key.clone(),
+    })
+}
+
+/// A config value at a dotted path (`text_config.num_hidden_layers`).
+pub fn config_value<'a>(config: &'a serde_json::Value, key: &str) -> Option<&'a serde_json::Value> {
+    key.split('.').try_fold(config, |v, k| v.get(k))
 }
 
 /// Split a name at its first `.N.`: (template with `{}`, N).
@@ -180,37 +175,62 @@ pub fn infer(models: &[&Model]) -> Architecture {
             }
         }
     }
+    let plain = |name: String, optional: bool| Weight {
+        name,
+        optional,
+        aliases: Vec::new(),
+        tied: Vec::new(),
+        vocab: None,
+    };
     let pre = loose
         .into_iter()
-        .map(|n| Weight {
-            optional: !models.iter().all(|m| m.get(&n).is_some()),
-            tied_to: None,
-            name: n,
+        .map(|n| {
+            let optional = !models.iter().all(|m| m.get(&n).is_some());
+            plain(n, optional)
         })
         .collect();
     Architecture {
         name: "inferred".into(),
-        pre,
-        layer_templates: templates,
-        post: Vec::new(),
+        modules: vec![Module {
+            name: "default".into(),
+            prefix: String::new(),
+            layers_key: None,
+            fixed_layers: None,
+            pre,
+            layer_templates: templates.into_iter().map(|t| plain(t, false)).collect(),
+            post: Vec::new(),
+            unsupported: None,
+        }],
         known: false,
+        vocab_key: None,
     }
 }
 
-/// Number of layers of a model: config.json's `num_hidden_layers` for known architectures,
-/// else one more than the largest layer index in its tensor names.
-pub fn layer_count(model: &Model, config: Option<&serde_json::Value>, arch: &Architecture) -> u64 {
+/// Number of layers of module `module` of a model: the definition's fixed count, or the
+/// module's config.json key, else one more than the largest layer index its tensor names show.
+pub fn layer_count(
+    model: &Model,
+    config: Option<&serde_json::Value>,
+    arch: &Architecture,
+    module: usize,
+) -> u64 {
+    let m = &arch.modules[module];
+    if let Some(n) = m.fixed_layers {
+        return n;
+    }
     // Layers the tensor names show (never more than the tensors themselves).
     let present = model
         .tensors()
         .iter()
-        .filter_map(|t| split_layer(&t.name).map(|(_, n)| n.saturating_add(1)))
+        .filter_map(|t| t.name.strip_prefix(m.prefix.as_str()))
+        .filter_map(|n| split_layer(n).map(|(_, i)| i.saturating_add(1)))
         .max()
         .unwrap_or(0)
         .min(model.tensors().len() as u64);
     if arch.known
+        && let Some(key) = &m.layers_key
         && let Some(n) = config
-            .and_then(|c| c.get("num_hidden_layers"))
+            .and_then(|c| config_value(c, key))
             .and_then(|v| v.as_u64())
     {
         // A config claiming more layers than the checkpoint holds fails on the first missing
@@ -235,10 +255,25 @@ mod tests {
     }
 
     #[test]
-    fn llama_definition() {
+    fn definitions_parse_and_resolve() {
+        assert!(table().is_some_and(|t| t.architectures.len() > 60));
         let a = known(&serde_json::json!({"architectures": ["LlamaForCausalLM"]})).unwrap();
-        assert_eq!(a.layer_templates.len(), 9);
-        assert!(a.post[1].optional);
+        assert_eq!(a.modules.len(), 1);
+        assert_eq!(a.modules[0].layer_templates.len(), 9);
+        assert!(a.modules[0].post[1].optional);
+        assert_eq!(
+            a.modules[0].layers_key.as_deref(),
+            Some("num_hidden_layers")
+        );
+        let g = known(&serde_json::json!({"architectures": ["GPT2LMHeadModel"]})).unwrap();
+        assert_eq!(g.modules[0].layers_key.as_deref(), Some("n_layer"));
+        let m = known(&serde_json::json!({"architectures": ["Mistral3ForConditionalGeneration"]}))
+            .unwrap();
+        assert_eq!(
+            m.module_names(),
+            "text_decoder, multi_modal_projector, vision_tower"
+        );
+        assert_eq!(m.modules[0].prefix, "language_model.");
         assert!(known(&serde_json::json!({"architectures": ["Foo"]})).is_none());
     }
 }

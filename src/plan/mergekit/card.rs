@@ -9,8 +9,11 @@ use crate::model::Model;
 use crate::plan::outputs::{OutputFiles, TOKENIZER_FILES, with_dtype};
 use crate::source::Source;
 
+use super::arch::Architecture;
 use super::config::{MergeConfig, ModelRef};
+use super::depth;
 use super::inputs::Input;
+use super::tensors::OutLayers;
 use super::{MergeOptions, cfg_err};
 
 /// config.json (dtype, layer count), tokenizer files, mergekit_config.yml and the model card.
@@ -22,21 +25,19 @@ pub(super) fn output_files(
     inputs: &[Input],
     sources: &[Model],
     donor: usize,
-    out_layers: u64,
+    arch: &Architecture,
+    out_layers: &OutLayers,
+    names: &[&str],
     dtype: Option<DType>,
 ) -> Result<OutputFiles> {
     let donor_files = sources[inputs[donor].source].source.clone();
     let mut config = inputs[donor].config.clone();
-    if let (Some(c), Some(d)) = (config.take(), dtype) {
-        config = Some(with_dtype(c, d));
-    } else {
-        config = inputs[donor].config.clone();
+    if let Some(c) = config.as_mut() {
+        depth::rewrite(c, arch, out_layers, inputs, donor);
+        depth::check(&opts.config_path, c, arch, out_layers, names)?;
     }
-    if cfg.slices.is_some()
-        && let Some(serde_json::Value::Object(map)) = config.as_mut()
-        && map.contains_key("num_hidden_layers")
-    {
-        map.insert("num_hidden_layers".into(), out_layers.into());
+    if let Some(d) = dtype {
+        config = config.map(|c| with_dtype(c, d));
     }
     let mut out = OutputFiles {
         config,

@@ -267,6 +267,45 @@ pub struct SliceEntry {
     pub base_model: Option<ModelRef>,
 }
 
+/// One entry of `modules:`: models or slices, and parameters shared by the module.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModuleEntry {
+    #[serde(default)]
+    pub models: Option<Vec<ModelEntry>>,
+    #[serde(default)]
+    pub slices: Option<Vec<SliceEntry>>,
+    #[serde(default)]
+    pub parameters: Option<Parameters>,
+}
+
+/// `modules:` as a list in the order the config gives them (mergekit plans them so).
+fn ordered_modules<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Vec<(String, ModuleEntry)>>, D::Error> {
+    struct V;
+    impl<'de> Visitor<'de> for V {
+        type Value = Option<Vec<(String, ModuleEntry)>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a map of module names to their models or slices")
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+            let mut out: Vec<(String, ModuleEntry)> = Vec::new();
+            while let Some((k, v)) = m.next_entry::<String, ModuleEntry>()? {
+                if out.iter().any(|(n, _)| *n == k) {
+                    return Err(de::Error::custom(format!("module `{k}` is given twice")));
+                }
+                out.push((k, v));
+            }
+            Ok(Some(out))
+        }
+    }
+    d.deserialize_any(V)
+}
+
 /// A mergekit config file.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -276,8 +315,10 @@ pub struct MergeConfig {
     pub models: Option<Vec<ModelEntry>>,
     #[serde(default)]
     pub slices: Option<Vec<SliceEntry>>,
-    #[serde(default)]
-    pub modules: Option<serde_yaml_ng::Value>,
+    /// Per-module definitions (`text_decoder`, `vision_tower`, … or `default`), in config
+    /// order.
+    #[serde(default, deserialize_with = "ordered_modules")]
+    pub modules: Option<Vec<(String, ModuleEntry)>>,
     #[serde(default)]
     pub base_model: Option<ModelRef>,
     #[serde(default)]

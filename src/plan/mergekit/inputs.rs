@@ -17,7 +17,8 @@ pub(super) struct Input {
     pub source: usize,
     pub effect: Option<AdapterEffect>,
     pub config: Option<serde_json::Value>,
-    pub layers: u64,
+    /// Layers of each module of the architecture.
+    pub layers: Vec<u64>,
 }
 
 /// Every model of the config, in order (base first is not implied: config order).
@@ -46,12 +47,22 @@ pub(super) fn open_models(path: &Path, cfg: &MergeConfig) -> Result<Models> {
     for m in cfg.models.iter().flatten() {
         note(&m.model);
     }
-    for s in cfg.slices.iter().flatten() {
+    let module_slices = cfg
+        .modules
+        .iter()
+        .flatten()
+        .flat_map(|(_, m)| m.slices.iter().flatten());
+    for s in cfg.slices.iter().flatten().chain(module_slices) {
         for src in &s.sources {
             note(&src.model);
         }
         if let Some(b) = &s.base_model {
             note(b);
+        }
+    }
+    for (_, m) in cfg.modules.iter().flatten() {
+        for e in m.models.iter().flatten() {
+            note(&e.model);
         }
     }
     if let Some(b) = &cfg.base_model {
@@ -71,7 +82,7 @@ pub(super) fn open_models(path: &Path, cfg: &MergeConfig) -> Result<Models> {
             source: sources.len() - 1,
             effect: None,
             config,
-            layers: 0,
+            layers: Vec::new(),
         });
     }
     for i in 0..inputs.len() {
@@ -131,7 +142,9 @@ pub(super) fn architecture(
         }
     };
     for inp in inputs.iter_mut() {
-        inp.layers = arch::layer_count(&sources[inp.source], inp.config.as_ref(), &arch);
+        inp.layers = (0..arch.modules.len())
+            .map(|m| arch::layer_count(&sources[inp.source], inp.config.as_ref(), &arch, m))
+            .collect();
     }
 
     Ok(arch)

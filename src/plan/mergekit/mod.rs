@@ -10,6 +10,7 @@ pub mod arch;
 mod card;
 pub mod chat_templates;
 pub mod config;
+mod depth;
 mod inputs;
 pub mod params;
 mod slices;
@@ -69,24 +70,25 @@ pub fn plan_merge(opts: &MergeOptions) -> Result<Plan> {
             ),
         )
     })?;
-    match (&cfg.models, &cfg.slices) {
-        (Some(_), Some(_)) => {
-            return Err(cfg_err(path, "give either `models` or `slices`, not both"));
-        }
-        (None, None) if cfg.modules.is_some() => {
+    let given = [
+        cfg.models.is_some(),
+        cfg.slices.is_some(),
+        cfg.modules.is_some(),
+    ];
+    match given.iter().filter(|g| **g).count() {
+        0 => {
             return Err(cfg_err(
                 path,
-                "`modules` configs are not supported yet; use `models` or `slices`",
+                "the config needs `models`, `slices` or `modules`",
             ));
         }
-        (None, None) => return Err(cfg_err(path, "the config needs `models` or `slices`")),
-        _ => {}
-    }
-    if cfg.modules.is_some() {
-        return Err(cfg_err(
-            path,
-            "`modules` configs are not supported yet; use `models` or `slices`",
-        ));
+        1 => {}
+        _ => {
+            return Err(cfg_err(
+                path,
+                "give exactly one of `models`, `slices` and `modules`",
+            ));
+        }
     }
     if cfg.tokenizer.is_some() {
         return Err(cfg_err(
@@ -110,7 +112,7 @@ pub fn plan_merge(opts: &MergeOptions) -> Result<Plan> {
     let base = cfg.base_model.as_ref().map(|r| models.index_of(r));
     let donor = base.unwrap_or(0);
     let arch = architecture(path, opts, &mut models, donor)?;
-    let slices = build_slices(path, &cfg, &models, base)?;
+    let slices = build_slices(path, &cfg, &arch, &models, base)?;
     for (si, s) in slices.iter().enumerate() {
         check_method_inputs(path, method, si, s, &models.inputs)?;
     }
@@ -127,6 +129,7 @@ pub fn plan_merge(opts: &MergeOptions) -> Result<Plan> {
         out_dtype,
     )?;
     let shards = place(&mut steps, opts.max_shard_size);
+    let names: Vec<&str> = steps.iter().map(|s| s.name.as_str()).collect();
     let outputs = output_files(
         opts,
         &cfg,
@@ -134,7 +137,9 @@ pub fn plan_merge(opts: &MergeOptions) -> Result<Plan> {
         &models.inputs,
         &models.sources,
         donor,
-        out_layers,
+        &arch,
+        &out_layers,
+        &names,
         out_dtype.or(dtype),
     )?;
     Ok(Plan {

@@ -207,7 +207,12 @@ fn tensor_recipe(
             Scope::Tensor => {
                 // Shared parameters are looked up with no model and filtered on the output
                 // name.
-                let found = resolve(param.name, &[slice.params, top], &p.out, p.t);
+                let found = resolve(
+                    param.name,
+                    &[slice.params, slice.module_params, top],
+                    &p.out,
+                    p.t,
+                );
                 let value = typed(path, &p.out, param, found)?;
                 match (value, param.need) {
                     (Some(v), _) => resolved.set(param.name, v),
@@ -233,6 +238,7 @@ fn tensor_recipe(
                         .map(|s| s.2)
                         .collect();
                     scopes.push(slice.params);
+                    scopes.push(slice.module_params);
                     scopes.push(top);
                     let found = resolve(param.name, &scopes, in_name, p.t);
                     let value = typed(path, &p.out, param, found)?;

@@ -1,6 +1,7 @@
-//! The output tensors in mergekit's plan order: pre-layer weights from the first slice
-//! (t = 0), each slice's layers renumbered in output order (t = offset/(len−1)), post-layer
-//! weights from the last slice (t = 0).
+//! The output tensors in mergekit's plan order, module by module: pre-layer weights from the
+//! module's first slice (t = 0), each slice's layers renumbered in output order
+//! (t = offset/(len−1)), post-layer weights from its last slice (t = 0); every name with the
+//! module's prefix.
 
 use std::path::Path;
 
@@ -21,83 +22,111 @@ pub(super) struct Planned<'a> {
     pub slice: &'a Slice<'a>,
 }
 
-/// The output tensors, and the number of output layers.
+/// The output layers of each module the slices cover: for each output layer, the model and
+/// layer it comes from (the slice's first source, as mergekit counts them).
+pub(super) type OutLayers = Vec<(usize, Vec<(usize, u64)>)>;
+
+/// The output tensors, module by module, and each module's output layers.
 pub(super) fn output_tensors<'a>(
     arch: &Architecture,
     slices: &'a [Slice<'a>],
     models: &Models,
-) -> (Vec<Planned<'a>>, u64) {
+) -> (Vec<Planned<'a>>, OutLayers) {
     let (sources, inputs) = (&models.sources, &models.inputs);
-    let mut planned: Vec<Planned<'_>> = Vec::new();
-    let weight_inputs = |slice: &Slice<'_>, w: &arch::Weight| -> Option<Vec<(usize, String)>> {
-        let has = |m: usize, n: &str| sources[inputs[m].source].get(n).is_some();
-        if w.optional && !slice.sources.iter().any(|s| has(s.0, &w.name)) {
-            return None;
-        }
-        Some(
-            slice
-                .sources
-                .iter()
-                .map(|s| {
-                    let name = match &w.tied_to {
-                        Some(t) if !has(s.0, &w.name) && has(s.0, t) => t.clone(),
-                        _ => w.name.clone(),
-                    };
-                    (s.0, name)
-                })
-                .collect(),
-        )
-    };
-    if let Some(first) = slices.first() {
-        for w in &arch.pre {
-            if let Some(ins) = weight_inputs(first, w) {
-                planned.push(Planned {
-                    out: w.name.clone(),
-                    inputs: ins,
-                    t: 0.0,
-                    slice: first,
-                });
-            }
-        }
-    }
-    let mut out_layer = 0u64;
-    for s in slices {
-        for idx in 0..s.len {
-            let t = if s.len > 1 {
-                idx as f64 / (s.len - 1) as f64
-            } else {
-                1.0
+    let has = |m: usize, n: &str| sources[inputs[m].source].get(n).is_some();
+    // The name model `m` stores weight `w` under: its own name, an alias, or (when it has
+    // neither) a tied name it has; its own name when it has none of them.
+    let input_name = |m: usize, prefix: &str, w: &arch::Weight, layer: Option<u64>| {
+        let full = |n: &str| {
+            let n = match layer {
+                Some(l) => n.replacen("{}", &l.to_string(), 1),
+                None => n.to_string(),
             };
-            for tpl in &arch.layer_templates {
-                let ins = s
-                    .sources
-                    .iter()
-                    .map(|src| (src.0, tpl.replacen("{}", &(src.1 + idx).to_string(), 1)))
-                    .collect();
-                planned.push(Planned {
-                    out: tpl.replacen("{}", &out_layer.to_string(), 1),
-                    inputs: ins,
-                    t,
-                    slice: s,
-                });
-            }
-            out_layer += 1;
+            format!("{prefix}{n}")
+        };
+        std::iter::once(&w.name)
+            .chain(&w.aliases)
+            .chain(&w.tied)
+            .map(|n| full(n))
+            .find(|n| has(m, n))
+            .unwrap_or_else(|| full(&w.name))
+    };
+    let present = |slice: &Slice<'_>, prefix: &str, w: &arch::Weight| {
+        slice.sources.iter().any(|s| {
+            std::iter::once(&w.name)
+                .chain(&w.aliases)
+                .any(|n| has(s.0, &format!("{prefix}{n}")))
+        })
+    };
+    let mut planned: Vec<Planned<'_>> = Vec::new();
+    let mut out_layers: OutLayers = Vec::new();
+    let mut order: Vec<usize> = Vec::new();
+    for s in slices {
+        if !order.contains(&s.module) {
+            order.push(s.module);
         }
     }
-    if let Some(last) = slices.last() {
-        for w in &arch.post {
-            if let Some(ins) = weight_inputs(last, w) {
-                planned.push(Planned {
-                    out: w.name.clone(),
-                    inputs: ins,
+    for module in order {
+        let m = &arch.modules[module];
+        let prefix = m.prefix.as_str();
+        let mine: Vec<&'a Slice<'a>> = slices.iter().filter(|s| s.module == module).collect();
+        let (Some(first), Some(last)) = (mine.first(), mine.last()) else {
+            continue;
+        };
+        let non_layer = |slice: &'a Slice<'a>, weights: &[arch::Weight]| {
+            let mut v = Vec::new();
+            for w in weights {
+                if w.optional && !present(slice, prefix, w) {
+                    continue;
+                }
+                v.push(Planned {
+                    out: format!("{prefix}{}", w.name),
+                    inputs: slice
+                        .sources
+                        .iter()
+                        .map(|s| (s.0, input_name(s.0, prefix, w, None)))
+                        .collect(),
                     t: 0.0,
-                    slice: last,
+                    slice,
                 });
             }
+            v
+        };
+        planned.extend(non_layer(first, &m.pre));
+        let mut layers = Vec::new();
+        for s in &mine {
+            for idx in 0..s.len {
+                let t = if s.len > 1 {
+                    idx as f64 / (s.len - 1) as f64
+                } else {
+                    1.0
+                };
+                let out_layer = layers.len() as u64;
+                for w in &m.layer_templates {
+                    let ins = s
+                        .sources
+                        .iter()
+                        .map(|src| (src.0, input_name(src.0, prefix, w, Some(src.1 + idx))))
+                        .collect();
+                    planned.push(Planned {
+                        out: format!(
+                            "{prefix}{}",
+                            w.name.replacen("{}", &out_layer.to_string(), 1)
+                        ),
+                        inputs: ins,
+                        t,
+                        slice: s,
+                    });
+                }
+                if let Some(src) = s.sources.first() {
+                    layers.push((src.0, src.1 + idx));
+                }
+            }
         }
+        planned.extend(non_layer(last, &m.post));
+        out_layers.push((module, layers));
     }
-
-    (planned, out_layer)
+    (planned, out_layers)
 }
 
 /// Every `{filter, value}` must match some tensor: a filter that matches nothing is a typo.
@@ -111,6 +140,7 @@ pub(super) fn check_filters(
     for p in [cfg.parameters.as_ref()]
         .into_iter()
         .chain(slices.iter().map(|s| s.params))
+        .chain(slices.iter().map(|s| s.module_params))
         .chain(slices.iter().flat_map(|s| s.sources.iter().map(|x| x.2)))
         .flatten()
     {
