@@ -59,6 +59,8 @@ registry! {
     ],
     model_stock: [ModelStock],
     passthrough: [Passthrough],
+    nearswap: [NearSwap],
+    ram: [Ram, RamPlusTl],
 }
 
 /// The method registered under `name`.
