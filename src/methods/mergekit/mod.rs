@@ -61,6 +61,7 @@ registry! {
     passthrough: [Passthrough],
     nearswap: [NearSwap],
     ram: [Ram, RamPlusTl],
+    sce: [Sce],
 }
 
 /// The method registered under `name`.
