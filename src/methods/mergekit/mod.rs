@@ -62,6 +62,7 @@ registry! {
     nearswap: [NearSwap],
     ram: [Ram, RamPlusTl],
     sce: [Sce],
+    arcee_fusion: [ArceeFusion],
 }
 
 /// The method registered under `name`.

@@ -57,6 +57,15 @@ pub(crate) fn order_key(x: f32) -> u32 {
     }
 }
 
+/// The f32 an [`order_key`] came from.
+pub(crate) fn from_order_key(k: u32) -> f32 {
+    f32::from_bits(if k & 0x8000_0000 != 0 {
+        k & 0x7FFF_FFFF
+    } else {
+        !k
+    })
+}
+
 /// An order statistic found by [`RadixSelect`]: the key at the rank, and how many keys are
 /// below it and equal to it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,7 +81,6 @@ pub(crate) struct Rank {
 /// the chunking, and used on one whole tensor as well so both paths select alike.
 pub(crate) struct RadixSelect {
     hi: Vec<u64>,
-    total: u64,
     /// Per query: its rank, its high-16-bit bucket and the count below that bucket, and the
     /// histogram of the low 16 bits inside the bucket.
     queries: Vec<(u64, u32, u64, Vec<u64>)>,
@@ -82,7 +90,6 @@ impl RadixSelect {
     pub fn new() -> RadixSelect {
         RadixSelect {
             hi: vec![0; 1 << 16],
-            total: 0,
             queries: Vec::new(),
         }
     }
@@ -92,15 +99,9 @@ impl RadixSelect {
         for &k in keys {
             self.hi[(k >> 16) as usize] += 1;
         }
-        self.total += keys.len() as u64;
     }
 
-    /// How many keys the first pass saw.
-    pub fn total(&self) -> u64 {
-        self.total
-    }
-
-    /// Between the passes: the ascending ranks wanted (each below [`total`](Self::total)).
+    /// Between the passes: the ascending ranks wanted (each below the number of keys).
     pub fn target(&mut self, ranks: &[u64]) {
         self.queries = ranks
             .iter()
@@ -171,6 +172,9 @@ mod tests {
         }
         let mut sorted = v.clone();
         sorted.sort_by(|a, b| a.total_cmp(b));
+        for &x in &v {
+            assert_eq!(from_order_key(order_key(x)).to_bits(), x.to_bits());
+        }
         for (r, got) in ranks.iter().zip(s.result()) {
             assert_eq!(got.key, order_key(sorted[*r as usize]));
             let x = sorted[*r as usize];

@@ -124,7 +124,7 @@ pub(super) fn build_steps(
             // mergekit passes non-float buffers through.
             Recipe::Copy(operands[0].tensor)
         } else {
-            let r = tensor_recipe(path, method, p, inputs, top, compute, opts.random_seed)?;
+            let r = tensor_recipe(path, method, p, &shape, inputs, top, compute, opts.random_seed)?;
             Recipe::Compute {
                 operands,
                 method: Method::Mergekit(Box::new(r)),
@@ -167,10 +167,12 @@ fn promote(dtypes: &[DType]) -> DType {
 }
 
 /// Resolve the method's declared parameters for one output tensor and prepare its merge.
+#[allow(clippy::too_many_arguments)]
 fn tensor_recipe(
     path: &Path,
     method: &'static dyn MergeMethod,
     p: &Planned<'_>,
+    shape: &[u64],
     inputs: &[Input],
     top: Option<&Parameters>,
     compute: DType,
@@ -180,6 +182,7 @@ fn tensor_recipe(
     let tensor_err = |msg: String| Error::invalid(msg).at_tensor(&p.out).in_file(path);
     let base = p.inputs.iter().position(|(m, _)| Some(*m) == slice.base);
     let mut resolved = Resolved::new(method.name(), base, p.inputs.len(), seed_for(seed, &p.out));
+    resolved.shape = shape.to_vec();
     for param in method.params() {
         match param.scope {
             Scope::Tensor => {
