@@ -326,4 +326,11 @@ impl TensorMerge for SceMerge {
             (ctx.emit)(rows, &Self::combine(&xs[b], &tvs, &w, d))
         })
     }
+
+    /// The whole-tensor top-k holds a (key, index) pair per element besides the variances:
+    /// above 4M elements (as for TIES) the streamed radix select bounds the memory, at the
+    /// price of torch's tie-breaking at the threshold.
+    fn prefers_streaming(&self, numel: u64) -> bool {
+        self.selecting() && numel > 1 << 22
+    }
 }

@@ -32,23 +32,31 @@ pub fn argsort_asc(keys: &[f32]) -> Vec<usize> {
 /// of several tied keys at the boundary are kept depends on those algorithms' moves, replayed
 /// here.
 pub fn topk_desc(keys: &[f32], k: usize) -> Vec<usize> {
+    if u32::try_from(keys.len()).is_ok() {
+        topk_desc_with::<u32>(keys, k)
+    } else {
+        topk_desc_with::<usize>(keys, k)
+    }
+}
+
+fn topk_desc_with<I: SortIndex>(keys: &[f32], k: usize) -> Vec<usize> {
     let n = keys.len();
     let k = k.min(n);
     if k == 0 {
         return Vec::new();
     }
-    let mut pairs: Vec<(u32, usize)> = keys
+    let mut pairs: Vec<(u32, I)> = keys
         .iter()
         .enumerate()
-        .map(|(i, &x)| (sort_rank(x) ^ u32::MAX, i))
+        .map(|(i, &x)| (sort_rank(x) ^ u32::MAX, I::from_usize(i)))
         .collect();
-    let less = |a: &(u32, usize), b: &(u32, usize)| a.0 < b.0;
+    let less = |a: &(u32, I), b: &(u32, I)| a.0 < b.0;
     if k * 64 <= n {
         heap_select(&mut pairs, k, &less);
     } else {
         nth_element(&mut pairs, k - 1, &less);
     }
-    pairs[..k].iter().map(|&(_, i)| i).collect()
+    pairs[..k].iter().map(|&(_, i)| i.to_usize()).collect()
 }
 
 /// `std::__heap_select(first, first + middle, last)`: the `middle` smallest end up in front.
