@@ -70,13 +70,13 @@ fn softmax_eps(row: &[f32], d: D) -> Vec<f32> {
 /// SLEEF 3's `xexpf` (the u10 single-precision exp), with fused multiply-adds as its AVX-512
 /// build has them.
 fn sleef_expf(d: f32) -> f32 {
-    const R_LN2F: f32 = 1.442_695_f32;
-    const L2U: f32 = 0.693_145_751_953_125;
-    const L2L: f32 = 1.428_606_765_330_187e-6;
-    let q = (d * R_LN2F).round_ties_even() as i32;
+    // ln 2 split in two (SLEEF's L2Uf, L2Lf), by their bits.
+    let l2u = f32::from_bits(0x3f31_7200);
+    let l2l = f32::from_bits(0x35bf_be8e);
+    let q = (d * std::f32::consts::LOG2_E).round_ties_even() as i32;
     let qf = q as f32;
-    let s = qf.mul_add(-L2U, d);
-    let s = qf.mul_add(-L2L, s);
+    let s = qf.mul_add(-l2u, d);
+    let s = qf.mul_add(-l2l, s);
     let mut u = 0.000_198_527_62_f32;
     for c in [
         0.001_393_043_6_f32,

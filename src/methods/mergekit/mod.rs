@@ -236,7 +236,9 @@ mod tests {
     fn operands(n_models: usize, numel: usize, f16: bool) -> Vec<Vec<f32>> {
         let mut z = 0x1234_5678_9abc_def0u64;
         let mut next = move || {
-            z = z.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            z = z
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((z >> 40) as f32 / (1u64 << 24) as f32) - 0.5
         };
         let base: Vec<f32> = (0..numel).map(|_| next() * 0.2).collect();
@@ -256,7 +258,11 @@ mod tests {
     fn ulps(a: &[f32], b: &[f32]) -> (u64, usize) {
         let key = |x: f32| {
             let b = x.to_bits() as i64;
-            if b & 0x8000_0000 != 0 { -(b & 0x7FFF_FFFF) } else { b }
+            if b & 0x8000_0000 != 0 {
+                -(b & 0x7FFF_FFFF)
+            } else {
+                b
+            }
         };
         let d: Vec<u64> = a
             .iter()
@@ -273,7 +279,8 @@ mod tests {
     fn new_methods_stream_in_row_chunks_as_they_merge_whole() {
         let (rows, cols) = (37, 29);
         // (method, parameters, f16 data, largest allowed ulp difference)
-        let cases: &[(&str, &[(&str, f64)], bool, u64)] = &[
+        type Case<'a> = (&'a str, &'a [(&'a str, f64)], bool, u64);
+        let cases: &[Case<'_>] = &[
             // Row-local importances and exact order statistics: the same bits.
             ("arcee_fusion", &[], true, 0),
             // Integer counts: the same bits.
@@ -287,7 +294,13 @@ mod tests {
         ];
         for &(name, params, f16, max_ulp) in cases {
             let m = find(name).expect("registered");
-            let n_models = if m.check_inputs(InputCount { total: 3, others: 2 }).is_ok() {
+            let n_models = if m
+                .check_inputs(InputCount {
+                    total: 3,
+                    others: 2,
+                })
+                .is_ok()
+            {
                 2
             } else {
                 1

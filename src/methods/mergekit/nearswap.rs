@@ -73,18 +73,8 @@ impl TensorMerge for NearSwapMerge {
         let absdiff = d.zip(a, b, |x, y| (x - y).abs());
         // `clamp` keeps NaN, so compare with `<` / `>` rather than `max`/`min`.
         let w = d.map(&absdiff, |x| t / if x < floor { floor } else { x });
-        let w: Vec<f32> = w
-            .iter()
-            .map(|&x| {
-                if x < 0.0 {
-                    0.0
-                } else if x > 1.0 {
-                    1.0
-                } else {
-                    x
-                }
-            })
-            .collect();
+        // `f32::clamp` keeps NaN too.
+        let w: Vec<f32> = w.iter().map(|&x| x.clamp(0.0, 1.0)).collect();
         let wb = d.zip(&w, b, |x, y| x * y);
         let one_minus = d.map(&w, |x| 1.0 - x);
         let wa = d.zip(&one_minus, a, |x, y| x * y);

@@ -124,7 +124,16 @@ pub(super) fn build_steps(
             // mergekit passes non-float buffers through.
             Recipe::Copy(operands[0].tensor)
         } else {
-            let r = tensor_recipe(path, method, p, &shape, inputs, top, compute, opts.random_seed)?;
+            let r = tensor_recipe(
+                path,
+                method,
+                p,
+                &shape,
+                inputs,
+                top,
+                compute,
+                opts.random_seed,
+            )?;
             Recipe::Compute {
                 operands,
                 method: Method::Mergekit(Box::new(r)),
