@@ -233,3 +233,39 @@ fn topk_keeps_the_tied_elements_torch_keeps() {
         assert_eq!(got, want, "n = {}, k = {k}", keys.len());
     }
 }
+
+/// mergekit itself computing in float16/bfloat16 (tests/fixtures/mergekit_lowp_methods):
+/// every elementwise operation rounded to the dtype, and float32 results (arcee_fusion's
+/// float32 mask, ramplus_tl's λ) written as float32 as mergekit does.
+#[test]
+fn low_precision_compute_matches_mergekit() {
+    let dir = fixtures().join("mergekit_lowp_methods");
+    let mut cases: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| {
+            let n = e.unwrap().file_name().to_string_lossy().into_owned();
+            n.strip_suffix(".yml").map(str::to_string)
+        })
+        .collect();
+    cases.sort();
+    assert_eq!(cases.len(), 10);
+    for case in cases {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        let cfg = dir.join(format!("{case}.yml"));
+        ok(
+            &golden2(),
+            &[
+                "merge",
+                cfg.to_str().unwrap(),
+                out.to_str().unwrap(),
+                "--out-shard-size",
+                "100K",
+                "--quiet",
+            ],
+        );
+        // `diff` also requires the same dtypes.
+        let d = diff(&load_dir(&out), &load_dir(&dir.join(&case)));
+        assert_eq!(d.differing, 0, "{case}: {d:?}");
+    }
+}

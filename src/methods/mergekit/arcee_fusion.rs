@@ -12,6 +12,7 @@ use super::method::{
 };
 use super::nearswap::exactly_two;
 use super::stream::{RadixSelect, StreamCtx, from_order_key, order_key};
+use crate::dtype::DType;
 use crate::error::Result;
 
 pub struct ArceeFusion;
@@ -31,6 +32,15 @@ impl MergeMethod for ArceeFusion {
 
     fn check_inputs(&self, n: InputCount) -> std::result::Result<(), String> {
         exactly_two("arcee_fusion", n)
+    }
+
+    /// A float32 factor (the mask) promotes a float16/bfloat16 result to float32, and
+    /// mergekit writes it so.
+    fn result_dtype(&self, compute: DType) -> DType {
+        match compute {
+            DType::F16 | DType::BF16 => DType::F32,
+            d => d,
+        }
     }
 
     fn prepare(&self, p: &Resolved) -> std::result::Result<Arc<dyn TensorMerge>, PrepareError> {

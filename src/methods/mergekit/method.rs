@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use super::arith::D;
 use super::stream::StreamCtx;
+use crate::dtype::DType;
 use crate::error::Result;
 
 /// A parameter's resolved value.
@@ -109,6 +110,11 @@ pub trait MergeMethod: Sync {
     /// Check the number of models of a slice; the message says what is expected.
     fn check_inputs(&self, _n: InputCount) -> std::result::Result<(), String> {
         Ok(())
+    }
+    /// The dtype of the method's result when it computes in `compute`: what mergekit writes
+    /// when the config gives no `out_dtype`.
+    fn result_dtype(&self, compute: DType) -> DType {
+        compute
     }
     /// The arithmetic of one tensor with its resolved parameters; an error message for
     /// values the method cannot use.

@@ -71,8 +71,10 @@ impl TensorMerge for NearSwapMerge {
         let t = self.t as f32;
         let floor = d.qs(1e-6);
         let absdiff = d.zip(a, b, |x, y| (x - y).abs());
-        // `clamp` keeps NaN, so compare with `<` / `>` rather than `max`/`min`.
-        let w = d.map(&absdiff, |x| t / if x < floor { floor } else { x });
+        // `clamp` keeps NaN, so compare with `<` rather than `max`. `t / tensor` is Python's
+        // `__rtruediv__`, which torch runs as `reciprocal(tensor) * t`: two roundings.
+        let recip = d.map(&absdiff, |x| 1.0 / if x < floor { floor } else { x });
+        let w = d.map(&recip, |r| r * t);
         // `f32::clamp` keeps NaN too.
         let w: Vec<f32> = w.iter().map(|&x| x.clamp(0.0, 1.0)).collect();
         let wb = d.zip(&w, b, |x, y| x * y);

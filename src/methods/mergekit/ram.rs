@@ -12,6 +12,7 @@ use super::method::{
     Capability, MergeMethod, Need, Param, PrepareError, Resolved, Scope, TensorMerge, Value,
 };
 use super::stream::StreamCtx;
+use crate::dtype::DType;
 use crate::error::Result;
 use crate::methods::torch_compat as tc;
 
@@ -55,6 +56,15 @@ impl MergeMethod for RamPlusTl {
 
     fn needs_base(&self) -> bool {
         true
+    }
+
+    /// A float32 factor (λ) promotes a float16/bfloat16 result to float32, and
+    /// mergekit writes it so.
+    fn result_dtype(&self, compute: DType) -> DType {
+        match compute {
+            DType::F16 | DType::BF16 => DType::F32,
+            d => d,
+        }
     }
 
     fn prepare(&self, p: &Resolved) -> std::result::Result<Arc<dyn TensorMerge>, PrepareError> {

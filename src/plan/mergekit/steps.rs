@@ -116,7 +116,7 @@ pub(super) fn build_steps(
         let compute = dtype.unwrap_or(promoted);
         let first = &sources[operands[0].tensor.source].tensor(operands[0].tensor.tensor);
         let out_dt = if first.dtype.is_computable() {
-            out_dtype.or(dtype).unwrap_or(promoted)
+            out_dtype.unwrap_or_else(|| method.result_dtype(compute))
         } else {
             first.dtype
         };
