@@ -152,17 +152,20 @@ impl SceMerge {
         }
     }
 
-    /// The top-k selection from the variance keys' order statistics.
-    fn top_selection(&self, n: u64, nonzero: u64, rs: &mut RadixSelect) -> Option<Selection> {
+    /// How many elements the top-k keeps, with the radix select aimed at the k-th largest;
+    /// `None` when it keeps nothing.
+    fn aim_top(&self, n: u64, nonzero: u64, rs: &mut RadixSelect) -> Option<u64> {
         let k = self.top_count(nonzero).min(n);
         if k == 0 {
             return None;
         }
         rs.target(&[n - k]);
-        Some(Selection::All)
+        Some(k)
     }
 
-    fn finish_top(n: u64, k: u64, rs: &RadixSelect) -> Selection {
+    /// The streamed top-k from the k-th largest key: everything above it, and as many of
+    /// the elements equal to it as k still needs.
+    fn top_from(n: u64, k: u64, rs: &RadixSelect) -> Selection {
         match rs.result().first() {
             Some(r) => Selection::Top {
                 key: r.key,
@@ -290,14 +293,14 @@ impl TensorMerge for SceMerge {
                 rs.count(&keys);
                 Ok(())
             })?;
-            sel = match self.top_selection(n, nonzero, &mut rs) {
+            sel = match self.aim_top(n, nonzero, &mut rs) {
                 None => Selection::Nothing,
-                Some(_) => {
+                Some(k) => {
                     ctx.pass(|_, xs| {
                         rs.refine(&Self::variance_keys(&tvs_of(&xs), d));
                         Ok(())
                     })?;
-                    Self::finish_top(n, self.top_count(nonzero), &rs)
+                    Self::top_from(n, k, &rs)
                 }
             };
         }
