@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use super::arith::D;
 use super::stream::StreamCtx;
+use crate::dtype::DType;
 use crate::error::Result;
 
 /// A parameter's resolved value.
@@ -110,6 +111,11 @@ pub trait MergeMethod: Sync {
     fn check_inputs(&self, _n: InputCount) -> std::result::Result<(), String> {
         Ok(())
     }
+    /// The dtype of the method's result when it computes in `compute`: what mergekit writes
+    /// when the config gives no `out_dtype`.
+    fn result_dtype(&self, compute: DType) -> DType {
+        compute
+    }
     /// The arithmetic of one tensor with its resolved parameters; an error message for
     /// values the method cannot use.
     fn prepare(&self, p: &Resolved) -> std::result::Result<Arc<dyn TensorMerge>, PrepareError>;
@@ -166,6 +172,9 @@ pub struct Resolved {
     pub inputs: usize,
     /// Seed of random masks for this tensor.
     pub seed: u64,
+    /// The output tensor's shape (empty when unknown), for methods that work along its last
+    /// dimension as PyTorch's `dim=-1` does.
+    pub shape: Vec<u64>,
     shared: Vec<(&'static str, Value)>,
     per_input: Vec<Vec<(&'static str, Value)>>,
 }
@@ -177,6 +186,7 @@ impl Resolved {
             base,
             inputs,
             seed,
+            shape: Vec::new(),
             shared: Vec::new(),
             per_input: vec![Vec::new(); inputs],
         }

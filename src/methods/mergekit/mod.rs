@@ -59,6 +59,10 @@ registry! {
     ],
     model_stock: [ModelStock],
     passthrough: [Passthrough],
+    nearswap: [NearSwap],
+    ram: [Ram, RamPlusTl],
+    sce: [Sce],
+    arcee_fusion: [ArceeFusion],
 }
 
 /// The method registered under `name`.
@@ -195,6 +199,139 @@ mod tests {
             let out = merge.merge(&xs, 2, 3, D(DType::F32));
             assert_eq!(out.len(), 6, "{}", m.name());
             assert!(out.iter().all(|v| v.is_finite()), "{}: {out:?}", m.name());
+        }
+    }
+
+    /// Run `merge`'s streamed path over `xs` in chunks of `chunk` rows.
+    fn streamed(
+        merge: &dyn TensorMerge,
+        xs: &[Vec<f32>],
+        (rows, cols): (usize, usize),
+        chunk: u64,
+        d: D,
+    ) -> Vec<f32> {
+        use std::ops::Range;
+        let out = std::cell::RefCell::new(vec![f32::NAN; rows * cols]);
+        let span = |r: &Range<u64>| r.start as usize * cols..r.end as usize * cols;
+        let load = |r: Range<u64>| -> crate::error::Result<Vec<Vec<f32>>> {
+            Ok(xs.iter().map(|x| x[span(&r)].to_vec()).collect())
+        };
+        let emit = |r: Range<u64>, v: &[f32]| -> crate::error::Result<()> {
+            out.borrow_mut()[span(&r)].copy_from_slice(v);
+            Ok(())
+        };
+        let ctx = StreamCtx {
+            rows: rows as u64,
+            cols,
+            chunk_rows: chunk,
+            load: &load,
+            emit: &emit,
+        };
+        merge.stream(&ctx, d).expect("streams");
+        out.into_inner()
+    }
+
+    /// Deterministic test operands: a base and models near it, quantized to f16 when asked
+    /// (f16 task vectors take few distinct values, so statistics tie).
+    fn operands(n_models: usize, numel: usize, f16: bool) -> Vec<Vec<f32>> {
+        let mut z = 0x1234_5678_9abc_def0u64;
+        let mut next = move || {
+            z = z
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((z >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        };
+        let base: Vec<f32> = (0..numel).map(|_| next() * 0.2).collect();
+        let mut xs = vec![base.clone()];
+        for _ in 0..n_models {
+            xs.push(base.iter().map(|&b| b + next() * 0.06).collect());
+        }
+        if f16 {
+            for x in &mut xs {
+                D(DType::F16).q(x);
+            }
+        }
+        xs
+    }
+
+    /// Largest difference in f32 ulps, and how many elements differ.
+    fn ulps(a: &[f32], b: &[f32]) -> (u64, usize) {
+        let key = |x: f32| {
+            let b = x.to_bits() as i64;
+            if b & 0x8000_0000 != 0 {
+                -(b & 0x7FFF_FFFF)
+            } else {
+                b
+            }
+        };
+        let d: Vec<u64> = a
+            .iter()
+            .zip(b)
+            .map(|(&x, &y)| key(x).abs_diff(key(y)))
+            .collect();
+        (
+            d.iter().copied().max().unwrap_or(0),
+            d.iter().filter(|&&u| u > 0).count(),
+        )
+    }
+
+    #[test]
+    fn new_methods_stream_in_row_chunks_as_they_merge_whole() {
+        let (rows, cols) = (37, 29);
+        // (method, parameters, f16 data, largest allowed ulp difference)
+        type Case<'a> = (&'a str, &'a [(&'a str, f64)], bool, u64);
+        let cases: &[Case<'_>] = &[
+            // Row-local importances and exact order statistics: the same bits.
+            ("arcee_fusion", &[], true, 0),
+            // Integer counts: the same bits.
+            ("ramplus_tl", &[("epsilon", 0.02)], true, 0),
+            ("ram", &[("epsilon", 0.02)], true, 0),
+            ("nearswap", &[("t", 0.01)], true, 0),
+            // The mean squares are summed in f64 when streamed, in torch's f32 order whole;
+            // the weights then differ in the last bits.
+            ("sce", &[("select_topk", 1.0)], false, 8),
+            ("sce", &[("select_topk", 0.3)], false, 8),
+        ];
+        for &(name, params, f16, max_ulp) in cases {
+            let m = find(name).expect("registered");
+            let n_models = if m
+                .check_inputs(InputCount {
+                    total: 3,
+                    others: 2,
+                })
+                .is_ok()
+            {
+                2
+            } else {
+                1
+            };
+            let xs = operands(n_models, rows * cols, f16);
+            let mut r = Resolved::new(m.name(), Some(0), xs.len(), 7);
+            r.shape = vec![rows as u64, cols as u64];
+            for p in m.params() {
+                let v = params
+                    .iter()
+                    .find(|(n, _)| *n == p.name)
+                    .map(|&(_, v)| Value::Number(v))
+                    .or(match p.need {
+                        Need::Default(v) => Some(v),
+                        _ => None,
+                    });
+                if let Some(v) = v {
+                    r.set(p.name, v);
+                }
+            }
+            let merge = m.prepare(&r).unwrap_or_else(|e| panic!("{name}: {e:?}"));
+            let d = D(DType::F32);
+            let whole = merge.merge(&xs, rows, cols, d);
+            for chunk in [1, 5, rows as u64] {
+                let s = streamed(merge.as_ref(), &xs, (rows, cols), chunk, d);
+                let (u, n) = ulps(&whole, &s);
+                assert!(
+                    u <= max_ulp,
+                    "{name} {params:?}, chunks of {chunk}: {n} elements differ, up to {u} ulps"
+                );
+            }
         }
     }
 

@@ -45,3 +45,141 @@ impl StreamCtx<'_> {
 pub(crate) fn sum_sq(v: &[f32]) -> f64 {
     v.iter().map(|&x| (x as f64) * (x as f64)).sum()
 }
+
+/// An order-preserving key of an f32 for radix selection: negative values below positive
+/// ones, −0 just below +0, NaN at the ends.
+pub(crate) fn order_key(x: f32) -> u32 {
+    let b = x.to_bits();
+    if b & 0x8000_0000 != 0 {
+        !b
+    } else {
+        b | 0x8000_0000
+    }
+}
+
+/// The f32 an [`order_key`] came from.
+pub(crate) fn from_order_key(k: u32) -> f32 {
+    f32::from_bits(if k & 0x8000_0000 != 0 {
+        k & 0x7FFF_FFFF
+    } else {
+        !k
+    })
+}
+
+/// An order statistic found by [`RadixSelect`]: the key at the rank, and how many keys are
+/// below it and equal to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Rank {
+    pub key: u32,
+    pub below: u64,
+    pub equal: u64,
+}
+
+/// The keys at given ascending ranks of a tensor too large to hold, in two passes of 16 bits
+/// each: [`count`](Self::count) every key, [`target`](Self::target) the ranks,
+/// [`refine`](Self::refine) every key again, then [`result`](Self::result). Exact, whatever
+/// the chunking, and used on one whole tensor as well so both paths select alike.
+pub(crate) struct RadixSelect {
+    hi: Vec<u64>,
+    /// Per query: its rank, its high-16-bit bucket and the count below that bucket, and the
+    /// histogram of the low 16 bits inside the bucket.
+    queries: Vec<(u64, u32, u64, Vec<u64>)>,
+}
+
+impl RadixSelect {
+    pub fn new() -> RadixSelect {
+        RadixSelect {
+            hi: vec![0; 1 << 16],
+            queries: Vec::new(),
+        }
+    }
+
+    /// First pass.
+    pub fn count(&mut self, keys: &[u32]) {
+        for &k in keys {
+            self.hi[(k >> 16) as usize] += 1;
+        }
+    }
+
+    /// Between the passes: the ascending ranks wanted (each below the number of keys).
+    pub fn target(&mut self, ranks: &[u64]) {
+        self.queries = ranks
+            .iter()
+            .map(|&r| {
+                let (bucket, below) = locate(&self.hi, r);
+                (r, bucket, below, vec![0; 1 << 16])
+            })
+            .collect();
+    }
+
+    /// Second pass.
+    pub fn refine(&mut self, keys: &[u32]) {
+        for &k in keys {
+            for (_, bucket, _, lo) in self.queries.iter_mut() {
+                if k >> 16 == *bucket {
+                    lo[(k & 0xFFFF) as usize] += 1;
+                }
+            }
+        }
+    }
+
+    /// The order statistics, in the order the ranks were given.
+    pub fn result(&self) -> Vec<Rank> {
+        self.queries
+            .iter()
+            .map(|(r, bucket, below, lo)| {
+                let (low, below_lo) = locate(lo, r - below);
+                Rank {
+                    key: bucket << 16 | low,
+                    below: below + below_lo,
+                    equal: lo[low as usize],
+                }
+            })
+            .collect()
+    }
+}
+
+/// The bucket holding ascending rank `rank` of a histogram, and the count below it.
+fn locate(hist: &[u64], rank: u64) -> (u32, u64) {
+    let mut below = 0u64;
+    for (b, &c) in hist.iter().enumerate() {
+        if below + c > rank {
+            return (b as u32, below);
+        }
+        below += c;
+    }
+    (hist.len().saturating_sub(1) as u32, below)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn radix_select_finds_order_statistics_of_signed_values() {
+        let v: Vec<f32> = (0..5000)
+            .map(|i| ((i * 7919) % 5003) as f32 * if i % 3 == 0 { -0.37 } else { 1.1 })
+            .collect();
+        let keys: Vec<u32> = v.iter().map(|&x| order_key(x)).collect();
+        let mut s = RadixSelect::new();
+        for c in keys.chunks(333) {
+            s.count(c);
+        }
+        let ranks = [0, 1250, 2499, 4999];
+        s.target(&ranks);
+        for c in keys.chunks(333) {
+            s.refine(c);
+        }
+        let mut sorted = v.clone();
+        sorted.sort_by(|a, b| a.total_cmp(b));
+        for &x in &v {
+            assert_eq!(from_order_key(order_key(x)).to_bits(), x.to_bits());
+        }
+        for (r, got) in ranks.iter().zip(s.result()) {
+            assert_eq!(got.key, order_key(sorted[*r as usize]));
+            let x = sorted[*r as usize];
+            assert_eq!(got.below, v.iter().filter(|&&y| y < x).count() as u64);
+            assert_eq!(got.equal, v.iter().filter(|&&y| y == x).count() as u64);
+        }
+    }
+}

@@ -67,7 +67,7 @@ pub mod reduce;
 pub mod sort;
 
 pub use reduce::*;
-pub use sort::{argsort_asc, argsort_desc};
+pub use sort::{argsort_asc, argsort_desc, topk_desc};
 
 #[cfg(test)]
 mod tests {

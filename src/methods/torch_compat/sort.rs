@@ -23,6 +23,97 @@ pub fn argsort_asc(keys: &[f32]) -> Vec<usize> {
     argsort(keys, false)
 }
 
+/// The indices `torch.topk(keys, k, largest=True)` returns on a CPU f32 tensor, as a set (in no
+/// particular order).
+///
+/// ATen's `topk_impl_loop` fills (value, index) pairs in index order and, with the descending
+/// NaN-first comparator of [`argsort_desc`], runs `std::partial_sort` to `k` when
+/// `k * 64 <= n`, else `std::nth_element` at `k - 1`; the first `k` pairs are the result. Which
+/// of several tied keys at the boundary are kept depends on those algorithms' moves, replayed
+/// here.
+pub fn topk_desc(keys: &[f32], k: usize) -> Vec<usize> {
+    if u32::try_from(keys.len()).is_ok() {
+        topk_desc_with::<u32>(keys, k)
+    } else {
+        topk_desc_with::<usize>(keys, k)
+    }
+}
+
+fn topk_desc_with<I: SortIndex>(keys: &[f32], k: usize) -> Vec<usize> {
+    let n = keys.len();
+    let k = k.min(n);
+    if k == 0 {
+        return Vec::new();
+    }
+    let mut pairs: Vec<(u32, I)> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| (sort_rank(x) ^ u32::MAX, I::from_usize(i)))
+        .collect();
+    let less = |a: &(u32, I), b: &(u32, I)| a.0 < b.0;
+    if k * 64 <= n {
+        heap_select(&mut pairs, k, &less);
+    } else {
+        nth_element(&mut pairs, k - 1, &less);
+    }
+    pairs[..k].iter().map(|&(_, i)| i.to_usize()).collect()
+}
+
+/// `std::__heap_select(first, first + middle, last)`: the `middle` smallest end up in front.
+fn heap_select<T: Copy, L: Fn(&T, &T) -> bool>(v: &mut [T], middle: usize, less: &L) {
+    make_heap(&mut v[..middle], less);
+    for i in middle..v.len() {
+        if less(&v[i], &v[0]) {
+            // __pop_heap(first, middle, i)
+            let value = v[i];
+            v[i] = v[0];
+            adjust_heap(&mut v[..middle], 0, middle, value, less);
+        }
+    }
+}
+
+/// `std::__make_heap`.
+fn make_heap<T: Copy, L: Fn(&T, &T) -> bool>(v: &mut [T], less: &L) {
+    let len = v.len();
+    if len < 2 {
+        return;
+    }
+    let mut parent = (len - 2) / 2;
+    loop {
+        let value = v[parent];
+        adjust_heap(v, parent, len, value, less);
+        if parent == 0 {
+            break;
+        }
+        parent -= 1;
+    }
+}
+
+/// `std::nth_element` (libstdc++ `__introselect`, depth limit `2 * floor(log2 n)`).
+fn nth_element<T: Copy, L: Fn(&T, &T) -> bool>(v: &mut [T], nth: usize, less: &L) {
+    let n = v.len();
+    if n == 0 || nth >= n {
+        return;
+    }
+    let (mut lo, mut hi) = (0, n);
+    let mut depth = 2 * n.ilog2() as usize;
+    while hi - lo > 3 {
+        if depth == 0 {
+            heap_select(&mut v[lo..hi], nth + 1 - lo, less);
+            v.swap(lo, nth);
+            return;
+        }
+        depth -= 1;
+        let cut = lo + unguarded_partition_pivot(&mut v[lo..hi], less);
+        if cut <= nth {
+            lo = cut;
+        } else {
+            hi = cut;
+        }
+    }
+    insertion_sort(&mut v[lo..hi], less);
+}
+
 // ------------------------------------------------------------------------------------------------
 // Sort internals (libstdc++ std::sort, GCC 13)
 // ------------------------------------------------------------------------------------------------

@@ -138,7 +138,7 @@ pub(super) fn build_steps(
         let compute = dtype.unwrap_or(promoted);
         let first = &sources[operands[0].tensor.source].tensor(operands[0].tensor.tensor);
         let out_dt = if first.dtype.is_computable() {
-            out_dtype.or(dtype).unwrap_or(promoted)
+            out_dtype.unwrap_or_else(|| method.result_dtype(compute))
         } else {
             first.dtype
         };
@@ -146,7 +146,16 @@ pub(super) fn build_steps(
             // mergekit passes non-float buffers through.
             Recipe::Copy(operands[0].tensor)
         } else {
-            let r = tensor_recipe(path, method, p, inputs, top, compute, opts.random_seed)?;
+            let r = tensor_recipe(
+                path,
+                method,
+                p,
+                &shape,
+                inputs,
+                top,
+                compute,
+                opts.random_seed,
+            )?;
             Recipe::Compute {
                 operands,
                 method: Method::Mergekit(Box::new(r)),
@@ -189,10 +198,12 @@ fn promote(dtypes: &[DType]) -> DType {
 }
 
 /// Resolve the method's declared parameters for one output tensor and prepare its merge.
+#[allow(clippy::too_many_arguments)]
 fn tensor_recipe(
     path: &Path,
     method: &'static dyn MergeMethod,
     p: &Planned<'_>,
+    shape: &[u64],
     inputs: &[Input],
     top: Option<&Parameters>,
     compute: DType,
@@ -202,6 +213,7 @@ fn tensor_recipe(
     let tensor_err = |msg: String| Error::invalid(msg).at_tensor(&p.out).in_file(path);
     let base = p.inputs.iter().position(|(m, _)| Some(*m) == slice.base);
     let mut resolved = Resolved::new(method.name(), base, p.inputs.len(), seed_for(seed, &p.out));
+    resolved.shape = shape.to_vec();
     for param in method.params() {
         match param.scope {
             Scope::Tensor => {
