@@ -166,6 +166,9 @@ pub struct Resolved {
     pub inputs: usize,
     /// Seed of random masks for this tensor.
     pub seed: u64,
+    /// The tensor's shape (empty when unknown): mergekit's row-wise methods pick the axis
+    /// they reduce over from it, where the pipeline only sees rows × columns.
+    pub shape: Vec<u64>,
     shared: Vec<(&'static str, Value)>,
     per_input: Vec<Vec<(&'static str, Value)>>,
 }
@@ -177,6 +180,7 @@ impl Resolved {
             base,
             inputs,
             seed,
+            shape: Vec::new(),
             shared: Vec::new(),
             per_input: vec![Vec::new(); inputs],
         }

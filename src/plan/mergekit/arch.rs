@@ -5,7 +5,7 @@
 //! the tensors they list are written). Anything else is inferred as mergekit does: the
 //! first `.N.` in a name is the layer index, everything else is a pre-layer weight at t = 0.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::model::Model;
 
@@ -25,6 +25,10 @@ pub struct Architecture {
     pub pre: Vec<Weight>,
     /// Per-layer names with `{}` standing for the layer index.
     pub layer_templates: Vec<String>,
+    /// For inferred architectures, the number of layers each template has in the inputs
+    /// (parallel to `layer_templates`): a vision-language model's towers have their own
+    /// layer counts. Empty for known architectures (every template spans all layers).
+    pub template_layers: Vec<u64>,
     pub post: Vec<Weight>,
     /// Whether config.json's `num_hidden_layers` describes the layers (known architectures).
     pub known: bool,
@@ -75,6 +79,7 @@ pub fn known(config: &serde_json::Value) -> Option<Architecture> {
             pre: embed(),
             layer_templates: layers(LLAMA_LAYER),
             post: vec![w("model.norm.weight"), lm_head(true)],
+            template_layers: Vec::new(),
             known: true,
         },
         "Qwen2ForCausalLM" => Architecture {
@@ -95,6 +100,7 @@ pub fn known(config: &serde_json::Value) -> Option<Architecture> {
                 "self_attn.v_proj.weight",
             ]),
             post: vec![w("model.norm.weight"), lm_head(true)],
+            template_layers: Vec::new(),
             known: true,
         },
         "GemmaForCausalLM" => Architecture {
@@ -102,6 +108,7 @@ pub fn known(config: &serde_json::Value) -> Option<Architecture> {
             pre: embed(),
             layer_templates: layers(LLAMA_LAYER),
             post: vec![w("model.norm.weight")],
+            template_layers: Vec::new(),
             known: true,
         },
         "Gemma2ForCausalLM" => {
@@ -115,6 +122,7 @@ pub fn known(config: &serde_json::Value) -> Option<Architecture> {
                 pre: embed(),
                 layer_templates: layers(&l),
                 post: vec![w("model.norm.weight"), lm_head(true)],
+                template_layers: Vec::new(),
                 known: true,
             }
         }
@@ -130,11 +138,19 @@ pub fn known(config: &serde_json::Value) -> Option<Architecture> {
                 "mlp.down_proj.weight",
             ]),
             post: vec![lm_head(false), w("model.norm.weight")],
+            template_layers: Vec::new(),
             known: true,
         },
         _ => return None,
     };
     Some(a)
+}
+
+impl Architecture {
+    /// Whether template `i` has a layer `n` (inferred architectures: some input has it).
+    pub fn has_layer(&self, i: usize, n: u64) -> bool {
+        self.template_layers.get(i).is_none_or(|&count| n < count)
+    }
 }
 
 /// Split a name at its first `.N.`: (template with `{}`, N).
@@ -159,7 +175,8 @@ pub fn split_layer(name: &str) -> Option<(String, u64)> {
 /// pre-layer weights (optional unless every input has them).
 pub fn infer(models: &[&Model]) -> Architecture {
     let mut templates: Vec<String> = Vec::new();
-    let mut seen_t = BTreeSet::new();
+    let mut template_layers: Vec<u64> = Vec::new();
+    let mut seen_t = BTreeMap::new();
     let mut loose: Vec<String> = Vec::new();
     let mut seen_l = BTreeSet::new();
     for m in models {
@@ -167,10 +184,13 @@ pub fn infer(models: &[&Model]) -> Architecture {
         crate::plan::order::sort_module_order(&mut names);
         for n in names {
             match split_layer(&n) {
-                Some((t, _)) => {
-                    if seen_t.insert(t.clone()) {
+                Some((t, n)) => {
+                    let i = *seen_t.entry(t.clone()).or_insert_with(|| {
                         templates.push(t);
-                    }
+                        template_layers.push(0);
+                        templates.len() - 1
+                    });
+                    template_layers[i] = template_layers[i].max(n.saturating_add(1));
                 }
                 None => {
                     if seen_l.insert(n.clone()) {
@@ -192,6 +212,7 @@ pub fn infer(models: &[&Model]) -> Architecture {
         name: "inferred".into(),
         pre,
         layer_templates: templates,
+        template_layers,
         post: Vec::new(),
         known: false,
     }

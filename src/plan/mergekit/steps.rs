@@ -124,7 +124,16 @@ pub(super) fn build_steps(
             // mergekit passes non-float buffers through.
             Recipe::Copy(operands[0].tensor)
         } else {
-            let r = tensor_recipe(path, method, p, inputs, top, compute, opts.random_seed)?;
+            let r = tensor_recipe(
+                path,
+                method,
+                p,
+                inputs,
+                top,
+                compute,
+                opts.random_seed,
+                &shape,
+            )?;
             Recipe::Compute {
                 operands,
                 method: Method::Mergekit(Box::new(r)),
@@ -175,11 +184,13 @@ fn tensor_recipe(
     top: Option<&Parameters>,
     compute: DType,
     seed: u64,
+    shape: &[u64],
 ) -> Result<MergekitRecipe> {
     let slice = p.slice;
     let tensor_err = |msg: String| Error::invalid(msg).at_tensor(&p.out).in_file(path);
     let base = p.inputs.iter().position(|(m, _)| Some(*m) == slice.base);
     let mut resolved = Resolved::new(method.name(), base, p.inputs.len(), seed_for(seed, &p.out));
+    resolved.shape = shape.to_vec();
     for param in method.params() {
         match param.scope {
             Scope::Tensor => {

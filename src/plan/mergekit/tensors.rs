@@ -68,7 +68,12 @@ pub(super) fn output_tensors<'a>(
             } else {
                 1.0
             };
-            for tpl in &arch.layer_templates {
+            for (ti, tpl) in arch.layer_templates.iter().enumerate() {
+                // A tower with fewer layers than the model (a VLM's vision encoder) has no
+                // tensors at this index in any input.
+                if !s.sources.iter().any(|src| arch.has_layer(ti, src.1 + idx)) {
+                    continue;
+                }
                 let ins = s
                     .sources
                     .iter()
