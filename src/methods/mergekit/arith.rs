@@ -56,6 +56,9 @@ impl D {
     pub fn sin(self, x: f32) -> f32 {
         self.qs((x as f64).sin() as f32)
     }
+    pub fn cos(self, x: f32) -> f32 {
+        self.qs((x as f64).cos() as f32)
+    }
     /// Elementwise `f(a, b)`, rounded to D.
     pub fn zip(self, a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> Vec<f32> {
         let mut v: Vec<f32> = a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect();

@@ -138,6 +138,17 @@ pub trait TensorMerge: fmt::Debug + Send + Sync {
     /// D precision (the caller encodes them to the output dtype).
     fn merge(&self, xs: &[Vec<f32>], rows: usize, cols: usize, d: D) -> Vec<f32>;
 
+    /// [`TensorMerge::merge`], or why mergekit refuses these values (an error there too).
+    fn try_merge(
+        &self,
+        xs: &[Vec<f32>],
+        rows: usize,
+        cols: usize,
+        d: D,
+    ) -> std::result::Result<Vec<f32>, String> {
+        Ok(self.merge(xs, rows, cols, d))
+    }
+
     /// Stream the tensor in passes over its row chunks. The default computes each chunk on
     /// its own, which is right for elementwise and row-local arithmetic.
     fn stream(&self, ctx: &StreamCtx<'_>, d: D) -> Result<()> {

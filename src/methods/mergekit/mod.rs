@@ -59,6 +59,7 @@ registry! {
     ],
     model_stock: [ModelStock],
     passthrough: [Passthrough],
+    multislerp: [MultiSlerp],
 }
 
 /// The method registered under `name`.
@@ -90,6 +91,16 @@ impl MergekitRecipe {
     /// Merge whole operands (or one chunk of rows, for elementwise methods).
     pub fn merge(&self, xs: &[Vec<f32>], rows: usize, cols: usize) -> Vec<f32> {
         self.merge.merge(xs, rows, cols, D(self.compute))
+    }
+
+    /// [`MergekitRecipe::merge`], or why mergekit refuses these values.
+    pub fn try_merge(
+        &self,
+        xs: &[Vec<f32>],
+        rows: usize,
+        cols: usize,
+    ) -> std::result::Result<Vec<f32>, String> {
+        self.merge.try_merge(xs, rows, cols, D(self.compute))
     }
 
     /// Stream the tensor in passes over its row chunks.
