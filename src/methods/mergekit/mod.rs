@@ -60,6 +60,7 @@ registry! {
     model_stock: [ModelStock],
     passthrough: [Passthrough],
     multislerp: [MultiSlerp],
+    karcher: [Karcher],
 }
 
 /// The method registered under `name`.
