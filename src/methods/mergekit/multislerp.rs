@@ -201,17 +201,14 @@ impl TensorMerge for MultiSlerpMerge {
             }
             Ok(())
         })?;
-        for i in 0..n {
-            for j in 0..i {
-                gram[i][j] = gram[j][i];
-            }
-        }
+        // Only the upper triangle was summed.
+        let gram = |i: usize, j: usize| gram[i.min(j)][i.max(j)];
         let w: Vec<f64> = self.weights(d).iter().map(|&x| x as f64).collect();
         let eps = self.eps as f32 as f64;
-        let norms: Vec<f64> = (0..n).map(|i| gram[i][i].sqrt()).collect();
+        let norms: Vec<f64> = (0..n).map(|i| gram(i, i).sqrt()).collect();
         let den: Vec<f64> = norms.iter().map(|&x| x + eps).collect();
         // The Gram matrix of the unit vectors, and quadratic forms in it.
-        let unit = |i: usize, j: usize| gram[i][j] / (den[i] * den[j]);
+        let unit = |i: usize, j: usize| gram(i, j) / (den[i] * den[j]);
         let quad = |c: &[f64]| -> f64 {
             let mut s = 0.0;
             for i in 0..n {

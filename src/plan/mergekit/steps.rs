@@ -176,6 +176,7 @@ fn promote(dtypes: &[DType]) -> DType {
 }
 
 /// Resolve the method's declared parameters for one output tensor and prepare its merge.
+#[allow(clippy::too_many_arguments)]
 fn tensor_recipe(
     path: &Path,
     method: &'static dyn MergeMethod,
