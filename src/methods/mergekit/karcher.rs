@@ -273,3 +273,29 @@ impl TensorMerge for KarcherMerge {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_iter_is_validated_as_pydantic_does() {
+        assert_eq!(integer("max_iter", 3.0), Ok(3));
+        assert_eq!(integer("max_iter", -2.0), Ok(-2));
+        for bad in [2.5, f64::NAN, f64::INFINITY, 1e20] {
+            assert!(integer("max_iter", bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn two_orthogonal_unit_vectors_meet_halfway() {
+        let m = KarcherMerge {
+            inputs: 2,
+            max_iter: 10,
+            tol: 1e-5,
+        };
+        let out = m.merge(&[vec![1.0, 0.0], vec![0.0, 1.0]], 1, 2, D(DType::F32));
+        let h = std::f32::consts::FRAC_1_SQRT_2;
+        assert!((out[0] - h).abs() < 1e-6 && (out[1] - h).abs() < 1e-6, "{out:?}");
+    }
+}

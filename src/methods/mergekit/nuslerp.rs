@@ -293,3 +293,40 @@ fn nuslerp_vec(t: f64, v0: &[f32], v1: &[f32], d: D) -> Vec<f32> {
     let c = d.sum(&d.zip(&u0, &u1, |a, b| a * b)).clamp(-1.0, 1.0);
     nuslerp_apply(nuslerp_coefficients(t, c, d), v0, v1, d)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dtype::DType;
+
+    #[test]
+    fn axis_follows_mergekit() {
+        let conv = [32, 3, 8, 8];
+        // flatten wins over row_wise.
+        assert_eq!(Axis::of(true, true, &conv), Axis::Flat);
+        assert_eq!(Axis::of(false, false, &conv), Axis::Last(8));
+        assert_eq!(Axis::of(false, true, &conv), Axis::First);
+        // A 1-D tensor is one vector whatever the flags.
+        for (f, r) in [(false, false), (false, true), (true, false)] {
+            assert_eq!(Axis::of(f, r, &[32]), Axis::Flat);
+        }
+    }
+
+    #[test]
+    fn row_wise_interpolates_each_column_on_its_own() {
+        // Two columns: the first colinear (lerp), the second orthogonal (slerp by t = 1/2).
+        let m = NuSlerpMerge {
+            t: 0.5,
+            i0: 0,
+            i1: 1,
+            base: None,
+            axis: Axis::First,
+        };
+        let v0 = vec![1.0, 1.0, 0.0, 0.0];
+        let v1 = vec![2.0, 0.0, 0.0, 1.0];
+        let out = m.merge(&[v0, v1], 2, 2, D(DType::F32));
+        assert_eq!(out[0], 1.5);
+        let h = std::f32::consts::FRAC_1_SQRT_2;
+        assert!((out[1] - h).abs() < 1e-6 && (out[3] - h).abs() < 1e-6, "{out:?}");
+    }
+}
