@@ -90,6 +90,11 @@ impl TensorMerge for KarcherMerge {
         Capability::Streamed
     }
 
+    /// The operands, their unit vectors, and the mean, tangent and their temporaries.
+    fn copies_per_operand(&self) -> u64 {
+        3
+    }
+
     /// mergekit's operations in order, each rounded to D. `torch.dot` is MKL's `sdot`, whose
     /// summation order is its own; torch's sum order stands in for it.
     fn merge(&self, xs: &[Vec<f32>], _rows: usize, _cols: usize, d: D) -> Vec<f32> {
@@ -122,18 +127,24 @@ impl TensorMerge for KarcherMerge {
             .collect();
         let units: Vec<&[f32]> = valid.iter().map(|&i| units[i].as_slice()).collect();
 
+        // Elementwise steps are fused per element (each still rounded to D as torch
+        // rounds every operation) so that only the mean and the tangent are held besides
+        // the units.
         let mut mean = vec![0f32; len];
         for (&a, u) in alphas.iter().zip(&units) {
-            mean = d.zip(&mean, &d.map(u, |x| a * x), |x, y| x + y);
+            for (m, &x) in mean.iter_mut().zip(u.iter()) {
+                *m = d.qs(*m + d.qs(a * x));
+            }
         }
         let mean_norm = norm32(&mean);
-        let mut mean = if (mean_norm as f64) < self.tol {
-            units[0].to_vec()
+        if (mean_norm as f64) < self.tol {
+            mean.copy_from_slice(units[0]);
         } else {
-            d.map(&mean, |x| x / mean_norm)
-        };
+            mean.iter_mut().for_each(|m| *m = d.qs(*m / mean_norm));
+        }
+        let mut tangent = vec![0f32; len];
         for _ in 0..self.max_iter.max(0) {
-            let mut tangent = vec![0f32; len];
+            tangent.fill(0.0);
             for (&a, u) in alphas.iter().zip(&units) {
                 let dot = d
                     .sum(&d.zip(&mean, u, |x, y| x * y))
@@ -143,24 +154,22 @@ impl TensorMerge for KarcherMerge {
                     continue;
                 }
                 let coef = d.qs(a * d.qs(theta / d.sin(theta)));
-                let along = d.map(&mean, |m| dot * m);
-                let step = d.map(&d.zip(u, &along, |x, y| x - y), |x| coef * x);
-                tangent = d.zip(&tangent, &step, |x, y| x + y);
+                for ((t, &m), &x) in tangent.iter_mut().zip(&mean).zip(u.iter()) {
+                    let step = d.qs(coef * d.qs(x - d.qs(dot * m)));
+                    *t = d.qs(*t + step);
+                }
             }
             let tn = norm32(&tangent);
             if (tn as f64) < self.tol {
                 break;
             }
             let (c, s) = (F32.cos(tn), F32.sin(tn));
-            let dir = d.map(&tangent, |x| x / tn);
-            mean = d.zip(
-                &d.map(&mean, |m| c * m),
-                &d.map(&dir, |x| s * x),
-                |x, y| x + y,
-            );
+            for (m, &t) in mean.iter_mut().zip(&tangent) {
+                *m = d.qs(d.qs(c * *m) + d.qs(s * d.qs(t / tn)));
+            }
             let unit_norm = norm32(&mean);
             if unit_norm as f64 > self.tol {
-                mean = d.map(&mean, |x| x / unit_norm);
+                mean.iter_mut().for_each(|m| *m = d.qs(*m / unit_norm));
             }
         }
         // Python's sum over every input (valid or not) of f32 products.

@@ -158,6 +158,12 @@ pub trait TensorMerge: fmt::Debug + Send + Sync {
         })
     }
 
+    /// f32 copies of each operand the whole-tensor arithmetic holds at once (the decoded
+    /// operands included), for the memory estimate that decides when to stream.
+    fn copies_per_operand(&self) -> u64 {
+        1
+    }
+
     /// Stream even when the tensor fits: a full sort of a large tensor costs O(n log n)
     /// where the streamed selection is O(n).
     fn prefers_streaming(&self, _numel: u64) -> bool {

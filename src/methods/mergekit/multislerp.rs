@@ -115,6 +115,11 @@ impl TensorMerge for MultiSlerpMerge {
         Capability::Streamed
     }
 
+    /// The operands, their unit vectors and the weighted copies summed over models.
+    fn copies_per_operand(&self) -> u64 {
+        3
+    }
+
     fn merge(&self, xs: &[Vec<f32>], rows: usize, cols: usize, d: D) -> Vec<f32> {
         // Only the API path without errors lands here; the pipeline calls try_merge.
         self.try_merge(xs, rows, cols, d)
@@ -133,40 +138,39 @@ impl TensorMerge for MultiSlerpMerge {
             // mergekit returns the one model as it is, base or not.
             return Ok(xs[only].clone());
         }
-        let ts = self.vectors(xs, d);
+        let mut vs = self.vectors(xs, d);
         let w = self.weights(d);
         let eps = self.eps as f32;
         // torch.norm(stacked, dim=-1): one row per model.
-        let norms: Vec<f32> = ts.iter().map(|t| d.norm(t)).collect();
-        let units: Vec<Vec<f32>> = ts
-            .iter()
-            .zip(&norms)
-            .map(|(t, &n)| {
-                let den = d.qs(n + eps);
-                d.map(t, |x| x / den)
-            })
-            .collect();
-        // (units · w).sum(0): a sum over the stacked models.
-        let mean = d.outer_sum(&refs(&weighted(&units, &w, d)));
+        let norms: Vec<f32> = vs.iter().map(|t| d.norm(t)).collect();
+        // The vectors become their units in place, later the tangent vectors: besides the
+        // operands at most two copies of each (those, and weighted copies to sum).
+        for (v, &n) in vs.iter_mut().zip(&norms) {
+            let den = d.qs(n + eps);
+            v.iter_mut().for_each(|x| *x = d.qs(*x / den));
+        }
+        let mean = d.outer_sum(&refs(&weighted(&vs, &w, d)));
         let mean_norm = d.norm(&mean);
         if mean_norm < d.qs(eps) {
-            if let ([t0, t1], [w0, w1]) = (&ts[..], &w[..]) {
+            if let [w0, w1] = w[..] {
                 // Two models: mergekit falls back to the linear combination.
-                let a = d.map(t0, |x| x * *w0);
-                let b = d.map(t1, |x| x * *w1);
+                drop(vs);
+                let ts = self.vectors(xs, d);
+                let a = d.map(&ts[0], |x| x * w0);
+                let b = d.map(&ts[1], |x| x * w1);
                 return Ok(self.add_base(xs, d.zip(&a, &b, |x, y| x + y), d));
             }
             return Err(ZERO_MEAN.into());
         }
         let mean = d.map(&mean, |x| x / mean_norm);
-        let tangents: Vec<Vec<f32>> = units
-            .iter()
-            .map(|u| {
-                let dot = d.sum(&d.zip(u, &mean, |x, y| x * y));
-                let along = d.map(&mean, |m| dot * m);
-                d.zip(u, &along, |x, y| x - y)
-            })
-            .collect();
+        // The units become the tangent vectors.
+        for u in vs.iter_mut() {
+            let dot = d.sum(&d.zip(u, &mean, |x, y| x * y));
+            for (x, &m) in u.iter_mut().zip(&mean) {
+                *x = d.qs(*x - d.qs(dot * m));
+            }
+        }
+        let tangents = vs;
         let tangent = d.outer_sum(&refs(&weighted(&tangents, &w, d)));
         let tn = d.qs(d.norm(&tangent) + eps);
         let (c, s) = (d.cos(tn), d.qs(d.sin(tn) / tn));
