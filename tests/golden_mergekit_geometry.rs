@@ -312,3 +312,37 @@ fn multislerp_refuses_a_zero_mean_as_mergekit_does() {
         );
     }
 }
+
+/// mergekit computing multislerp, karcher and row-wise nuslerp in float16/bfloat16
+/// (tests/fixtures/mergekit_lowp_geometry): every operation rounded to the dtype, and
+/// karcher's f32 scalars (norms, cos/sin of the tangent norm) cast to it when they are the
+/// left operand of a product, as torch does. All bit-exact.
+#[test]
+fn low_precision_spherical_methods_match_mergekit() {
+    let dir = fixtures().join("mergekit_lowp_geometry");
+    let mut cases: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| {
+            let n = e.unwrap().file_name().to_string_lossy().into_owned();
+            n.strip_suffix(".yml").map(str::to_string)
+        })
+        .collect();
+    cases.sort();
+    assert_eq!(cases.len(), 5);
+    for case in cases {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        let cfg = dir.join(format!("{case}.yml"));
+        let args = [
+            "merge",
+            cfg.to_str().unwrap(),
+            out.to_str().unwrap(),
+            "--out-shard-size",
+            "100K",
+            "--quiet",
+        ];
+        ok(&golden2(), &args);
+        let d = diff(&load_dir(&out), &load_dir(&dir.join(&case)));
+        assert_eq!(d.differing, 0, "{case}: {d:?}");
+    }
+}

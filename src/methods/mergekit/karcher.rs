@@ -68,6 +68,14 @@ fn norm32(x: &[f32]) -> f32 {
 
 const F32: D = D(DType::F32);
 
+/// `torch.dot`: products and sum in f32 (for f16/bf16 too: the products of 16-bit floats
+/// are exact), the result rounded to D. MKL's `sdot` sums in an order of its own; torch's
+/// sum order stands in for it.
+fn dot(a: &[f32], b: &[f32], d: D) -> f32 {
+    let prod: Vec<f32> = a.iter().zip(b).map(|(&x, &y)| x * y).collect();
+    d.qs(tc::sum_f32(&prod))
+}
+
 impl KarcherMerge {
     fn alpha(&self) -> f64 {
         1.0 / self.inputs as f64
@@ -95,8 +103,7 @@ impl TensorMerge for KarcherMerge {
         3
     }
 
-    /// mergekit's operations in order, each rounded to D. `torch.dot` is MKL's `sdot`, whose
-    /// summation order is its own; torch's sum order stands in for it.
+    /// mergekit's operations in order, each rounded to D.
     fn merge(&self, xs: &[Vec<f32>], _rows: usize, _cols: usize, d: D) -> Vec<f32> {
         if let [only] = xs {
             return only.clone();
@@ -146,9 +153,7 @@ impl TensorMerge for KarcherMerge {
         for _ in 0..self.max_iter.max(0) {
             tangent.fill(0.0);
             for (&a, u) in alphas.iter().zip(&units) {
-                let dot = d
-                    .sum(&d.zip(&mean, u, |x, y| x * y))
-                    .clamp(-1.0, 1.0);
+                let dot = dot(&mean, u, d).clamp(-1.0, 1.0);
                 let theta = d.acos(dot);
                 if (theta as f64) < self.tol {
                     continue;
@@ -163,7 +168,9 @@ impl TensorMerge for KarcherMerge {
             if (tn as f64) < self.tol {
                 break;
             }
-            let (c, s) = (F32.cos(tn), F32.sin(tn));
+            // An f32 0-d tensor times a D tensor: torch casts the left operand to D (only
+            // a right-hand scalar keeps its f32 value, as in `tangent / tn`).
+            let (c, s) = (d.qs(F32.cos(tn)), d.qs(F32.sin(tn)));
             for (m, &t) in mean.iter_mut().zip(&tangent) {
                 *m = d.qs(d.qs(c * *m) + d.qs(s * d.qs(t / tn)));
             }
@@ -177,6 +184,7 @@ impl TensorMerge for KarcherMerge {
         for &n in &norms {
             scale += (self.alpha() as f32) * n;
         }
+        let scale = d.qs(scale);
         d.map(&mean, |m| scale * m)
     }
 

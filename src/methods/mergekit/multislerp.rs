@@ -11,6 +11,7 @@ use super::method::{
     Value,
 };
 use super::stream::StreamCtx;
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 
 pub struct MultiSlerp;
@@ -72,7 +73,16 @@ const ZERO_MEAN: &str = "multislerp: the weighted mean of the unit tensors is ze
 impl MultiSlerpMerge {
     /// The weights as the f32 (D) tensor mergekit makes of them, normalized when asked.
     fn weights(&self, d: D) -> Vec<f32> {
-        let w: Vec<f32> = self.weights.iter().map(|&w| d.qs(w as f32)).collect();
+        // torch.tensor(floats, dtype=D) rounds each Python float to D once.
+        let w: Vec<f32> = self
+            .weights
+            .iter()
+            .map(|&w| match d.0 {
+                DType::F16 => half::f16::from_f64(w).to_f32(),
+                DType::BF16 => half::bf16::from_f64(w).to_f32(),
+                _ => w as f32,
+            })
+            .collect();
         if !self.normalize {
             return w;
         }
