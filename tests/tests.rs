@@ -10,6 +10,7 @@ mod cli;
 mod golden_blockmerge;
 mod golden_lora;
 mod golden_mergekit;
+mod golden_mergekit_geometry;
 mod golden_mergekit_methods;
 mod golden_torch;
 mod hf_cache;

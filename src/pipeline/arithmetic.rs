@@ -12,7 +12,7 @@ use std::ops::Range;
 use zerocopy::IntoBytes;
 
 use crate::dtype::DType;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::kernels::active;
 use crate::kernels::bytes::{decode, encode, halves, round_to};
 use crate::methods::lora::{self, PatchData};
@@ -73,9 +73,9 @@ pub fn compute_chunk(
     }
     let out = match failed {
         Some(e) => Err(e),
-        None => Ok(compute_with_deltas(
+        None => compute_with_deltas(
             plan, step, operands, method, rows, data, &op_rows, &deltas, cols, nrows,
-        )),
+        ),
     };
     for d in deltas.into_iter().flatten() {
         scratch_give(d);
@@ -119,7 +119,7 @@ fn compute_with_deltas(
     deltas: &[Vec<Vec<f32>>],
     cols: usize,
     nrows: usize,
-) -> Vec<u8> {
+) -> Result<Vec<u8>> {
     let tile = |t: Range<usize>| -> Vec<OperandTile<'_>> {
         data.iter()
             .zip(deltas)
@@ -153,7 +153,12 @@ fn compute_with_deltas(
         } else {
             (nrows, cols)
         };
-        return encode(step.dtype, &r.merge(&xs, mrows, mcols));
+        // Values mergekit itself refuses (e.g. multislerp's antipodal inputs) are an error;
+        // the worker names the tensor.
+        let merged = r.try_merge(&xs, mrows, mcols);
+        return merged
+            .map(|v| encode(step.dtype, &v))
+            .map_err(Error::invalid);
     }
     let out_row_bytes = cols * step.dtype.bits() as usize / 8;
     // Filled tile by tile, in order: no need to zero it first.
@@ -178,7 +183,7 @@ fn compute_with_deltas(
         out.extend_from_slice(bytes.as_slice());
         t0 = t1;
     }
-    out
+    Ok(out)
 }
 
 /// Output bytes of a tile, in whichever buffer type produced them.

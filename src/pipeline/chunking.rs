@@ -23,16 +23,19 @@ pub fn chunk_cost(plan: &Plan, step: &Step, rows: u64) -> u64 {
     match &step.recipe {
         Recipe::Copy(_) => out,
         Recipe::Compute { operands, method } => {
-            let whole =
-                matches!(method, Method::Mergekit(r) if r.capability() != Capability::Elementwise);
+            // f32 copies of each operand a whole-tensor method holds at once.
+            let copies = match method {
+                Method::Mergekit(r) if r.capability() != Capability::Elementwise => {
+                    r.merge.copies_per_operand()
+                }
+                _ => 0,
+            };
             let mut total = out;
             for op in operands {
                 let t = plan.tensor(op.tensor);
                 let r = rows.min(op.rows);
                 total += r * t.row_bytes();
-                if whole {
-                    total += r * cols * 4;
-                }
+                total += r * cols * 4 * copies;
                 for p in &op.patches {
                     let (a, b) = (plan.tensor(p.a), plan.tensor(p.b));
                     total += a.len + b.len + (a.numel() + b.numel()) * 4 + r * cols * 4;

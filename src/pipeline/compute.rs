@@ -59,7 +59,8 @@ pub(crate) fn run(plan: &Plan, item: Loaded) -> Result<Written> {
         Recipe::Copy(_) => &[],
     };
     let data = operand_data(plan, operands, &item.operands);
-    let bytes = compute_chunk(plan, step, item.rows.clone(), &data)?;
+    let bytes =
+        compute_chunk(plan, step, item.rows.clone(), &data).map_err(|e| e.at_tensor(&step.name))?;
     Ok(Written {
         step: item.step,
         shard: step.shard,

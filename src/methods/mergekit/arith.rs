@@ -32,6 +32,15 @@ impl D {
             _ => tc::norm_f32(x),
         })
     }
+    /// The 2-norm over a strided (not the last) dim: torch's generic reduction, a sequential
+    /// f32 `acc += x·x` (no FMA) for every dtype, then sqrt, rounded to D.
+    pub fn norm_strided(self, x: impl IntoIterator<Item = f32>) -> f32 {
+        let mut acc = 0f32;
+        for v in x {
+            acc += v * v;
+        }
+        self.qs(acc.sqrt())
+    }
     /// `torch.stack(xs).sum(0)`: f32 accumulation in PyTorch's order, rounded to D.
     pub fn outer_sum(self, xs: &[&[f32]]) -> Vec<f32> {
         let mut out = vec![0f32; xs.first().map_or(0, |x| x.len())];
@@ -46,6 +55,9 @@ impl D {
     }
     pub fn sin(self, x: f32) -> f32 {
         self.qs((x as f64).sin() as f32)
+    }
+    pub fn cos(self, x: f32) -> f32 {
+        self.qs((x as f64).cos() as f32)
     }
     /// Elementwise `f(a, b)`, rounded to D.
     pub fn zip(self, a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> Vec<f32> {

@@ -144,6 +144,17 @@ pub trait TensorMerge: fmt::Debug + Send + Sync {
     /// D precision (the caller encodes them to the output dtype).
     fn merge(&self, xs: &[Vec<f32>], rows: usize, cols: usize, d: D) -> Vec<f32>;
 
+    /// [`TensorMerge::merge`], or why mergekit refuses these values (an error there too).
+    fn try_merge(
+        &self,
+        xs: &[Vec<f32>],
+        rows: usize,
+        cols: usize,
+        d: D,
+    ) -> std::result::Result<Vec<f32>, String> {
+        Ok(self.merge(xs, rows, cols, d))
+    }
+
     /// Stream the tensor in passes over its row chunks. The default computes each chunk on
     /// its own, which is right for elementwise and row-local arithmetic.
     fn stream(&self, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
@@ -151,6 +162,12 @@ pub trait TensorMerge: fmt::Debug + Send + Sync {
             let n = (rows.end - rows.start) as usize;
             (ctx.emit)(rows, &self.merge(&xs, n, ctx.cols, d))
         })
+    }
+
+    /// f32 copies of each operand the whole-tensor arithmetic holds at once (the decoded
+    /// operands included), for the memory estimate that decides when to stream.
+    fn copies_per_operand(&self) -> u64 {
+        1
     }
 
     /// Stream even when the tensor fits: a full sort of a large tensor costs O(n log n)

@@ -63,6 +63,8 @@ registry! {
     ram: [Ram, RamPlusTl],
     sce: [Sce],
     arcee_fusion: [ArceeFusion],
+    multislerp: [MultiSlerp],
+    karcher: [Karcher],
 }
 
 /// The method registered under `name`.
@@ -94,6 +96,16 @@ impl MergekitRecipe {
     /// Merge whole operands (or one chunk of rows, for elementwise methods).
     pub fn merge(&self, xs: &[Vec<f32>], rows: usize, cols: usize) -> Vec<f32> {
         self.merge.merge(xs, rows, cols, D(self.compute))
+    }
+
+    /// [`MergekitRecipe::merge`], or why mergekit refuses these values.
+    pub fn try_merge(
+        &self,
+        xs: &[Vec<f32>],
+        rows: usize,
+        cols: usize,
+    ) -> std::result::Result<Vec<f32>, String> {
+        self.merge.try_merge(xs, rows, cols, D(self.compute))
     }
 
     /// Stream the tensor in passes over its row chunks.

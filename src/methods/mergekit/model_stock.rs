@@ -1,5 +1,6 @@
 //! `model_stock`: `t·mean(xᵢ) + (1−t)·base` with `t = N·cos / (1 + (N−1)·cos)` from the mean
-//! pairwise cosine of the models' offsets from the base; per row with `filter_wise`.
+//! pairwise cosine of the models' offsets from the base; with `filter_wise`, per vector along
+//! the last dim (a 1-D tensor is one vector).
 
 use std::sync::Arc;
 
@@ -35,10 +36,16 @@ impl MergeMethod for ModelStock {
 
     fn prepare(&self, p: &Resolved) -> std::result::Result<Arc<dyn TensorMerge>, PrepareError> {
         let base = p.base.unwrap_or(0);
+        // mergekit reduces over the last dim (unsqueezing a 1-D tensor to one row), so a
+        // conv weight's filters are its [o, c, h] rows of width w, not its output channels.
+        let filter_len = match &p.shape[..] {
+            [.., _, last] if p.need_flag("filter_wise")? => Some(*last as usize),
+            _ => None,
+        };
         Ok(Arc::new(ModelStockMerge {
             base,
             others: (0..p.inputs).filter(|&i| i != base).collect(),
-            filter_wise: p.need_flag("filter_wise")?,
+            filter_len,
         }))
     }
 }
@@ -47,7 +54,9 @@ impl MergeMethod for ModelStock {
 struct ModelStockMerge {
     base: usize,
     others: Vec<usize>,
-    filter_wise: bool,
+    /// `filter_wise` on a tensor of rank ≥ 2: the length of the vectors along the last dim.
+    /// None: the whole tensor is one vector.
+    filter_len: Option<usize>,
 }
 
 impl TensorMerge for ModelStockMerge {
@@ -55,24 +64,18 @@ impl TensorMerge for ModelStockMerge {
         Capability::Streamed
     }
 
-    fn merge(&self, xs: &[Vec<f32>], rows: usize, cols: usize, d: D) -> Vec<f32> {
-        if !self.filter_wise {
-            return self.merge_vectors(xs, d);
+    fn merge(&self, xs: &[Vec<f32>], _rows: usize, _cols: usize, d: D) -> Vec<f32> {
+        match self.filter_len {
+            None => self.merge_vectors(xs, d),
+            Some(len) => self.merge_filters(xs, len.max(1), d),
         }
-        let mut out = Vec::with_capacity(rows * cols);
-        for row in 0..rows {
-            let span = row * cols..(row + 1) * cols;
-            let sub: Vec<Vec<f32>> = xs.iter().map(|x| x[span.clone()].to_vec()).collect();
-            out.extend(self.merge_vectors(&sub, d));
-        }
-        out
     }
 
     /// Per row (`filter_wise`): one pass. Whole tensor: norms and dot products of the
     /// offsets, then the output.
     fn stream(&self, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
-        if self.filter_wise {
-            // Every chunk holds whole rows.
+        if self.filter_len.is_some() {
+            // Every chunk holds whole rows, so whole vectors along the last dim.
             return ctx.pass(|rows, xs| {
                 let n = (rows.end - rows.start) as usize;
                 (ctx.emit)(rows, &self.merge(&xs, n, ctx.cols, d))
@@ -129,6 +132,49 @@ impl ModelStockMerge {
         let t = interpolation(&cos, ws.len(), d);
         apply(t, w0, &ws, d)
     }
+
+    /// Per vector of `len` along the last dim: each pair's cosine per vector, their mean
+    /// over pairs (`stack(cos).mean(0)`: an outer sum, then the division), one t per vector.
+    fn merge_filters(&self, xs: &[Vec<f32>], len: usize, d: D) -> Vec<f32> {
+        let w0 = &xs[self.base];
+        let offs: Vec<Vec<f32>> = self
+            .others
+            .iter()
+            .map(|&i| d.zip(&xs[i], w0, |x, y| x - y))
+            .collect();
+        let norms: Vec<Vec<f32>> = offs
+            .iter()
+            .map(|o| o.chunks(len).map(|v| d.norm(v)).collect())
+            .collect();
+        let mut cos: Vec<Vec<f32>> = Vec::new();
+        for i in 0..offs.len() {
+            for j in i + 1..offs.len() {
+                let prod = d.zip(&offs[i], &offs[j], |x, y| x * y);
+                cos.push(
+                    prod.chunks(len)
+                        .enumerate()
+                        .map(|(v, p)| cosine(norms[i][v], norms[j][v], d.sum(p), d))
+                        .collect(),
+                );
+            }
+        }
+        let mean = match &cos[..] {
+            [one] => one.clone(),
+            _ => {
+                let refs: Vec<&[f32]> = cos.iter().map(|c| c.as_slice()).collect();
+                let n = cos.len() as f32;
+                d.outer_sum(&refs).into_iter().map(|s| d.qs(s / n)).collect()
+            }
+        };
+        let n = self.others.len();
+        let mut out = Vec::with_capacity(w0.len());
+        for (v, &ct) in mean.iter().enumerate() {
+            let span = v * len..((v + 1) * len).min(w0.len());
+            let ws: Vec<&[f32]> = self.others.iter().map(|&i| &xs[i][span.clone()]).collect();
+            out.extend(apply(t_of(ct, n, d), &w0[span], &ws, d));
+        }
+        out
+    }
 }
 
 /// The cosine of two offsets from their norms and dot product.
@@ -137,13 +183,18 @@ fn cosine(norm_a: f32, norm_b: f32, dot: f32, d: D) -> f32 {
     d.qs(dot / npd.max(d.qs(1e-6))).clamp(-1.0, 1.0)
 }
 
-/// t = N·cos / (1 + (N−1)·cos) from the mean pairwise cosine.
+/// t from the pairwise cosines: their mean, then [`t_of`].
 fn interpolation(cos: &[f32], n: usize, d: D) -> f32 {
     let ct = if cos.len() == 1 {
         cos[0]
     } else {
         d.qs(d.sum(cos) / cos.len() as f32)
     };
+    t_of(ct, n, d)
+}
+
+/// t = N·cos / (1 + (N−1)·cos) from the mean pairwise cosine (0 where that is singular).
+fn t_of(ct: f32, n: usize, d: D) -> f32 {
     let n = n as f32;
     let den = d.qs(1.0 + d.qs((n - 1.0) * ct));
     if (den as f64).abs() < 1e-6 {

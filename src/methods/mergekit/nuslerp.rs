@@ -1,6 +1,7 @@
 //! `nuslerp`: spherical interpolation of two models (or of their task vectors, when a base is
-//! given) with `t` from their weights; over the flattened tensor, per row, or per column
-//! (`nuslerp_row_wise`).
+//! given) with `t` from their weights; over the flattened tensor (`nuslerp_flatten`, the
+//! default, which wins over `nuslerp_row_wise`), per vector along the last dim, or per vector
+//! along dim 0 (`nuslerp_row_wise`).
 
 use std::sync::Arc;
 
@@ -55,9 +56,37 @@ impl MergeMethod for NuSlerp {
             i0,
             i1,
             base: p.base,
-            flatten: p.need_flag("nuslerp_flatten")?,
-            row_wise: p.need_flag("nuslerp_row_wise")?,
+            axis: Axis::of(
+                p.need_flag("nuslerp_flatten")?,
+                p.need_flag("nuslerp_row_wise")?,
+                &p.shape,
+            ),
         }))
+    }
+}
+
+/// The vectors nuslerp interpolates between, as mergekit 0.1.5 picks them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Axis {
+    /// The whole tensor as one vector.
+    Flat,
+    /// Vectors along the last dim, of this length.
+    Last(usize),
+    /// Vectors along dim 0: the columns of the rows × (other dims) layout.
+    First,
+}
+
+impl Axis {
+    fn of(flatten: bool, row_wise: bool, shape: &[u64]) -> Axis {
+        // mergekit checks `flatten` first, so it wins over `row_wise`; for a tensor of rank
+        // ≤ 1 both the last dim and `transpose(0, -1)` are the whole vector.
+        if flatten || shape.len() <= 1 {
+            Axis::Flat
+        } else if row_wise {
+            Axis::First
+        } else {
+            Axis::Last(shape.last().map_or(1, |&n| n as usize))
+        }
     }
 }
 
@@ -68,8 +97,7 @@ struct NuSlerpMerge {
     i0: usize,
     i1: usize,
     base: Option<usize>,
-    flatten: bool,
-    row_wise: bool,
+    axis: Axis,
 }
 
 impl NuSlerpMerge {
@@ -90,6 +118,16 @@ impl NuSlerpMerge {
             None => out,
         }
     }
+
+    /// Vectors along the last dim, each on its own (chunks hold whole rows, so whole vectors).
+    fn last_dim(&self, v0: &[f32], v1: &[f32], len: usize, d: D) -> Vec<f32> {
+        let len = len.max(1);
+        let mut out = Vec::with_capacity(v0.len());
+        for (a, b) in v0.chunks(len).zip(v1.chunks(len)) {
+            out.extend(nuslerp_vec(self.t, a, b, d));
+        }
+        out
+    }
 }
 
 impl TensorMerge for NuSlerpMerge {
@@ -100,63 +138,87 @@ impl TensorMerge for NuSlerpMerge {
     fn merge(&self, xs: &[Vec<f32>], rows: usize, cols: usize, d: D) -> Vec<f32> {
         let t = self.t;
         let (v0, v1) = self.vectors(xs, d);
-        let out = if self.row_wise {
-            // Per column: gather, interpolate, scatter.
-            let mut out = vec![0f32; rows * cols];
-            for c in 0..cols {
-                let a: Vec<f32> = (0..rows).map(|i| v0[i * cols + c]).collect();
-                let b: Vec<f32> = (0..rows).map(|i| v1[i * cols + c]).collect();
-                for (i, v) in nuslerp_vec(t, &a, &b, d).into_iter().enumerate() {
-                    out[i * cols + c] = v;
-                }
+        let out = match self.axis {
+            Axis::Flat => nuslerp_vec(t, &v0, &v1, d),
+            Axis::Last(len) => self.last_dim(&v0, &v1, len, d),
+            Axis::First => {
+                // mergekit transposes dim 0 to the end: the norms are then torch's generic
+                // strided reduction (sequential per column) and the dot products the sum over
+                // an outer dim, i.e. `stack(rows).sum(0)`.
+                let cols = cols.max(1);
+                let eps = nuslerp_eps(d);
+                let col = |v: &[f32], c: usize| -> f32 {
+                    d.norm_strided((0..rows).map(|r| v[r * cols + c])).max(eps)
+                };
+                let n0: Vec<f32> = (0..cols).map(|c| col(&v0, c)).collect();
+                let n1: Vec<f32> = (0..cols).map(|c| col(&v1, c)).collect();
+                let prod: Vec<f32> = v0
+                    .iter()
+                    .zip(&v1)
+                    .enumerate()
+                    .map(|(i, (&a, &b))| {
+                        let c = i % cols;
+                        d.qs(d.qs(a / n0[c]) * d.qs(b / n1[c]))
+                    })
+                    .collect();
+                let row_refs: Vec<&[f32]> = prod.chunks(cols).collect();
+                let coeffs: Vec<NuCoeffs> = d
+                    .outer_sum(&row_refs)
+                    .into_iter()
+                    .map(|c| nuslerp_coefficients(t, c.clamp(-1.0, 1.0), d))
+                    .collect();
+                v0.iter()
+                    .zip(&v1)
+                    .enumerate()
+                    .map(|(i, (&a, &b))| apply1(coeffs[i % cols], a, b, d))
+                    .collect()
             }
-            out
-        } else if !self.flatten {
-            let mut out = Vec::with_capacity(rows * cols);
-            for (a, b) in v0.chunks(cols.max(1)).zip(v1.chunks(cols.max(1))) {
-                out.extend(nuslerp_vec(t, a, b, d));
-            }
-            out
-        } else {
-            nuslerp_vec(t, &v0, &v1, d)
         };
         self.finish(xs, out, d)
     }
 
-    /// Per row: one pass. Flattened or per column: norms, then cosines, then the output.
+    /// Last dim: one pass. Flattened or along dim 0: norms, then cosines, then the output.
     fn stream(&self, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
         let cols = ctx.cols.max(1);
         let t = self.t;
         let eps = nuslerp_eps(d);
-        if !self.flatten && !self.row_wise {
-            // Every chunk holds whole rows.
-            return ctx.pass(|rows, xs| {
-                let (v0, v1) = self.vectors(&xs, d);
-                let mut out = Vec::with_capacity(v0.len());
-                for (a, b) in v0.chunks(cols).zip(v1.chunks(cols)) {
-                    let n0 = d.norm(a).max(eps);
-                    let n1 = d.norm(b).max(eps);
-                    let u: Vec<f32> =
-                        d.zip(&d.map(a, |x| x / n0), &d.map(b, |x| x / n1), |x, y| x * y);
-                    let c = d.sum(&u).clamp(-1.0, 1.0);
-                    out.extend(nuslerp_apply(nuslerp_coefficients(t, c, d), a, b, d));
-                }
-                (ctx.emit)(rows, &self.finish(&xs, out, d))
-            });
-        }
-        let groups = if self.row_wise { cols } else { 1 };
-        let group = |j: usize| if self.row_wise { j % cols } else { 0 };
+        let groups = match self.axis {
+            Axis::Last(len) => {
+                return ctx.pass(|rows, xs| {
+                    let (v0, v1) = self.vectors(&xs, d);
+                    let out = self.last_dim(&v0, &v1, len, d);
+                    (ctx.emit)(rows, &self.finish(&xs, out, d))
+                });
+            }
+            Axis::Flat => 1,
+            Axis::First => cols,
+        };
+        let group = |j: usize| if groups == 1 { 0 } else { j % cols };
+        // Along dim 0 torch's norm is a sequential f32 sum down each column, which chunks in
+        // row order reproduce exactly; the flat norm and the dot products accumulate in f64.
         let (mut ss0, mut ss1) = (vec![0f64; groups], vec![0f64; groups]);
+        let (mut sq0, mut sq1) = (vec![0f32; groups], vec![0f32; groups]);
         ctx.pass(|_, xs| {
             let (v0, v1) = self.vectors(&xs, d);
             for (j, (&a, &b)) in v0.iter().zip(&v1).enumerate() {
-                ss0[group(j)] += (a as f64) * (a as f64);
-                ss1[group(j)] += (b as f64) * (b as f64);
+                let g = group(j);
+                ss0[g] += (a as f64) * (a as f64);
+                ss1[g] += (b as f64) * (b as f64);
+                sq0[g] += a * a;
+                sq1[g] += b * b;
             }
             Ok(())
         })?;
-        let n0: Vec<f32> = ss0.iter().map(|s| d.qs(s.sqrt() as f32).max(eps)).collect();
-        let n1: Vec<f32> = ss1.iter().map(|s| d.qs(s.sqrt() as f32).max(eps)).collect();
+        let norms = |ss: &[f64], sq: &[f32]| -> Vec<f32> {
+            ss.iter()
+                .zip(sq)
+                .map(|(&s, &q)| {
+                    let n = if groups == 1 { s.sqrt() as f32 } else { q.sqrt() };
+                    d.qs(n).max(eps)
+                })
+                .collect()
+        };
+        let (n0, n1) = (norms(&ss0, &sq0), norms(&ss1, &sq1));
         let mut dots = vec![0f64; groups];
         ctx.pass(|_, xs| {
             let (v0, v1) = self.vectors(&xs, d);
@@ -173,15 +235,12 @@ impl TensorMerge for NuSlerpMerge {
             .collect();
         ctx.pass(|rows, xs| {
             let (v0, v1) = self.vectors(&xs, d);
-            let out = if groups == 1 {
-                nuslerp_apply(coeffs[0], &v0, &v1, d)
-            } else {
-                v0.iter()
-                    .zip(&v1)
-                    .enumerate()
-                    .map(|(j, (&a, &b))| nuslerp_apply(coeffs[group(j)], &[a], &[b], d)[0])
-                    .collect()
-            };
+            let out: Vec<f32> = v0
+                .iter()
+                .zip(&v1)
+                .enumerate()
+                .map(|(j, (&a, &b))| apply1(coeffs[group(j)], a, b, d))
+                .collect();
             (ctx.emit)(rows, &self.finish(&xs, out, d))
         })
     }
@@ -207,20 +266,16 @@ fn nuslerp_coefficients(t: f64, c: f32, d: D) -> NuCoeffs {
     NuCoeffs::Slerp(d.sin(d.qs(one_t * theta)), d.sin(d.qs(tt * theta)), st)
 }
 
-fn nuslerp_apply(c: NuCoeffs, v0: &[f32], v1: &[f32], d: D) -> Vec<f32> {
+/// One element of the result, each torch operation rounded to D.
+fn apply1(c: NuCoeffs, a: f32, b: f32, d: D) -> f32 {
     match c {
-        NuCoeffs::Lerp(a0, a1) => {
-            let a = d.map(v0, |x| a0 * x);
-            let b = d.map(v1, |x| a1 * x);
-            d.zip(&a, &b, |x, y| x + y)
-        }
-        NuCoeffs::Slerp(s0, s1, st) => {
-            let a = d.map(v0, |x| s0 * x);
-            let b = d.map(v1, |x| s1 * x);
-            let sum = d.zip(&a, &b, |x, y| x + y);
-            d.map(&sum, |x| x / st)
-        }
+        NuCoeffs::Lerp(a0, a1) => d.qs(d.qs(a0 * a) + d.qs(a1 * b)),
+        NuCoeffs::Slerp(s0, s1, st) => d.qs(d.qs(d.qs(s0 * a) + d.qs(s1 * b)) / st),
     }
+}
+
+fn nuslerp_apply(c: NuCoeffs, v0: &[f32], v1: &[f32], d: D) -> Vec<f32> {
+    v0.iter().zip(v1).map(|(&a, &b)| apply1(c, a, b, d)).collect()
 }
 
 /// nuslerp's normalizing floor.
@@ -237,4 +292,41 @@ fn nuslerp_vec(t: f64, v0: &[f32], v1: &[f32], d: D) -> Vec<f32> {
     let u1 = d.map(v1, |x| x / n1);
     let c = d.sum(&d.zip(&u0, &u1, |a, b| a * b)).clamp(-1.0, 1.0);
     nuslerp_apply(nuslerp_coefficients(t, c, d), v0, v1, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dtype::DType;
+
+    #[test]
+    fn axis_follows_mergekit() {
+        let conv = [32, 3, 8, 8];
+        // flatten wins over row_wise.
+        assert_eq!(Axis::of(true, true, &conv), Axis::Flat);
+        assert_eq!(Axis::of(false, false, &conv), Axis::Last(8));
+        assert_eq!(Axis::of(false, true, &conv), Axis::First);
+        // A 1-D tensor is one vector whatever the flags.
+        for (f, r) in [(false, false), (false, true), (true, false)] {
+            assert_eq!(Axis::of(f, r, &[32]), Axis::Flat);
+        }
+    }
+
+    #[test]
+    fn row_wise_interpolates_each_column_on_its_own() {
+        // Two columns: the first colinear (lerp), the second orthogonal (slerp by t = 1/2).
+        let m = NuSlerpMerge {
+            t: 0.5,
+            i0: 0,
+            i1: 1,
+            base: None,
+            axis: Axis::First,
+        };
+        let v0 = vec![1.0, 1.0, 0.0, 0.0];
+        let v1 = vec![2.0, 0.0, 0.0, 1.0];
+        let out = m.merge(&[v0, v1], 2, 2, D(DType::F32));
+        assert_eq!(out[0], 1.5);
+        let h = std::f32::consts::FRAC_1_SQRT_2;
+        assert!((out[1] - h).abs() < 1e-6 && (out[3] - h).abs() < 1e-6, "{out:?}");
+    }
 }

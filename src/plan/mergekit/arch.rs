@@ -9,7 +9,7 @@
 //! store them under). Anything else is inferred as mergekit does: the first `.N.` in a name
 //! is the layer index, everything else is a pre-layer weight at t = 0.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::OnceLock;
 
 use serde::Deserialize;
@@ -53,6 +53,17 @@ pub struct Module {
     /// Why mergestream cannot plan this module from its definition (it is then inferred).
     #[serde(default)]
     pub unsupported: Option<String>,
+    /// Inferred architectures: layers each layer template has in some input (a VLM's vision
+    /// encoder has fewer than its text model); empty for defined ones.
+    #[serde(skip)]
+    pub template_layers: Vec<u64>,
+}
+
+impl Module {
+    /// Whether layer template `i` has a layer `n`.
+    pub fn has_layer(&self, i: usize, n: u64) -> bool {
+        self.template_layers.get(i).is_none_or(|&count| n < count)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -154,7 +165,8 @@ pub fn split_layer(name: &str) -> Option<(String, u64)> {
 /// pre-layer weights (optional unless every input has them).
 pub fn infer(models: &[&Model]) -> Architecture {
     let mut templates: Vec<String> = Vec::new();
-    let mut seen_t = BTreeSet::new();
+    let mut template_layers: Vec<u64> = Vec::new();
+    let mut seen_t = BTreeMap::new();
     let mut loose: Vec<String> = Vec::new();
     let mut seen_l = BTreeSet::new();
     for m in models {
@@ -162,10 +174,13 @@ pub fn infer(models: &[&Model]) -> Architecture {
         crate::plan::order::sort_module_order(&mut names);
         for n in names {
             match split_layer(&n) {
-                Some((t, _)) => {
-                    if seen_t.insert(t.clone()) {
+                Some((t, n)) => {
+                    let i = *seen_t.entry(t.clone()).or_insert_with(|| {
                         templates.push(t);
-                    }
+                        template_layers.push(0);
+                        templates.len() - 1
+                    });
+                    template_layers[i] = template_layers[i].max(n.saturating_add(1));
                 }
                 None => {
                     if seen_l.insert(n.clone()) {
@@ -200,6 +215,7 @@ pub fn infer(models: &[&Model]) -> Architecture {
             layer_templates: templates.into_iter().map(|t| plain(t, false)).collect(),
             post: Vec::new(),
             unsupported: None,
+            template_layers,
         }],
         known: false,
         vocab_key: None,

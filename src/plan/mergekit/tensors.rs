@@ -102,7 +102,12 @@ pub(super) fn output_tensors<'a>(
                     1.0
                 };
                 let out_layer = layers.len() as u64;
-                for w in &m.layer_templates {
+                for (ti, w) in m.layer_templates.iter().enumerate() {
+                    // A tower with fewer layers than the model (a VLM's vision encoder, when
+                    // inferred) has no tensors at this index in any input.
+                    if !s.sources.iter().any(|src| m.has_layer(ti, src.1 + idx)) {
+                        continue;
+                    }
                     let ins = s
                         .sources
                         .iter()
