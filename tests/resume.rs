@@ -427,6 +427,10 @@ fn an_input_truncated_mid_run_is_one_error_line_not_a_signal() {
         .set_len(4096)
         .unwrap();
     let o = child.wait_with_output().unwrap();
-    assert_clean_failure(&o, &out, &[shard.to_str().unwrap(), "changed while the run read it"]);
+    assert_clean_failure(
+        &o,
+        &out,
+        &[shard.to_str().unwrap(), "changed while the run read it"],
+    );
     assert!(staging(&out).is_empty());
 }
