@@ -7,6 +7,7 @@ mod torch_common;
 mod bad_inputs;
 mod cli;
 mod golden_blockmerge;
+mod golden_extract_lora;
 mod golden_lora;
 mod golden_mergekit;
 mod golden_torch;

@@ -206,11 +206,11 @@ mod tests {
     fn task_vector_rounds_once_to_the_dtype() {
         // 1 − 2⁻¹² is exact in f32 and halfway between two f16s (spacing 2⁻¹¹ below 1):
         // torch's f16 subtraction gives the even one, 1.0.
-        let d = task_vector(&[1.0, 0.5], &[0.000244140625, 0.0], DType::F16);
+        let d = task_vector(&[1.0, 0.5], &[2f32.powi(-12), 0.0], DType::F16);
         assert_eq!(d, vec![1.0, 0.5]);
         assert_eq!(
-            task_vector(&[1.0], &[0.000244140625], DType::F32)[0],
-            0.999755859375
+            task_vector(&[1.0], &[2f32.powi(-12)], DType::F32)[0],
+            1.0 - 2f32.powi(-12)
         );
         assert_eq!(promote(DType::F16, DType::BF16), DType::F32);
     }

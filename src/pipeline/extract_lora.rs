@@ -244,7 +244,7 @@ pub fn execute_extraction(
 fn copy_whole(ft: &mut Inputs<'_>, i: usize, out: OutTensor, w: &mut Writer) -> Result<()> {
     let t = ft.model.tensor(i);
     let begin = w.cursor;
-    if t.shape.len() <= 1 || t.row_bytes() == 0 || t.dtype.bits() % 8 != 0 {
+    if t.shape.len() <= 1 || t.row_bytes() == 0 || !t.dtype.bits().is_multiple_of(8) {
         let bytes = read_rows(ft.file(t.file)?, t, None)?;
         w.append(&bytes)?;
     } else {
