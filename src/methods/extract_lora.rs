@@ -26,10 +26,19 @@ pub fn promote(a: DType, b: DType) -> DType {
 
 /// `ft − base` as torch computes it in `dtype`: in f32, rounded once to `dtype` (torch's CPU
 /// kernels for f16/bf16 compute in f32). Lengths must match.
+/// The pipeline does the same in pieces: [`subtract`], then `round_to(dtype)` once.
 pub fn task_vector(ft: &[f32], base: &[f32], dtype: DType) -> Vec<f32> {
-    let mut d: Vec<f32> = ft.iter().zip(base).map(|(f, b)| f - b).collect();
+    let mut d = ft.to_vec();
+    subtract(&mut d, base);
     round_to(dtype, &mut d);
     d
+}
+
+/// `acc -= base`, in f32.
+pub fn subtract(acc: &mut [f32], base: &[f32]) {
+    for (a, b) in acc.iter_mut().zip(base) {
+        *a -= b;
+    }
 }
 
 /// Options of the decomposition.

@@ -15,8 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::safetensors::{OutEntry, write_header};
-use crate::kernels::bytes::{decode, encode};
-use crate::methods::extract_lora::{decompose, task_vector};
+use crate::kernels::bytes::{decode, encode, round_to};
+use crate::methods::extract_lora::{decompose, subtract};
 use crate::model::Model;
 use crate::plan::extract_lora::{ExtractPlan, Job, OutTensor};
 use crate::shape::RowMajor;
@@ -65,6 +65,25 @@ impl Inputs<'_> {
         let mut v = vec![0f32; n];
         decode(t.dtype, &bytes, &mut v);
         Ok(v)
+    }
+
+    /// `acc -= tensor idx`, decoding a bounded piece at a time (so a diff holds one f32
+    /// matrix, not three).
+    fn subtract_from(&mut self, idx: usize, acc: &mut [f32]) -> Result<()> {
+        const PIECE: usize = 1 << 20;
+        let t = self.model.tensor(idx);
+        let bytes = read_rows(self.file(t.file)?, t, None)?;
+        let size = t.dtype.size();
+        if bytes.len() != acc.len() * size {
+            return Err(Error::internal("operand sizes differ").at_tensor(&t.name));
+        }
+        let mut tmp = vec![0f32; PIECE.min(acc.len())];
+        for (a, b) in acc.chunks_mut(PIECE).zip(bytes.chunks(PIECE * size)) {
+            let tmp = &mut tmp[..a.len()];
+            decode(t.dtype, b, tmp);
+            subtract(a, tmp);
+        }
+        Ok(())
     }
 }
 
@@ -214,7 +233,9 @@ pub fn execute_extraction(
                 cols,
             } => {
                 let name = &plan.ft.tensor(*fi).name;
-                let delta = task_vector(&ft.f32(*fi)?, &base.f32(*bi)?, *dtype);
+                let mut delta = ft.f32(*fi)?;
+                base.subtract_from(*bi, &mut delta)?;
+                round_to(*dtype, &mut delta);
                 let f = decompose(&delta, *rows, *cols, *embedding, &plan.svd).map_err(|e| {
                     Error::invalid(format!("cannot decompose the weight difference: {e}"))
                         .at_tensor(name)
@@ -228,7 +249,9 @@ pub fn execute_extraction(
                 w.put(a, &encode(*dtype, &f.a))?;
                 w.put(b, &encode(*dtype, &f.b))?;
                 if let (Some((bb, fb)), Some(t)) = (bias, outs.next()) {
-                    let d = task_vector(&ft.f32(*fb)?, &base.f32(*bb)?, t.dtype);
+                    let mut d = ft.f32(*fb)?;
+                    base.subtract_from(*bb, &mut d)?;
+                    round_to(t.dtype, &mut d);
                     w.put(t.clone(), &encode(t.dtype, &d))?;
                 }
                 stats.ranks.push((module.clone(), f.rank));
