@@ -693,3 +693,127 @@ fn tied_lm_head_is_saved_or_decomposed_under_its_own_name() {
         [4, 320]
     );
 }
+
+/// Golden-set models with `edit` applied to the fine-tune's and base's tensors, written to
+/// `tmp` as `tbase` and `tft`.
+fn edited_models(
+    tmp: &Path,
+    edit: impl Fn(&mut BTreeMap<String, Tensor>, bool),
+) -> (PathBuf, PathBuf) {
+    let make = |src: &str, dst: &str, is_ft: bool| {
+        let mut t = load_dir(&golden2().join("models").join(src));
+        edit(&mut t, is_ft);
+        let dir = tmp.join(dst);
+        write_model(&dir, &t);
+        dir
+    };
+    (
+        make("base", "tbase", false),
+        make("ft_lowrank", "tft", true),
+    )
+}
+
+fn f16_tensor(values: &[f32]) -> Tensor {
+    Tensor {
+        dtype: "F16".into(),
+        shape: vec![values.len()],
+        bytes: values
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_bits().to_le_bytes())
+            .collect(),
+    }
+}
+
+#[test]
+fn a_bias_delta_is_saved_as_lora_b_bias() {
+    // mergekit saves `<module>.lora_B.bias` = ft bias − base bias, in the bias dtype.
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, ft) = edited_models(tmp.path(), |t, is_ft| {
+        let v: Vec<f32> = (0..32)
+            .map(|i| i as f32 * 0.01 + if is_ft { 0.25 } else { 0.0 })
+            .collect();
+        t.insert(
+            "model.layers.0.self_attn.q_proj.bias".into(),
+            f16_tensor(&v),
+        );
+    });
+    let out = tmp.path().join("out");
+    let o = extract_args(
+        ft.to_str().unwrap(),
+        base.to_str().unwrap(),
+        &out,
+        &["--max-rank", "4", "-q"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got = load_dir(&out);
+    let b = &got["base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias"];
+    let want: Vec<f32> = (0..32)
+        .map(|i| {
+            let x = half::f16::from_f32(i as f32 * 0.01).to_f32();
+            let y = half::f16::from_f32(i as f32 * 0.01 + 0.25).to_f32();
+            half::f16::from_f32(y - x).to_f32()
+        })
+        .collect();
+    assert_eq!(f16s(b), want);
+}
+
+#[test]
+fn a_failure_mid_run_leaves_nothing() {
+    // A NaN in one fine-tuned weight: the SVD is refused after earlier modules were
+    // written; the staging folder goes, nothing appears under the output name.
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, ft) = edited_models(tmp.path(), |t, is_ft| {
+        if is_ft {
+            let w = t.get_mut("model.layers.6.mlp.gate_proj.weight").unwrap();
+            w.bytes[10..12].copy_from_slice(&half::f16::NAN.to_bits().to_le_bytes());
+        }
+    });
+    let out = tmp.path().join("out");
+    let o = extract_args(
+        ft.to_str().unwrap(),
+        base.to_str().unwrap(),
+        &out,
+        &["--max-rank", "4"],
+    );
+    assert_clean_failure(
+        &o,
+        &out,
+        &[
+            "model.layers.6.mlp.gate_proj.weight",
+            "tft/model.safetensors",
+            "NaN",
+        ],
+    );
+}
+
+#[test]
+fn skip_undecomposable_leaves_norms_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let o = extract_args(
+        "models/ft_lowrank",
+        "models/base",
+        &out,
+        &[
+            "--max-rank",
+            "2",
+            "--skip-undecomposable",
+            "-i",
+            "layers\\.[01]\\.",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got = load_dir(&out);
+    assert!(!got.keys().any(|k| k.contains("norm")), "{:?}", got.keys());
+    // -i keeps layers 0 and 1 only; embeddings are saved whole whatever -i says (mergekit).
+    assert!(got.contains_key("base_model.model.model.layers.1.mlp.up_proj.lora_A.weight"));
+    assert!(!got.keys().any(|k| k.contains("layers.2.")));
+    assert!(got.contains_key("base_model.model.lm_head.weight"));
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        cfg["modules_to_save"],
+        serde_json::json!(["embed_tokens", "lm_head"])
+    );
+}

@@ -259,7 +259,9 @@ pub fn plan_extract_lora(opts: &ExtractOptions) -> Result<ExtractPlan> {
                 }
                 save(&mut jobs);
             }
-            if !undecomposable.iter().any(|s| s == key) {
+            // Norms (1-D) are saved whole as a matter of course; a matrix that is not a
+            // linear layer (GPT-2's Conv1D, a conv kernel) is worth a note.
+            if wt.shape.len() >= 2 && !undecomposable.iter().any(|s| s == key) {
                 undecomposable.push(key.to_string());
             }
             continue;
@@ -285,7 +287,7 @@ pub fn plan_extract_lora(opts: &ExtractOptions) -> Result<ExtractPlan> {
     }
     if !undecomposable.is_empty() {
         notes.push(format!(
-            "not decomposable (not a linear layer or embedding), {}: {}",
+            "not a linear layer or embedding, so not decomposed, {}: {}",
             if opts.skip_undecomposable {
                 "skipped"
             } else {
