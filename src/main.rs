@@ -306,14 +306,16 @@ struct ExtractLoraArgs {
     /// Largest rank of each LoRA pair.
     #[arg(long = "max-rank", default_value_t = 128, allow_hyphen_values = true)]
     max_rank: i64,
-    /// √S on both factors (default); --no-distribute-scale puts all of S on lora_A.
+    /// √S on both factors (the default).
     #[arg(long = "distribute-scale", overrides_with = "no_distribute_scale")]
     distribute_scale: bool,
+    /// All of S on lora_A, lora_B = U.
     #[arg(long = "no-distribute-scale")]
     no_distribute_scale: bool,
-    /// Decompose embeddings too (lora_embedding_A/B) instead of saving them whole.
+    /// Decompose embeddings too (lora_embedding_A/B; lm_head as a linear layer).
     #[arg(long = "embed-lora", overrides_with = "no_embed_lora")]
     embed_lora: bool,
+    /// Save embeddings and lm_head whole in modules_to_save (the default).
     #[arg(long = "no-embed-lora")]
     no_embed_lora: bool,
     /// Save this module whole (full name or last component, e.g. lm_head); repeatable.
@@ -702,7 +704,11 @@ fn extract_lora(a: ExtractLoraArgs, cancel: &AtomicBool) -> Result<()> {
     }
     // The README records the command as typed, as mergekit's does.
     let invocation = std::iter::once("mergestream".to_string())
-        .chain(std::env::args().skip(1))
+        .chain(
+            std::env::args_os()
+                .skip(1)
+                .map(|a| a.to_string_lossy().into_owned()),
+        )
         .collect::<Vec<_>>()
         .join(" ");
     let plan = plan_extract_lora(&ExtractOptions {
@@ -726,7 +732,7 @@ fn extract_lora(a: ExtractLoraArgs, cancel: &AtomicBool) -> Result<()> {
     }
     let start = std::time::Instant::now();
     let out = Path::new(&a.out_path);
-    let stats = output::run_extraction(&plan, out, a.force, a.io.into(), cancel, |_| {})?;
+    let stats = output::run_extraction(&plan, out, a.force, a.io.into(), cancel)?;
     if !a.quiet {
         let max = stats.ranks.iter().map(|(_, r)| *r).max().unwrap_or(0);
         note(format_args!(

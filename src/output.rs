@@ -440,14 +440,13 @@ pub fn run(plan: &Plan, target: &Path, force: bool, opts: &RunOptions) -> Result
 
 /// Run an extraction into `target` through a staging folder, as [`run`] does for merges:
 /// adapter_model.safetensors, adapter_config.json and README.md appear together or not at
-/// all. `on_module` is told each module as it starts (progress).
+/// all.
 pub fn run_extraction(
     plan: &ExtractPlan,
     target: &Path,
     force: bool,
     io: IoMode,
     cancel: &std::sync::atomic::AtomicBool,
-    on_module: impl FnMut(&str),
 ) -> Result<ExtractStats> {
     check_not_among(plan.inputs().into_iter(), target)?;
     let staging = Staging::new(target, force)?;
@@ -461,7 +460,7 @@ pub fn run_extraction(
         e
     };
     let changed_input = || plan.inputs().iter().find_map(|m| m.check_unchanged().err());
-    let stats = execute_extraction(plan, &staged, io, cancel, on_module)
+    let stats = execute_extraction(plan, &staged, io, cancel)
         .map_err(|e| changed_input().unwrap_or_else(|| rename(e)))?;
     write_file(
         &staged.join("adapter_config.json"),

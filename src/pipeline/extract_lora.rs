@@ -161,7 +161,6 @@ pub fn execute_extraction(
     dir: &Path,
     io: IoMode,
     cancel: &AtomicBool,
-    mut on_module: impl FnMut(&str),
 ) -> Result<ExtractStats> {
     // Reserve the header at its largest: every rank at its maximum, every offset as large
     // as the whole data.
@@ -215,7 +214,6 @@ pub fn execute_extraction(
         if cancel.load(Ordering::SeqCst) {
             return Err(Error::new(ErrorKind::Interrupted));
         }
-        on_module(job.module());
         match job {
             Job::Save { tensors, .. } => {
                 for ((_, i), t) in tensors.iter().zip(job.outputs(plan, 0)) {
