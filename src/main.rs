@@ -19,6 +19,7 @@ use mergestream::plan::Plan;
 use mergestream::plan::blockmerge::plan_blockmerge;
 use mergestream::plan::blockmerge_args::BlockMergeArgs;
 use mergestream::plan::convert::{ConvertOptions, plan_convert};
+use mergestream::plan::extract_lora::{ExtractOptions, plan_extract_lora};
 use mergestream::plan::gradient::GradientList;
 use mergestream::plan::lora::LoraSpec;
 use mergestream::plan::lora_merge::{LoraOptions, plan_lora};
@@ -46,6 +47,9 @@ enum Command {
     Convert(ConvertArgs),
     /// Run a mergekit YAML config unchanged (mergekit-yaml's argument order).
     Merge(MergeArgs),
+    /// Extract a LoRA adapter from a fine-tune and its base by truncated SVD of each weight
+    /// difference (mergekit-extract-lora's flags).
+    ExtractLora(ExtractLoraArgs),
     /// List a checkpoint's tensors (name, dtype, shape, bytes, file) and validate it.
     Inspect {
         /// A checkpoint folder or file.
@@ -392,6 +396,160 @@ impl MergeArgs {
     }
 }
 
+/// mergekit-extract-lora 0.1.5's flags, spelled as it spells them.
+#[derive(Args)]
+struct ExtractLoraArgs {
+    /// Fine-tuned model.
+    #[arg(long)]
+    model: String,
+    /// Base model.
+    #[arg(long = "base-model", alias = "base_model")]
+    base_model: String,
+    /// Output folder for the adapter.
+    #[arg(long = "out-path", alias = "out_path", short = 'o')]
+    out_path: String,
+    /// Largest rank of each LoRA pair.
+    #[arg(long = "max-rank", default_value_t = 128, allow_hyphen_values = true)]
+    max_rank: i64,
+    /// √S on both factors (the default).
+    #[arg(long = "distribute-scale", overrides_with = "no_distribute_scale")]
+    distribute_scale: bool,
+    /// All of S on lora_A, lora_B = U.
+    #[arg(long = "no-distribute-scale")]
+    no_distribute_scale: bool,
+    /// Decompose embeddings too (lora_embedding_A/B; lm_head as a linear layer).
+    #[arg(long = "embed-lora", overrides_with = "no_embed_lora")]
+    embed_lora: bool,
+    /// Save embeddings and lm_head whole in modules_to_save (the default).
+    #[arg(long = "no-embed-lora")]
+    no_embed_lora: bool,
+    /// Save this module whole (full name or last component, e.g. lm_head); repeatable.
+    #[arg(long = "save-module")]
+    save_module: Vec<String>,
+    /// Leave out modules whose name matches this regex; repeatable.
+    #[arg(long = "exclude-regex", short = 'e')]
+    exclude_regex: Vec<String>,
+    /// Only decompose modules whose name matches one of these regexes; repeatable.
+    #[arg(long = "include-regex", short = 'i')]
+    include_regex: Vec<String>,
+    /// Drop singular values at or below this.
+    #[arg(long = "sv-epsilon", default_value_t = 0.0, allow_hyphen_values = true)]
+    sv_epsilon: f64,
+    /// Skip modules that cannot be decomposed instead of saving them whole.
+    #[arg(long = "skip-undecomposable")]
+    skip_undecomposable: bool,
+    /// Accepted for compatibility: the SVD is deterministic, there is nothing to seed.
+    #[arg(long = "random-seed", allow_hyphen_values = true)]
+    random_seed: Option<i64>,
+    /// Replace an existing output.
+    #[arg(long)]
+    force: bool,
+    /// How to read inputs: mmap, positional reads, or auto.
+    #[arg(long, value_enum, default_value_t = Io::Auto)]
+    io: Io,
+    /// No notes or summary (--no-quiet: the default).
+    #[arg(long, short, overrides_with = "no_quiet")]
+    quiet: bool,
+    #[arg(long = "no-quiet", hide = true)]
+    no_quiet: bool,
+    /// mergekit's logging verbosity: accepted, no effect.
+    #[arg(short = 'v', action = clap::ArgAction::Count, hide = true)]
+    verbosity: u8,
+    /// mergekit options with no meaning here (GPU, threads, caches, write modes): accepted
+    /// and ignored with a note.
+    #[command(flatten)]
+    ignored: MergekitIgnored,
+}
+
+/// mergekit's common options that change nothing about an extracted adapter here.
+#[derive(Args)]
+struct MergekitIgnored {
+    #[arg(long, hide = true)]
+    cuda: bool,
+    #[arg(long = "no-cuda", hide = true)]
+    no_cuda: bool,
+    #[arg(long, hide = true)]
+    device: Option<String>,
+    #[arg(long = "low-cpu-memory", alias = "no-low-cpu-memory", hide = true)]
+    low_cpu_memory: bool,
+    #[arg(long = "read-to-gpu", alias = "no-read-to-gpu", hide = true)]
+    read_to_gpu: bool,
+    #[arg(long = "multi-gpu", alias = "no-multi-gpu", hide = true)]
+    multi_gpu: bool,
+    #[arg(long = "gpu-rich", hide = true)]
+    gpu_rich: bool,
+    #[arg(long = "num-threads", short = 'j', hide = true)]
+    num_threads: Option<usize>,
+    #[arg(long = "write-threads", hide = true)]
+    write_threads: Option<usize>,
+    #[arg(long = "async-write", alias = "no-async-write", hide = true)]
+    async_write: bool,
+    #[arg(long = "lazy-unpickle", alias = "no-lazy-unpickle", hide = true)]
+    lazy_unpickle: bool,
+    #[arg(long = "clone-tensors", alias = "no-clone-tensors", hide = true)]
+    clone_tensors: bool,
+    #[arg(
+        long = "trust-remote-code",
+        alias = "no-trust-remote-code",
+        hide = true
+    )]
+    trust_remote_code: bool,
+    #[arg(long = "allow-crimes", alias = "no-allow-crimes", hide = true)]
+    allow_crimes: bool,
+    #[arg(
+        long = "unsafe-truncate-embeddings",
+        alias = "no-unsafe-truncate-embeddings",
+        hide = true
+    )]
+    unsafe_truncate_embeddings: bool,
+    #[arg(long = "copy-tokenizer", alias = "no-copy-tokenizer", hide = true)]
+    copy_tokenizer: bool,
+    #[arg(long = "write-model-card", alias = "no-write-model-card", hide = true)]
+    write_model_card: bool,
+    #[arg(long = "safe-serialization", hide = true)]
+    safe_serialization: bool,
+    #[arg(long = "no-safe-serialization", hide = true)]
+    no_safe_serialization: bool,
+    #[arg(long = "transformers-cache", hide = true)]
+    transformers_cache: Option<String>,
+    #[arg(long = "lora-merge-cache", hide = true)]
+    lora_merge_cache: Option<String>,
+    #[arg(long = "lora-merge-dtype", hide = true)]
+    lora_merge_dtype: Option<String>,
+    #[arg(long = "out-shard-size", hide = true)]
+    out_shard_size: Option<String>,
+}
+
+impl MergekitIgnored {
+    /// The flags given, as the note names them. (mergekit's extract-lora itself ignores
+    /// --allow-crimes, --copy-tokenizer, --write-model-card, --out-shard-size and
+    /// --unsafe-truncate-embeddings; they are accepted silently.)
+    fn given(&self) -> Vec<&'static str> {
+        [
+            (self.cuda || self.no_cuda, "--cuda"),
+            (self.device.is_some(), "--device"),
+            (self.low_cpu_memory, "--low-cpu-memory"),
+            (self.read_to_gpu, "--read-to-gpu"),
+            (self.multi_gpu, "--multi-gpu"),
+            (self.gpu_rich, "--gpu-rich"),
+            (self.num_threads.is_some(), "--num-threads"),
+            (self.write_threads.is_some(), "--write-threads"),
+            (self.async_write, "--async-write"),
+            (self.lazy_unpickle, "--lazy-unpickle"),
+            (self.clone_tensors, "--clone-tensors"),
+            (self.trust_remote_code, "--trust-remote-code"),
+            (self.no_safe_serialization, "--no-safe-serialization"),
+            (self.transformers_cache.is_some(), "--transformers-cache"),
+            (self.lora_merge_cache.is_some(), "--lora-merge-cache"),
+            (self.lora_merge_dtype.is_some(), "--lora-merge-dtype"),
+        ]
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, f)| *f)
+        .collect()
+    }
+}
+
 impl Cli {
     /// Whether the command asked to store Hub files in the HF cache.
     fn cache(&self) -> bool {
@@ -400,7 +558,7 @@ impl Cli {
             Command::Lora(a) => a.common.cache,
             Command::Convert(a) => a.common.cache,
             Command::Merge(a) => a.common.cache,
-            Command::Inspect { .. } => false,
+            Command::ExtractLora(_) | Command::Inspect { .. } => false,
         }
     }
 
@@ -419,6 +577,7 @@ impl Cli {
             Command::Lora(a) => a.common.quiet,
             Command::Convert(a) => a.common.quiet,
             Command::Merge(a) => a.common.quiet,
+            Command::ExtractLora(a) => a.quiet,
             Command::Inspect { .. } => false,
         }
     }
@@ -561,6 +720,7 @@ fn as_typed(mut err: clap::Error, argv: impl Iterator<Item = OsString>) -> clap:
 
 fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<()> {
     match cli.command {
+        Command::ExtractLora(a) => extract_lora(a, &cancel),
         Command::Inspect { path } => {
             print_out(&mergestream::inspect::inspect(&path)?)?;
             Ok(())
@@ -640,6 +800,60 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<()> {
             execute(&plan, &args.output, &args.common, &cancel)
         }
     }
+}
+
+fn extract_lora(a: ExtractLoraArgs, cancel: &AtomicBool) -> Result<()> {
+    let ignored = a.ignored.given();
+    if !ignored.is_empty() && !a.quiet {
+        note(format_args!(
+            "note: {} ignored (mergestream extracts on the CPU, one module at a time, and writes safetensors)",
+            ignored.join(", ")
+        ));
+    }
+    // The README records the command as typed, as mergekit's does.
+    let invocation = std::iter::once("mergestream".to_string())
+        .chain(
+            std::env::args_os()
+                .skip(1)
+                .map(|a| a.to_string_lossy().into_owned()),
+        )
+        .collect::<Vec<_>>()
+        .join(" ");
+    let plan = plan_extract_lora(&ExtractOptions {
+        model: a.model,
+        base_model: a.base_model,
+        out_path: a.out_path.clone(),
+        max_rank: a.max_rank,
+        distribute_scale: !a.no_distribute_scale,
+        embed_lora: a.embed_lora,
+        save_modules: a.save_module,
+        exclude_regexes: a.exclude_regex,
+        include_regexes: a.include_regex,
+        sv_epsilon: a.sv_epsilon,
+        skip_undecomposable: a.skip_undecomposable,
+        invocation,
+    })?;
+    if !a.quiet {
+        for n in &plan.notes {
+            note(format_args!("note: {n}"));
+        }
+    }
+    let start = std::time::Instant::now();
+    let out = Path::new(&a.out_path);
+    let stats = output::run_extraction(&plan, out, a.force, a.io.into(), cancel)?;
+    if !a.quiet {
+        let max = stats.ranks.iter().map(|(_, r)| *r).max().unwrap_or(0);
+        note(format_args!(
+            "wrote a LoRA adapter of rank {max} ({} modules decomposed, {} saved whole; {} tensors, {}) to {} in {:.2}s",
+            stats.ranks.len(),
+            plan.jobs.len() - stats.ranks.len(),
+            stats.tensors,
+            human(stats.bytes_written),
+            out.display(),
+            start.elapsed().as_secs_f64()
+        ));
+    }
+    Ok(())
 }
 
 fn execute(plan: &Plan, out: &Path, c: &Common, cancel: &Arc<AtomicBool>) -> Result<()> {

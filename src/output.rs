@@ -15,10 +15,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::model::Model;
+use crate::pipeline::extract_lora::{ExtractStats, execute_extraction};
 use crate::pipeline::journal::{JOURNAL_NAME, Journal};
+use crate::pipeline::reader::IoMode;
 use crate::pipeline::writer::shards_match;
 use crate::pipeline::{Resumable, RunOptions, RunStats, execute_resumable};
 use crate::plan::Plan;
+use crate::plan::extract_lora::ExtractPlan;
 use crate::plan::outputs::config_bytes;
 
 /// The temporary folder of the run in progress, for [`abandon`] to remove.
@@ -366,10 +370,14 @@ fn sync_dir(p: &Path) {
 
 /// Refuse to write over an input (with `--force` that would delete it).
 pub fn check_not_an_input(plan: &Plan, target: &Path) -> Result<()> {
+    check_not_among(plan.sources.iter(), target)
+}
+
+fn check_not_among<'a>(models: impl Iterator<Item = &'a Model>, target: &Path) -> Result<()> {
     let Ok(t) = fs::canonicalize(target) else {
         return Ok(()); // does not exist yet
     };
-    for m in &plan.sources {
+    for m in models {
         for f in m.files.iter().filter_map(|f| m.source.local_path(f)) {
             if let Ok(c) = fs::canonicalize(f)
                 && (c == t || c.starts_with(&t))
@@ -425,6 +433,46 @@ pub fn run(plan: &Plan, target: &Path, force: bool, opts: &RunOptions) -> Result
     // Inputs pinned for the run: a file that changed under it makes the output a mix.
     for model in &plan.sources {
         model.check_unchanged()?;
+    }
+    staging.commit()?;
+    Ok(stats)
+}
+
+/// Run an extraction into `target` through a staging folder, as [`run`] does for merges:
+/// adapter_model.safetensors, adapter_config.json and README.md appear together or not at
+/// all.
+pub fn run_extraction(
+    plan: &ExtractPlan,
+    target: &Path,
+    force: bool,
+    io: IoMode,
+    cancel: &std::sync::atomic::AtomicBool,
+) -> Result<ExtractStats> {
+    check_not_among(plan.inputs().into_iter(), target)?;
+    let staging = Staging::new(target, force)?;
+    let staged = staging.path().to_path_buf();
+    let rename = |mut e: Error| {
+        if let Some(f) = &e.file
+            && let Ok(rel) = f.strip_prefix(&staged)
+        {
+            e.file = Some(target.join(rel));
+        }
+        e
+    };
+    let changed_input = || plan.inputs().iter().find_map(|m| m.check_unchanged().err());
+    let stats = execute_extraction(plan, &staged, io, cancel)
+        .map_err(|e| changed_input().unwrap_or_else(|| rename(e)))?;
+    write_file(
+        &staged.join("adapter_config.json"),
+        &plan.adapter_config_bytes(&stats.ranks),
+    )
+    .map_err(rename)?;
+    write_file(&staged.join("README.md"), plan.model_card().as_bytes()).map_err(rename)?;
+    if cancel.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(Error::new(ErrorKind::Interrupted));
+    }
+    for m in plan.inputs() {
+        m.check_unchanged()?;
     }
     staging.commit()?;
     Ok(stats)

@@ -8,6 +8,7 @@ mod bad_inputs;
 mod chat_templates;
 mod cli;
 mod golden_blockmerge;
+mod golden_extract_lora;
 mod golden_lora;
 mod golden_mergekit;
 mod golden_mergekit_geometry;

@@ -12,6 +12,7 @@ mod arithmetic;
 pub mod budget;
 pub mod chunking;
 mod compute;
+pub mod extract_lora;
 pub mod journal;
 pub mod reader;
 pub mod writer;

@@ -8,6 +8,7 @@
 pub mod blockmerge;
 pub mod blockmerge_args;
 pub mod convert;
+pub mod extract_lora;
 pub mod gradient;
 pub mod layout;
 pub mod lora;
