@@ -52,6 +52,7 @@ fn convert_options(input: &Path) -> ConvertOptions {
         input: input.to_path_buf(),
         dtype: None,
         max_shard_size: 100_000,
+        model_card: None,
     }
 }
 

@@ -343,6 +343,7 @@ fn a_run_stopped_after_any_chunk_continues_to_the_same_bytes() {
         input: a,
         dtype: Some(DType::BF16),
         max_shard_size: 5 << 20,
+        model_card: None,
     })
     .unwrap();
     let fingerprint = plan.fingerprint();

@@ -206,6 +206,7 @@ fn same_as_local(moto: &Moto, dir: &Path, prefix: &str) {
         input: dir.to_path_buf(),
         dtype: None,
         max_shard_size: 100_000,
+        model_card: None,
     };
     let tmp = tempfile::tempdir().unwrap();
     let plan = plan_convert(&opts).unwrap();

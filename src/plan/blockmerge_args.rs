@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::plan::blockmerge::{BlockMergeOptions, Operation, Schedule, YamlConfig};
+use crate::plan::card::CardRequest;
 use crate::plan::lora::LoraSpec;
 
 /// BlockMerge_Gradient's `max_shard_size` default ("2000MiB").
@@ -32,6 +33,8 @@ pub struct BlockMergeArgs {
     pub out_dtype: Option<DType>,
     pub lora1: Option<LoraSpec>,
     pub lora2: Option<LoraSpec>,
+    /// Write a model card (README.md); `None` for `--no-write-model-card`.
+    pub model_card: Option<CardRequest>,
 }
 
 /// A run, ready for [`plan_blockmerge`](crate::plan::blockmerge::plan_blockmerge).
@@ -102,6 +105,7 @@ impl BlockMergeArgs {
                 out_dtype: self.out_dtype,
                 lora1: self.lora1,
                 lora2: self.lora2,
+                model_card: self.model_card,
             },
             output,
         })
