@@ -325,6 +325,8 @@ fn yaml_edition_card_lists_the_operations() {
         "1. `attn`: gradient `[0.75, 0.25]` over tensors whose names contain `self_attn`",
         "3. `rest`: gradient `[0.5]` over tensors whose names contain `layer` and `norm`",
         "Arithmetic: f32, rounded once to float16.",
+        "The configuration (`bm_yaml_ops.yml`):\n\n```yaml\n# The golden bm_yaml_ops case",
+        &format!("--config {} -o", config.display()),
     ] {
         assert!(body.contains(want), "`{want}` missing from:\n{body}");
     }

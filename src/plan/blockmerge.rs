@@ -56,14 +56,18 @@ pub struct YamlConfig {
     #[serde(default)]
     pub max_shard_size: Option<String>,
     pub operations: Vec<Operation>,
+    /// The file as read, for the model card (empty when not loaded from a file).
+    #[serde(skip)]
+    pub text: String,
 }
 
 impl YamlConfig {
     pub fn load(path: &Path) -> Result<YamlConfig> {
         let text =
             std::fs::read_to_string(path).map_err(|e| Error::io("cannot read", e).in_file(path))?;
-        let cfg: YamlConfig = serde_yaml_ng::from_str(&text)
+        let mut cfg: YamlConfig = serde_yaml_ng::from_str(&text)
             .map_err(|e| Error::invalid(format!("invalid config: {e}")).in_file(path))?;
+        cfg.text = text;
         if cfg.operations.is_empty() {
             return Err(Error::invalid("`operations` is empty").in_file(path));
         }
@@ -104,6 +108,9 @@ pub struct BlockMergeOptions {
     pub lora2: Option<LoraSpec>,
     /// Write a model card (README.md); `None` writes none.
     pub model_card: Option<CardRequest>,
+    /// The YAML edition's config file (name, text), shown in the card: the command line
+    /// alone does not reproduce the run without it.
+    pub config_file: Option<(String, String)>,
 }
 
 /// `model2`'s tensor for a key: its own, or (tied embeddings) the embedding for lm_head.
@@ -466,7 +473,7 @@ fn model_card(
         tags: vec!["merge", "mergestream"],
         summary: "A gradient merge of two models with BlockMerge_Gradient's semantics, made in one streamed pass by mergestream.".into(),
         sections: vec![models, schedule],
-        config: None,
+        config: opts.config_file.clone(),
     }
 }
 

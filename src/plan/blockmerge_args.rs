@@ -56,6 +56,16 @@ impl BlockMergeArgs {
     /// Combine with `yaml`, the already loaded contents of `self.config` (None without one).
     pub fn resolve_with(self, yaml: Option<YamlConfig>) -> Result<ResolvedBlockMerge> {
         self.check_exclusive()?;
+        let config_file = match (&yaml, &self.config) {
+            (Some(cfg), Some(path)) if !cfg.text.is_empty() => Some((
+                path.file_name().map_or_else(
+                    || path.display().to_string(),
+                    |n| n.to_string_lossy().into_owned(),
+                ),
+                cfg.text.clone(),
+            )),
+            _ => None,
+        };
         let (model1, model2, output, shard, schedule) = match yaml {
             Some(cfg) => {
                 let shard = match self.max_shard_size {
@@ -106,6 +116,7 @@ impl BlockMergeArgs {
                 lora1: self.lora1,
                 lora2: self.lora2,
                 model_card: self.model_card,
+                config_file,
             },
             output,
         })
