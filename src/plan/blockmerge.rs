@@ -322,9 +322,7 @@ pub fn plan_blockmerge(opts: &BlockMergeOptions) -> Result<Plan> {
     let mut outputs = OutputFiles::from_model(m1, m1.config()?, out_dtype);
     if let Some(request) = &opts.model_card {
         let card = model_card(opts, request, reproduce, out_dtype, &steps);
-        outputs
-            .generated
-            .push(("README.md".into(), card.render().into_bytes()));
+        outputs.generated.push(card.file());
     }
     let title = match &opts.schedule {
         Schedule::Gradient(op) => format!(

@@ -72,6 +72,11 @@ pub struct Card {
 }
 
 impl Card {
+    /// `README.md` and its bytes, for [`OutputFiles::generated`](crate::plan::OutputFiles).
+    pub fn file(&self) -> (String, Vec<u8>) {
+        ("README.md".into(), self.render().into_bytes())
+    }
+
     /// The README.md: front matter, then the body.
     pub fn render(&self) -> String {
         let mut s = front_matter(&self.inputs, self.relation, &self.tags);

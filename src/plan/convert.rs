@@ -81,9 +81,7 @@ pub fn plan_convert(opts: &ConvertOptions) -> Result<Plan> {
             sections: Vec::new(),
             config: None,
         };
-        outputs
-            .generated
-            .push(("README.md".into(), card.render().into_bytes()));
+        outputs.generated.push(card.file());
     }
     Ok(Plan {
         title: format!("convert {}", opts.input.display()),

@@ -85,9 +85,7 @@ pub fn plan_lora(opts: &LoraOptions) -> Result<Plan> {
     // An adapter trained with added tokens ships its tokenizer; it wins over the base's.
     outputs.copy_present(&adapter_files, TOKENIZER_FILES);
     if let Some(card) = card {
-        outputs
-            .generated
-            .push(("README.md".into(), card.render().into_bytes()));
+        outputs.generated.push(card.file());
     }
     let title = format!(
         "lora {} + {} × {}",

@@ -95,10 +95,8 @@ pub(super) fn output_files(
     if let Some(request) = &opts.model_card {
         out.generated
             .push(("mergekit_config.yml".into(), text.as_bytes().to_vec()));
-        out.generated.push((
-            "README.md".into(),
-            model_card(request, cfg, text, inputs).render().into_bytes(),
-        ));
+        out.generated
+            .push(model_card(request, cfg, text, inputs).file());
     }
     Ok(out)
 }
