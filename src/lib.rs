@@ -6,8 +6,9 @@
 //!   [`format`](mod@format), reading every byte through a [`source`] (a local folder, the HF cache,
 //!   a Hub repo, an HTTP folder or an S3 prefix, all behind one trait);
 //! - [`plan`] decides every output tensor, its shard, offset and recipe, before reading data
-//!   (`blockmerge`, `lora_merge`, `convert`, `mergekit`; `extract_lora` decides an adapter
-//!   extraction, which `pipeline::extract_lora` runs one module at a time);
+//!   (`blockmerge`, `lora_merge`, `convert`, `mergekit`; `card` writes their model cards;
+//!   `extract_lora` decides an adapter extraction, which `pipeline::extract_lora` runs one
+//!   module at a time);
 //! - [`pipeline`] streams the data: reader → compute workers → writer, within a byte budget,
 //!   applying the arithmetic of [`methods`] with the SIMD [`kernels`];
 //! - [`output`] stages the folder and renames it into place when complete.

@@ -18,6 +18,7 @@ use mergestream::pipeline::{RunOptions, default_memory_limit};
 use mergestream::plan::Plan;
 use mergestream::plan::blockmerge::plan_blockmerge;
 use mergestream::plan::blockmerge_args::BlockMergeArgs;
+use mergestream::plan::card::{self, CardRequest};
 use mergestream::plan::convert::{ConvertOptions, plan_convert};
 use mergestream::plan::extract_lora::{ExtractOptions, plan_extract_lora};
 use mergestream::plan::gradient::GradientList;
@@ -116,6 +117,31 @@ impl From<Io> for IoMode {
     }
 }
 
+/// `--write-model-card` / `--no-write-model-card` (mergekit-yaml's spellings), for every
+/// command that writes a model.
+#[derive(Args)]
+#[command(args_override_self = true)]
+struct CardFlags {
+    /// Write README.md, a model card the Hugging Face Hub reads (default; `merge` also
+    /// writes mergekit_config.yml).
+    #[arg(long, overrides_with = "no_write_model_card")]
+    write_model_card: bool,
+    /// Write no model card.
+    #[arg(long, overrides_with = "write_model_card")]
+    no_write_model_card: bool,
+}
+
+impl CardFlags {
+    /// What the card needs from the command line: the arguments as typed and the output's
+    /// name. `None` when no card is wanted.
+    fn request(&self, output: &Path) -> Option<CardRequest> {
+        (!self.no_write_model_card).then(|| CardRequest {
+            name: output.file_name().map(|n| n.to_string_lossy().into_owned()),
+            command_line: Some(card::command_line(std::env::args_os().skip(1))),
+        })
+    }
+}
+
 fn float_dtype(s: &str) -> std::result::Result<DType, String> {
     DType::parse_float(s).ok_or_else(|| "expected float16, bfloat16 or float32".to_string())
 }
@@ -177,6 +203,8 @@ struct BlockMergeFlags {
     )]
     lora2_weight: f64,
     #[command(flatten)]
+    card: CardFlags,
+    #[command(flatten)]
     common: Common,
 }
 
@@ -202,6 +230,8 @@ struct LoraArgs {
     )]
     max_shard_size: ByteSize,
     #[command(flatten)]
+    card: CardFlags,
+    #[command(flatten)]
     common: Common,
 }
 
@@ -221,6 +251,8 @@ struct ConvertArgs {
         default_value = "5GB"
     )]
     max_shard_size: ByteSize,
+    #[command(flatten)]
+    card: CardFlags,
     #[command(flatten)]
     common: Common,
 }
@@ -254,11 +286,8 @@ struct MergeArgs {
     /// Seed for DARE and DELLA masks.
     #[arg(long, default_value_t = 0)]
     random_seed: u64,
-    /// Write README.md and mergekit_config.yml (default).
-    #[arg(long, overrides_with = "no_write_model_card")]
-    write_model_card: bool,
-    #[arg(long, overrides_with = "write_model_card")]
-    no_write_model_card: bool,
+    #[command(flatten)]
+    card: CardFlags,
     /// Cut vocabulary tensors to the smallest model's rows.
     #[arg(long, overrides_with = "no_unsafe_truncate_embeddings")]
     unsafe_truncate_embeddings: bool,
@@ -727,7 +756,7 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<()> {
         }
         Command::Blockmerge(a) => {
             let lora = |path: Option<PathBuf>, weight| path.map(|path| LoraSpec { path, weight });
-            let run = BlockMergeArgs {
+            let mut run = BlockMergeArgs {
                 model_path1: a.model_path1,
                 model_path2: a.model_path2,
                 output_model_path: a.output_model_path,
@@ -741,8 +770,11 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<()> {
                 out_dtype: a.common.out_dtype,
                 lora1: lora(a.lora1, a.lora1_weight),
                 lora2: lora(a.lora2, a.lora2_weight),
+                model_card: None,
             }
             .resolve()?;
+            // The output's name is known once a `--config` file is read.
+            run.options.model_card = a.card.request(&run.output);
             let plan = plan_blockmerge(&run.options)?;
             execute(&plan, &run.output, &a.common, &cancel)
         }
@@ -751,6 +783,7 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<()> {
                 input: args.input.clone(),
                 dtype: args.dtype.or(args.common.out_dtype),
                 max_shard_size: args.max_shard_size.bytes(),
+                model_card: args.card.request(&args.output),
             })?;
             execute(&plan, &args.output, &args.common, &cancel)
         }
@@ -765,7 +798,7 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<()> {
                 max_shard_size: args.out_shard_size.bytes(),
                 allow_crimes: args.allow_crimes,
                 copy_tokenizer: !args.no_copy_tokenizer,
-                write_model_card: !args.no_write_model_card,
+                model_card: args.card.request(&args.out),
                 random_seed: args.random_seed,
                 truncate_embeddings: args.unsafe_truncate_embeddings,
                 out_dtype: args.common.out_dtype,
@@ -796,6 +829,7 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<()> {
                 },
                 max_shard_size: args.max_shard_size.bytes(),
                 out_dtype: args.common.out_dtype,
+                model_card: args.card.request(&args.output),
             })?;
             execute(&plan, &args.output, &args.common, &cancel)
         }

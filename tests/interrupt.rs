@@ -41,6 +41,7 @@ fn cancelled_convert(stop_after: impl Fn(usize, u64, u64) -> bool + Send + Sync 
         input: golden().join("models/base"),
         dtype: None,
         max_shard_size: 1 << 30,
+        model_card: None,
     })
     .unwrap();
     let total: u64 = plan.steps.iter().map(|s| s.len).sum();
@@ -193,6 +194,7 @@ fn an_input_rewritten_during_the_run_is_an_error_and_nothing_is_committed() {
         input: model.clone(),
         dtype: None,
         max_shard_size: 1 << 30,
+        model_card: None,
     })
     .unwrap();
     let shard = model.join("model-00002-of-00003.safetensors");
@@ -278,6 +280,7 @@ fn sigbus_child() {
         // SIGBUS in this process, not an EFAULT inside a write.
         dtype: Some(mergestream::dtype::DType::F32),
         max_shard_size: 1 << 30,
+        model_card: None,
     })
     .unwrap();
     let shard = model.join("model-00002-of-00003.safetensors");

@@ -183,7 +183,7 @@ fn runs_killed_at_random_points_resume_to_the_same_bytes() {
     let cfg = config(tmp.path(), &a, &b);
     let reference = tmp.path().join("reference");
     ok(tmp.path(), &merge_args(&cfg, &reference, &["--quiet"]));
-    let want = folder(&reference);
+    let want = model_files(&reference);
     assert!(want.len() > 3, "sharded output expected: {:?}", want.keys());
 
     let mut seed = 0x9E37_79B9u64;
@@ -214,7 +214,11 @@ fn runs_killed_at_random_points_resume_to_the_same_bytes() {
             kept(&err) >= recorded && (recorded == 0 || kept(&err) > 0),
             "journal had {recorded} tensors; the run said: {err}"
         );
-        assert_eq!(folder(&out), want, "round {round}: resumed output differs");
+        assert_eq!(
+            model_files(&out),
+            want,
+            "round {round}: resumed output differs"
+        );
         assert!(
             staging(&out).is_empty(),
             "staging folder left after success"
@@ -266,7 +270,7 @@ fn a_killed_run_is_not_continued_when_the_inputs_or_the_plan_changed() {
     assert_eq!(kept(&stderr(&o)), 0, "{}", stderr(&o));
     let fresh = tmp.path().join("fresh");
     ok(tmp.path(), &merge_args(&cfg, &fresh, &["--quiet"]));
-    assert_eq!(folder(&out), folder(&fresh));
+    assert_eq!(model_files(&out), model_files(&fresh));
 }
 
 #[test]
@@ -317,7 +321,7 @@ fn a_damaged_journal_or_shard_means_starting_over_not_a_crash() {
             "{what}: {}",
             stderr(&o)
         );
-        assert_eq!(folder(&out), folder(&reference), "{what}");
+        assert_eq!(model_files(&out), model_files(&reference), "{what}");
         assert!(staging(&out).is_empty(), "{what}");
         std::fs::remove_dir_all(&out).unwrap();
     }
@@ -343,6 +347,7 @@ fn a_run_stopped_after_any_chunk_continues_to_the_same_bytes() {
         input: a,
         dtype: Some(DType::BF16),
         max_shard_size: 5 << 20,
+        model_card: None,
     })
     .unwrap();
     let fingerprint = plan.fingerprint();

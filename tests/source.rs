@@ -152,6 +152,7 @@ fn same_as_local(input: &Path) {
         input: input.to_path_buf(),
         dtype: None,
         max_shard_size: 100_000,
+        model_card: None,
     };
     let tmp = tempfile::tempdir().unwrap();
     let mut outputs = BTreeMap::new();
@@ -225,6 +226,7 @@ fn failing_reads_name_the_file_and_tensor() {
         input: base.clone(),
         dtype: None,
         max_shard_size: 100_000,
+        model_card: None,
     };
     let mut plan = plan_convert(&opts).unwrap();
     plan.sources[0] = model;

@@ -21,6 +21,7 @@ mod interrupt;
 mod mergekit_cli;
 mod mergekit_configs;
 mod mergekit_structure;
+mod model_cards;
 mod output_streams;
 mod properties;
 mod resume;

@@ -8,6 +8,7 @@
 //! a LoRA, rounded to its dtype as a saved PEFT merge would be, inside the same pass.
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -15,6 +16,7 @@ use serde::Deserialize;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::model::Model;
+use crate::plan::card::{Card, CardRequest, Relation, layer_table, ratio};
 use crate::plan::gradient::blockmerge_ratios;
 use crate::plan::layout::place;
 use crate::plan::lora::{AdapterEffect, LoraSpec, open_adapter, resolve};
@@ -54,14 +56,18 @@ pub struct YamlConfig {
     #[serde(default)]
     pub max_shard_size: Option<String>,
     pub operations: Vec<Operation>,
+    /// The file as read, for the model card (empty when not loaded from a file).
+    #[serde(skip)]
+    pub text: String,
 }
 
 impl YamlConfig {
     pub fn load(path: &Path) -> Result<YamlConfig> {
         let text =
             std::fs::read_to_string(path).map_err(|e| Error::io("cannot read", e).in_file(path))?;
-        let cfg: YamlConfig = serde_yaml_ng::from_str(&text)
+        let mut cfg: YamlConfig = serde_yaml_ng::from_str(&text)
             .map_err(|e| Error::invalid(format!("invalid config: {e}")).in_file(path))?;
+        cfg.text = text;
         if cfg.operations.is_empty() {
             return Err(Error::invalid("`operations` is empty").in_file(path));
         }
@@ -100,6 +106,11 @@ pub struct BlockMergeOptions {
     pub out_dtype: Option<DType>,
     pub lora1: Option<LoraSpec>,
     pub lora2: Option<LoraSpec>,
+    /// Write a model card (README.md); `None` writes none.
+    pub model_card: Option<CardRequest>,
+    /// The YAML edition's config file (name, text), shown in the card: the command line
+    /// alone does not reproduce the run without it.
+    pub config_file: Option<(String, String)>,
 }
 
 /// `model2`'s tensor for a key: its own, or (tied embeddings) the embedding for lm_head.
@@ -308,7 +319,11 @@ pub fn plan_blockmerge(opts: &BlockMergeOptions) -> Result<Plan> {
     }
 
     let shards = place(&mut steps, opts.max_shard_size);
-    let outputs = OutputFiles::from_model(m1, m1.config()?, out_dtype);
+    let mut outputs = OutputFiles::from_model(m1, m1.config()?, out_dtype);
+    if let Some(request) = &opts.model_card {
+        let card = model_card(opts, request, reproduce, out_dtype, &steps);
+        outputs.generated.push(card.file());
+    }
     let title = match &opts.schedule {
         Schedule::Gradient(op) => format!(
             "blockmerge {} ← {} gradient {:?}{}",
@@ -335,6 +350,129 @@ pub fn plan_blockmerge(opts: &BlockMergeOptions) -> Result<Plan> {
         shards,
         outputs,
     })
+}
+
+/// The card: both models and their LoRAs, the schedule, and model2's share per layer.
+fn model_card(
+    opts: &BlockMergeOptions,
+    request: &CardRequest,
+    reproduce: bool,
+    out_dtype: DType,
+    steps: &[Step],
+) -> Card {
+    let mut inputs = vec![
+        opts.model1.display().to_string(),
+        opts.model2.display().to_string(),
+    ];
+    let mut models = String::from("## Models\n\n");
+    for (n, (path, lora, role)) in [
+        (
+            &opts.model1,
+            &opts.lora1,
+            "the base: its config, tokenizer and extra vocabulary rows are kept",
+        ),
+        (&opts.model2, &opts.lora2, "blended in along the gradient"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let _ = write!(models, "- model {}: `{}` ({role})", n + 1, path.display());
+        if let Some(l) = lora {
+            inputs.push(l.path.display().to_string());
+            let _ = write!(
+                models,
+                ", patched first with the LoRA `{}` at weight {}, rounded to its dtype as a saved PEFT merge would be",
+                l.path.display(),
+                l.weight
+            );
+        }
+        models.push('\n');
+    }
+    let selection = |op: &Operation| {
+        let f = op.filter.as_deref();
+        match (op.layer_only, op.no_layers, f) {
+            (true, _, None) => "tensors whose names contain `layer`".to_string(),
+            (true, _, Some(f)) => format!("tensors whose names contain `layer` and `{f}`"),
+            (false, true, None) => "tensors whose names do not contain `layer`".to_string(),
+            (false, true, Some(f)) => {
+                format!("tensors whose names contain `{f}` but not `layer`")
+            }
+            (false, false, None) => "all tensors".to_string(),
+            (false, false, Some(f)) => format!("tensors whose names contain `{f}`"),
+        }
+    };
+    let values = |v: &[f64]| v.iter().map(|r| ratio(*r)).collect::<Vec<_>>().join(", ");
+    let mut schedule = String::from("## Gradient\n\n");
+    match &opts.schedule {
+        Schedule::Gradient(op) => {
+            let _ = write!(
+                schedule,
+                "Model 2's share follows the gradient `[{}]` over {} in module order (BlockMerge_Gradient's schedule). ",
+                values(&op.gradient_values),
+                selection(op)
+            );
+        }
+        Schedule::Operations(ops) => {
+            schedule.push_str("The operations of BlockMerge_Gradient's YAML edition, each blending the running result with model 2:\n\n");
+            for (i, op) in ops.iter().enumerate() {
+                let name = if op.operation.is_empty() {
+                    String::new()
+                } else {
+                    format!("`{}`: ", op.operation)
+                };
+                let _ = writeln!(
+                    schedule,
+                    "{}. {name}gradient `[{}]` over {}",
+                    i + 1,
+                    values(&op.gradient_values),
+                    selection(op)
+                );
+            }
+            schedule.push('\n');
+        }
+    }
+    let arithmetic = if reproduce {
+        "Arithmetic: BlockMerge_Gradient's own, in fp16, bit for bit.".to_string()
+    } else {
+        format!(
+            "Arithmetic: f32, rounded once to {}.",
+            out_dtype.torch_name()
+        )
+    };
+    let _ = writeln!(schedule, "{arithmetic}");
+    // Model 2's share of each blended tensor; after a chain of blends it is 1 − Π(1 − r).
+    let shares: Vec<(&str, f64)> = steps
+        .iter()
+        .filter_map(|s| match &s.recipe {
+            Recipe::Compute { method, .. } => match method {
+                Method::GradientFp16 { ratio } | Method::GradientPrecise { ratio } => {
+                    Some((s.name.as_str(), *ratio))
+                }
+                Method::BlendChain { ratios } => Some((
+                    s.name.as_str(),
+                    1.0 - ratios.iter().map(|r| 1.0 - r).product::<f64>(),
+                )),
+                _ => None,
+            },
+            Recipe::Copy(_) => None,
+        })
+        .collect();
+    if !shares.is_empty() {
+        let _ = write!(
+            schedule,
+            "\nModel 2's share per layer (tensors not listed are model 1's):\n\n{}",
+            layer_table("model 2's share", &shares)
+        );
+    }
+    Card {
+        request: request.clone(),
+        inputs,
+        relation: Relation::Merge,
+        tags: vec!["merge", "mergestream"],
+        summary: "A gradient merge of two models with BlockMerge_Gradient's semantics, made in one streamed pass by mergestream.".into(),
+        sections: vec![models, schedule],
+        config: opts.config_file.clone(),
+    }
 }
 
 /// Both models must hold the same tensors with the same shapes, but for the vocab rule.

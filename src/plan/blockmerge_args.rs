@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::plan::blockmerge::{BlockMergeOptions, Operation, Schedule, YamlConfig};
+use crate::plan::card::CardRequest;
 use crate::plan::lora::LoraSpec;
 
 /// BlockMerge_Gradient's `max_shard_size` default ("2000MiB").
@@ -32,6 +33,8 @@ pub struct BlockMergeArgs {
     pub out_dtype: Option<DType>,
     pub lora1: Option<LoraSpec>,
     pub lora2: Option<LoraSpec>,
+    /// Write a model card (README.md); `None` for `--no-write-model-card`.
+    pub model_card: Option<CardRequest>,
 }
 
 /// A run, ready for [`plan_blockmerge`](crate::plan::blockmerge::plan_blockmerge).
@@ -53,6 +56,16 @@ impl BlockMergeArgs {
     /// Combine with `yaml`, the already loaded contents of `self.config` (None without one).
     pub fn resolve_with(self, yaml: Option<YamlConfig>) -> Result<ResolvedBlockMerge> {
         self.check_exclusive()?;
+        let config_file = match (&yaml, &self.config) {
+            (Some(cfg), Some(path)) if !cfg.text.is_empty() => Some((
+                path.file_name().map_or_else(
+                    || path.display().to_string(),
+                    |n| n.to_string_lossy().into_owned(),
+                ),
+                cfg.text.clone(),
+            )),
+            _ => None,
+        };
         let (model1, model2, output, shard, schedule) = match yaml {
             Some(cfg) => {
                 let shard = match self.max_shard_size {
@@ -102,6 +115,8 @@ impl BlockMergeArgs {
                 out_dtype: self.out_dtype,
                 lora1: self.lora1,
                 lora2: self.lora2,
+                model_card: self.model_card,
+                config_file,
             },
             output,
         })

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::model::Model;
+use crate::plan::card::{Card, CardRequest, Relation};
 use crate::plan::layout::place;
 use crate::plan::order::sort_module_order;
 use crate::plan::{Method, Operand, OutputFiles, Plan, Recipe, Step, TensorRef};
@@ -17,6 +18,8 @@ pub struct ConvertOptions {
     /// Float tensors are written in this dtype (default: as stored).
     pub dtype: Option<DType>,
     pub max_shard_size: u64,
+    /// Write a model card (README.md); `None` writes none.
+    pub model_card: Option<CardRequest>,
 }
 
 pub fn plan_convert(opts: &ConvertOptions) -> Result<Plan> {
@@ -52,7 +55,7 @@ pub fn plan_convert(opts: &ConvertOptions) -> Result<Plan> {
     }
     let shards = place(&mut steps, opts.max_shard_size);
     let config = model.config()?;
-    let outputs = match opts.dtype {
+    let mut outputs = match opts.dtype {
         Some(d) => OutputFiles::from_model(&model, config, d),
         None => {
             let mut o = OutputFiles::from_model(&model, None, DType::F32);
@@ -60,6 +63,26 @@ pub fn plan_convert(opts: &ConvertOptions) -> Result<Plan> {
             o
         }
     };
+    if let Some(request) = &opts.model_card {
+        let input = opts.input.display();
+        let values = match opts.dtype {
+            Some(d) => format!("float tensors rounded to {}", d.torch_name()),
+            None => "every tensor's bytes as stored".to_string(),
+        };
+        let card = Card {
+            request: request.clone(),
+            inputs: vec![input.to_string()],
+            // The same model re-saved: the Hub infers the relation itself.
+            relation: Relation::Unstated,
+            tags: vec!["mergestream"],
+            summary: format!(
+                "`{input}` converted to safetensors ({values}), config and tokenizer copied; made by mergestream."
+            ),
+            sections: Vec::new(),
+            config: None,
+        };
+        outputs.generated.push(card.file());
+    }
     Ok(Plan {
         title: format!("convert {}", opts.input.display()),
         sources: vec![model],

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::format::peft::AdapterConfig;
 use crate::model::Model;
+use crate::plan::card::{Card, CardRequest, Relation};
 use crate::plan::layout::place;
 use crate::plan::lora::{LoraSpec, open_adapter, resolve};
 use crate::plan::order::sort_module_order;
@@ -19,6 +21,8 @@ pub struct LoraOptions {
     pub max_shard_size: u64,
     /// Write float tensors in this dtype instead of the base model's.
     pub out_dtype: Option<DType>,
+    /// Write a model card (README.md); `None` writes none.
+    pub model_card: Option<CardRequest>,
 }
 
 pub fn plan_lora(opts: &LoraOptions) -> Result<Plan> {
@@ -29,6 +33,10 @@ pub fn plan_lora(opts: &LoraOptions) -> Result<Plan> {
     let adapter = open_adapter(&opts.lora.path)?;
     let effect = resolve(&adapter, 1, opts.lora.weight, &base)?;
     let adapter_files = adapter.model.source.clone();
+    let card = opts
+        .model_card
+        .as_ref()
+        .map(|request| model_card(opts, request, &adapter.config));
     let sources = vec![base, adapter.model];
     let base = &sources[0];
 
@@ -76,6 +84,9 @@ pub fn plan_lora(opts: &LoraOptions) -> Result<Plan> {
     }
     // An adapter trained with added tokens ships its tokenizer; it wins over the base's.
     outputs.copy_present(&adapter_files, TOKENIZER_FILES);
+    if let Some(card) = card {
+        outputs.generated.push(card.file());
+    }
     let title = format!(
         "lora {} + {} × {}",
         base.path.display(),
@@ -89,4 +100,41 @@ pub fn plan_lora(opts: &LoraOptions) -> Result<Plan> {
         shards,
         outputs,
     })
+}
+
+/// The card: the base, the adapter, its rank and scaling, and the weight.
+fn model_card(opts: &LoraOptions, request: &CardRequest, config: &AdapterConfig) -> Card {
+    let (base, lora) = (opts.base.display(), opts.lora.path.display());
+    let sqrt = if config.use_rslora { "√" } else { "" };
+    let mut adapter = format!(
+        "## Adapter\n\n- rank {}, lora_alpha {}, scaling lora_alpha / {sqrt}r{}\n- weight {} (multiplies the scaling)\n",
+        config.r,
+        config.lora_alpha,
+        if config.use_rslora { " (rsLoRA)" } else { "" },
+        opts.lora.weight
+    );
+    if !config.rank_pattern.is_empty() || !config.alpha_pattern.is_empty() {
+        adapter.push_str("- per-module ranks or alphas from `rank_pattern` / `alpha_pattern`\n");
+    }
+    if config.use_dora {
+        adapter.push_str("- DoRA: each row rescaled by the magnitude vector\n");
+    }
+    if !config.modules_to_save.is_empty() {
+        adapter.push_str(&format!(
+            "- full replacement tensors for `{}`\n",
+            config.modules_to_save.join("`, `")
+        ));
+    }
+    Card {
+        request: request.clone(),
+        inputs: vec![base.to_string(), lora.to_string()],
+        relation: Relation::Finetune,
+        tags: vec!["merge", "mergestream", "lora"],
+        summary: format!(
+            "`{base}` with the PEFT LoRA adapter `{lora}` merged in at weight {}, as PEFT's `merge_and_unload` and `save_pretrained` would write it; made by mergestream.",
+            opts.lora.weight
+        ),
+        sections: vec![adapter],
+        config: None,
+    }
 }

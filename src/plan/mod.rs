@@ -7,6 +7,7 @@
 
 pub mod blockmerge;
 pub mod blockmerge_args;
+pub mod card;
 pub mod convert;
 pub mod extract_lora;
 pub mod gradient;

@@ -55,6 +55,19 @@ pub fn folder(dir: &Path) -> BTreeMap<String, Vec<u8>> {
         .collect()
 }
 
+/// [`folder`] without the model card, which must be there: the card quotes the command
+/// line, so two runs of one merge into different folders (or from different sources) differ
+/// in it and nowhere else.
+pub fn model_files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut files = folder(dir);
+    assert!(
+        files.remove("README.md").is_some(),
+        "{}: no model card",
+        dir.display()
+    );
+    files
+}
+
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }

@@ -1,11 +1,13 @@
 //! The files beside the tensors: config.json (dtype, layer count), tokenizer files, the
 //! chat template, mergekit_config.yml and the model card.
 
+use std::fmt::Write as _;
 use std::sync::Arc;
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::model::Model;
+use crate::plan::card::{Card, CardRequest, Relation};
 use crate::plan::outputs::{OutputFiles, TOKENIZER_FILES, with_dtype};
 use crate::source::Source;
 
@@ -90,13 +92,11 @@ pub(super) fn output_files(
         out.generated
             .push(("chat_template.jinja".into(), template.into_bytes()));
     }
-    if opts.write_model_card {
+    if let Some(request) = &opts.model_card {
         out.generated
             .push(("mergekit_config.yml".into(), text.as_bytes().to_vec()));
-        out.generated.push((
-            "README.md".into(),
-            model_card(cfg, text, inputs).into_bytes(),
-        ));
+        out.generated
+            .push(model_card(request, cfg, text, inputs).file());
     }
     Ok(out)
 }
@@ -153,23 +153,30 @@ fn model_template(model: &Model) -> Result<Option<String>> {
     })
 }
 
-fn model_card(cfg: &MergeConfig, text: &str, inputs: &[Input]) -> String {
-    let mut s = String::new();
-    s.push_str("---\nlibrary_name: transformers\ntags:\n- mergekit\n- merge\n- mergestream\n---\n");
-    s.push_str("# Merged model\n\nThis model was merged with [mergestream](https://github.com/) from a mergekit configuration.\n\n");
-    s.push_str(&format!("## Merge method\n\n`{}`", cfg.merge_method));
-    if let Some(b) = &cfg.base_model {
-        s.push_str(&format!(", with {b} as the base"));
-    }
-    s.push_str(".\n\n## Models merged\n\n");
+/// The card mergekit writes (method, base, models, the configuration), in the shared form:
+/// mergekit's tags plus ours, and the command line.
+fn model_card(request: &CardRequest, cfg: &MergeConfig, text: &str, inputs: &[Input]) -> Card {
+    let mut refs = Vec::new();
+    let mut models = String::from("## Models merged\n\n");
     for i in inputs {
-        s.push_str(&format!("- {}\n", i.reference));
+        refs.push(i.reference.path.display().to_string());
+        if let Some(l) = &i.reference.lora {
+            refs.push(l.display().to_string());
+        }
+        let _ = writeln!(models, "- `{}`", i.reference);
     }
-    s.push_str("\n## Configuration\n\n```yaml\n");
-    s.push_str(text);
-    if !text.ends_with('\n') {
-        s.push('\n');
+    let mut method = format!("## Merge method\n\n`{}`", cfg.merge_method);
+    if let Some(b) = &cfg.base_model {
+        let _ = write!(method, ", with `{b}` as the base");
     }
-    s.push_str("```\n");
-    s
+    method.push_str("; the weights and parameters are those of the configuration below.");
+    Card {
+        request: request.clone(),
+        inputs: refs,
+        relation: Relation::Merge,
+        tags: vec!["mergekit", "merge", "mergestream"],
+        summary: "A merge of pre-trained language models made by mergestream from a mergekit configuration, as `mergekit-yaml` would make it.".into(),
+        sections: vec![method, models],
+        config: Some(("mergekit_config.yml".into(), text.to_string())),
+    }
 }

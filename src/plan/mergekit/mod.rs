@@ -38,7 +38,8 @@ pub struct MergeOptions {
     pub max_shard_size: u64,
     pub allow_crimes: bool,
     pub copy_tokenizer: bool,
-    pub write_model_card: bool,
+    /// Write README.md and mergekit_config.yml; `None` for `--no-write-model-card`.
+    pub model_card: Option<crate::plan::card::CardRequest>,
     pub random_seed: u64,
     /// Cut vocabulary tensors to the smallest input's rows (mergekit's
     /// `--unsafe-truncate-embeddings`).
