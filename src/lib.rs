@@ -21,12 +21,14 @@
 //! 4. [`model`] (a checkpoint of any format) and [`methods`] (merge arithmetic: no plans, no
 //!    I/O; each mergekit method one file, registered in `methods::mergekit::METHODS`);
 //! 5. [`plan`] (the output decided from headers; recipes name methods);
-//! 6. [`pipeline`] (chunking policy, reading, computing, writing) and [`inspect`];
+//! 6. [`pipeline`] (chunking policy, reading, computing, writing), [`inspect`] and [`diff`]
+//!    (which streams two models through the pipeline's reader and budget);
 //! 7. [`output`] (staging and the atomic rename).
 //!
 //! Everything here is usable without the CLI; `src/main.rs` only parses arguments and
 //! reports errors.
 
+pub mod diff;
 pub mod dtype;
 pub mod error;
 pub mod format;
