@@ -167,8 +167,10 @@ impl Heatmap {
         }
     }
 
-    /// The log10 range the colour scale spans: whole decades around the values shown.
-    pub fn scale(&self) -> (i32, i32) {
+    /// The log10 range the colour scale spans: the values shown, at most 8 decades (anything
+    /// smaller takes the bottom colour), at least a third of one (so one value is not a
+    /// division by zero).
+    pub fn scale(&self) -> (f64, f64) {
         let values = self
             .cells
             .iter()
@@ -182,13 +184,39 @@ impl Heatmap {
             (lo.min(v), hi.max(v))
         });
         if !lo.is_finite() {
-            return (-6, 0);
+            return (-6.0, 0.0);
         }
-        let hi = hi.ceil() as i32;
-        // At most 8 decades: anything smaller shows as the bottom colour.
-        let lo = (lo.floor() as i32).max(hi - 8).min(hi - 1);
+        let lo = lo.max(hi - 8.0);
+        if hi - lo < 0.3 {
+            let mid = (lo + hi) / 2.0;
+            return (mid - 0.15, mid + 0.15);
+        }
         (lo, hi)
     }
+}
+
+/// Tick values (log10, label) of the colour scale: every decade in range, with 2 and 5 of
+/// each decade too when the range is short.
+pub fn ticks(lo: f64, hi: f64) -> Vec<(f64, String)> {
+    let decades = hi - lo;
+    let mults: &[u32] = if decades <= 3.5 { &[1, 2, 5] } else { &[1] };
+    let every = if decades > 8.0 { 2 } else { 1 };
+    let mut out = Vec::new();
+    for d in (lo.floor() as i32..=hi.ceil() as i32).step_by(every) {
+        for &m in mults {
+            let v = (m as f64).log10() + d as f64;
+            if v >= lo - 1e-9 && v <= hi + 1e-9 {
+                let label = match d {
+                    0 => format!("{m}"),
+                    -1 => format!("0.{m}"),
+                    -2 => format!("0.0{m}"),
+                    _ => format!("{m}e{d}"),
+                };
+                out.push((v, label));
+            }
+        }
+    }
+    out
 }
 
 /// Viridis at t ∈ [0, 1] (matplotlib's anchors, linearly interpolated).
@@ -345,12 +373,14 @@ pub fn write_plot(report: &DiffReport, path: &Path) -> Result<()> {
         Kind::Png => {
             register_font()?;
             let root = BitMapBackend::new(path, (g.width, g.height)).into_drawing_area();
-            draw(&root, report, &heat, &g).map_err(|e| fail(e.to_string()))?;
+            draw(&root, report, &heat, &g, 1.0).map_err(|e| fail(e.to_string()))?;
             root.present().map_err(|e| fail(e.to_string()))
         }
         Kind::Svg => {
+            // plotters' SVG backend writes font sizes divided by 1.24 (its em-to-pixel
+            // ratio), the bitmap one draws glyphs at the size given: scale SVG text to match.
             let root = SVGBackend::new(path, (g.width, g.height)).into_drawing_area();
-            draw(&root, report, &heat, &g).map_err(|e| fail(e.to_string()))?;
+            draw(&root, report, &heat, &g, 1.24).map_err(|e| fail(e.to_string()))?;
             root.present().map_err(|e| fail(e.to_string()))
         }
     }
@@ -359,7 +389,7 @@ pub fn write_plot(report: &DiffReport, path: &Path) -> Result<()> {
 type DrawResult<DB> =
     std::result::Result<(), DrawingAreaErrorKind<<DB as DrawingBackend>::ErrorType>>;
 
-fn style(px: i32, h: HPos, v: VPos) -> TextStyle<'static> {
+fn text_style(px: f64, h: HPos, v: VPos) -> TextStyle<'static> {
     TextStyle::from((FAMILY, px).into_font())
         .color(&TEXT)
         .pos(Pos::new(h, v))
@@ -370,7 +400,9 @@ fn draw<DB: DrawingBackend>(
     report: &DiffReport,
     heat: &Heatmap,
     g: &Geometry,
+    text_scale: f64,
 ) -> DrawResult<DB> {
+    let style = |px: i32, h: HPos, v: VPos| text_style(px as f64 * text_scale, h, v);
     root.fill(&WHITE)?;
     let (lo, hi) = heat.scale();
     let colour = |c: Cell| -> Option<RGBColor> {
@@ -379,7 +411,7 @@ fn draw<DB: DrawingBackend>(
             Cell::Identical => Some(IDENTICAL),
             Cell::Value(v) => {
                 let t = if v > 0.0 {
-                    (v.log10() - lo as f64) / (hi - lo) as f64
+                    (v.log10() - lo) / (hi - lo)
                 } else {
                     0.0
                 };
@@ -537,19 +569,12 @@ fn draw<DB: DrawingBackend>(
         [(bx, y0), (bx + bw, y0 + bh)],
         TEXT.stroke_width(1),
     ))?;
-    let decades = hi - lo;
-    let every = if decades > 8 { 2 } else { 1 };
-    for d in (lo..=hi).step_by(every) {
-        let y = y0 + ((hi - d) as f64 / decades as f64 * (bh - 1) as f64).round() as i32;
+    for (v, label) in ticks(lo, hi) {
+        let y = y0 + ((hi - v) / (hi - lo) * (bh - 1) as f64).round() as i32;
         root.draw(&PathElement::new(
             vec![(bx + bw, y), (bx + bw + 5, y)],
             TEXT.stroke_width(1),
         ))?;
-        let label = if d == 0 {
-            "1".to_string()
-        } else {
-            format!("1e{d}")
-        };
         root.draw(&Text::new(
             label,
             (bx + bw + 8, y),
@@ -620,8 +645,12 @@ mod tests {
             cells: vec![vec![Cell::Value(3e-4), Cell::Value(0.02)]],
             outside: vec![("lm_head".into(), Cell::Identical)],
         };
-        assert_eq!(h.scale(), (-4, -1));
-        let empty = Heatmap::default();
-        assert_eq!(empty.scale(), (-6, 0));
+        let (lo, hi) = h.scale();
+        assert!((lo - 3e-4f64.log10()).abs() < 1e-12 && (hi - 0.02f64.log10()).abs() < 1e-12);
+        assert_eq!(Heatmap::default().scale(), (-6.0, 0.0));
+        let t: Vec<String> = ticks(lo, hi).into_iter().map(|(_, l)| l).collect();
+        assert_eq!(t, ["5e-4", "1e-3", "2e-3", "5e-3", "0.01", "0.02"]);
+        let t: Vec<String> = ticks(-6.0, 0.0).into_iter().map(|(_, l)| l).collect();
+        assert_eq!(t, ["1e-6", "1e-5", "1e-4", "1e-3", "0.01", "0.1", "1"]);
     }
 }
