@@ -365,13 +365,13 @@ pub fn compare_chunk(da: DType, a: &[u8], db: DType, b: &[u8]) -> Partial {
     if !(da.is_computable() && db.is_computable()) {
         // Sub-byte types are whole tensors here: compare them as one element.
         let size = da.size().max(1);
-        let n = if da.bits() % 8 == 0 {
+        let n = if da.bits().is_multiple_of(8) {
             a.len() / size
         } else {
             1
         };
         p.elements = n as u64;
-        p.differing = if da.bits() % 8 == 0 {
+        p.differing = if da.bits().is_multiple_of(8) {
             a.chunks(size)
                 .zip(b.chunks(size))
                 .filter(|(x, y)| x != y)
