@@ -387,3 +387,33 @@ fn completions_and_man_page_generate() {
     let o = mergestream(tmp.path(), &["completions", "tcsh"]);
     assert_eq!(o.status.code(), Some(2));
 }
+
+#[test]
+fn hub_references_diff_like_local_folders() {
+    let server = crate::hub_server::HubServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        common::command()
+            .env_remove("HF_HUB_OFFLINE")
+            .env("HF_ENDPOINT", server.endpoint())
+            .env("HF_TOKEN", crate::hub_server::TOKEN)
+            .current_dir(tmp.path())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    // golden/gated is a copy of base behind the token; golden/base_bin its pickle.
+    let o = run(&["diff", "golden/gated", &base(), "-q"]);
+    assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
+    let o = run(&["diff", "golden/base_bin", "golden/other", "--json"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let v = json(&o);
+    assert_eq!(v["summary"]["differing"], 75);
+    assert_eq!(v["a"], "golden/base_bin");
+    // A repo that does not exist: one error line naming it.
+    let o = run(&["diff", "golden/nope", &base()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+    assert!(stderr(&o).starts_with("error: ") && stderr(&o).contains("golden/nope"));
+    assert!(stdout(&o).is_empty());
+}
