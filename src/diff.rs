@@ -43,6 +43,8 @@ pub struct DiffOptions {
     pub ulps: Option<u64>,
     /// Set to stop the run (it then ends with [`ErrorKind::Interrupted`]).
     pub cancel: Arc<AtomicBool>,
+    /// Show a progress bar (bytes compared) on stderr when it is a terminal.
+    pub progress: bool,
 }
 
 impl Default for DiffOptions {
@@ -53,6 +55,7 @@ impl Default for DiffOptions {
             threads: crate::pipeline::default_threads(),
             ulps: None,
             cancel: Arc::new(AtomicBool::new(false)),
+            progress: false,
         }
     }
 }
@@ -684,17 +687,23 @@ pub fn diff(a: &Model, b: &Model, opts: &DiffOptions) -> Result<DiffReport> {
     };
     let stopped = || failed.load(Ordering::Relaxed) || opts.cancel.load(Ordering::Relaxed);
     let mut bytes_read = 0u64;
+    let total: u64 = pairs
+        .iter()
+        .map(|&(ia, ib)| a.tensor(ia).len + b.tensor(ib).len)
+        .sum();
+    let progress = crate::progress::Progress::new(total, opts.progress, None, None);
 
     std::thread::scope(|s| {
         let workers = opts.threads.clamp(1, 256);
         let (tx, rx) = bounded::<Work>(workers * 2);
         for _ in 0..workers {
             let rx = rx.clone();
-            let (results, pairs) = (&results, &pairs);
+            let (results, pairs, progress) = (&results, &pairs, &progress);
             let worker = move || {
                 for w in rx {
                     let (ta, tb) = (a.tensor(pairs[w.pair].0), b.tensor(pairs[w.pair].1));
                     let p = compare_chunk(ta.dtype, &w.a, tb.dtype, &w.b);
+                    progress.add((w.a.len() + w.b.len()) as u64);
                     let mut r = results.lock().unwrap_or_else(|e| e.into_inner());
                     r[w.pair][w.chunk] = Some(p);
                 }
@@ -747,6 +756,7 @@ pub fn diff(a: &Model, b: &Model, opts: &DiffOptions) -> Result<DiffReport> {
         }
         drop(tx);
     });
+    progress.finish();
     if opts.cancel.load(Ordering::Relaxed) {
         return Err(Error::new(ErrorKind::Interrupted));
     }

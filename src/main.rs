@@ -85,7 +85,7 @@ struct DiffArgs {
     /// Draw a heatmap of relative difference by layer and module (.png or .svg).
     #[arg(long, value_name = "FILE")]
     plot: Option<PathBuf>,
-    /// Print only the summary line (text report).
+    /// Print only the summary line (text report), and no progress bar.
     #[arg(long, short)]
     quiet: bool,
     /// Bytes of both models' chunks in flight (e.g. 512MiB); default: min(1 GiB, half the
@@ -795,6 +795,7 @@ fn run_diff(args: DiffArgs, cancel: Arc<AtomicBool>) -> Result<()> {
             .max(1),
         ulps: args.ulps,
         cancel,
+        progress: !args.quiet,
     };
     let report = diff(&a, &b, &opts)?;
     if let Some(p) = &args.plot {
