@@ -112,6 +112,47 @@ pub fn short_label(key: &str) -> String {
     }
 }
 
+/// Short, distinct column labels: each module's short name, or, where two modules share one
+/// (the experts of a mixture), as many trailing components of their keys as tell them apart
+/// (`3.w1`, `4.w1`).
+pub fn column_labels(keys: &[String]) -> Vec<String> {
+    let mut labels: Vec<String> = keys.iter().map(|k| short_label(k)).collect();
+    for _ in 0..8 {
+        let dup: Vec<bool> = labels
+            .iter()
+            .map(|l| labels.iter().filter(|m| *m == l).count() > 1)
+            .collect();
+        if !dup.contains(&true) {
+            break;
+        }
+        for (i, key) in keys.iter().enumerate() {
+            if !dup[i] {
+                continue;
+            }
+            // One more component of the key in front of what the label shows.
+            let shown = labels[i].matches('.').count() + 2;
+            let parts: Vec<&str> = key.split('.').collect();
+            let from = parts.len().saturating_sub(shown);
+            let tail = parts[from..].join(".");
+            labels[i] = match tail.rsplit_once('.') {
+                Some((head, last)) => format!("{head}.{}", short_label(last)),
+                None => short_label(&tail),
+            };
+        }
+    }
+    labels
+}
+
+/// `label` cut from the left to `max` characters (the end names the module).
+fn fit(label: &str, max: usize) -> String {
+    let n = label.chars().count();
+    if n <= max || max < 2 {
+        return label.to_string();
+    }
+    let tail: String = label.chars().skip(n - (max - 1)).collect();
+    format!("\u{2026}{tail}")
+}
+
 impl Heatmap {
     pub fn from_report(report: &DiffReport) -> Heatmap {
         let mut grid: BTreeMap<(u64, String), Acc> = BTreeMap::new();
@@ -141,13 +182,7 @@ impl Heatmap {
         let mut keys: Vec<String> = grid.keys().map(|(_, k)| k.clone()).collect();
         keys.sort_by(|x, y| compare_names(x, y));
         keys.dedup();
-        let mut columns: Vec<String> = keys.iter().map(|k| short_label(k)).collect();
-        // Two modules with one short name (a q_norm in two places): show their keys instead.
-        for i in 0..columns.len() {
-            if columns.iter().filter(|c| **c == columns[i]).count() > 1 {
-                columns[i] = keys[i].clone();
-            }
-        }
+        let columns = column_labels(&keys);
         let cells = layers
             .iter()
             .map(|&l| {
@@ -480,7 +515,7 @@ fn draw<DB: DrawingBackend>(
     for (j, label) in heat.columns.iter().enumerate() {
         let cx = x0 + j as i32 * g.cell_w + g.cell_w / 2;
         root.draw(&Text::new(
-            label.clone(),
+            fit(label, ((g.cell_w - 4) / (FONT_PX * 6 / 10)) as usize),
             (cx, head_y),
             style(FONT_PX, HPos::Center, VPos::Bottom),
         ))?;
@@ -626,6 +661,27 @@ mod tests {
         assert_eq!(short_label("mlp.gate_proj"), "gate");
         assert_eq!(short_label("input_layernorm"), "in_norm");
         assert_eq!(short_label("post_attention_layernorm"), "post_norm");
+    }
+
+    #[test]
+    fn expert_columns_get_distinct_short_labels() {
+        let keys: Vec<String> = [
+            "self_attn.q_proj",
+            "block_sparse_moe.gate",
+            "block_sparse_moe.experts.0.w1",
+            "block_sparse_moe.experts.1.w1",
+            "block_sparse_moe.experts.0.w2",
+            "input_layernorm",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(
+            column_labels(&keys),
+            ["q", "gate", "0.w1", "1.w1", "w2", "in_norm"]
+        );
+        assert_eq!(fit("experts.10.w1", 8), "\u{2026}s.10.w1");
+        assert_eq!(fit("q", 8), "q");
     }
 
     #[test]
