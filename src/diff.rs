@@ -135,7 +135,10 @@ pub struct Summary {
     pub max_ulp: Option<u64>,
     /// `"identical"`, `"within"` (every difference within `--ulps`) or `"different"`.
     pub verdict: String,
+    /// Bytes of tensor data read from both models (each once).
     pub bytes_read: u64,
+    /// The most chunk bytes held at once: the budget's peak (the process adds a small
+    /// constant), within `--memory-limit` unless a single unsplittable tensor pair is larger.
     pub peak_memory: u64,
 }
 
