@@ -38,3 +38,41 @@ pub fn inspect(path: &Path) -> Result<String> {
     );
     Ok(s)
 }
+
+/// [`inspect`] as one JSON document: the files, one entry per tensor (name, dtype, shape,
+/// bytes, file, offset) and totals.
+pub fn inspect_json(path: &Path) -> Result<String> {
+    use serde_json::json;
+    let model = Model::open_reference(path)?;
+    let files: Vec<String> = (0..model.files.len())
+        .map(|i| model.file_path(i).display().to_string())
+        .collect();
+    let tensors: Vec<_> = model
+        .tensors()
+        .iter()
+        .map(|t| {
+            json!({
+                "name": t.name,
+                "dtype": t.dtype.to_string(),
+                "shape": t.shape,
+                "bytes": t.len,
+                "file": model.files[t.file],
+                "offset": t.offset,
+            })
+        })
+        .collect();
+    let params: u64 = model.tensors().iter().map(|t| t.numel()).sum();
+    let doc = json!({
+        "path": model.path.display().to_string(),
+        "files": files,
+        "tensors": tensors,
+        "totals": {
+            "tensors": model.tensors().len(),
+            "parameters": params,
+            "bytes": model.data_bytes(),
+            "files": model.files.len(),
+        },
+        "valid": true,
+    });
+    Ok(serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n")
+}

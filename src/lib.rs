@@ -24,11 +24,13 @@
 //!    I/O; each mergekit method one file, registered in `methods::mergekit::METHODS`);
 //! 5. [`plan`] (the output decided from headers; recipes name methods);
 //! 6. [`pipeline`] (chunking policy, reading, computing, writing) and [`inspect`];
-//! 7. [`output`] (staging and the atomic rename).
+//! 7. [`output`] (staging and the atomic rename) and [`diff`] (two models compared through
+//!    the pipeline's reader and budget; its `plot` draws the heatmap).
 //!
 //! Everything here is usable without the CLI; `src/main.rs` only parses arguments and
 //! reports errors.
 
+pub mod diff;
 pub mod dtype;
 pub mod error;
 pub mod format;

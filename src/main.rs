@@ -55,7 +55,54 @@ enum Command {
     Inspect {
         /// A checkpoint folder or file.
         path: PathBuf,
+        /// Print one JSON document instead of the table.
+        #[arg(long)]
+        json: bool,
     },
+    /// Compare two checkpoints tensor by tensor (max |a-b|, ulps, relative L2, cosine).
+    ///
+    /// Exit status: 0 when they match (bitwise, or within --ulps), 1 when they differ (the
+    /// report says how) or on an error (then one `error:` line on stderr and no report).
+    Diff(DiffArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) on standard output.
+    Man,
+}
+
+/// `mergestream diff A B`.
+#[derive(Args)]
+struct DiffArgs {
+    /// The model to check: a folder, a checkpoint file, a Hub repo, a URL or an s3:// prefix.
+    a: PathBuf,
+    /// The model it is compared with (relative L2 is ||a-b|| / ||b||).
+    b: PathBuf,
+    /// Count float tensors of the same dtype as matching when no element differs by more
+    /// than N units in the last place.
+    #[arg(long, value_name = "N")]
+    ulps: Option<u64>,
+    /// Print the report as one JSON document.
+    #[arg(long)]
+    json: bool,
+    /// Draw a heatmap of relative difference by layer and module (.png or .svg).
+    #[arg(long, value_name = "FILE")]
+    plot: Option<PathBuf>,
+    /// Print only the summary line (text report), and no progress bar.
+    #[arg(long, short)]
+    quiet: bool,
+    /// Bytes of both models' chunks in flight (e.g. 512MiB); default: min(1 GiB, half the
+    /// available RAM).
+    #[arg(long)]
+    memory_limit: Option<ByteSize>,
+    /// Compare threads (default: one per core, plus one).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// How to read inputs: mmap, positional reads, or auto (read on network filesystems).
+    #[arg(long, value_enum, default_value_t = Io::Auto)]
+    io: Io,
 }
 
 /// Options of every command that writes a model.
@@ -79,6 +126,9 @@ struct Common {
     /// Print the plan, the output size and a peak-memory estimate; write nothing.
     #[arg(long)]
     dry_run: bool,
+    /// With --dry-run: print the plan as one JSON document.
+    #[arg(long, requires = "dry_run")]
+    json: bool,
     /// No progress bar or summary.
     #[arg(long, short)]
     quiet: bool,
@@ -588,6 +638,7 @@ impl Cli {
             Command::Convert(a) => a.common.cache,
             Command::Merge(a) => a.common.cache,
             Command::ExtractLora(_) | Command::Inspect { .. } => false,
+            Command::Diff(_) | Command::Completions { .. } | Command::Man => false,
         }
     }
 
@@ -608,6 +659,8 @@ impl Cli {
             Command::Merge(a) => a.common.quiet,
             Command::ExtractLora(a) => a.quiet,
             Command::Inspect { .. } => false,
+            Command::Diff(a) => a.quiet || a.json,
+            Command::Completions { .. } | Command::Man => true,
         }
     }
 }
@@ -750,9 +803,27 @@ fn as_typed(mut err: clap::Error, argv: impl Iterator<Item = OsString>) -> clap:
 fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<()> {
     match cli.command {
         Command::ExtractLora(a) => extract_lora(a, &cancel),
-        Command::Inspect { path } => {
-            print_out(&mergestream::inspect::inspect(&path)?)?;
+        Command::Inspect { path, json } => {
+            let text = if json {
+                mergestream::inspect::inspect_json(&path)?
+            } else {
+                mergestream::inspect::inspect(&path)?
+            };
+            print_out(&text)?;
             Ok(())
+        }
+        Command::Diff(args) => run_diff(args, cancel),
+        Command::Completions { shell } => {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "mergestream", &mut out);
+            print_out(&String::from_utf8_lossy(&out))
+        }
+        Command::Man => {
+            let mut out = Vec::new();
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut out)
+                .map_err(|e| Error::io("cannot render the man page", e))?;
+            print_out(&String::from_utf8_lossy(&out))
         }
         Command::Blockmerge(a) => {
             let lora = |path: Option<PathBuf>, weight| path.map(|path| LoraSpec { path, weight });
@@ -896,7 +967,12 @@ fn execute(plan: &Plan, out: &Path, c: &Common, cancel: &Arc<AtomicBool>) -> Res
         .map_or_else(default_memory_limit, ByteSize::bytes);
     if c.dry_run {
         let estimate = mergestream::pipeline::chunking::peak_memory_estimate(plan, memory_limit);
-        print_out(&plan.describe(estimate, memory_limit))?;
+        if c.json {
+            let doc = plan.to_json(estimate, memory_limit);
+            print_out(&(serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n"))?;
+        } else {
+            print_out(&plan.describe(estimate, memory_limit))?;
+        }
         return Ok(());
     }
     let opts = RunOptions {
@@ -943,6 +1019,45 @@ fn execute(plan: &Plan, out: &Path, c: &Common, cancel: &Arc<AtomicBool>) -> Res
             stats.elapsed.as_secs_f64(),
             human(stats.peak_budget)
         ));
+    }
+    Ok(())
+}
+
+/// `diff`: the report on stdout (text or JSON), the plot if asked; exit 1 when the models
+/// differ. An error returns instead (one `error:` line, also exit 1, and no report).
+fn run_diff(args: DiffArgs, cancel: Arc<AtomicBool>) -> Result<()> {
+    use mergestream::diff::{DiffOptions, diff, plot};
+    if let Some(p) = &args.plot {
+        plot::check_path(p)?;
+    }
+    let a = mergestream::Model::open_reference(&args.a)?;
+    let b = mergestream::Model::open_reference(&args.b)?;
+    let opts = DiffOptions {
+        memory_limit: args
+            .memory_limit
+            .map_or_else(default_memory_limit, ByteSize::bytes),
+        io: args.io.into(),
+        threads: args
+            .threads
+            .unwrap_or_else(mergestream::pipeline::default_threads)
+            .max(1),
+        ulps: args.ulps,
+        cancel,
+        progress: !args.quiet,
+    };
+    let report = diff(&a, &b, &opts)?;
+    if let Some(p) = &args.plot {
+        plot::write_plot(&report, p)?;
+    }
+    if args.json {
+        print_out(&report.to_json())?;
+    } else if args.quiet {
+        print_out(&(report.summary_line() + "\n"))?;
+    } else {
+        print_out(&report.to_text())?;
+    }
+    if !report.passed() {
+        std::process::exit(1);
     }
     Ok(())
 }

@@ -7,6 +7,7 @@ mod torch_common;
 mod bad_inputs;
 mod chat_templates;
 mod cli;
+mod diff;
 mod golden_blockmerge;
 mod golden_extract_lora;
 mod golden_lora;

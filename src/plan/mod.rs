@@ -243,6 +243,51 @@ impl Plan {
         s
     }
 
+    /// The plan as data (`--dry-run --json`): inputs, one entry per output tensor (dtype,
+    /// shape, shard, offset, bytes, recipe), shards, totals and the peak-memory estimate.
+    pub fn to_json(&self, peak_estimate: u64, memory_limit: u64) -> serde_json::Value {
+        use serde_json::json;
+        let inputs: Vec<_> = self
+            .sources
+            .iter()
+            .enumerate()
+            .map(|(i, m)| json!({"index": i, "path": m.path.display().to_string()}))
+            .collect();
+        let tensors: Vec<_> = self
+            .steps
+            .iter()
+            .map(|step| {
+                json!({
+                    "name": step.name,
+                    "dtype": step.dtype.to_string(),
+                    "shape": step.shape,
+                    "shard": self.shards[step.shard].file_name,
+                    "offset": step.offset,
+                    "bytes": step.len,
+                    "recipe": self.describe_recipe(&step.recipe),
+                })
+            })
+            .collect();
+        let shards: Vec<_> = self
+            .shards
+            .iter()
+            .map(|s| json!({"file": s.file_name, "bytes": s.size}))
+            .collect();
+        json!({
+            "title": self.title,
+            "inputs": inputs,
+            "tensors": tensors,
+            "shards": shards,
+            "totals": {
+                "tensors": self.steps.len(),
+                "bytes": self.output_bytes(),
+                "shards": self.shards.len(),
+            },
+            "peak_memory_estimate": peak_estimate,
+            "memory_limit": memory_limit,
+        })
+    }
+
     fn describe_operand(&self, op: &Operand) -> String {
         let t = self.tensor(op.tensor);
         let mut s = format!("in{}", op.tensor.source);
