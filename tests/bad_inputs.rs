@@ -524,13 +524,8 @@ fn output_replacing_an_input_is_refused() {
     assert!(m.join("model.safetensors.index.json").exists());
 }
 
-#[test]
-fn disk_full_while_writing() {
-    // A file-size limit makes every write past 64 KiB fail as a full disk would (EFBIG
-    // instead of ENOSPC; the same error path).
-    use std::os::unix::process::CommandExt;
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("out");
+/// The golden base and other blended into `out`, as a command to run under a fault.
+fn golden_blockmerge(out: &std::path::Path) -> std::process::Command {
     let mut cmd = command();
     cmd.current_dir(golden()).args([
         "blockmerge",
@@ -544,6 +539,17 @@ fn disk_full_while_writing() {
         "[0.9,0.0]",
         "--quiet",
     ]);
+    cmd
+}
+
+#[test]
+fn disk_full_while_writing() {
+    // A file-size limit makes every write past 64 KiB fail as a full disk would (EFBIG
+    // instead of ENOSPC; the same error path).
+    use std::os::unix::process::CommandExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let mut cmd = golden_blockmerge(&out);
     // SAFETY: only async-signal-safe libc calls between fork and exec.
     unsafe {
         // The limit alone: mergestream itself ignores SIGXFSZ, so the write fails with EFBIG.
@@ -569,19 +575,7 @@ fn threads_refused_by_the_system() {
     let tmp = tempfile::tempdir().unwrap();
     std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
     let out = tmp.path().join("out");
-    let mut cmd = command();
-    cmd.current_dir(golden()).args([
-        "blockmerge",
-        "--model_path1",
-        "models/base",
-        "--model_path2",
-        "models/other",
-        "--output_model_path",
-        out.to_str().unwrap(),
-        "--gradient_values",
-        "[0.9,0.0]",
-        "--quiet",
-    ]);
+    let mut cmd = golden_blockmerge(&out);
     // SAFETY: only async-signal-safe libc calls between fork and exec.
     unsafe {
         cmd.pre_exec(|| {

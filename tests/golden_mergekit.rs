@@ -161,14 +161,7 @@ fn output_has_mergekit_files() {
 #[test]
 fn low_precision_compute_matches_mergekit() {
     let dir = fixtures().join("mergekit_lowp");
-    let mut cases: Vec<String> = std::fs::read_dir(&dir)
-        .unwrap()
-        .filter_map(|e| {
-            let n = e.unwrap().file_name().to_string_lossy().into_owned();
-            n.strip_suffix(".yml").map(str::to_string)
-        })
-        .collect();
-    cases.sort();
+    let cases = config_cases(&dir);
     assert_eq!(cases.len(), 14);
     for case in cases {
         let tmp = tempfile::tempdir().unwrap();

@@ -320,14 +320,7 @@ fn multislerp_refuses_a_zero_mean_as_mergekit_does() {
 #[test]
 fn low_precision_spherical_methods_match_mergekit() {
     let dir = fixtures().join("mergekit_lowp_geometry");
-    let mut cases: Vec<String> = std::fs::read_dir(&dir)
-        .unwrap()
-        .filter_map(|e| {
-            let n = e.unwrap().file_name().to_string_lossy().into_owned();
-            n.strip_suffix(".yml").map(str::to_string)
-        })
-        .collect();
-    cases.sort();
+    let cases = config_cases(&dir);
     assert_eq!(cases.len(), 5);
     for case in cases {
         let tmp = tempfile::tempdir().unwrap();

@@ -18,6 +18,20 @@ pub fn golden2() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden2")
 }
 
+/// The names of the `*.yml` configs in `dir` (without the extension), sorted: a fixture
+/// folder of mergekit cases, each beside its expected output folder.
+pub fn config_cases(dir: &Path) -> Vec<String> {
+    let mut cases: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| {
+            let n = e.unwrap().file_name().to_string_lossy().into_owned();
+            n.strip_suffix(".yml").map(str::to_string)
+        })
+        .collect();
+    cases.sort();
+    cases
+}
+
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
