@@ -208,13 +208,35 @@ fn compare_config(ours: &Path, theirs: &Path, modules_to_save: Option<&[&str]>) 
     );
 }
 
-/// README.md is mergekit's card, with our command line in place of mergekit's.
+/// README.md: front matter the Hub parses (tagged mergestream, no local path as
+/// `base_model`), and from "## LoRA Details" on, mergekit's card with our command line in
+/// place of mergekit's.
 fn compare_card(run: &Run, theirs: &Path, case: &Value) {
     let got = std::fs::read_to_string(run.out.join("README.md")).unwrap();
     let want = std::fs::read_to_string(theirs.join("README.md")).unwrap();
     let ours = format!("mergestream {}", run.args.join(" "));
     let want = want.replace(case["command"].as_str().unwrap(), &ours);
-    assert_eq!(got, want);
+    let front = got
+        .strip_prefix("---\n")
+        .and_then(|r| r.split_once("\n---\n"))
+        .map(|(f, _)| f)
+        .expect("front matter");
+    let yaml: serde_yaml_ng::Value = serde_yaml_ng::from_str(front).unwrap();
+    assert_eq!(yaml["library_name"].as_str(), Some("peft"));
+    let tags: Vec<&str> = yaml["tags"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t.as_str())
+        .collect();
+    assert!(
+        tags.contains(&"mergestream") && tags.contains(&"peft"),
+        "{tags:?}"
+    );
+    // Local inputs: the Hub refuses them as base_model.
+    assert!(yaml.get("base_model").is_none(), "{front}");
+    let body = |s: &str| s[s.find("## LoRA Details").unwrap()..].to_string();
+    assert_eq!(body(&got), body(&want));
 }
 
 /// Apply both adapters with `mergestream lora` to the base and compare the merged weights:

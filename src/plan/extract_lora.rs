@@ -543,19 +543,22 @@ impl ExtractPlan {
             Some(n) if !n.is_empty() => n,
             _ => "Untitled LoRA Model (1)",
         };
-        // yaml.dump of {base_model, tags, library_name}: keys sorted, lists block-style.
+        // Like mergekit's card (keys sorted, lists block-style), but `base_model` only when an
+        // input is a Hub repo (the Hub refuses local paths there), and the relation the Hub
+        // uses for an adapter.
         let bases = if hf.is_empty() {
-            "base_model: []\n".to_string()
+            String::new()
         } else {
             let mut s = "base_model:\n".to_string();
             for p in &hf {
                 s += &format!("- {p}\n");
             }
-            s
+            s + "base_model_relation: adapter\n"
         };
         format!(
-            "---\n{bases}library_name: peft\ntags:\n- mergekit\n- peft\n\n---\n# {name}\n\nThis is a LoRA extracted from a language model. It was extracted using [mergekit](https://github.com/arcee-ai/mergekit).\n\n## LoRA Details\n\n{details}\n\n### Parameters\n\nThe following command was used to extract this LoRA adapter:\n\n```sh\n{}\n```\n",
-            o.invocation
+            "---\n{bases}library_name: peft\ntags:\n- mergekit\n- mergestream\n- peft\n---\n# {name}\n\nThis is a LoRA extracted from a language model. It was extracted with mergestream's `extract-lora`, which reproduces [mergekit](https://github.com/arcee-ai/mergekit)'s `mergekit-extract-lora` (0.1.5), {version}.\n\n## LoRA Details\n\n{details}\n\n### Parameters\n\nThe following command was used to extract this LoRA adapter:\n\n```sh\n{}\n```\n",
+            o.invocation,
+            version = concat!("mergestream ", env!("CARGO_PKG_VERSION")),
         )
     }
 
