@@ -60,6 +60,11 @@ struct ModelStockMerge {
 }
 
 impl TensorMerge for ModelStockMerge {
+    /// Offsets from the base, their norms and the result: 3.33 copies (measured by `tests/method_memory`).
+    fn copies_per_operand(&self) -> u64 {
+        4
+    }
+
     fn capability(&self) -> Capability {
         Capability::Streamed
     }

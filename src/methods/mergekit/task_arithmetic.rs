@@ -196,6 +196,11 @@ pub(crate) struct TaskMerge {
 }
 
 impl TensorMerge for TaskMerge {
+    /// Deltas, masks, kept deltas and weights, and with a sign election its weighted masks: 4.17 copies with TIES, 2.33 without (measured by `tests/method_memory`).
+    fn copies_per_operand(&self) -> u64 {
+        if self.consensus { 5 } else { 3 }
+    }
+
     fn capability(&self) -> Capability {
         if self.sparsify == Sparsify::None {
             Capability::Elementwise
