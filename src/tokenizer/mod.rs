@@ -1,0 +1,24 @@
+//! Tokenizers of merged models: reading them, the merged vocabulary mergekit 0.1.5 builds for
+//! `tokenizer_source` (`base`, `union`, a model) and the `tokenizer:` block, how each model's
+//! embedding rows map onto it, and the output tokenizer files.
+//!
+//! Pure data, no tensors: [`files`] parses and writes the JSON files (pure functions of
+//! bytes); [`config`] reads the YAML settings; [`vocab::build_tokenizer`] makes the output
+//! vocabulary and per-model permutations ([`TokenizerInfo`]); [`embed::embedding_plan`] turns
+//! them into a row-by-row recipe ([`EmbeddingPlan`]) for each vocabulary tensor, which the
+//! pipeline executes in chunks.
+//!
+//! Use: load each referenced model's [`Tokenizer`] (`Tokenizer::load`), build
+//! `TokenizerInfo` once per merge, take `info.vocab_size` as config.json's vocab size and
+//! `info.tokenizer.output_files()` as the tokenizer files to write, and call
+//! `embedding_plan` for every tensor that has a vocabulary axis.
+
+pub mod config;
+pub mod embed;
+pub mod files;
+pub mod vocab;
+
+pub use config::{OutputSource, TokenConfig, TokenRef, TokenSource, TokenizerSpec};
+pub use embed::{DefaultRow, EmbeddingPlan, RowSource, Slot, embedding_plan};
+pub use files::{AddedToken, Tokenizer, TokenizerConfigJson, TokenizerJson};
+pub use vocab::{ModelTokenizer, TokenizerInfo, build_tokenizer};
