@@ -34,8 +34,16 @@ struct Case {
 
 /// A golden2 case: its config and models, referenced base_model first, then config order.
 fn case(name: &str) -> Case {
-    let g2 = common::golden2();
-    let text = std::fs::read_to_string(g2.join(format!("mergekit/{name}.yml"))).unwrap();
+    // golden2's cases, or the synthetic ones beside the fixture (paths relative to each).
+    let (g2, yml) = if name.starts_with("tk_") {
+        (common::golden2(), format!("mergekit/{name}.yml"))
+    } else {
+        (
+            common::fixtures().join("golden2-tokenizers"),
+            format!("configs/{name}.yml"),
+        )
+    };
+    let text = std::fs::read_to_string(g2.join(yml)).unwrap();
     let cfg: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).unwrap();
     let base_model = cfg
         .get("base_model")
@@ -85,43 +93,33 @@ const CASES: &[&str] = &[
     "tk_block_base_pad32",
 ];
 
+/// Synthetic cases (fixtures/golden2-tokenizers/configs): regular tokens the base lacks, a
+/// base stripped to its config vocab_size, a model without tokenizer files, an added token
+/// that is a regular token in another model, `tokens:` with force/model_token on existing
+/// tokens. No expected output folder: compared with mergekit's own functions only.
+const SYNTHETIC: &[&str] = &["syn_union_strip", "syn_base_strip", "syn_union_nobase"];
+
+fn all_cases() -> impl Iterator<Item = &'static str> {
+    CASES.iter().chain(SYNTHETIC).copied()
+}
+
 #[test]
 fn vocabulary_and_files_match_mergekit() {
     let fx = fixture();
-    for name in CASES {
+    for name in all_cases() {
         let c = case(name);
-        let want = &fx[*name];
+        let want = &fx[name];
         let names: Vec<&str> = c.models.iter().map(|m| m.name.as_str()).collect();
-        let want_names: Vec<&str> = want["models"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_str().unwrap())
-            .collect();
+        let want_names: Vec<&str> = strs(&want["models"]);
         assert_eq!(names, want_names, "{name}: referenced order");
         let info = build_tokenizer(&c.models, c.base, &c.spec).unwrap();
 
-        let want_tokens: Vec<&str> = want["tokens"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_str().unwrap())
-            .collect();
-        assert_eq!(info.tokens, want_tokens, "{name}: tokens by id");
+        assert_eq!(info.tokens, strs(&want["tokens"]), "{name}: tokens by id");
         assert_eq!(
             info.vocab_size as u64,
             want["vocab_size"].as_u64().unwrap(),
             "{name}"
         );
-
-        let expected = common::golden2().join("expected").join(name);
-        let cfg = json(&expected.join("config.json"));
-        assert_eq!(
-            Some(info.vocab_size as u64),
-            cfg["vocab_size"].as_u64(),
-            "{name}: vocab_size"
-        );
-
         for (m, p) in info.permutations.iter().enumerate() {
             let want_p: Vec<Option<u32>> = want["permutations"][m]
                 .as_array()
@@ -131,10 +129,33 @@ fn vocabulary_and_files_match_mergekit() {
                 .collect();
             assert_eq!(p, &want_p, "{name}: permutation of model {m}");
         }
-
-        // Our written tokenizer.json equals mergekit's in every field that affects encoding.
         let files = info.tokenizer.output_files();
         let ours: Value = serde_json::from_slice(&files[0].1).unwrap();
+        assert_eq!(
+            ours["added_tokens"], want["added_tokens"],
+            "{name}: added tokens"
+        );
+        // For make_fixture.py --check: encode with transformers from the files we write.
+        if let Some(dir) = std::env::var_os("MERGESTREAM_WRITE_TOKENIZERS") {
+            let dir = Path::new(&dir).join(name);
+            std::fs::create_dir_all(&dir).unwrap();
+            for (file, bytes) in &files {
+                std::fs::write(dir.join(file), bytes).unwrap();
+            }
+        }
+        if !name.starts_with("tk_") {
+            continue;
+        }
+
+        // The output folder mergekit wrote: config vocab_size, and our tokenizer.json equals
+        // its in every field that affects encoding.
+        let expected = common::golden2().join("expected").join(name);
+        let cfg = json(&expected.join("config.json"));
+        assert_eq!(
+            Some(info.vocab_size as u64),
+            cfg["vocab_size"].as_u64(),
+            "{name}: vocab_size"
+        );
         let theirs = json(&expected.join("tokenizer.json"));
         for field in [
             "added_tokens",
@@ -151,9 +172,12 @@ fn vocabulary_and_files_match_mergekit() {
                 "{name}: tokenizer.json field {field}"
             );
         }
+        // The sample text manifest.json recorded encodes as mergekit's tokenizer does.
+        let sample = &json(&common::golden2().join("manifest.json"))["expected"][name]["sanity"]["tokenizer_sample"];
+        let text = sample["text"].as_str().unwrap();
         assert_eq!(
-            ours["added_tokens"], want["added_tokens"],
-            "{name}: added tokens"
+            want["encodings"][text], sample["ids"],
+            "{name}: fixture vs manifest"
         );
         // tokenizer_config.json: the source's, which is what transformers writes back (less
         // its loader's own is_local/local_files_only).
@@ -166,6 +190,14 @@ fn vocabulary_and_files_match_mergekit() {
         let ours: Value = serde_json::from_slice(bytes).unwrap();
         assert_eq!(ours, theirs, "{name}: tokenizer_config.json");
     }
+}
+
+fn strs(v: &Value) -> Vec<&str> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect()
 }
 
 /// Decode a plan's row into mergekit's sparse form: [(model, row, coefficient)].
@@ -194,9 +226,9 @@ fn decode(
 #[test]
 fn embedding_rows_match_mergekit() {
     let fx = fixture();
-    for name in CASES {
+    for name in all_cases() {
         let c = case(name);
-        let want = &fx[*name];
+        let want = &fx[name];
         let info = build_tokenizer(&c.models, c.base, &c.spec).unwrap();
         let slots: Vec<Slot> = c
             .models

@@ -369,7 +369,28 @@ impl TokenizerConfigJson {
     }
 }
 
-/// A model's tokenizer: its `tokenizer.json` and, when present, its config files.
+fn non_empty(v: Option<&Value>) -> Option<&Value> {
+    v.filter(|v| !v.is_null() && v.as_str() != Some(""))
+}
+
+/// A special token's value in a config: a string (special, not normalized, as transformers
+/// makes it) or an AddedToken-like object (its flags, made special).
+fn special_value(v: &Value) -> Option<AddedToken> {
+    match v {
+        Value::String(s) if !s.is_empty() => Some(AddedToken {
+            special: true,
+            normalized: false,
+            ..AddedToken::plain(s)
+        }),
+        Value::Object(_) => AddedToken::from_json(v, Some(0))
+            .ok()
+            .map(|t| AddedToken { special: true, ..t }),
+        _ => None,
+    }
+}
+
+/// A model's tokenizer: its `tokenizer.json` and, when present, its config files, as
+/// transformers 5 loads them ([`Tokenizer::apply_transformers_load`]).
 #[derive(Clone, Debug)]
 pub struct Tokenizer {
     pub json: TokenizerJson,
@@ -395,11 +416,13 @@ impl Tokenizer {
             .map(parse_tokenizer_config)
             .transpose()
             .map_err(named(SPECIAL_TOKENS_MAP))?;
-        Ok(Tokenizer {
+        let mut tok = Tokenizer {
             json,
             config,
             special_tokens_map,
-        })
+        };
+        tok.apply_transformers_load();
+        Ok(tok)
     }
 
     /// The tokenizer beside a model: `Ok(None)` when it has no tokenizer files at all (mergekit
@@ -425,6 +448,82 @@ impl Tokenizer {
         let config = read(TOKENIZER_CONFIG)?;
         let map = read(SPECIAL_TOKENS_MAP)?;
         Tokenizer::from_bytes(source.location(), &json, config.as_deref(), map.as_deref()).map(Some)
+    }
+
+    /// The special tokens transformers 5 registers at load: the named ones
+    /// (`SPECIAL_TOKENS_ATTRIBUTES` order), then `extra_special_tokens` (or the older
+    /// `additional_special_tokens`), from tokenizer_config.json; special_tokens_map.json fills
+    /// in only when the config has no `added_tokens_decoder` (transformers' legacy path).
+    fn special_tokens(&self) -> Vec<AddedToken> {
+        const NAMED: &[&str] = &[
+            "bos_token",
+            "eos_token",
+            "unk_token",
+            "sep_token",
+            "pad_token",
+            "cls_token",
+            "mask_token",
+        ];
+        let empty = Map::new();
+        let cfg = self.config.as_ref().map_or(&empty, |c| &c.doc);
+        let legacy = !cfg.contains_key("added_tokens_decoder");
+        let map = match (&self.special_tokens_map, legacy) {
+            (Some(m), true) => &m.doc,
+            _ => &empty,
+        };
+        let mut out: Vec<AddedToken> = Vec::new();
+        for key in NAMED {
+            if let Some(t) = non_empty(cfg.get(*key))
+                .or_else(|| non_empty(map.get(*key)))
+                .and_then(special_value)
+            {
+                out.push(t);
+            }
+        }
+        for doc in [cfg, map] {
+            let extra = doc
+                .get("extra_special_tokens")
+                .or_else(|| doc.get("additional_special_tokens"));
+            // A mapping here is transformers' model-specific tokens, not extra specials.
+            if let Some(Value::Array(list)) = extra {
+                for t in list.iter().filter_map(special_value) {
+                    if !out.contains(&t) {
+                        out.push(t);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// What transformers 5 does to a fast tokenizer when loading it (and so what mergekit's
+    /// tokenizers are): `added_tokens_decoder` entries of tokenizer_config.json missing from
+    /// tokenizer.json are added; special tokens not yet added tokens are added; then every
+    /// special token is added again as special (new flags replace old ones at the same id).
+    pub fn apply_transformers_load(&mut self) {
+        let specials = self.special_tokens();
+        let mut to_add: Vec<AddedToken> = Vec::new();
+        if let Some(c) = &self.config {
+            for t in &c.added_tokens_decoder {
+                if !self.json.added.iter().any(|a| a.same_token(t)) {
+                    to_add.push(t.clone());
+                }
+            }
+        }
+        for t in &specials {
+            let known = self
+                .json
+                .added
+                .iter()
+                .chain(&to_add)
+                .any(|a| a.content == t.content);
+            if !known {
+                to_add.push(t.clone());
+            }
+        }
+        for t in to_add.iter().chain(&specials) {
+            self.json.add_token(t);
+        }
     }
 
     /// token → id, model vocabulary and added tokens (transformers' `get_vocab()`).

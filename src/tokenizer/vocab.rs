@@ -219,7 +219,10 @@ fn union<'a>(
             }
         }
     }
+    // mergekit saves the stripped base and loads it again: transformers re-adds the special
+    // tokens its config names, including any the strip removed.
     let mut res = base_tok.clone();
+    res.apply_transformers_load();
     let base_vocab = base_tok.vocab();
     for t in &out_vocab {
         if !seen_added.contains(t) && !base_vocab.contains_key(t) {
