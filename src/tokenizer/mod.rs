@@ -21,4 +21,6 @@ pub mod vocab;
 pub use config::{OutputSource, TokenConfig, TokenRef, TokenSource, TokenizerSpec};
 pub use embed::{DefaultRow, EmbeddingPlan, RowSource, Slot, embedding_plan};
 pub use files::{AddedToken, Tokenizer, TokenizerConfigJson, TokenizerJson};
-pub use vocab::{ModelTokenizer, TokenizerInfo, build_tokenizer};
+pub use vocab::{
+    ModelTokenizer, TokenizerInfo, build_tokenizer, config_vocab_size, set_config_vocab_size,
+};

@@ -12,6 +12,11 @@
 //! - Permutations: for each referenced model and output id, the model's row, or none when
 //!   the model lacks the token (or its id is beyond the model's vocab_size: padding).
 //!
+//! Where mergekit would crash, we carry on with the evident intent: a token whose id in a
+//! non-base model is >= that model's vocab_size leaves no permutation entry there and
+//! mergekit's embedding step then fails with a KeyError; here that model simply lacks the
+//! token (its padding row is not used).
+//!
 //! One deliberate difference: mergekit walks each model's vocabulary in a hash map's order
 //! when collecting new regular tokens for `union`, so their ids vary between runs; here they
 //! come model by model in id order.
@@ -233,4 +238,112 @@ fn union<'a>(
         res.json.add_token(info);
     }
     res
+}
+
+/// The vocabulary size in a model's config.json, at mergekit's `vocab_size_config_key`
+/// (dotted, e.g. `text_config.vocab_size`; default `vocab_size`).
+pub fn config_vocab_size(config: &serde_json::Value, key: Option<&str>) -> Option<usize> {
+    let mut v = config;
+    for part in key.unwrap_or("vocab_size").split('.') {
+        v = v.get(part)?;
+    }
+    v.as_u64().and_then(|n| usize::try_from(n).ok())
+}
+
+/// `_update_config_vocab`: set the output config's vocabulary size (the padded token count,
+/// [`TokenizerInfo::vocab_size`]) at the same key, creating the path if it is missing.
+pub fn set_config_vocab_size(config: &mut serde_json::Value, key: Option<&str>, size: usize) {
+    let parts: Vec<&str> = key.unwrap_or("vocab_size").split('.').collect();
+    let mut v = config;
+    for (i, part) in parts.iter().enumerate() {
+        let serde_json::Value::Object(map) = v else {
+            return;
+        };
+        if i + 1 == parts.len() {
+            map.insert((*part).to_string(), serde_json::Value::from(size));
+            return;
+        }
+        v = map
+            .entry((*part).to_string())
+            .or_insert_with(|| serde_json::Value::Object(Default::default()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use crate::tokenizer::config::OutputSource;
+    use std::path::Path;
+
+    fn tok(added: &str, config: Option<&str>) -> Tokenizer {
+        let json = format!(
+            r#"{{"added_tokens":[{added}],"model":{{"type":"BPE","vocab":{{"a":0,"b":1,"ab":2}},"merges":["a b"]}}}}"#
+        );
+        Tokenizer::from_bytes(
+            Path::new("m"),
+            json.as_bytes(),
+            config.map(str::as_bytes),
+            None,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_token_in_a_models_padding_is_absent_there() {
+        let x = r#"{"id":3,"content":"<x>","special":true}"#;
+        let models = [
+            ModelTokenizer {
+                name: "base".into(),
+                tokenizer: Some(tok(x, None)),
+                config_vocab_size: Some(4),
+            },
+            ModelTokenizer {
+                name: "padded".into(),
+                tokenizer: Some(tok(x, None)),
+                config_vocab_size: Some(3),
+            },
+        ];
+        let spec = TokenizerSpec {
+            source: OutputSource::Base,
+            tokens: vec![],
+            pad_to_multiple_of: None,
+        };
+        let info = build_tokenizer(&models, 0, &spec).unwrap();
+        assert_eq!(info.tokens, ["a", "b", "ab", "<x>"]);
+        assert_eq!(info.permutations[1], [Some(0), Some(1), Some(2), None]);
+    }
+
+    #[test]
+    fn transformers_load_adds_config_special_tokens() {
+        let t = tok(
+            "",
+            Some(r#"{"eos_token":"</s>","extra_special_tokens":["ab"]}"#),
+        );
+        // </s> is new (id 3); "ab" is a regular token, now also a special added token.
+        let added: Vec<(u32, &str, bool)> = t
+            .json
+            .added
+            .iter()
+            .map(|a| (a.id, a.content.as_str(), a.special))
+            .collect();
+        assert_eq!(added, [(2, "ab", true), (3, "</s>", true)]);
+    }
+
+    #[test]
+    fn config_vocab_size_follows_dotted_keys() {
+        let mut c = serde_json::json!({"vocab_size": 10, "text_config": {"vocab_size": 20}});
+        assert_eq!(config_vocab_size(&c, None), Some(10));
+        assert_eq!(
+            config_vocab_size(&c, Some("text_config.vocab_size")),
+            Some(20)
+        );
+        assert_eq!(config_vocab_size(&c, Some("nope.vocab_size")), None);
+        set_config_vocab_size(&mut c, Some("text_config.vocab_size"), 64);
+        set_config_vocab_size(&mut c, None, 32);
+        assert_eq!(
+            c,
+            serde_json::json!({"vocab_size": 32, "text_config": {"vocab_size": 64}})
+        );
+    }
 }
