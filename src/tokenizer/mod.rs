@@ -12,6 +12,21 @@
 //! `TokenizerInfo` once per merge, take `info.vocab_size` as config.json's vocab size and
 //! `info.tokenizer.output_files()` as the tokenizer files to write, and call
 //! `embedding_plan` for every tensor that has a vocabulary axis.
+//!
+//! ```text
+//! let spec = TokenizerSpec::from_config(cfg.tokenizer_source.as_deref(), cfg.tokenizer.as_ref())?;
+//! // referenced models: base_model first, then config order; base = 0
+//! let models: Vec<ModelTokenizer> = /* Tokenizer::load(source)?, config_vocab_size(config, key) */;
+//! let info = build_tokenizer(&models, 0, &spec)?;
+//! set_config_vocab_size(&mut out_config, key, info.vocab_size);
+//! out_files.generated.extend(info.tokenizer.output_files());
+//! // per vocabulary tensor, slots in the order mergekit gathers that tensor's models:
+//! let plan = embedding_plan(&info, &spec, &[Slot { model, rows }, ...], config_base_model)?;
+//! // aligned row r of slot s: plan.source(s, r) → Row / Default(k) → plan.defaults[k] / Pad
+//! ```
+//!
+//! Each model's aligned tensor (rows `0..info.vocab_size`) then goes into the merge method
+//! like any other input, so every method sees mergekit's inputs.
 
 pub mod config;
 pub mod embed;
