@@ -20,7 +20,8 @@
 //! 2. [`format`](mod@format) (parsers, pure functions of bytes) and [`kernels`] (SIMD, dtype only);
 //! 3. [`source`] (where bytes come from: local folders, the HF cache, the Hub, HTTP, S3) and
 //!    [`error`] (wraps the parsers' error types);
-//! 4. [`model`] (a checkpoint of any format) and [`methods`] (merge arithmetic: no plans, no
+//! 4. [`model`] (a checkpoint of any format), [`tokenizer`] (vocabularies merged as mergekit
+//!    does: files, output vocabulary, per-row embedding sources) and [`methods`] (merge arithmetic: no plans, no
 //!    I/O; each mergekit method one file, registered in `methods::mergekit::METHODS`);
 //! 5. [`plan`] (the output decided from headers; recipes name methods);
 //! 6. [`pipeline`] (chunking policy, reading, computing, writing) and [`inspect`];
@@ -44,6 +45,7 @@ pub mod plan;
 pub mod progress;
 pub mod shape;
 pub mod source;
+pub mod tokenizer;
 pub mod units;
 
 pub use error::{Error, ErrorKind, Result};

@@ -704,3 +704,96 @@ proptest! {
         let _ = parse(&noise, "abc", steps);
     }
 }
+
+// --------------------------------------------------------------------------------- tokenizers
+
+/// A `tokenizer.json` skeleton with hostile values where the parser looks: the model type,
+/// the vocabulary (an object, a Unigram list, anything), ids, added tokens and their flags.
+fn hostile_tokenizer_json() -> impl Strategy<Value = String> {
+    let id = prop_oneof![
+        one_of(HOSTILE_SCALARS),
+        (0u32..12).prop_map(|i| i.to_string())
+    ];
+    let vocab = prop_oneof![
+        prop::collection::vec(("[a-c<>/]{1,3}", id.clone()), 0..8).prop_map(|kv| {
+            let f: Vec<String> = kv
+                .iter()
+                .map(|(k, v)| format!("{}:{v}", json_str(k)))
+                .collect();
+            format!("{{{}}}", f.join(","))
+        }),
+        prop::collection::vec(("[a-c]{1,3}", any_json()), 0..6).prop_map(|v| {
+            let f: Vec<String> = v
+                .iter()
+                .map(|(p, s)| format!("[{},{s}]", json_str(p)))
+                .collect();
+            format!("[{}]", f.join(","))
+        }),
+        any_json(),
+    ];
+    let flag = prop_oneof![one_of(&["true", "false"]), one_of(HOSTILE_SCALARS)];
+    let added = prop::collection::vec(
+        (id, "[a-c<>]{0,3}", flag.clone(), flag).prop_map(|(id, c, s, n)| {
+            format!(
+                "{{\"id\":{id},\"content\":{},\"special\":{s},\"normalized\":{n}}}",
+                json_str(&c)
+            )
+        }),
+        0..5,
+    )
+    .prop_map(|v| format!("[{}]", v.join(",")));
+    let merges = prop_oneof![
+        Just("[\"a b\",\"ab c\"]".to_string()),
+        Just("[[\"a\",\"b\"]]".to_string()),
+        any_json()
+    ];
+    (
+        one_of(&["\"BPE\"", "\"Unigram\"", "\"WordPiece\"", "null", "3"]),
+        vocab,
+        prop_oneof![added, any_json()],
+        merges,
+    )
+        .prop_map(|(t, v, a, m)| {
+            format!(
+                "{{\"added_tokens\":{a},\"model\":{{\"type\":{t},\"vocab\":{v},\"merges\":{m}}}}}"
+            )
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// The tokenizer file parsers on hostile JSON and on arbitrary bytes: Ok or an error
+    /// with a message, never a panic; what parses survives add/strip/write and reads back.
+    #[test]
+    fn tokenizer_parsers_never_panic(
+        text in hostile_tokenizer_json(),
+        cfg in any_json(),
+        bytes in prop::collection::vec(any::<u8>(), 0..64),
+        add in "[a-d<>]{1,3}",
+        keep in 0usize..12,
+    ) {
+        use mergestream::tokenizer::files::{AddedToken, parse_tokenizer_config, parse_tokenizer_json};
+        let _ = parse_tokenizer_json(&bytes);
+        let _ = parse_tokenizer_config(&bytes);
+        match parse_tokenizer_config(format!("{{\"added_tokens_decoder\":{cfg},\"bos_token\":{cfg}}}").as_bytes()) {
+            Ok(c) => { let _ = c.to_bytes(&[]); }
+            Err(e) => assert_message(&e)?,
+        }
+        match parse_tokenizer_json(text.as_bytes()) {
+            Err(e) => assert_message(&e)?,
+            Ok(mut t) => {
+                t.add_token(&AddedToken::plain(&add));
+                prop_assert!(t.token_to_id(&add).is_some());
+                if let Err(e) = t.strip(keep) {
+                    assert_message(&e)?;
+                } else {
+                    prop_assert!(t.vocab().values().all(|&i| (i as usize) < keep));
+                }
+                let back = parse_tokenizer_json(&t.to_bytes());
+                prop_assert!(back.is_ok(), "written tokenizer.json does not parse: {:?}", back.err());
+                prop_assert_eq!(back.map(|b| b.added).unwrap_or_default(), t.added);
+            }
+        }
+    }
+}

@@ -28,6 +28,7 @@ mod properties;
 mod resume;
 mod s3;
 mod source;
+mod tokenizers;
 mod torch_bad_inputs;
 mod torch_compat;
 mod torch_golden;
