@@ -189,7 +189,7 @@ fn bad_configs_fail_with_one_clear_line() {
     );
     bad(
         "merge_method: linear\ntokenizer_source: union\nmodels:\n  - model: {G}/base\n    parameters: {weight: 1}\n",
-        &["not supported yet"],
+        &["has no tokenizer.json; a tokenizer merge needs one"],
     );
     bad(
         "merge_method: slerp\nbase_model: {G}/base\nmodels:\n  - model: {G}/base\n  - model: {G}/other\n",

@@ -28,6 +28,7 @@ mod properties;
 mod resume;
 mod s3;
 mod source;
+mod tokenizer_merges;
 mod tokenizers;
 mod torch_bad_inputs;
 mod torch_compat;

@@ -127,7 +127,7 @@ fn compute_with_deltas(
             .zip(op_rows)
             .map(|(((d, ds), op), &n)| {
                 let (a, b) = (t.start.min(n), t.end.min(n));
-                let row_bytes = plan.tensor(op.tensor).row_bytes() as usize;
+                let row_bytes = op.stored(plan).1 as usize;
                 OperandTile {
                     bytes: &d.bytes[a * row_bytes..b * row_bytes],
                     deltas: ds.iter().map(|v| &v[a * cols..b * cols]).collect(),
@@ -217,9 +217,8 @@ fn compute_tile(
     let k = active();
     let value = |i: usize| operand_values(plan, &operands[i], &data[i], &tiles[i], r0, nrows, cols);
     // Elements the second operand covers (the vocab rule keeps the first past its rows).
-    let covered = |i: usize| {
-        tiles[i].bytes.len() / (plan.tensor(operands[i].tensor).row_bytes() as usize).max(1) * cols
-    };
+    let covered =
+        |i: usize| tiles[i].bytes.len() / (operands[i].stored(plan).1 as usize).max(1) * cols;
     match method {
         Method::Convert => TileOut::Bytes(encode(step.dtype, &value(0))),
         Method::GradientFp16 { ratio } => {
@@ -279,10 +278,10 @@ fn operand_values(
     nrows: usize,
     cols: usize,
 ) -> Vec<f32> {
-    let t = plan.tensor(op.tensor);
-    let rows = (tile.bytes.len() / (t.row_bytes() as usize).max(1)).min(nrows);
+    let (dtype, row_bytes) = op.stored(plan);
+    let rows = (tile.bytes.len() / (row_bytes as usize).max(1)).min(nrows);
     let mut v = vec![0f32; rows * cols];
-    decode(t.dtype, tile.bytes, &mut v);
+    decode(dtype, tile.bytes, &mut v);
     if let Some(d) = op.load_as {
         round_to(d, &mut v);
     }
@@ -337,9 +336,8 @@ fn operand_f16<'a>(
     nrows: usize,
     cols: usize,
 ) -> Cow<'a, [u16]> {
-    let t = plan.tensor(op.tensor);
     let plain = op.patches.is_empty() && op.load_as.is_none();
-    if plain && t.dtype == DType::F16 && op.roundings.iter().all(|&d| d == DType::F16) {
+    if plain && op.stored(plan).0 == DType::F16 && op.roundings.iter().all(|&d| d == DType::F16) {
         return halves(tile.bytes);
     }
     let v = operand_values(plan, op, data, tile, r0, nrows, cols);

@@ -535,7 +535,10 @@ pub(crate) fn load_operands(
     let mut loaded = Vec::with_capacity(operands.len());
     for op in operands {
         let end = rows.end.min(op.rows).max(rows.start);
-        let bytes = read_tensor(plan, inputs, op.tensor, Some(rows.start..end))?;
+        let bytes = match &op.vocab {
+            Some((v, slot)) => aligned_rows(plan, inputs, v, *slot, rows.start..end)?,
+            None => read_tensor(plan, inputs, op.tensor, Some(rows.start..end))?,
+        };
         let mut patches = Vec::with_capacity(op.patches.len());
         for p in &op.patches {
             let a = read_tensor(plan, inputs, p.a, None)?;
@@ -549,4 +552,109 @@ pub(crate) fn load_operands(
         loaded.push(LoadedOperand { bytes, patches });
     }
     Ok(loaded)
+}
+
+/// Rows `rows` of slot `slot`'s tensor aligned to the merged vocabulary, as f32 (see
+/// [`crate::plan::VocabRows`]): runs of its own rows read at once, default rows copied or
+/// averaged from the models that have the token, padding rows the mean of its aligned token
+/// rows (computed over them in row chunks, within the chunk's own memory).
+fn aligned_rows(
+    plan: &Plan,
+    inputs: &[Vec<InputFile>],
+    v: &crate::plan::VocabRows,
+    slot: usize,
+    rows: Range<u64>,
+) -> Result<Buf> {
+    use crate::kernels::bytes::decode;
+    use crate::tokenizer::{DefaultRow, RowSource};
+    let own = v.slots[slot];
+    let cols = plan.tensor(own).row_elems() as usize;
+    let (start, end) = (rows.start as usize, rows.end as usize);
+    let mut out = vec![0f32; (end - start) * cols];
+    let read = |s: usize, r: Range<u64>, dst: &mut [f32]| -> Result<()> {
+        let t = v.slots[s];
+        let b = read_tensor(plan, inputs, t, Some(r))?;
+        decode(plan.tensor(t).dtype, &b, dst);
+        Ok(())
+    };
+    let mut pad: Option<Vec<f32>> = None;
+    let mut i = start;
+    while i < end {
+        let dst = (i - start) * cols;
+        match v.plan.source(slot, i) {
+            RowSource::Row(r) => {
+                // A run of consecutive own rows: one read.
+                let mut j = i + 1;
+                while j < end && v.plan.source(slot, j) == RowSource::Row(r + (j - i) as u32) {
+                    j += 1;
+                }
+                let (a, b) = (r as u64, r as u64 + (j - i) as u64);
+                read(slot, a..b, &mut out[dst..(j - start) * cols])?;
+                i = j;
+                continue;
+            }
+            RowSource::Default(k) => match &v.plan.defaults[k] {
+                DefaultRow::Copy { slot: s, row } => {
+                    read(*s, *row as u64..*row as u64 + 1, &mut out[dst..dst + cols])?
+                }
+                DefaultRow::Average(list) => {
+                    // mergekit: ((0 + r1) + r2 + ...) / count, in f32.
+                    let mut tmp = vec![0f32; cols];
+                    for (s, r) in list {
+                        read(*s, *r as u64..*r as u64 + 1, &mut tmp)?;
+                        for (o, x) in out[dst..dst + cols].iter_mut().zip(&tmp) {
+                            *o += *x;
+                        }
+                    }
+                    let n = list.len().max(1) as f32;
+                    out[dst..dst + cols].iter_mut().for_each(|o| *o /= n);
+                }
+                DefaultRow::Zero => {}
+            },
+            RowSource::Missing => {}
+            RowSource::Pad => {
+                if pad.is_none() {
+                    pad = Some(pad_mean(plan, inputs, v, slot, cols)?);
+                }
+                if let Some(p) = &pad {
+                    out[dst..dst + cols].copy_from_slice(p);
+                }
+            }
+        }
+        i += 1;
+    }
+    let mut bytes = Vec::with_capacity(out.len() * 4);
+    for x in out {
+        bytes.extend_from_slice(&x.to_le_bytes());
+    }
+    Ok(Buf::Owned(bytes))
+}
+
+/// The mean of slot `slot`'s aligned token rows (torch.mean over them), summed in f64 over
+/// chunks of rows so the tensor is never held whole.
+fn pad_mean(
+    plan: &Plan,
+    inputs: &[Vec<InputFile>],
+    v: &crate::plan::VocabRows,
+    slot: usize,
+    cols: usize,
+) -> Result<Vec<f32>> {
+    let tokens = v.plan.tokens as u64;
+    let step = ((1u64 << 22) / (cols as u64 * 4).max(1)).max(1);
+    let mut sum = vec![0f64; cols];
+    let mut r = 0;
+    while r < tokens {
+        let e = (r + step).min(tokens);
+        let b = aligned_rows(plan, inputs, v, slot, r..e)?;
+        for row in b.chunks_exact(cols * 4) {
+            for (s, x) in sum.iter_mut().zip(row.chunks_exact(4)) {
+                *s += f32::from_le_bytes([x[0], x[1], x[2], x[3]]) as f64;
+            }
+        }
+        r = e;
+    }
+    Ok(sum
+        .into_iter()
+        .map(|s| (s / tokens.max(1) as f64) as f32)
+        .collect())
 }

@@ -68,6 +68,8 @@ pub struct Operand {
     /// Roundings applied in order after the patches (e.g. to the LoRA'd model's dtype,
     /// then to fp16 as BlockMerge's `model.half()` does).
     pub roundings: Vec<DType>,
+    /// Rows aligned to a merged vocabulary: the shared plan, and this operand's slot in it.
+    pub vocab: Option<(std::sync::Arc<VocabRows>, usize)>,
 }
 
 impl Operand {
@@ -78,8 +80,28 @@ impl Operand {
             load_as: None,
             patches: Vec::new(),
             roundings: Vec::new(),
+            vocab: None,
         }
     }
+
+    /// The dtype and row length of the bytes the pipeline hands over for this operand: the
+    /// tensor's own, or f32 rows for a vocabulary-aligned one.
+    pub fn stored(&self, plan: &Plan) -> (DType, u64) {
+        let t = plan.tensor(self.tensor);
+        match &self.vocab {
+            Some(_) => (DType::F32, t.row_elems() * 4),
+            None => (t.dtype, t.row_bytes()),
+        }
+    }
+}
+
+/// A vocabulary tensor aligned to the merged tokenizer (mergekit's `PermutedVocabulary`):
+/// where every row of every model's aligned tensor comes from, and each model's tensor.
+#[derive(Debug, PartialEq)]
+pub struct VocabRows {
+    pub plan: crate::tokenizer::EmbeddingPlan,
+    /// The unaligned tensor of each slot of [`VocabRows::plan`].
+    pub slots: Vec<TensorRef>,
 }
 
 /// The arithmetic that turns operands into the output tensor.

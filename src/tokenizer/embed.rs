@@ -198,7 +198,7 @@ fn configured_default(
     cfg: &TokenConfig,
 ) -> Result<DefaultRow> {
     let fail = |msg: String| {
-        Err(Error::usage(format!(
+        Err(Error::invalid(format!(
             "tokenizer.tokens: token {token:?}: {msg}"
         )))
     };

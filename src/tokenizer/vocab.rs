@@ -82,7 +82,7 @@ pub fn build_tokenizer(
 ) -> Result<TokenizerInfo> {
     let base_model = models
         .get(base)
-        .ok_or_else(|| Error::usage("a tokenizer merge needs at least one model"))?;
+        .ok_or_else(|| Error::invalid("a tokenizer merge needs at least one model"))?;
     let mut base_tok = base_model.tokenizer.clone().ok_or_else(|| {
         Error::invalid(format!(
             "the base model {} has no tokenizer.json; a tokenizer merge needs one",
@@ -113,7 +113,7 @@ pub fn build_tokenizer(
         OutputSource::Base => base_tok.clone(),
         OutputSource::Model(name) => {
             let m = models.iter().position(|m| &m.name == name).ok_or_else(|| {
-                Error::usage(format!(
+                Error::invalid(format!(
                     "tokenizer source {name} is not one of the models in the merge"
                 ))
             })?;

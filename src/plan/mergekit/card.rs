@@ -31,6 +31,7 @@ pub(super) fn output_files(
     out_layers: &OutLayers,
     names: &[&str],
     dtype: Option<DType>,
+    vocab: Option<&super::vocab::Vocab>,
 ) -> Result<OutputFiles> {
     let donor_files = sources[inputs[donor].source].source.clone();
     let mut config = inputs[donor].config.clone();
@@ -41,12 +42,17 @@ pub(super) fn output_files(
     if let Some(d) = dtype {
         config = config.map(|c| with_dtype(c, d));
     }
+    if let (Some(v), Some(c)) = (vocab, config.as_mut()) {
+        crate::tokenizer::set_config_vocab_size(c, arch.vocab_key.as_deref(), v.info.vocab_size);
+    }
     let mut out = OutputFiles {
         config,
         ..OutputFiles::default()
     };
     // Tokenizer: tokenizer_source names base or a model; otherwise the donor's files.
     let tok_dir: Option<Arc<dyn Source>> = match cfg.tokenizer_source.as_deref() {
+        // A merged vocabulary: its own files (below).
+        _ if vocab.is_some() => None,
         Some("base") => Some(donor_files.clone()),
         Some(other) => {
             let r = ModelRef::parse(other).map_err(|e| cfg_err(&opts.config_path, e))?;
@@ -67,14 +73,37 @@ pub(super) fn output_files(
         out.copy_present(&dir, TOKENIZER_FILES);
         out.copy_present(&dir, &["generation_config.json"]);
     }
+    if let Some(v) = vocab {
+        out.generated.extend(v.info.tokenizer.output_files());
+    }
     // The chat template goes where transformers 5 saves it (chat_template.jinja), and only
     // with a tokenizer in the output (mergekit: "Chat template will not be saved" otherwise).
-    let has_tokenizer = out.copies.iter().any(|(_, n)| n == "tokenizer_config.json");
+    let has_tokenizer = out.copies.iter().any(|(_, n)| n == "tokenizer_config.json")
+        || out
+            .generated
+            .iter()
+            .any(|(n, _)| n == "tokenizer_config.json");
     if let Some(value) = &cfg.chat_template
         && has_tokenizer
         && let Some(template) = chat_template(&opts.config_path, value, inputs, sources)?
     {
-        if let Some((p, t)) = out.read_copy("tokenizer_config.json")? {
+        let generated = out
+            .generated
+            .iter()
+            .position(|(n, _)| n == "tokenizer_config.json");
+        if let Some(i) = generated {
+            let (_, t) = out.generated.remove(i);
+            let mut v: serde_json::Value = serde_json::from_slice(&t).map_err(|e| {
+                Error::internal(format!("tokenizer_config.json written invalid: {e}"))
+            })?;
+            if let serde_json::Value::Object(m) = &mut v {
+                m.remove("chat_template");
+            }
+            out.generated.push((
+                "tokenizer_config.json".into(),
+                crate::plan::outputs::config_bytes(&v),
+            ));
+        } else if let Some((p, t)) = out.read_copy("tokenizer_config.json")? {
             let mut v: serde_json::Value = serde_json::from_slice(&t)
                 .map_err(|e| Error::invalid(format!("not valid JSON: {e}")).in_file(&p))?;
             if let serde_json::Value::Object(m) = &mut v

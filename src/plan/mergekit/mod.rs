@@ -16,6 +16,7 @@ pub mod params;
 mod slices;
 mod steps;
 mod tensors;
+mod vocab;
 
 use std::path::{Path, PathBuf};
 
@@ -91,18 +92,6 @@ pub fn plan_merge(opts: &MergeOptions) -> Result<Plan> {
             ));
         }
     }
-    if cfg.tokenizer.is_some() {
-        return Err(cfg_err(
-            path,
-            "`tokenizer` (token surgery) is not supported yet",
-        ));
-    }
-    if cfg.tokenizer_source.as_deref() == Some("union") {
-        return Err(cfg_err(
-            path,
-            "`tokenizer_source: union` (vocabulary union) is not supported yet",
-        ));
-    }
     let dtype = parse_dtype(path, "dtype", cfg.dtype.as_deref())?;
     let out_dtype = match opts.out_dtype {
         Some(d) => Some(d),
@@ -117,6 +106,7 @@ pub fn plan_merge(opts: &MergeOptions) -> Result<Plan> {
     for (si, s) in slices.iter().enumerate() {
         check_method_inputs(path, method, si, s, &models.inputs)?;
     }
+    let vocab = vocab::build(path, &cfg, &models, base)?;
     let (planned, out_layers) = output_tensors(&arch, &slices, &models);
     check_filters(path, &cfg, &slices, &planned)?;
     let mut steps = build_steps(
@@ -128,6 +118,8 @@ pub fn plan_merge(opts: &MergeOptions) -> Result<Plan> {
         cfg.parameters.as_ref(),
         dtype,
         out_dtype,
+        &arch,
+        vocab.as_ref(),
     )?;
     let shards = place(&mut steps, opts.max_shard_size);
     let names: Vec<&str> = steps.iter().map(|s| s.name.as_str()).collect();
@@ -142,6 +134,7 @@ pub fn plan_merge(opts: &MergeOptions) -> Result<Plan> {
         &out_layers,
         &names,
         out_dtype.or(dtype),
+        vocab.as_ref(),
     )?;
     Ok(Plan {
         title: format!("merge {} ({})", path.display(), cfg.merge_method),

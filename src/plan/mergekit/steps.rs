@@ -29,6 +29,8 @@ pub(super) fn build_steps(
     top: Option<&Parameters>,
     dtype: Option<DType>,
     out_dtype: Option<DType>,
+    arch: &super::arch::Architecture,
+    vocab: Option<&super::vocab::Vocab>,
 ) -> Result<Vec<Step>> {
     let (sources, inputs) = (&models.sources, &models.inputs);
     let mut steps = Vec::with_capacity(planned.len());
@@ -38,6 +40,8 @@ pub(super) fn build_steps(
         let mut shape: Option<Vec<u64>> = None;
         let mut in_dtypes = Vec::new();
         let mut first_computable: Option<bool> = None;
+        // One row per token, aligned to the merged vocabulary when the config asks for one.
+        let aligned = vocab.filter(|_| super::vocab::is_vocab_tensor(arch, &p.out));
         for (m, name) in &p.inputs {
             let inp = &inputs[*m];
             let model = &sources[inp.source];
@@ -108,6 +112,16 @@ pub(super) fn build_steps(
             in_dtypes.push(t.dtype);
             match &shape {
                 None => shape = Some(t.shape.clone()),
+                // Rows follow the merged vocabulary; only the row length must agree.
+                Some(s) if aligned.is_some() && s.get(1..) != t.shape.get(1..) => {
+                    return Err(Error::invalid(format!(
+                        "tensor size mismatch: {s:?} vs {:?} in {} (beyond the vocabulary axis)",
+                        t.shape, inp.reference
+                    ))
+                    .at_tensor(&p.out)
+                    .in_file(path));
+                }
+                Some(_) if aligned.is_some() => {}
                 Some(s) if *s != t.shape => {
                     if opts.truncate_embeddings
                         && s.len() == 2
@@ -118,7 +132,7 @@ pub(super) fn build_steps(
                         shape = Some(vec![rows, s[1]]);
                     } else {
                         return Err(Error::invalid(format!(
-                            "tensor size mismatch: {s:?} vs {:?} in {}; models with different vocabularies need --unsafe-truncate-embeddings (tokenizer merging is not supported yet)",
+                            "tensor size mismatch: {s:?} vs {:?} in {}; models with different vocabularies need `tokenizer_source` (or --unsafe-truncate-embeddings)",
                             t.shape, inp.reference
                         ))
                         .at_tensor(&p.out)
@@ -129,7 +143,15 @@ pub(super) fn build_steps(
             }
             operands.push(op);
         }
-        let shape = shape.unwrap_or_default();
+        let mut shape = shape.unwrap_or_default();
+        if let Some(v) = aligned {
+            let models: Vec<usize> = p.inputs.iter().map(|(m, _)| *m).collect();
+            let rows_of = |r: crate::plan::TensorRef| sources[r.source].tensor(r.tensor).rows();
+            let rows = v.align(path, &p.out, &models, &mut operands, rows_of)?;
+            if let Some(first) = shape.first_mut() {
+                *first = rows;
+            }
+        }
         let rows = shape.first().copied().unwrap_or(1);
         for op in &mut operands {
             op.rows = op.rows.min(rows);
