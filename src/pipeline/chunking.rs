@@ -32,9 +32,9 @@ pub fn chunk_cost(plan: &Plan, step: &Step, rows: u64) -> u64 {
             };
             let mut total = out;
             for op in operands {
-                let t = plan.tensor(op.tensor);
                 let r = rows.min(op.rows);
-                total += r * t.row_bytes();
+                // Vocabulary-aligned operands arrive as f32 rows.
+                total += r * op.stored(plan).1;
                 total += r * cols * 4 * copies;
                 for p in &op.patches {
                     let (a, b) = (plan.tensor(p.a), plan.tensor(p.b));
