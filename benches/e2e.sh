@@ -6,11 +6,17 @@
 #
 #   benches/e2e.sh [--preset llama2-13b] [--layers 8] [--rank 64] [--dir DIR] [--io auto]
 #                  [--all] [--keep] [--extra "ARGS for mergestream"] [--compare OLD_BINARY]
-#                  [--merge "linear ties"] [--repeat 3]
+#                  [--merge "linear ties"] [--repeat 3] [--budgets "default 256MiB"]
+#                  [--ios "auto read"] [--every-method]
 #
 # --all blends every tensor (embeddings and lm_head included) instead of --layer_only.
 # --merge "linear ties ..." adds `mergestream merge` rows: those mergekit methods with model a
 #   as the base and b as the fine-tune (density 0.5 where the method reads one).
+# --budgets and --ios repeat each `merge` row with those --memory-limit and --io values
+#   (`default` and the --io given keep the plain row).
+# --every-method: every row issue 13 targets — linear, slerp, nuslerp, ties, dare_ties,
+#   breadcrumbs_ties, della and model_stock (3 inputs: a third model is made), each at the
+#   default budget and 256MiB, and with --io read.
 # --compare runs every row with a second binary too (interleaved, same page cache, best of
 # the same number of runs) and adds its time and the new/old ratio: a before/after check.
 #
@@ -28,6 +34,8 @@ extra=""
 old_bin=""
 methods=""
 repeat=3
+budgets=default
+ios=""
 filter=--layer_only
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -42,6 +50,11 @@ while [ $# -gt 0 ]; do
     --compare) old_bin=$2; shift 2 ;;
     --merge) methods=$2; shift 2 ;;
     --repeat) repeat=$2; shift 2 ;;
+    --budgets) budgets=$2; shift 2 ;;
+    --ios) ios=$2; shift 2 ;;
+    --every-method)
+      methods="linear slerp nuslerp ties dare_ties breadcrumbs_ties della model_stock"
+      budgets="default 256MiB"; ios="read"; shift ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -51,13 +64,16 @@ cargo build --release --quiet
 bin=target/release/mergestream
 synth=target/release/examples/synth
 mkdir -p "$dir"
-cleanup() { if [ "$keep" = 0 ]; then rm -rf "$dir/a" "$dir/b" "$dir/lora" "$dir/out" "$dir/floor" "$dir/merge.yml"; fi; }
+cleanup() { if [ "$keep" = 0 ]; then rm -rf "$dir/a" "$dir/b" "$dir/c" "$dir/lora" "$dir/out" "$dir/floor" "$dir/merge.yml"; fi; }
 trap cleanup EXIT
 
 if [ ! -d "$dir/a" ]; then
   $synth model --preset "$preset" --layers "$layers" --seed 1 --out "$dir/a"
   $synth model --preset "$preset" --layers "$layers" --seed 2 --out "$dir/b"
   $synth lora --preset "$preset" --layers "$layers" --rank "$rank" --seed 3 --out "$dir/lora"
+fi
+if [[ " $methods " == *" model_stock "* ]] && [ ! -d "$dir/c" ]; then
+  $synth model --preset "$preset" --layers "$layers" --seed 4 --out "$dir/c"
 fi
 size=$(du -sb "$dir/a" | cut -f1)
 
@@ -105,12 +121,25 @@ merge_config() {
   case "$1" in
     linear) printf 'merge_method: linear\nmodels:\n  - model: %s\n    parameters: {weight: 0.5}\n  - model: %s\n    parameters: {weight: 0.5}\ndtype: float16\n' "$dir/a" "$dir/b" ;;
     slerp) printf 'merge_method: slerp\nbase_model: %s\nmodels:\n  - model: %s\n  - model: %s\nparameters: {t: 0.4}\ndtype: float16\n' "$dir/a" "$dir/a" "$dir/b" ;;
+    nuslerp) printf 'merge_method: nuslerp\nmodels:\n  - model: %s\n    parameters: {weight: 0.5}\n  - model: %s\n    parameters: {weight: 0.5}\ndtype: float16\n' "$dir/a" "$dir/b" ;;
+    model_stock) printf 'merge_method: model_stock\nbase_model: %s\nmodels:\n  - model: %s\n  - model: %s\ndtype: float16\n' "$dir/a" "$dir/b" "$dir/c" ;;
+    della) printf 'merge_method: della\nbase_model: %s\nmodels:\n  - model: %s\n    parameters: {weight: 1.0, density: 0.5, epsilon: 0.1}\ndtype: float16\n' "$dir/a" "$dir/b" ;;
     *) printf 'merge_method: %s\nbase_model: %s\nmodels:\n  - model: %s\n    parameters: {weight: 1.0, density: 0.5}\ndtype: float16\n' "$1" "$dir/a" "$dir/b" ;;
   esac
 }
 run_merge() {
   merge_config "$1" > "$dir/merge.yml"
-  measure "merge $1" merge "$dir/merge.yml" "$dir/out" --quiet --io "$io" $extra
+  for b in $budgets; do
+    if [ "$b" = default ]; then
+      measure "merge $1" merge "$dir/merge.yml" "$dir/out" --quiet --io "$io" $extra
+    else
+      measure "merge $1 @$b" merge "$dir/merge.yml" "$dir/out" --quiet --io "$io" --memory-limit "$b" $extra
+    fi
+  done
+  for i in $ios; do
+    [ "$i" = "$io" ] && continue
+    measure "merge $1 --io $i" merge "$dir/merge.yml" "$dir/out" --quiet --io "$i" $extra
+  done
 }
 measure() {
   local label=$1; shift
