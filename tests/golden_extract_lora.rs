@@ -370,16 +370,11 @@ fn save_module_turns_a_linear_module_whole() {
     // whole instead of decomposing it.
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("a");
-    ok(
-        &golden2(),
+    let o = extract_args(
+        "models/ft_lowrank",
+        "models/base",
+        &out,
         &[
-            "extract-lora",
-            "--model",
-            "models/ft_lowrank",
-            "--base-model",
-            "models/base",
-            "--out-path",
-            out.to_str().unwrap(),
             "--max-rank",
             "4",
             "--save-module",
@@ -389,6 +384,7 @@ fn save_module_turns_a_linear_module_whole() {
             "--quiet",
         ],
     );
+    assert!(o.status.success(), "{}", stderr(&o));
     let got = load_dir(&out);
     let ft = load_dir(&golden2().join("models/ft_lowrank"));
     let q = "model.layers.3.self_attn.q_proj.weight";
@@ -416,23 +412,13 @@ fn per_module_ranks_go_to_rank_pattern_and_apply_exactly_as_extracted() {
     // module's scaling is 1. Applying the adapter must then add exactly B·A.
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("a");
-    ok(
-        &golden2(),
-        &[
-            "extract-lora",
-            "--model",
-            "models/ft_lowrank",
-            "--base-model",
-            "models/base",
-            "--out-path",
-            out.to_str().unwrap(),
-            "--max-rank",
-            "8",
-            "--sv-epsilon",
-            "0.0125",
-            "--quiet",
-        ],
+    let o = extract_args(
+        "models/ft_lowrank",
+        "models/base",
+        &out,
+        &["--max-rank", "8", "--sv-epsilon", "0.0125", "--quiet"],
     );
+    assert!(o.status.success(), "{}", stderr(&o));
     let got = load_dir(&out);
     let cfg: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())

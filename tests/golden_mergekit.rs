@@ -164,19 +164,7 @@ fn low_precision_compute_matches_mergekit() {
     let cases = config_cases(&dir);
     assert_eq!(cases.len(), 14);
     for case in cases {
-        let tmp = tempfile::tempdir().unwrap();
-        let out = tmp.path().join("out");
-        let cfg = dir.join(format!("{case}.yml"));
-        ok(
-            &golden(),
-            &[
-                "merge",
-                cfg.to_str().unwrap(),
-                out.to_str().unwrap(),
-                "--quiet",
-            ],
-        );
-        let d = diff(&load_dir(&out), &load_dir(&dir.join(&case)));
+        let d = fixture_case_diff(&golden(), &dir, &case, &[]);
         // Exact, but for slerp's MKL sin/acos (2 elements of the float16 gradient case).
         let allowed = if case.starts_with("mk_slerp") { 2 } else { 0 };
         assert!(d.differing <= allowed && d.max_ulp <= 1, "{case}: {d:?}");

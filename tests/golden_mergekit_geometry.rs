@@ -323,19 +323,7 @@ fn low_precision_spherical_methods_match_mergekit() {
     let cases = config_cases(&dir);
     assert_eq!(cases.len(), 5);
     for case in cases {
-        let tmp = tempfile::tempdir().unwrap();
-        let out = tmp.path().join("out");
-        let cfg = dir.join(format!("{case}.yml"));
-        let args = [
-            "merge",
-            cfg.to_str().unwrap(),
-            out.to_str().unwrap(),
-            "--out-shard-size",
-            "100K",
-            "--quiet",
-        ];
-        ok(&golden2(), &args);
-        let d = diff(&load_dir(&out), &load_dir(&dir.join(&case)));
+        let d = fixture_case_diff(&golden2(), &dir, &case, &["--out-shard-size", "100K"]);
         assert_eq!(d.differing, 0, "{case}: {d:?}");
     }
 }

@@ -243,22 +243,8 @@ fn low_precision_compute_matches_mergekit() {
     let cases = config_cases(&dir);
     assert_eq!(cases.len(), 10);
     for case in cases {
-        let tmp = tempfile::tempdir().unwrap();
-        let out = tmp.path().join("out");
-        let cfg = dir.join(format!("{case}.yml"));
-        ok(
-            &golden2(),
-            &[
-                "merge",
-                cfg.to_str().unwrap(),
-                out.to_str().unwrap(),
-                "--out-shard-size",
-                "100K",
-                "--quiet",
-            ],
-        );
-        // `diff` also requires the same dtypes.
-        let d = diff(&load_dir(&out), &load_dir(&dir.join(&case)));
+        // The comparison also requires the same dtypes.
+        let d = fixture_case_diff(&golden2(), &dir, &case, &["--out-shard-size", "100K"]);
         assert_eq!(d.differing, 0, "{case}: {d:?}");
     }
 }

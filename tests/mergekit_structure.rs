@@ -7,20 +7,8 @@ use std::path::Path;
 use crate::common::*;
 
 fn merge(name: &str) -> (tempfile::TempDir, std::path::PathBuf) {
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("out");
-    let config = format!("mergekit/{name}.yml");
-    ok(
-        &golden2(),
-        &[
-            "merge",
-            &config,
-            out.to_str().unwrap(),
-            "--out-shard-size",
-            "100K",
-            "--quiet",
-        ],
-    );
+    let config = Path::new("mergekit").join(format!("{name}.yml"));
+    let (tmp, out) = merge_config(&golden2(), &config, &["--out-shard-size", "100K"]);
     check_output_folder(&out);
     (tmp, out)
 }

@@ -8,22 +8,9 @@ use std::path::{Path, PathBuf};
 use crate::common::*;
 
 fn merge(case: &str) -> (tempfile::TempDir, PathBuf) {
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("out");
-    let config = format!("mergekit/{case}.yml");
-    ok(
-        &golden2(),
-        &[
-            "merge",
-            &config,
-            out.to_str().unwrap(),
-            "--out-shard-size",
-            "100K",
-            "--random-seed",
-            "7",
-            "--quiet",
-        ],
-    );
+    let config = Path::new("mergekit").join(format!("{case}.yml"));
+    let extra = ["--out-shard-size", "100K", "--random-seed", "7"];
+    let (tmp, out) = merge_config(&golden2(), &config, &extra);
     check_output_folder(&out);
     (tmp, out)
 }

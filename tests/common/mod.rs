@@ -32,6 +32,29 @@ pub fn config_cases(dir: &Path) -> Vec<String> {
     cases
 }
 
+/// `mergestream merge CONFIG OUT --quiet EXTRA…` run in `cwd` (where the config's relative
+/// model paths resolve), into a fresh temporary folder: (that folder, OUT).
+pub fn merge_config(cwd: &Path, config: &Path, extra: &[&str]) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let mut args = vec![
+        "merge",
+        config.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "--quiet",
+    ];
+    args.extend_from_slice(extra);
+    ok(cwd, &args);
+    (tmp, out)
+}
+
+/// Merge fixture case `case` of `dir` (`dir/CASE.yml`, run in `cwd`) and compare its tensors
+/// with the expected output beside it (`dir/CASE/`); dtypes must match too.
+pub fn fixture_case_diff(cwd: &Path, dir: &Path, case: &str, extra: &[&str]) -> Diff {
+    let (_tmp, out) = merge_config(cwd, &dir.join(format!("{case}.yml")), extra);
+    diff(&load_dir(&out), &load_dir(&dir.join(case)))
+}
+
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }

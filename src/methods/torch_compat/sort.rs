@@ -283,15 +283,7 @@ fn heap_sort<T: Copy, L: Fn(&T, &T) -> bool>(v: &mut [T], less: &L) {
     if len < 2 {
         return;
     }
-    let mut parent = (len - 2) / 2;
-    loop {
-        let value = v[parent];
-        adjust_heap(v, parent, len, value, less);
-        if parent == 0 {
-            break;
-        }
-        parent -= 1;
-    }
+    make_heap(v, less);
     let mut last = len;
     while last > 1 {
         last -= 1;
