@@ -162,6 +162,7 @@ pub fn execute_extraction(
     io: IoMode,
     cancel: &AtomicBool,
 ) -> Result<ExtractStats> {
+    super::allocator::keep_freed_buffers();
     // Reserve the header at its largest: every rank at its maximum, every offset as large
     // as the whole data.
     let upper: Vec<OutTensor> = plan

@@ -8,6 +8,7 @@
 //! cache over all cores); the permit goes when the chunk is written. No stage ever holds a
 //! whole tensor larger than the budget, let alone a whole model or shard.
 
+mod allocator;
 mod arithmetic;
 pub mod budget;
 pub mod chunking;
@@ -217,6 +218,7 @@ pub fn execute_resumable(
     resume: Option<Resumable<'_>>,
 ) -> Result<RunStats> {
     let start = Instant::now();
+    allocator::keep_freed_buffers();
     let inputs = open_inputs(plan, opts.io)?;
     let shards = match &resume {
         Some(r) if r.existing_shards => ShardFiles::open_existing(dir, &plan.shards)?,
