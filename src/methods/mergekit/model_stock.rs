@@ -8,7 +8,7 @@ use super::arith::D;
 use super::method::{
     Capability, InputCount, MergeMethod, Param, PrepareError, Resolved, TensorMerge,
 };
-use super::stream::{StreamCtx, sum_sq};
+use super::stream::{LaneSum, StreamCtx};
 use crate::error::Result;
 
 pub struct ModelStock;
@@ -88,30 +88,27 @@ impl TensorMerge for ModelStockMerge {
         }
         let (b, others) = (self.base, &self.others);
         let m = others.len();
-        let mut ss = vec![0f64; m];
-        let mut dots = vec![vec![0f64; m]; m];
-        ctx.pass(|_, xs| {
+        let mut ss = vec![LaneSum::default(); m];
+        let mut dots = vec![vec![LaneSum::default(); m]; m];
+        ctx.pass(|rows, xs| {
+            let at = rows.start as usize * ctx.cols;
             let offs: Vec<Vec<f32>> = others
                 .iter()
                 .map(|&i| d.zip(&xs[i], &xs[b], |x, y| x - y))
                 .collect();
             for i in 0..m {
-                ss[i] += sum_sq(&offs[i]);
+                ss[i].add_sq(at, &offs[i]);
                 for j in i + 1..m {
-                    dots[i][j] += d
-                        .zip(&offs[i], &offs[j], |x, y| x * y)
-                        .iter()
-                        .map(|&v| v as f64)
-                        .sum::<f64>();
+                    dots[i][j].add(at, &d.zip(&offs[i], &offs[j], |x, y| x * y));
                 }
             }
             Ok(())
         })?;
-        let norms: Vec<f32> = ss.iter().map(|s| d.qs(s.sqrt() as f32)).collect();
+        let norms: Vec<f32> = ss.iter().map(|s| d.qs(s.total().sqrt() as f32)).collect();
         let mut cos = Vec::new();
         for i in 0..m {
             for j in i + 1..m {
-                cos.push(cosine(norms[i], norms[j], d.qs(dots[i][j] as f32), d));
+                cos.push(cosine(norms[i], norms[j], d.qs(dots[i][j].total() as f32), d));
             }
         }
         let t = interpolation(&cos, m, d);

@@ -3,13 +3,14 @@
 //! default, which wins over `nuslerp_row_wise`), per vector along the last dim, or per vector
 //! along dim 0 (`nuslerp_row_wise`).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use super::arith::D;
 use super::method::{
     Capability, InputCount, MergeMethod, Need, Param, PrepareError, Resolved, Scope, TensorMerge,
 };
-use super::stream::StreamCtx;
+use super::stream::{LaneSum, StreamCtx, TILE_ELEMS};
 use crate::error::Result;
 
 pub struct NuSlerp;
@@ -102,13 +103,13 @@ struct NuSlerpMerge {
 
 impl NuSlerpMerge {
     /// The vectors to interpolate: task vectors relative to the base, when there is one.
-    fn vectors(&self, xs: &[Vec<f32>], d: D) -> (Vec<f32>, Vec<f32>) {
+    fn vectors<'a>(&self, xs: &'a [Vec<f32>], d: D) -> (Cow<'a, [f32]>, Cow<'a, [f32]>) {
         match self.base {
             Some(b) => (
-                d.zip(&xs[self.i0], &xs[b], |x, y| x - y),
-                d.zip(&xs[self.i1], &xs[b], |x, y| x - y),
+                Cow::Owned(d.zip(&xs[self.i0], &xs[b], |x, y| x - y)),
+                Cow::Owned(d.zip(&xs[self.i1], &xs[b], |x, y| x - y)),
             ),
-            None => (xs[self.i0].clone(), xs[self.i1].clone()),
+            None => (Cow::Borrowed(&xs[self.i0]), Cow::Borrowed(&xs[self.i1])),
         }
     }
 
@@ -159,7 +160,7 @@ impl TensorMerge for NuSlerpMerge {
                 let n1: Vec<f32> = (0..cols).map(|c| col(&v1, c)).collect();
                 let prod: Vec<f32> = v0
                     .iter()
-                    .zip(&v1)
+                    .zip(v1.iter())
                     .enumerate()
                     .map(|(i, (&a, &b))| {
                         let c = i % cols;
@@ -173,7 +174,7 @@ impl TensorMerge for NuSlerpMerge {
                     .map(|c| nuslerp_coefficients(t, c.clamp(-1.0, 1.0), d))
                     .collect();
                 v0.iter()
-                    .zip(&v1)
+                    .zip(v1.iter())
                     .enumerate()
                     .map(|(i, (&a, &b))| apply1(coeffs[i % cols], a, b, d))
                     .collect()
@@ -184,51 +185,74 @@ impl TensorMerge for NuSlerpMerge {
 
     /// Last dim: one pass. Flattened or along dim 0: norms, then cosines, then the output.
     fn stream(&self, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
-        let cols = ctx.cols.max(1);
-        let t = self.t;
+        match self.axis {
+            Axis::Last(len) => ctx.pass(|rows, xs| {
+                let (v0, v1) = self.vectors(&xs, d);
+                let out = self.last_dim(&v0, &v1, len, d);
+                (ctx.emit)(rows, &self.finish(&xs, out, d))
+            }),
+            Axis::Flat => self.stream_flat(ctx, d),
+            Axis::First => self.stream_columns(ctx, d),
+        }
+    }
+}
+
+impl NuSlerpMerge {
+    /// The whole tensor as one vector: the norms and the dot product accumulate in f64.
+    fn stream_flat(&self, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
         let eps = nuslerp_eps(d);
-        let groups = match self.axis {
-            Axis::Last(len) => {
-                return ctx.pass(|rows, xs| {
-                    let (v0, v1) = self.vectors(&xs, d);
-                    let out = self.last_dim(&v0, &v1, len, d);
-                    (ctx.emit)(rows, &self.finish(&xs, out, d))
-                });
+        let at = |rows: &std::ops::Range<u64>| rows.start as usize * ctx.cols;
+        let (mut s0, mut s1) = (LaneSum::default(), LaneSum::default());
+        ctx.pass(|rows, xs| {
+            let (v0, v1) = self.vectors(&xs, d);
+            s0.add_sq(at(&rows), &v0);
+            s1.add_sq(at(&rows), &v1);
+            Ok(())
+        })?;
+        let norm = |s: LaneSum| d.qs(s.total().sqrt() as f32).max(eps);
+        let (n0, n1) = (norm(s0), norm(s1));
+        let mut dot = LaneSum::default();
+        ctx.pass(|rows, xs| {
+            let (v0, v1) = self.vectors(&xs, d);
+            // (v0/‖v0‖)·(v1/‖v1‖), each operation rounded to D as torch does.
+            let mut u0 = d.map(&v0, |a| a / n0);
+            let u1 = d.map(&v1, |b| b / n1);
+            for (a, &b) in u0.iter_mut().zip(&u1) {
+                *a *= b;
             }
-            Axis::Flat => 1,
-            Axis::First => cols,
-        };
-        let group = |j: usize| if groups == 1 { 0 } else { j % cols };
-        // Along dim 0 torch's norm is a sequential f32 sum down each column, which chunks in
-        // row order reproduce exactly; the flat norm and the dot products accumulate in f64.
-        let (mut ss0, mut ss1) = (vec![0f64; groups], vec![0f64; groups]);
-        let (mut sq0, mut sq1) = (vec![0f32; groups], vec![0f32; groups]);
+            d.q(&mut u0);
+            dot.add(at(&rows), &u0);
+            Ok(())
+        })?;
+        let c = nuslerp_coefficients(self.t, d.qs(dot.total() as f32).clamp(-1.0, 1.0), d);
+        ctx.pass(|rows, xs| {
+            let (v0, v1) = self.vectors(&xs, d);
+            let out = nuslerp_apply(c, &v0, &v1, d);
+            (ctx.emit)(rows, &self.finish(&xs, out, d))
+        })
+    }
+
+    /// Vectors along dim 0 (the columns): torch's norm down each column is a sequential f32
+    /// sum, which chunks in row order reproduce exactly; the dot products accumulate in f64.
+    fn stream_columns(&self, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
+        let cols = ctx.cols.max(1);
+        let eps = nuslerp_eps(d);
+        let (mut sq0, mut sq1) = (vec![0f32; cols], vec![0f32; cols]);
         ctx.pass(|_, xs| {
             let (v0, v1) = self.vectors(&xs, d);
-            for (j, (&a, &b)) in v0.iter().zip(&v1).enumerate() {
-                let g = group(j);
-                ss0[g] += (a as f64) * (a as f64);
-                ss1[g] += (b as f64) * (b as f64);
-                sq0[g] += a * a;
-                sq1[g] += b * b;
+            for (j, (&a, &b)) in v0.iter().zip(v1.iter()).enumerate() {
+                sq0[j % cols] += a * a;
+                sq1[j % cols] += b * b;
             }
             Ok(())
         })?;
-        let norms = |ss: &[f64], sq: &[f32]| -> Vec<f32> {
-            ss.iter()
-                .zip(sq)
-                .map(|(&s, &q)| {
-                    let n = if groups == 1 { s.sqrt() as f32 } else { q.sqrt() };
-                    d.qs(n).max(eps)
-                })
-                .collect()
-        };
-        let (n0, n1) = (norms(&ss0, &sq0), norms(&ss1, &sq1));
-        let mut dots = vec![0f64; groups];
+        let norms = |sq: &[f32]| -> Vec<f32> { sq.iter().map(|q| d.qs(q.sqrt()).max(eps)).collect() };
+        let (n0, n1) = (norms(&sq0), norms(&sq1));
+        let mut dots = vec![0f64; cols];
         ctx.pass(|_, xs| {
             let (v0, v1) = self.vectors(&xs, d);
-            for (j, (&a, &b)) in v0.iter().zip(&v1).enumerate() {
-                let g = group(j);
+            for (j, (&a, &b)) in v0.iter().zip(v1.iter()).enumerate() {
+                let g = j % cols;
                 let u = d.qs(d.qs(a / n0[g]) * d.qs(b / n1[g]));
                 dots[g] += u as f64;
             }
@@ -236,15 +260,15 @@ impl TensorMerge for NuSlerpMerge {
         })?;
         let coeffs: Vec<NuCoeffs> = dots
             .iter()
-            .map(|&c| nuslerp_coefficients(t, d.qs(c as f32).clamp(-1.0, 1.0), d))
+            .map(|&c| nuslerp_coefficients(self.t, d.qs(c as f32).clamp(-1.0, 1.0), d))
             .collect();
         ctx.pass(|rows, xs| {
             let (v0, v1) = self.vectors(&xs, d);
             let out: Vec<f32> = v0
                 .iter()
-                .zip(&v1)
+                .zip(v1.iter())
                 .enumerate()
-                .map(|(j, (&a, &b))| apply1(coeffs[group(j)], a, b, d))
+                .map(|(j, (&a, &b))| apply1(coeffs[j % cols], a, b, d))
                 .collect();
             (ctx.emit)(rows, &self.finish(&xs, out, d))
         })
@@ -279,8 +303,32 @@ fn apply1(c: NuCoeffs, a: f32, b: f32, d: D) -> f32 {
     }
 }
 
+/// [`apply1`] over whole vectors, in cache-sized tiles whose roundings are vector kernels.
 fn nuslerp_apply(c: NuCoeffs, v0: &[f32], v1: &[f32], d: D) -> Vec<f32> {
-    v0.iter().zip(v1).map(|(&a, &b)| apply1(c, a, b, d)).collect()
+    let (c0, c1, div) = match c {
+        NuCoeffs::Lerp(a0, a1) => (a0, a1, None),
+        NuCoeffs::Slerp(s0, s1, st) => (s0, s1, Some(st)),
+    };
+    let mut out = d.map(v0, |a| c0 * a);
+    let mut tmp = vec![0f32; TILE_ELEMS.min(v0.len())];
+    for (o, b) in out.chunks_mut(TILE_ELEMS).zip(v1.chunks(TILE_ELEMS)) {
+        let t = &mut tmp[..o.len()];
+        for (t, &b) in t.iter_mut().zip(b) {
+            *t = c1 * b;
+        }
+        d.q(t);
+        for (o, &t) in o.iter_mut().zip(t.iter()) {
+            *o += t;
+        }
+        d.q(o);
+        if let Some(st) = div {
+            for o in o.iter_mut() {
+                *o /= st;
+            }
+            d.q(o);
+        }
+    }
+    out
 }
 
 /// nuslerp's normalizing floor.

@@ -7,7 +7,7 @@ use super::arith::D;
 use super::method::{
     Capability, InputCount, MergeMethod, Need, Param, PrepareError, Resolved, Scope, TensorMerge,
 };
-use super::stream::{StreamCtx, sum_sq};
+use super::stream::{LaneSum, StreamCtx};
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::methods::torch_compat as tc;
@@ -80,24 +80,24 @@ impl TensorMerge for SlerpMerge {
     /// Norms, then the dot product of the normalized tensors, then the output.
     fn stream(&self, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
         let (i0, i1) = (self.v0, self.v1);
-        let (mut s0, mut s1) = (0f64, 0f64);
-        ctx.pass(|_, xs| {
-            s0 += sum_sq(&xs[i0]);
-            s1 += sum_sq(&xs[i1]);
+        let at = |rows: &std::ops::Range<u64>| rows.start as usize * ctx.cols;
+        let (mut s0, mut s1) = (LaneSum::default(), LaneSum::default());
+        ctx.pass(|rows, xs| {
+            s0.add_sq(at(&rows), &xs[i0]);
+            s1.add_sq(at(&rows), &xs[i1]);
             Ok(())
         })?;
-        let na = slerp_norm(s0.sqrt() as f32);
-        let nb = slerp_norm(s1.sqrt() as f32);
-        let mut dot = 0f64;
-        ctx.pass(|_, xs| {
-            dot += xs[i0]
-                .iter()
-                .zip(&xs[i1])
-                .map(|(&a, &b)| ((a / na) * (b / nb)) as f64)
-                .sum::<f64>();
+        let na = slerp_norm(s0.total().sqrt() as f32);
+        let nb = slerp_norm(s1.total().sqrt() as f32);
+        let mut dot = LaneSum::default();
+        let mut prod = Vec::new();
+        ctx.pass(|rows, xs| {
+            prod.clear();
+            prod.extend(xs[i0].iter().zip(&xs[i1]).map(|(&a, &b)| (a / na) * (b / nb)));
+            dot.add(at(&rows), &prod);
             Ok(())
         })?;
-        let (ca, cb) = slerp_coefficients((dot as f32).clamp(-1.0, 1.0), self.t);
+        let (ca, cb) = slerp_coefficients((dot.total() as f32).clamp(-1.0, 1.0), self.t);
         ctx.pass(|rows, xs| (ctx.emit)(rows, &slerp_apply(ca, cb, &xs[i0], &xs[i1], d)))
     }
 }

@@ -17,7 +17,8 @@ pub enum Sparsify {
     MagnitudeOutliers,
     /// DARE: Bernoulli(density) masks.
     Random,
-    /// DELLA: Bernoulli masks whose probability rises with the magnitude rank in the row.
+    /// DELLA: Bernoulli masks whose probability rises with the magnitude rank in the row
+    /// (ties ranked in index order).
     Della,
 }
 
@@ -39,6 +40,82 @@ pub(crate) fn della_probability(p: &TaskInput, rank0: usize, n: usize) -> f32 {
     // (rank − min)/(max − min); a one-element row divides 0 by 0 as mergekit does.
     let rn = (rank0 as f32 / (n as f32 - 1.0)).clamp(0.0, 1.0);
     lo + rn * span
+}
+
+/// DARE's mask of a run of elements whose first is element `first` of the tensor.
+pub(crate) fn dare_mask(seed: u64, k: usize, density: f64, first: usize, mask: &mut [bool]) {
+    for (e, m) in mask.iter_mut().enumerate() {
+        *m = uniform(seed, k, first + e) < density;
+    }
+}
+
+/// DELLA's mask of one row whose first element is element `first` of the tensor: element j
+/// kept with the probability of its ascending magnitude rank in the row.
+pub(crate) fn della_row_mask(
+    p: &TaskInput,
+    seed: u64,
+    k: usize,
+    first: usize,
+    row: &[f32],
+    mask: &mut [bool],
+    order: &mut MagnitudeOrder,
+) {
+    for (rank0, &j) in order.sort(row).iter().enumerate() {
+        let j = j as usize;
+        mask[j] = uniform(seed, k, first + j) < della_probability(p, rank0, row.len()) as f64;
+    }
+}
+
+/// Ascending order of a row's magnitudes (NaN last), ties in index order: a stable LSD radix
+/// sort of `|x|`'s bit patterns, 11 bits a pass, skipping a pass whose digit every key shares
+/// (the low one whenever the values came from f16 or bf16). Reuses its buffers across rows.
+#[derive(Default)]
+pub(crate) struct MagnitudeOrder {
+    keys: Vec<u32>,
+    order: Vec<u32>,
+    spare: Vec<u32>,
+    counts: Vec<u32>,
+}
+
+impl MagnitudeOrder {
+    const DIGITS: [(u32, u32); 3] = [(0, 11), (11, 11), (22, 10)];
+
+    /// The row's indices in ascending magnitude order.
+    pub fn sort(&mut self, row: &[f32]) -> &[u32] {
+        let n = row.len();
+        self.keys.clear();
+        self.keys
+            .extend(row.iter().map(|x| x.to_bits() & 0x7FFF_FFFF));
+        self.order.clear();
+        self.order.extend(0..n as u32);
+        self.spare.resize(n, 0);
+        self.counts.clear();
+        self.counts.resize(3 << 11, 0);
+        for &key in &self.keys {
+            for (d, &(shift, bits)) in Self::DIGITS.iter().enumerate() {
+                self.counts[(d << 11) + ((key >> shift) & ((1 << bits) - 1)) as usize] += 1;
+            }
+        }
+        for (d, &(shift, bits)) in Self::DIGITS.iter().enumerate() {
+            let counts = &mut self.counts[d << 11..(d + 1) << 11];
+            if counts.iter().any(|&c| c as usize == n) {
+                continue; // every key has the same digit: this pass would not move anything
+            }
+            let mut at = 0u32;
+            for c in counts.iter_mut() {
+                let here = *c;
+                *c = at;
+                at += here;
+            }
+            for &i in &self.order {
+                let digit = ((self.keys[i as usize] >> shift) & ((1 << bits) - 1)) as usize;
+                self.spare[counts[digit] as usize] = i;
+                counts[digit] += 1;
+            }
+            std::mem::swap(&mut self.order, &mut self.spare);
+        }
+        &self.order
+    }
 }
 
 /// Keep `x` where `keep`, else `0·x` (PyTorch's `t * mask`).
@@ -111,25 +188,18 @@ pub(crate) fn sparsify(
                 mask[i] = true;
             }
         }
-        Sparsify::Random => {
-            for (i, m) in mask.iter_mut().enumerate() {
-                *m = uniform(seed, k, i) < density;
-            }
-        }
+        Sparsify::Random => dare_mask(seed, k, density, 0, &mut mask),
         Sparsify::Della => {
             // 1-D tensors are one row.
-            let (rows, cols) = if rows * cols == n && rows > 0 {
-                (rows, cols)
+            let cols = if rows * cols == n && rows > 0 {
+                cols
             } else {
-                (1, n)
-            };
-            for r in 0..rows {
-                let row = &delta[r * cols..(r + 1) * cols];
-                let mag: Vec<f32> = row.iter().map(|x| x.abs()).collect();
-                for (rank0, &j) in tc::argsort_asc(&mag).iter().enumerate() {
-                    let i = r * cols + j;
-                    mask[i] = uniform(seed, k, i) < della_probability(p, rank0, cols) as f64;
-                }
+                n
+            }
+            .max(1);
+            let mut order = MagnitudeOrder::default();
+            for (r, (row, m)) in delta.chunks(cols).zip(mask.chunks_mut(cols)).enumerate() {
+                della_row_mask(p, seed, k, r * cols, row, m, &mut order);
             }
         }
     }

@@ -41,9 +41,48 @@ impl StreamCtx<'_> {
     }
 }
 
-/// Σx² in f64.
-pub(crate) fn sum_sq(v: &[f32]) -> f64 {
-    v.iter().map(|&x| (x as f64) * (x as f64)).sum()
+/// An f64 sum over a tensor streamed in chunks, kept in 8 lanes by element index (so the
+/// loop vectorizes) and added up in lane order at the end: the same result however the
+/// tensor is cut into chunks.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct LaneSum {
+    lanes: [f64; 8],
+}
+
+impl LaneSum {
+    /// Add `f(x)` for the values `v`, whose first is element `start` of the tensor.
+    #[inline]
+    pub fn add_with(&mut self, start: usize, v: &[f32], f: impl Fn(f32) -> f64) {
+        let head = ((8 - start % 8) % 8).min(v.len());
+        for (i, &x) in v[..head].iter().enumerate() {
+            self.lanes[(start + i) % 8] += f(x);
+        }
+        let body = v[head..].chunks_exact(8);
+        let tail = body.remainder();
+        for c in body {
+            for l in 0..8 {
+                self.lanes[l] += f(c[l]);
+            }
+        }
+        let at = start + v.len() - tail.len();
+        for (i, &x) in tail.iter().enumerate() {
+            self.lanes[(at + i) % 8] += f(x);
+        }
+    }
+
+    /// Add the values themselves.
+    pub fn add(&mut self, start: usize, v: &[f32]) {
+        self.add_with(start, v, |x| x as f64);
+    }
+
+    /// Add the squares of the values.
+    pub fn add_sq(&mut self, start: usize, v: &[f32]) {
+        self.add_with(start, v, |x| (x as f64) * (x as f64));
+    }
+
+    pub fn total(&self) -> f64 {
+        self.lanes.iter().sum()
+    }
 }
 
 /// An order-preserving key of an f32 for radix selection: negative values below positive
@@ -154,6 +193,27 @@ fn locate(hist: &[u64], rank: u64) -> (u32, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lane_sum_does_not_depend_on_the_chunking() {
+        let v: Vec<f32> = (0..1003).map(|i| ((i * 37 % 101) as f32 - 50.0) * 1e-3).collect();
+        let whole = {
+            let mut s = LaneSum::default();
+            s.add_sq(0, &v);
+            s.total()
+        };
+        for cut in [1, 3, 7, 8, 13, 64, 1002] {
+            let mut s = LaneSum::default();
+            let mut at = 0;
+            for c in v.chunks(cut) {
+                s.add_sq(at, c);
+                at += c.len();
+            }
+            assert_eq!(s.total().to_bits(), whole.to_bits(), "chunks of {cut}");
+        }
+        let exact: f64 = v.iter().map(|&x| (x as f64) * (x as f64)).sum();
+        assert!((whole - exact).abs() <= 1e-12 * exact);
+    }
 
     #[test]
     fn radix_select_finds_order_statistics_of_signed_values() {

@@ -269,43 +269,30 @@ impl TaskMerge {
         mut deltas: Vec<Vec<f32>>,
         w: &[f32],
     ) -> Vec<f32> {
+        // In place, loop by loop (each vectorizes), every result rounded to D as torch does.
         for (delta, &wi) in deltas.iter_mut().zip(w) {
-            *delta = d.map(delta, |x| x * wi);
+            for x in delta.iter_mut() {
+                *x *= wi;
+            }
+            d.q(delta);
         }
-        let refs: Vec<&[f32]> = deltas.iter().map(|v| v.as_slice()).collect();
         let (mut mixed, div): (Vec<f32>, Vec<f32>) = if self.consensus {
             // Sign election: the sign of the weighted sum; zeros never agree.
-            let total = d.outer_sum(&refs);
-            let sign = |x: f32| {
-                if x > 0.0 {
-                    1.0
-                } else if x < 0.0 {
-                    -1.0
-                } else {
-                    0.0
-                }
+            let total = {
+                let refs: Vec<&[f32]> = deltas.iter().map(|v| v.as_slice()).collect();
+                d.outer_sum(&refs)
             };
-            let masks: Vec<Vec<bool>> = deltas
-                .iter()
-                .map(|dl| {
-                    dl.iter()
-                        .zip(&total)
-                        .map(|(&x, &s)| sign(x) == if s >= 0.0 { 1.0 } else { -1.0 })
-                        .collect()
-                })
-                .collect();
-            let kept: Vec<Vec<f32>> = deltas
-                .iter()
-                .zip(&masks)
-                .map(|(dl, m)| dl.iter().zip(m).map(|(&x, &k)| masked(x, k)).collect())
-                .collect();
-            let kept_refs: Vec<&[f32]> = kept.iter().map(|v| v.as_slice()).collect();
+            // Each model's weight where it agrees, and its delta kept there (`0·x` elsewhere).
+            let mut wm: Vec<Vec<f32>> = vec![vec![0f32; base.len()]; deltas.len()];
+            for ((dl, wk), &wi) in deltas.iter_mut().zip(wm.iter_mut()).zip(w) {
+                for ((x, &s), m) in dl.iter_mut().zip(&total).zip(wk.iter_mut()) {
+                    let agree = (*x > 0.0 && s >= 0.0) || (*x < 0.0 && !(s >= 0.0));
+                    *m = if agree { wi } else { 0.0 };
+                    *x = masked(*x, agree);
+                }
+            }
+            let kept_refs: Vec<&[f32]> = deltas.iter().map(|v| v.as_slice()).collect();
             let mixed = d.outer_sum(&kept_refs);
-            let wm: Vec<Vec<f32>> = w
-                .iter()
-                .zip(&masks)
-                .map(|(&wi, m)| m.iter().map(|&k| if k { wi } else { 0.0 }).collect())
-                .collect();
             let wm_refs: Vec<&[f32]> = wm.iter().map(|v| v.as_slice()).collect();
             let mut div = d.outer_sum(&wm_refs);
             for v in div.iter_mut() {
@@ -315,6 +302,7 @@ impl TaskMerge {
             }
             (mixed, div)
         } else {
+            let refs: Vec<&[f32]> = deltas.iter().map(|v| v.as_slice()).collect();
             let mixed = d.outer_sum(&refs);
             let mut s = d.sum(w);
             if (s as f64).abs() < 1e-8 {
@@ -323,17 +311,29 @@ impl TaskMerge {
             (mixed, vec![s])
         };
         if self.normalize {
-            mixed = if div.len() == 1 {
-                let s = div[0];
-                d.map(&mixed, |x| x / s)
+            if let [s] = div[..] {
+                for x in mixed.iter_mut() {
+                    *x /= s;
+                }
             } else {
-                d.zip(&mixed, &div, |x, y| x / y)
-            };
+                for (x, &y) in mixed.iter_mut().zip(&div) {
+                    *x /= y;
+                }
+            }
+            d.q(&mut mixed);
         }
         if self.lambda != 1.0 {
             let l = self.lambda as f32;
-            mixed = d.map(&mixed, |x| x * l);
+            for x in mixed.iter_mut() {
+                *x *= l;
+            }
+            d.q(&mut mixed);
         }
-        d.zip(base, &mixed, |x, y| x + y)
+        // `base + mixed` (addition commutes exactly).
+        for (x, &b) in mixed.iter_mut().zip(base) {
+            *x += b;
+        }
+        d.q(&mut mixed);
+        mixed
     }
 }

@@ -8,16 +8,62 @@ use std::ops::Range;
 
 use super::arith::D;
 use super::sparsify::{
-    Sparsify, della_probability, masked, outlier_window, rescale_factor, uniform,
+    MagnitudeOrder, Sparsify, dare_mask, della_row_mask, masked, outlier_window, rescale_factor,
 };
 use super::stream::{StreamCtx, TILE_ELEMS};
 use super::task_arithmetic::{TaskInput, TaskMerge};
+use crate::dtype::DType;
 use crate::error::Result;
-use crate::methods::torch_compat as tc;
+use crate::kernels;
 
 /// The magnitude bit pattern used for ranking: |x| as f32 bits (monotonic; NaN largest).
 fn mag_bits(x: f32) -> u32 {
     x.to_bits() & 0x7FFF_FFFF
+}
+
+/// Magnitude keys of 16-bit compute dtypes. Deltas are rounded to D, so for f16 and bf16
+/// the magnitude has 15 significant bits and one histogram pass finds every threshold
+/// exactly (f32 needs two passes of 16 bits).
+#[derive(Clone, Copy)]
+enum NarrowKeys {
+    F16,
+    BF16,
+}
+
+impl NarrowKeys {
+    fn of(d: D) -> Option<NarrowKeys> {
+        match d.0 {
+            DType::F16 => Some(NarrowKeys::F16),
+            DType::BF16 => Some(NarrowKeys::BF16),
+            _ => None,
+        }
+    }
+
+    /// Count the 15-bit magnitude keys of D-rounded values.
+    fn count(self, v: &[f32], hist: &mut [u64], scratch: &mut Vec<u16>) {
+        match self {
+            NarrowKeys::F16 => {
+                scratch.resize(v.len(), 0);
+                (kernels::active().f32_to_f16)(v, scratch);
+                for &h in scratch.iter() {
+                    hist[(h & 0x7FFF) as usize] += 1;
+                }
+            }
+            NarrowKeys::BF16 => {
+                for &x in v {
+                    hist[((x.to_bits() >> 16) & 0x7FFF) as usize] += 1;
+                }
+            }
+        }
+    }
+
+    /// The [`mag_bits`] of the value a key stands for.
+    fn mag_bits(self, key: u32) -> u32 {
+        match self {
+            NarrowKeys::F16 => mag_bits(half::f16::from_bits(key as u16).to_f32()),
+            NarrowKeys::BF16 => key << 16,
+        }
+    }
 }
 
 /// One ascending rank to locate in a tensor of magnitudes, found 16 bits per pass.
@@ -75,6 +121,11 @@ impl Masker<'_> {
             Rule::Random => unreachable!("random masks are drawn per element index"),
             Rule::Window { lo, hi, low, high } => {
                 let v = mag_bits(x);
+                if v != low.0 && v != high.0 {
+                    // Strictly between the boundary values is inside the window; written
+                    // without branches, as half the elements of a tensor go each way.
+                    return (v > low.0) & (v < high.0);
+                }
                 // rank of this element = (count below its value) + (its index among equals)
                 let rank = if v == low.0 {
                     let r = low.1 + self.seen_low;
@@ -171,8 +222,31 @@ pub(crate) fn stream(r: &TaskMerge, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
         );
     }
 
-    // Radix select: high 16 bits, then low 16 bits within the located buckets.
-    if queries.iter().any(|q| !q.is_empty()) {
+    // Radix select: one pass over 15-bit keys for f16/bf16; for f32 the high 16 bits, then
+    // the low 16 bits within the located buckets.
+    let narrow = NarrowKeys::of(d);
+    if let Some(keys) = narrow
+        && queries.iter().any(|q| !q.is_empty())
+    {
+        let mut hist = vec![vec![0u64; 1 << 15]; others.len()];
+        let mut scratch = Vec::new();
+        ctx.pass(|_, xs| {
+            for t in tiles(xs[b].len()) {
+                for (k, dl) in deltas(&xs, &t).iter().enumerate() {
+                    if !queries[k].is_empty() {
+                        keys.count(dl, &mut hist[k], &mut scratch);
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        for (k, qs) in queries.iter_mut().enumerate() {
+            for q in qs.iter_mut() {
+                let (key, below) = locate(&hist[k], q.rank);
+                q.value = Some((keys.mag_bits(key), below, hist[k][key as usize]));
+            }
+        }
+    } else if queries.iter().any(|q| !q.is_empty()) {
         let mut hi = vec![vec![0u64; 1 << 16]; others.len()];
         ctx.pass(|_, xs| {
             for t in tiles(xs[b].len()) {
@@ -222,48 +296,49 @@ pub(crate) fn stream(r: &TaskMerge, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
                 }
             }
         }
-        for (k, qs) in queries.iter().enumerate() {
-            if let [a, z] = qs.as_slice()
-                && let (Some(low), Some(high)) = (a.value, z.value)
-            {
-                rules[k] = Rule::Window {
-                    lo: a.rank,
-                    hi: z.rank + 1,
-                    low,
-                    high,
-                };
-            }
+    }
+    for (k, qs) in queries.iter().enumerate() {
+        if let [a, z] = qs.as_slice()
+            && let (Some(low), Some(high)) = (a.value, z.value)
+        {
+            rules[k] = Rule::Window {
+                lo: a.rank,
+                hi: z.rank + 1,
+                low,
+                high,
+            };
         }
     }
 
-    // Bernoulli masks: element i of model k is kept with its probability.
-    let random_mask = |k: usize, row0: u64, dl: &[f32]| -> Vec<bool> {
+    // Bernoulli masks: element i of model k is kept with its probability. Drawn once: a
+    // rescaling pass keeps them as bits for the output pass (1/32 of an f32 copy).
+    let draw_mask = |k: usize, first: usize, dl: &[f32], order: &mut MagnitudeOrder| -> Vec<bool> {
         let i = others[k];
         let p = &r.inputs[i];
-        let base_index = (row0 as usize) * cols;
+        let mut mask = vec![false; dl.len()];
         match sparse {
             Sparsify::Della => {
-                let mut mask = vec![false; dl.len()];
-                for (ri, row) in dl.chunks(cols).enumerate() {
-                    let mag: Vec<f32> = row.iter().map(|x| x.abs()).collect();
-                    for (rank0, &j) in tc::argsort_asc(&mag).iter().enumerate() {
-                        let e = ri * cols + j;
-                        mask[e] = uniform(r.seed, i, base_index + e)
-                            < della_probability(p, rank0, row.len()) as f64;
-                    }
+                for (ri, (row, m)) in dl.chunks(cols).zip(mask.chunks_mut(cols)).enumerate() {
+                    della_row_mask(p, r.seed, i, first + ri * cols, row, m, order);
                 }
-                mask
             }
-            _ => (0..dl.len())
-                .map(|e| uniform(r.seed, i, base_index + e) < p.density)
-                .collect(),
+            _ => dare_mask(r.seed, i, p.density, first, &mut mask),
         }
+        mask
     };
-    let masks_for = |row0: u64, dls: &[Vec<f32>], maskers: &mut [Masker<'_>]| -> Vec<Vec<bool>> {
+    let masks_for = |first: usize,
+                     dls: &[Vec<f32>],
+                     maskers: &mut [Masker<'_>],
+                     kept: &mut [Vec<u64>],
+                     order: &mut MagnitudeOrder|
+     -> Vec<Vec<bool>> {
         dls.iter()
             .enumerate()
             .map(|(k, dl)| match rules[k] {
-                Rule::Random => random_mask(k, row0, dl),
+                Rule::Random if !kept[k].is_empty() => (first..first + dl.len())
+                    .map(|e| kept[k][e / 64] >> (e % 64) & 1 == 1)
+                    .collect(),
+                Rule::Random => draw_mask(k, first, dl, order),
                 _ => dl.iter().map(|&x| maskers[k].keep(x)).collect(),
             })
             .collect()
@@ -278,6 +353,9 @@ pub(crate) fn stream(r: &TaskMerge, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
             })
             .collect()
     };
+    let mut order = MagnitudeOrder::default();
+    // Per model: its random mask as bits, once drawn (empty until then).
+    let mut kept: Vec<Vec<u64>> = vec![Vec::new(); others.len()];
 
     // The rescale factors: Σ|δ| / Σ|kept δ| over the whole tensor.
     let mut factors: Vec<Option<f32>> = vec![None; others.len()];
@@ -285,19 +363,34 @@ pub(crate) fn stream(r: &TaskMerge, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
         let mut before = vec![0f64; others.len()];
         let mut after = vec![0f64; others.len()];
         let mut maskers = fresh();
+        let mut bits: Vec<Vec<u64>> = rules
+            .iter()
+            .map(|rule| match rule {
+                Rule::Random => vec![0u64; (n as usize).div_ceil(64)],
+                _ => Vec::new(),
+            })
+            .collect();
+        let none: &mut [Vec<u64>] = &mut vec![Vec::new(); others.len()];
         ctx.pass(|rows, xs| {
             for t in tiles(xs[b].len()) {
                 let dls = deltas(&xs, &t);
-                let masks = masks_for(rows.start + (t.start / cols) as u64, &dls, &mut maskers);
+                let first = rows.start as usize * cols + t.start;
+                let masks = masks_for(first, &dls, &mut maskers, none, &mut order);
                 for (k, (dl, m)) in dls.iter().zip(&masks).enumerate() {
                     for (&x, &keep) in dl.iter().zip(m) {
                         before[k] += x.abs() as f64;
                         after[k] += masked(x, keep).abs() as f64;
                     }
+                    if !bits[k].is_empty() {
+                        for (e, _) in m.iter().enumerate().filter(|(_, keep)| **keep) {
+                            bits[k][(first + e) / 64] |= 1 << ((first + e) % 64);
+                        }
+                    }
                 }
             }
             Ok(())
         })?;
+        kept = bits;
         for k in 0..others.len() {
             if !matches!(rules[k], Rule::All | Rule::Zero) {
                 factors[k] = rescale_factor(d.qs(before[k] as f32), d.qs(after[k] as f32), d);
@@ -311,7 +404,8 @@ pub(crate) fn stream(r: &TaskMerge, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
         let mut out = Vec::with_capacity(xs[b].len());
         for t in tiles(xs[b].len()) {
             let dls = deltas(&xs, &t);
-            let masks = masks_for(rows.start + (t.start / cols) as u64, &dls, &mut maskers);
+            let first = rows.start as usize * cols + t.start;
+            let masks = masks_for(first, &dls, &mut maskers, &mut kept, &mut order);
             let sparse: Vec<Vec<f32>> = dls
                 .iter()
                 .zip(&masks)
