@@ -16,7 +16,7 @@
 #   (`default` and the --io given keep the plain row).
 # --every-method: every row issue 13 targets — linear, slerp, nuslerp, ties, dare_ties,
 #   breadcrumbs_ties, della and model_stock (3 inputs: a third model is made), each at the
-#   default budget and 256MiB, and with --io read.
+#   default budget and 256MiB, and with --io read (the seed recipe rows too).
 # --compare runs every row with a second binary too (interleaved, same page cache, best of
 # the same number of runs) and adds its time and the new/old ratio: a before/after check.
 #
@@ -113,8 +113,8 @@ timed() {
 run() {
   local label=$1; shift
   local args=(blockmerge --model_path1 "$dir/a" --model_path2 "$dir/b"
-    --gradient_values "$gradient" $filter -o "$dir/out" --quiet --io "$io" $extra "$@")
-  measure "$label" "${args[@]}"
+    --gradient_values "$gradient" $filter -o "$dir/out" --quiet $extra "$@")
+  variants "$label" "${args[@]}"
 }
 # A mergekit config for method $1 over the two models.
 merge_config() {
@@ -127,20 +127,28 @@ merge_config() {
     *) printf 'merge_method: %s\nbase_model: %s\nmodels:\n  - model: %s\n    parameters: {weight: 1.0, density: 0.5}\ndtype: float16\n' "$1" "$dir/a" "$dir/b" ;;
   esac
 }
-run_merge() {
-  merge_config "$1" > "$dir/merge.yml"
+# Rows of one command ($2...) labelled $1: at the default budget with --io $io, then at each
+# other budget and --io mode, those with their time over the default row's ("own").
+variants() {
+  local label=$1; shift
+  own_base=""
+  measure "$label" "$@" --io "$io"
   for b in $budgets; do
-    if [ "$b" = default ]; then
-      measure "merge $1" merge "$dir/merge.yml" "$dir/out" --quiet --io "$io" $extra
-    else
-      measure "merge $1 @$b" merge "$dir/merge.yml" "$dir/out" --quiet --io "$io" --memory-limit "$b" $extra
-    fi
+    [ "$b" = default ] && continue
+    measure "$label @$b" "$@" --io "$io" --memory-limit "$b"
   done
   for i in $ios; do
     [ "$i" = "$io" ] && continue
-    measure "merge $1 --io $i" merge "$dir/merge.yml" "$dir/out" --quiet --io "$i" $extra
+    measure "$label --io $i" "$@" --io "$i"
   done
+  own_base=""
 }
+run_merge() {
+  merge_config "$1" > "$dir/merge.yml"
+  variants "merge $1" merge "$dir/merge.yml" "$dir/out" --quiet $extra
+}
+# The wall time of the current command's default row, for the "own" column.
+own_base=""
 measure() {
   local label=$1; shift
   local args=("$@")
@@ -155,27 +163,29 @@ measure() {
       old=$(min "$old" "$w")
     fi
   done
-  local ratio
+  local ratio own="-"
   ratio=$(echo "$wall / $floor" | bc -l)
+  if [ -n "$own_base" ]; then own=$(printf "%5.2fx" "$(echo "$wall / $own_base" | bc -l)"); else own_base=$wall; fi
   if [ -n "$old_bin" ]; then
-    printf "| %-28s | %7.2f s | %5.2fx | %6.0f MiB | %7.2f s | %5.2f |\n" "$label" "$wall" "$ratio" \
+    printf "| %-30s | %7.2f s | %5.2fx | %6s | %6.0f MiB | %7.2f s | %5.2f |\n" "$label" "$wall" "$ratio" "$own" \
       "$(echo "$rss / 1024" | bc -l)" "$old" "$(echo "$wall / $old" | bc -l)"
   else
-    printf "| %-28s | %7.2f s | %5.2fx | %6.0f MiB |\n" "$label" "$wall" "$ratio" "$(echo "$rss / 1024" | bc -l)"
+    printf "| %-30s | %7.2f s | %5.2fx | %6s | %6.0f MiB |\n" "$label" "$wall" "$ratio" "$own" "$(echo "$rss / 1024" | bc -l)"
   fi
 }
 
 echo
 echo "preset $preset, $layers layers, best of $repeat runs, $(echo "$size / 1073741824" | bc -l | cut -c1-5) GiB per model, LoRA rank $rank, io $io, $(nproc) cores"
 echo
+# "own": the row's time over its default-budget, --io $io row (the @budget and --io rows).
 if [ -n "$old_bin" ]; then
-  echo "| run                          | wall      | floor | peak RSS   | old wall  | new/old |"
-  echo "|------------------------------|-----------|-------|------------|-----------|-------|"
+  echo "| run                            | wall      | floor  | own    | peak RSS   | old wall  | new/old |"
+  echo "|--------------------------------|-----------|--------|--------|------------|-----------|-------|"
 else
-  echo "| run                          | wall      | floor | peak RSS   |"
-  echo "|------------------------------|-----------|-------|------------|"
+  echo "| run                            | wall      | floor  | own    | peak RSS   |"
+  echo "|--------------------------------|-----------|--------|--------|------------|"
 fi
-printf "| %-28s | %7.2f s | %5.2fx | %10s |\n" "I/O floor (dd + cp + sync)" "$floor" 1 "-"
+printf "| %-30s | %7.2f s | %5.2fx | %6s | %10s |\n" "I/O floor (dd + cp + sync)" "$floor" 1 "-" "-"
 run "seed recipe, no LoRA"
 run "seed recipe + LoRA at 0.25" --lora2 "$dir/lora" --lora2-weight 0.25
 for m in $methods; do

@@ -77,27 +77,23 @@ impl TensorMerge for SlerpMerge {
         slerp_apply(ca, cb, v0, v1, d)
     }
 
-    /// Norms, then the dot product of the normalized tensors, then the output.
+    /// The norms and the dot product in one pass (in f64: the cosine is Σab / (‖a‖·‖b‖)),
+    /// then the output.
     fn stream(&self, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
         let (i0, i1) = (self.v0, self.v1);
-        let at = |rows: &std::ops::Range<u64>| rows.start as usize * ctx.cols;
-        let (mut s0, mut s1) = (LaneSum::default(), LaneSum::default());
+        let (mut s0, mut s1, mut s01) = (LaneSum::default(), LaneSum::default(), LaneSum::default());
         ctx.pass(|rows, xs| {
-            s0.add_sq(at(&rows), &xs[i0]);
-            s1.add_sq(at(&rows), &xs[i1]);
+            let at = rows.start as usize * ctx.cols;
+            s0.add_sq(at, &xs[i0]);
+            s1.add_sq(at, &xs[i1]);
+            let prod: Vec<f32> = xs[i0].iter().zip(&xs[i1]).map(|(&a, &b)| a * b).collect();
+            s01.add(at, &prod);
             Ok(())
         })?;
         let na = slerp_norm(s0.total().sqrt() as f32);
         let nb = slerp_norm(s1.total().sqrt() as f32);
-        let mut dot = LaneSum::default();
-        let mut prod = Vec::new();
-        ctx.pass(|rows, xs| {
-            prod.clear();
-            prod.extend(xs[i0].iter().zip(&xs[i1]).map(|(&a, &b)| (a / na) * (b / nb)));
-            dot.add(at(&rows), &prod);
-            Ok(())
-        })?;
-        let (ca, cb) = slerp_coefficients((dot.total() as f32).clamp(-1.0, 1.0), self.t);
+        let dot = (s01.total() / (na as f64 * nb as f64)) as f32;
+        let (ca, cb) = slerp_coefficients(dot.clamp(-1.0, 1.0), self.t);
         ctx.pass(|rows, xs| (ctx.emit)(rows, &slerp_apply(ca, cb, &xs[i0], &xs[i1], d)))
     }
 }

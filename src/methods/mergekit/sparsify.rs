@@ -4,6 +4,7 @@
 //! restored.
 
 use super::arith::D;
+use super::stream::MagnitudeOrder;
 use super::task_arithmetic::TaskInput;
 use crate::methods::torch_compat as tc;
 
@@ -25,11 +26,17 @@ pub enum Sparsify {
 /// A uniform number in [0, 1) for element `i` of input `k`: counter-based (SplitMix64), so
 /// every pass over a tensor draws the same mask.
 pub(crate) fn uniform(seed: u64, k: usize, i: usize) -> f64 {
+    draw53(seed, k, i) as f64 / (1u64 << 53) as f64
+}
+
+/// The 53 random bits behind [`uniform`].
+#[inline]
+fn draw53(seed: u64, k: usize, i: usize) -> u64 {
     let mut z = seed ^ ((k as u64) << 56) ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^= z >> 31;
-    (z >> 11) as f64 / (1u64 << 53) as f64
+    z >> 11
 }
 
 /// DELLA's keep probability for ascending magnitude rank `rank0` (0-based) of `n` in a row:
@@ -44,8 +51,11 @@ pub(crate) fn della_probability(p: &TaskInput, rank0: usize, n: usize) -> f32 {
 
 /// DARE's mask of a run of elements whose first is element `first` of the tensor.
 pub(crate) fn dare_mask(seed: u64, k: usize, density: f64, first: usize, mask: &mut [bool]) {
+    // `uniform < density` in integers: m/2⁵³ < p ⇔ m < ⌈p·2⁵³⌉ (scaling by 2⁵³ is exact; a
+    // NaN density keeps nothing, as the float comparison does).
+    let limit = (density.clamp(0.0, 1.0) * (1u64 << 53) as f64).ceil() as u64;
     for (e, m) in mask.iter_mut().enumerate() {
-        *m = uniform(seed, k, first + e) < density;
+        *m = draw53(seed, k, first + e) < limit;
     }
 }
 
@@ -63,58 +73,6 @@ pub(crate) fn della_row_mask(
     for (rank0, &j) in order.sort(row).iter().enumerate() {
         let j = j as usize;
         mask[j] = uniform(seed, k, first + j) < della_probability(p, rank0, row.len()) as f64;
-    }
-}
-
-/// Ascending order of a row's magnitudes (NaN last), ties in index order: a stable LSD radix
-/// sort of `|x|`'s bit patterns, 11 bits a pass, skipping a pass whose digit every key shares
-/// (the low one whenever the values came from f16 or bf16). Reuses its buffers across rows.
-#[derive(Default)]
-pub(crate) struct MagnitudeOrder {
-    keys: Vec<u32>,
-    order: Vec<u32>,
-    spare: Vec<u32>,
-    counts: Vec<u32>,
-}
-
-impl MagnitudeOrder {
-    const DIGITS: [(u32, u32); 3] = [(0, 11), (11, 11), (22, 10)];
-
-    /// The row's indices in ascending magnitude order.
-    pub fn sort(&mut self, row: &[f32]) -> &[u32] {
-        let n = row.len();
-        self.keys.clear();
-        self.keys
-            .extend(row.iter().map(|x| x.to_bits() & 0x7FFF_FFFF));
-        self.order.clear();
-        self.order.extend(0..n as u32);
-        self.spare.resize(n, 0);
-        self.counts.clear();
-        self.counts.resize(3 << 11, 0);
-        for &key in &self.keys {
-            for (d, &(shift, bits)) in Self::DIGITS.iter().enumerate() {
-                self.counts[(d << 11) + ((key >> shift) & ((1 << bits) - 1)) as usize] += 1;
-            }
-        }
-        for (d, &(shift, bits)) in Self::DIGITS.iter().enumerate() {
-            let counts = &mut self.counts[d << 11..(d + 1) << 11];
-            if counts.iter().any(|&c| c as usize == n) {
-                continue; // every key has the same digit: this pass would not move anything
-            }
-            let mut at = 0u32;
-            for c in counts.iter_mut() {
-                let here = *c;
-                *c = at;
-                at += here;
-            }
-            for &i in &self.order {
-                let digit = ((self.keys[i as usize] >> shift) & ((1 << bits) - 1)) as usize;
-                self.spare[counts[digit] as usize] = i;
-                counts[digit] += 1;
-            }
-            std::mem::swap(&mut self.order, &mut self.spare);
-        }
-        &self.order
     }
 }
 
@@ -211,4 +169,53 @@ pub(crate) fn outlier_window(p: &TaskInput, n: usize) -> (usize, usize) {
     let target = ((p.density * n as f64) as usize).min(n);
     let n_top = (p.gamma * n as f64) as usize;
     (n.saturating_sub(target + n_top), target)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dare_mask_matches_the_uniform_draw() {
+        for density in [0.0, 1e-9, 0.1, 0.3, 0.5, 0.999_999, 1.0, f64::NAN] {
+            let mut mask = vec![false; 4099];
+            dare_mask(7, 2, density, 123, &mut mask);
+            for (e, &m) in mask.iter().enumerate() {
+                assert_eq!(
+                    m,
+                    uniform(7, 2, 123 + e) < density,
+                    "density {density}, {e}"
+                );
+            }
+        }
+    }
+
+    /// Rows with ties, signed zeros, NaN and infinities, as f32 and as f16-valued data.
+    #[test]
+    fn magnitude_order_is_a_stable_sort_by_magnitude() {
+        let mut order = MagnitudeOrder::default();
+        for len in [0usize, 1, 2, 7, 64, 1001, 5120] {
+            for f16_valued in [false, true] {
+                let row: Vec<f32> = (0..len)
+                    .map(|i| {
+                        let x = match i % 97 {
+                            0 => f32::NAN,
+                            1 => -0.0,
+                            2 => f32::NEG_INFINITY,
+                            3 => 0.0,
+                            _ => ((i * 7919 % 613) as f32 - 306.0) * 1.37e-3,
+                        };
+                        if f16_valued {
+                            half::f16::from_f32(x).to_f32()
+                        } else {
+                            x
+                        }
+                    })
+                    .collect();
+                let mut want: Vec<u32> = (0..len as u32).collect();
+                want.sort_by_key(|&i| (row[i as usize].to_bits() & 0x7FFF_FFFF, i));
+                assert_eq!(order.sort(&row), &want[..], "len {len}, f16 {f16_valued}");
+            }
+        }
+    }
 }

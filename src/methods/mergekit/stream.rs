@@ -45,7 +45,7 @@ impl StreamCtx<'_> {
 /// loop vectorizes) and added up in lane order at the end: the same result however the
 /// tensor is cut into chunks.
 #[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct LaneSum {
+pub struct LaneSum {
     lanes: [f64; 8],
 }
 
@@ -82,6 +82,58 @@ impl LaneSum {
 
     pub fn total(&self) -> f64 {
         self.lanes.iter().sum()
+    }
+}
+
+/// Ascending order of a row's magnitudes (NaN last), ties in index order: a stable LSD radix
+/// sort of `|x|`'s bit patterns, 11 bits a pass, skipping a pass whose digit every key shares
+/// (the low one whenever the values came from f16 or bf16). Reuses its buffers across rows.
+#[derive(Default)]
+pub struct MagnitudeOrder {
+    keys: Vec<u32>,
+    order: Vec<u32>,
+    spare: Vec<u32>,
+    counts: Vec<u32>,
+}
+
+impl MagnitudeOrder {
+    const DIGITS: [(u32, u32); 3] = [(0, 11), (11, 11), (22, 10)];
+
+    /// The row's indices in ascending magnitude order.
+    pub fn sort(&mut self, row: &[f32]) -> &[u32] {
+        let n = row.len();
+        self.keys.clear();
+        self.keys
+            .extend(row.iter().map(|x| x.to_bits() & 0x7FFF_FFFF));
+        self.order.clear();
+        self.order.extend(0..n as u32);
+        self.spare.resize(n, 0);
+        self.counts.clear();
+        self.counts.resize(3 << 11, 0);
+        for &key in &self.keys {
+            for (d, &(shift, bits)) in Self::DIGITS.iter().enumerate() {
+                self.counts[(d << 11) + ((key >> shift) & ((1 << bits) - 1)) as usize] += 1;
+            }
+        }
+        for (d, &(shift, bits)) in Self::DIGITS.iter().enumerate() {
+            let counts = &mut self.counts[d << 11..(d + 1) << 11];
+            if counts.iter().any(|&c| c as usize == n) {
+                continue; // every key has the same digit: this pass would not move anything
+            }
+            let mut at = 0u32;
+            for c in counts.iter_mut() {
+                let here = *c;
+                *c = at;
+                at += here;
+            }
+            for &i in &self.order {
+                let digit = ((self.keys[i as usize] >> shift) & ((1 << bits) - 1)) as usize;
+                self.spare[counts[digit] as usize] = i;
+                counts[digit] += 1;
+            }
+            std::mem::swap(&mut self.order, &mut self.spare);
+        }
+        &self.order
     }
 }
 
@@ -196,7 +248,9 @@ mod tests {
 
     #[test]
     fn lane_sum_does_not_depend_on_the_chunking() {
-        let v: Vec<f32> = (0..1003).map(|i| ((i * 37 % 101) as f32 - 50.0) * 1e-3).collect();
+        let v: Vec<f32> = (0..1003)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 1e-3)
+            .collect();
         let whole = {
             let mut s = LaneSum::default();
             s.add_sq(0, &v);

@@ -8,9 +8,9 @@ use std::ops::Range;
 
 use super::arith::D;
 use super::sparsify::{
-    MagnitudeOrder, Sparsify, dare_mask, della_row_mask, masked, outlier_window, rescale_factor,
+    Sparsify, dare_mask, della_row_mask, masked, outlier_window, rescale_factor,
 };
-use super::stream::{StreamCtx, TILE_ELEMS};
+use super::stream::{LaneSum, MagnitudeOrder, StreamCtx, TILE_ELEMS};
 use super::task_arithmetic::{TaskInput, TaskMerge};
 use crate::dtype::DType;
 use crate::error::Result;
@@ -360,8 +360,8 @@ pub(crate) fn stream(r: &TaskMerge, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
     // The rescale factors: Σ|δ| / Σ|kept δ| over the whole tensor.
     let mut factors: Vec<Option<f32>> = vec![None; others.len()];
     if r.rescale && rules.iter().any(|x| !matches!(x, Rule::All | Rule::Zero)) {
-        let mut before = vec![0f64; others.len()];
-        let mut after = vec![0f64; others.len()];
+        let mut before = vec![LaneSum::default(); others.len()];
+        let mut after = vec![LaneSum::default(); others.len()];
         let mut maskers = fresh();
         let mut bits: Vec<Vec<u64>> = rules
             .iter()
@@ -377,13 +377,12 @@ pub(crate) fn stream(r: &TaskMerge, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
                 let first = rows.start as usize * cols + t.start;
                 let masks = masks_for(first, &dls, &mut maskers, none, &mut order);
                 for (k, (dl, m)) in dls.iter().zip(&masks).enumerate() {
-                    for (&x, &keep) in dl.iter().zip(m) {
-                        before[k] += x.abs() as f64;
-                        after[k] += masked(x, keep).abs() as f64;
-                    }
+                    before[k].add_with(first, dl, |x| x.abs() as f64);
+                    let kept: Vec<f32> = dl.iter().zip(m).map(|(&x, &k)| masked(x, k)).collect();
+                    after[k].add_with(first, &kept, |x| x.abs() as f64);
                     if !bits[k].is_empty() {
-                        for (e, _) in m.iter().enumerate().filter(|(_, keep)| **keep) {
-                            bits[k][(first + e) / 64] |= 1 << ((first + e) % 64);
+                        for (e, &keep) in m.iter().enumerate() {
+                            bits[k][(first + e) / 64] |= (keep as u64) << ((first + e) % 64);
                         }
                     }
                 }
@@ -393,7 +392,8 @@ pub(crate) fn stream(r: &TaskMerge, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
         kept = bits;
         for k in 0..others.len() {
             if !matches!(rules[k], Rule::All | Rule::Zero) {
-                factors[k] = rescale_factor(d.qs(before[k] as f32), d.qs(after[k] as f32), d);
+                let (b, a) = (before[k].total() as f32, after[k].total() as f32);
+                factors[k] = rescale_factor(d.qs(b), d.qs(a), d);
             }
         }
     }

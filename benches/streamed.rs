@@ -1,0 +1,93 @@
+//! The streamed methods' own kernels against their scalar references and a memcpy of the
+//! same bytes: the chunking-independent f64 lane sum (slerp, nuslerp, model_stock norms and
+//! dots; DARE/DELLA rescale sums) and DELLA's per-row magnitude order.
+//!
+//! `cargo bench --bench streamed`
+
+use std::hint::black_box;
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+
+use mergestream::methods::mergekit::stream::{LaneSum, MagnitudeOrder};
+use mergestream::methods::torch_compat::argsort_asc;
+
+/// 16 Mi f32 (64 MiB): past the L3, as a chunk of a real tensor is.
+const N: usize = 16 << 20;
+
+fn lane_sum(c: &mut Criterion) {
+    let v: Vec<f32> = (0..N).map(|i| (i % 1000) as f32 * 1e-3 - 0.5).collect();
+    let mut out = vec![0f32; N];
+    let mut g = c.benchmark_group("sum_of_squares_f64");
+    g.throughput(Throughput::Bytes((N * 4) as u64));
+    g.bench_function("memcpy", |b| b.iter(|| out.copy_from_slice(black_box(&v))));
+    g.bench_function("scalar", |b| {
+        b.iter(|| {
+            black_box(&v)
+                .iter()
+                .map(|&x| (x as f64) * (x as f64))
+                .sum::<f64>()
+        })
+    });
+    g.bench_function("lanes", |b| {
+        b.iter(|| {
+            let mut s = LaneSum::default();
+            s.add_sq(0, black_box(&v));
+            s.total()
+        })
+    });
+    g.finish();
+}
+
+fn magnitude_order(c: &mut Criterion) {
+    // A 13B MLP row: 5120 f16-valued deltas, many tied.
+    const COLS: usize = 5120;
+    let rows: Vec<Vec<f32>> = (0..64)
+        .map(|r| {
+            (0..COLS)
+                .map(|i| {
+                    let x = (((i * 7919 + r * 104_729) % 20011) as f32 - 10005.0) * 1e-6;
+                    half::f16::from_f32(x).to_f32()
+                })
+                .collect()
+        })
+        .collect();
+    let mut g = c.benchmark_group("della_row_order");
+    g.throughput(Throughput::Bytes((rows.len() * COLS * 4) as u64));
+    let mut out = vec![0f32; COLS];
+    g.bench_function("memcpy", |b| {
+        b.iter(|| {
+            for r in &rows {
+                out.copy_from_slice(black_box(r));
+            }
+        })
+    });
+    g.bench_function(BenchmarkId::new("scalar", "torch_argsort"), |b| {
+        b.iter(|| {
+            for r in &rows {
+                let mag: Vec<f32> = r.iter().map(|x| x.abs()).collect();
+                black_box(argsort_asc(&mag));
+            }
+        })
+    });
+    g.bench_function(BenchmarkId::new("scalar", "std_stable_sort"), |b| {
+        b.iter(|| {
+            for r in &rows {
+                let mut idx: Vec<u32> = (0..COLS as u32).collect();
+                idx.sort_by_key(|&i| r[i as usize].to_bits() & 0x7FFF_FFFF);
+                black_box(idx);
+            }
+        })
+    });
+    let mut order = MagnitudeOrder::default();
+    g.bench_function("radix", |b| {
+        b.iter(|| {
+            for r in &rows {
+                black_box(order.sort(black_box(r)));
+            }
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, lane_sum, magnitude_order);
+criterion_main!(benches);
