@@ -288,8 +288,14 @@ fn operand_values(
     for ((p, pd), delta) in op.patches.iter().zip(&data.patches).zip(&tile.deltas) {
         lora::apply_delta(p.scale, p.round_delta, pd, r0, rows, cols, delta, &mut v);
     }
+    // Rounding values still as stored to their own dtype changes nothing: skip that pass.
+    let mut as_stored = op.patches.is_empty() && op.load_as.is_none_or(|l| l == dtype);
     for &d in &op.roundings {
+        if as_stored && d == dtype {
+            continue;
+        }
         round_to(d, &mut v);
+        as_stored = false;
     }
     v
 }

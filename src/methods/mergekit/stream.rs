@@ -60,8 +60,8 @@ impl LaneSum {
         let body = v[head..].chunks_exact(8);
         let tail = body.remainder();
         for c in body {
-            for l in 0..8 {
-                self.lanes[l] += f(c[l]);
+            for (lane, &x) in self.lanes.iter_mut().zip(c) {
+                *lane += f(x);
             }
         }
         let at = start + v.len() - tail.len();
@@ -87,36 +87,50 @@ impl LaneSum {
 
 /// Ascending order of a row's magnitudes (NaN last), ties in index order: a stable LSD radix
 /// sort of `|x|`'s bit patterns, 11 bits a pass, skipping a pass whose digit every key shares
-/// (the low one whenever the values came from f16 or bf16). Reuses its buffers across rows.
-#[derive(Default)]
+/// (the low one whenever the values came from f16 or bf16). Each entry carries its key above
+/// its index, so a pass reads its input in order. Reuses its buffers across rows.
 pub struct MagnitudeOrder {
-    keys: Vec<u32>,
+    entries: Vec<u64>,
+    spare: Vec<u64>,
     order: Vec<u32>,
-    spare: Vec<u32>,
-    counts: Vec<u32>,
+    counts: Box<[[u32; 1 << 11]; 3]>,
+}
+
+impl Default for MagnitudeOrder {
+    fn default() -> Self {
+        MagnitudeOrder {
+            entries: Vec::new(),
+            spare: Vec::new(),
+            order: Vec::new(),
+            counts: Box::new([[0; 1 << 11]; 3]),
+        }
+    }
 }
 
 impl MagnitudeOrder {
-    const DIGITS: [(u32, u32); 3] = [(0, 11), (11, 11), (22, 10)];
+    const SHIFTS: [u32; 3] = [32, 43, 54];
+    const MASK: u64 = (1 << 11) - 1;
 
-    /// The row's indices in ascending magnitude order.
+    /// The row's indices in ascending magnitude order (rows index with u32: a row is one
+    /// dim of a tensor).
     pub fn sort(&mut self, row: &[f32]) -> &[u32] {
         let n = row.len();
-        self.keys.clear();
-        self.keys
-            .extend(row.iter().map(|x| x.to_bits() & 0x7FFF_FFFF));
-        self.order.clear();
-        self.order.extend(0..n as u32);
+        self.entries.clear();
+        self.entries.extend(
+            row.iter()
+                .enumerate()
+                .map(|(i, x)| u64::from(x.to_bits() & 0x7FFF_FFFF) << 32 | i as u64),
+        );
         self.spare.resize(n, 0);
-        self.counts.clear();
-        self.counts.resize(3 << 11, 0);
-        for &key in &self.keys {
-            for (d, &(shift, bits)) in Self::DIGITS.iter().enumerate() {
-                self.counts[(d << 11) + ((key >> shift) & ((1 << bits) - 1)) as usize] += 1;
+        for c in self.counts.iter_mut() {
+            c.fill(0);
+        }
+        for &e in &self.entries {
+            for (c, &shift) in self.counts.iter_mut().zip(&Self::SHIFTS) {
+                c[((e >> shift) & Self::MASK) as usize] += 1;
             }
         }
-        for (d, &(shift, bits)) in Self::DIGITS.iter().enumerate() {
-            let counts = &mut self.counts[d << 11..(d + 1) << 11];
+        for (counts, &shift) in self.counts.iter_mut().zip(&Self::SHIFTS) {
             if counts.iter().any(|&c| c as usize == n) {
                 continue; // every key has the same digit: this pass would not move anything
             }
@@ -126,13 +140,15 @@ impl MagnitudeOrder {
                 *c = at;
                 at += here;
             }
-            for &i in &self.order {
-                let digit = ((self.keys[i as usize] >> shift) & ((1 << bits) - 1)) as usize;
-                self.spare[counts[digit] as usize] = i;
+            for &e in &self.entries {
+                let digit = ((e >> shift) & Self::MASK) as usize;
+                self.spare[counts[digit] as usize] = e;
                 counts[digit] += 1;
             }
-            std::mem::swap(&mut self.order, &mut self.spare);
+            std::mem::swap(&mut self.entries, &mut self.spare);
         }
+        self.order.clear();
+        self.order.extend(self.entries.iter().map(|&e| e as u32));
         &self.order
     }
 }

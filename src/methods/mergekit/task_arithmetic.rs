@@ -286,7 +286,9 @@ impl TaskMerge {
             let mut wm: Vec<Vec<f32>> = vec![vec![0f32; base.len()]; deltas.len()];
             for ((dl, wk), &wi) in deltas.iter_mut().zip(wm.iter_mut()).zip(w) {
                 for ((x, &s), m) in dl.iter_mut().zip(&total).zip(wk.iter_mut()) {
-                    let agree = (*x > 0.0 && s >= 0.0) || (*x < 0.0 && !(s >= 0.0));
+                    // Without short-circuits: signs are random, branches would mispredict.
+                    let up = s >= 0.0; // the elected sign: + unless the sum is < 0 or NaN
+                    let agree = ((*x > 0.0) & up) | ((*x < 0.0) & !up);
                     *m = if agree { wi } else { 0.0 };
                     *x = masked(*x, agree);
                 }
@@ -296,9 +298,8 @@ impl TaskMerge {
             let wm_refs: Vec<&[f32]> = wm.iter().map(|v| v.as_slice()).collect();
             let mut div = d.outer_sum(&wm_refs);
             for v in div.iter_mut() {
-                if *v == 0.0 {
-                    *v = 1.0;
-                }
+                // A select, not a branch: which elements have no agreeing weight is random.
+                *v = if *v == 0.0 { 1.0 } else { *v };
             }
             (mixed, div)
         } else {
