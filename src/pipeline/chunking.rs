@@ -11,7 +11,7 @@ use crate::shape::RowMajor;
 /// Bytes a chunk should cost: big enough to amortize per-chunk work, small enough that
 /// several chunks are in flight within the budget.
 pub fn chunk_target(memory_limit: u64) -> u64 {
-    (memory_limit / 8).clamp(4 << 20, 64 << 20)
+    (memory_limit / 8).clamp(4 << 20, 16 << 20)
 }
 
 /// Bytes of working memory one chunk of `rows` rows of `step` needs: input bytes, LoRA

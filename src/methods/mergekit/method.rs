@@ -171,11 +171,19 @@ pub trait TensorMerge: fmt::Debug + Send + Sync {
     }
 
     /// Stream even when the tensor fits: a full sort of a large tensor costs O(n log n)
-    /// where the streamed selection is O(n).
+    /// where the streamed selection is O(n), and above [`EXACT_ORDER_MAX`] elements the
+    /// whole-tensor path's exact reduction order buys nothing.
     fn prefers_streaming(&self, _numel: u64) -> bool {
         false
     }
 }
+
+/// The largest tensor worth holding whole for PyTorch's exact reduction and sort order when
+/// streaming would do. PyTorch splits reductions over more than 32768 elements across its
+/// threads, so on a tensor this large mergekit's own result depends on its thread count;
+/// streaming is faster here (chunk-sized buffers, no multi-hundred-MiB allocations) and makes
+/// the output the same at every memory budget.
+pub const EXACT_ORDER_MAX: u64 = 1 << 22;
 
 /// The parameters of one tensor, resolved from a config by the planner: every declared
 /// parameter has its value or default (or is absent when optional).

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use super::arith::D;
 use super::method::{
+    EXACT_ORDER_MAX,
     Capability, InputCount, MergeMethod, Param, PrepareError, Resolved, TensorMerge,
 };
 use super::stream::{LaneSum, StreamCtx};
@@ -67,6 +68,10 @@ impl TensorMerge for ModelStockMerge {
 
     fn capability(&self) -> Capability {
         Capability::Streamed
+    }
+
+    fn prefers_streaming(&self, numel: u64) -> bool {
+        numel > EXACT_ORDER_MAX
     }
 
     fn merge(&self, xs: &[Vec<f32>], _rows: usize, _cols: usize, d: D) -> Vec<f32> {

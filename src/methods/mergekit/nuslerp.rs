@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use super::arith::D;
 use super::method::{
+    EXACT_ORDER_MAX,
     Capability, InputCount, MergeMethod, Need, Param, PrepareError, Resolved, Scope, TensorMerge,
 };
 use super::stream::{LaneSum, StreamCtx, TILE_ELEMS};
@@ -139,6 +140,10 @@ impl TensorMerge for NuSlerpMerge {
 
     fn capability(&self) -> Capability {
         Capability::Streamed
+    }
+
+    fn prefers_streaming(&self, numel: u64) -> bool {
+        numel > EXACT_ORDER_MAX
     }
 
     fn merge(&self, xs: &[Vec<f32>], rows: usize, cols: usize, d: D) -> Vec<f32> {

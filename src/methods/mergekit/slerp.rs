@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use super::arith::D;
 use super::method::{
+    EXACT_ORDER_MAX,
     Capability, InputCount, MergeMethod, Need, Param, PrepareError, Resolved, Scope, TensorMerge,
 };
 use super::stream::{LaneSum, StreamCtx};
@@ -61,6 +62,10 @@ impl TensorMerge for SlerpMerge {
 
     fn capability(&self) -> Capability {
         Capability::Streamed
+    }
+
+    fn prefers_streaming(&self, numel: u64) -> bool {
+        numel > EXACT_ORDER_MAX
     }
 
     fn merge(&self, xs: &[Vec<f32>], _rows: usize, _cols: usize, d: D) -> Vec<f32> {

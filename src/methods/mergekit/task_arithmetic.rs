@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use super::arith::D;
 use super::method::{
-    Capability, MergeMethod, Need, Param, PrepareError, Resolved, Scope, TensorMerge, Value,
+    Capability, EXACT_ORDER_MAX, MergeMethod, Need, Param, PrepareError, Resolved, Scope,
+    TensorMerge, Value,
 };
 use super::sparsify::{Sparsify, masked, sparsify};
 use super::stream::StreamCtx;
@@ -240,14 +241,9 @@ impl TensorMerge for TaskMerge {
     }
 
     /// A full sort of a large tensor (TIES, breadcrumbs) costs O(n log n) where the streamed
-    /// radix select is O(n). Exact PyTorch tie-breaking matters only where mergekit itself is
-    /// reproducible: PyTorch splits reductions over 32768 elements across its threads.
+    /// radix select is O(n); DARE and DELLA draw the same masks either way.
     fn prefers_streaming(&self, numel: u64) -> bool {
-        const EXACT_SORT_MAX: u64 = 1 << 22;
-        matches!(
-            self.sparsify,
-            Sparsify::Magnitude | Sparsify::MagnitudeOutliers
-        ) && numel > EXACT_SORT_MAX
+        self.sparsify != Sparsify::None && numel > EXACT_ORDER_MAX
     }
 }
 

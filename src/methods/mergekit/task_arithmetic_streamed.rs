@@ -114,6 +114,30 @@ struct Masker<'a> {
 }
 
 impl Masker<'_> {
+    /// The mask of a run of deltas, in index order: the window's comparisons over the whole
+    /// run (they vectorize), then the elements tied with a boundary value one by one.
+    fn mask(&mut self, dl: &[f32]) -> Vec<bool> {
+        let Rule::Window { low, high, .. } = *self.rule else {
+            return dl.iter().map(|&x| self.keep(x)).collect();
+        };
+        let (low, high) = (low.0, high.0);
+        let mut m: Vec<bool> = dl
+            .iter()
+            .map(|&x| (mag_bits(x) > low) & (mag_bits(x) < high))
+            .collect();
+        if dl
+            .iter()
+            .any(|&x| (mag_bits(x) == low) | (mag_bits(x) == high))
+        {
+            for (k, &x) in m.iter_mut().zip(dl) {
+                if mag_bits(x) == low || mag_bits(x) == high {
+                    *k = self.keep(x);
+                }
+            }
+        }
+        m
+    }
+
     fn keep(&mut self, x: f32) -> bool {
         match self.rule {
             Rule::All => true,
@@ -146,6 +170,39 @@ impl Masker<'_> {
                 rank >= *lo && rank < *hi
             }
         }
+    }
+}
+
+/// Set the bits of `mask` into `bits` from bit `first` on (a word at a time when aligned, as
+/// tiles of whole rows usually are).
+fn write_bits(bits: &mut [u64], first: usize, mask: &[bool]) {
+    if first % 64 == 0 {
+        for (w, c) in bits[first / 64..].iter_mut().zip(mask.chunks(64)) {
+            *w |= c
+                .iter()
+                .enumerate()
+                .fold(0u64, |word, (i, &b)| word | (b as u64) << i);
+        }
+    } else {
+        for (e, &b) in mask.iter().enumerate() {
+            bits[(first + e) / 64] |= (b as u64) << ((first + e) % 64);
+        }
+    }
+}
+
+/// `len` bits of `bits` from bit `first` on.
+fn read_bits(bits: &[u64], first: usize, len: usize) -> Vec<bool> {
+    if first % 64 == 0 {
+        let mut out = Vec::with_capacity(len);
+        for &w in &bits[first / 64..(first + len).div_ceil(64)] {
+            let n = (len - out.len()).min(64);
+            out.extend((0..n).map(|i| w >> i & 1 == 1));
+        }
+        out
+    } else {
+        (first..first + len)
+            .map(|e| bits[e / 64] >> (e % 64) & 1 == 1)
+            .collect()
     }
 }
 
@@ -335,11 +392,9 @@ pub(crate) fn stream(r: &TaskMerge, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
         dls.iter()
             .enumerate()
             .map(|(k, dl)| match rules[k] {
-                Rule::Random if !kept[k].is_empty() => (first..first + dl.len())
-                    .map(|e| kept[k][e / 64] >> (e % 64) & 1 == 1)
-                    .collect(),
+                Rule::Random if !kept[k].is_empty() => read_bits(&kept[k], first, dl.len()),
                 Rule::Random => draw_mask(k, first, dl, order),
-                _ => dl.iter().map(|&x| maskers[k].keep(x)).collect(),
+                _ => maskers[k].mask(dl),
             })
             .collect()
     };
@@ -381,9 +436,7 @@ pub(crate) fn stream(r: &TaskMerge, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
                     let kept: Vec<f32> = dl.iter().zip(m).map(|(&x, &k)| masked(x, k)).collect();
                     after[k].add_with(first, &kept, |x| x.abs() as f64);
                     if !bits[k].is_empty() {
-                        for (e, &keep) in m.iter().enumerate() {
-                            bits[k][(first + e) / 64] |= (keep as u64) << ((first + e) % 64);
-                        }
+                        write_bits(&mut bits[k], first, m);
                     }
                 }
             }
@@ -406,20 +459,42 @@ pub(crate) fn stream(r: &TaskMerge, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
             let dls = deltas(&xs, &t);
             let first = rows.start as usize * cols + t.start;
             let masks = masks_for(first, &dls, &mut maskers, &mut kept, &mut order);
-            let sparse: Vec<Vec<f32>> = dls
-                .iter()
-                .zip(&masks)
-                .zip(&factors)
-                .map(|((dl, m), f)| {
-                    let kept: Vec<f32> = dl.iter().zip(m).map(|(&x, &k)| masked(x, k)).collect();
-                    match f {
-                        Some(f) => d.map(&kept, |x| x * f),
-                        None => kept,
+            let mut sparse = dls;
+            for ((dl, m), f) in sparse.iter_mut().zip(&masks).zip(&factors) {
+                for (x, &k) in dl.iter_mut().zip(m) {
+                    *x = masked(*x, k);
+                }
+                if let Some(f) = f {
+                    for x in dl.iter_mut() {
+                        *x *= f;
                     }
-                })
-                .collect();
+                    d.q(dl);
+                }
+            }
             out.extend(r.combine(d, &xs[b][t.clone()], sparse, &w));
         }
         (ctx.emit)(rows, &out)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mask_bits_read_back_at_any_offset() {
+        let mask: Vec<bool> = (0..1000).map(|i| (i * 7919) % 3 == 0).collect();
+        for first in [0usize, 1, 63, 64, 128, 200] {
+            let mut bits = vec![0u64; (first + mask.len()).div_ceil(64)];
+            // Written in two runs, as two tiles would.
+            write_bits(&mut bits, first, &mask[..320]);
+            write_bits(&mut bits, first + 320, &mask[320..]);
+            assert_eq!(read_bits(&bits, first, mask.len()), mask, "first {first}");
+            assert_eq!(
+                read_bits(&bits, first + 320, 680),
+                &mask[320..],
+                "first {first}"
+            );
+        }
+    }
 }

@@ -109,6 +109,15 @@ pub fn norm_f32(x: &[f32]) -> f32 {
 /// `xs` empty gives zeros. Inputs shorter than `out` are a caller bug. They are read as if
 /// zero-padded, so this does not panic.
 pub fn outer_sum_f32(xs: &[&[f32]], out: &mut [f32]) {
+    // One input: every order adds it to zero (a −0 becomes +0); a plain loop, vectorized.
+    if let [x] = xs
+        && x.len() >= out.len()
+    {
+        for (o, &v) in out.iter_mut().zip(x.iter()) {
+            *o = 0.0 + v;
+        }
+        return;
+    }
     outer_sum_impl(xs, out, LANES, inner_sum_f32);
 }
 
@@ -533,6 +542,39 @@ fn cascade_columns<const W: usize>(rows: &[&[f32]], out: &mut [f32]) {
         });
         for (o, s) in block.iter_mut().zip(sums) {
             *o = 0.0 + s;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outer_sum_of_one_input_is_the_general_order() {
+        let specials = [
+            -0.0f32,
+            0.0,
+            f32::NAN,
+            -f32::INFINITY,
+            1e-45,
+            -3.5,
+            65504.0,
+            -1e-38,
+        ];
+        for m in [1usize, 2, 3, 7, 8, 31, 32, 33, 100, 1000] {
+            let x: Vec<f32> = (0..m)
+                .map(|i| specials[i % specials.len()] * (1.0 + i as f32))
+                .collect();
+            let (mut fast, mut general) = (vec![1f32; m], vec![1f32; m]);
+            outer_sum_f32(&[&x], &mut fast);
+            outer_sum_impl(&[&x], &mut general, LANES, inner_sum_f32);
+            for (a, b) in fast.iter().zip(&general) {
+                assert!(
+                    a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),
+                    "m {m}"
+                );
+            }
         }
     }
 }
