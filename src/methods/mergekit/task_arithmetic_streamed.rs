@@ -176,7 +176,7 @@ impl Masker<'_> {
 /// Set the bits of `mask` into `bits` from bit `first` on (a word at a time when aligned, as
 /// tiles of whole rows usually are).
 fn write_bits(bits: &mut [u64], first: usize, mask: &[bool]) {
-    if first % 64 == 0 {
+    if first.is_multiple_of(64) {
         for (w, c) in bits[first / 64..].iter_mut().zip(mask.chunks(64)) {
             *w |= c
                 .iter()
@@ -192,7 +192,7 @@ fn write_bits(bits: &mut [u64], first: usize, mask: &[bool]) {
 
 /// `len` bits of `bits` from bit `first` on.
 fn read_bits(bits: &[u64], first: usize, len: usize) -> Vec<bool> {
-    if first % 64 == 0 {
+    if first.is_multiple_of(64) {
         let mut out = Vec::with_capacity(len);
         for &w in &bits[first / 64..(first + len).div_ceil(64)] {
             let n = (len - out.len()).min(64);
