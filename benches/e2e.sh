@@ -79,23 +79,35 @@ size=$(du -sb "$dir/a" | cut -f1)
 
 # Warm the page cache the way every run below sees it.
 cat "$dir"/a/*.safetensors "$dir"/b/*.safetensors "$dir"/lora/*.safetensors > /dev/null
+[ -d "$dir/c" ] && cat "$dir"/c/*.safetensors > /dev/null
 
 now() { date +%s.%N; }
 min() { echo "$1 $2" | awk '{print ($1 < $2) ? $1 : $2}'; }
-# The floor: read both inputs, write an output of the same size, sync. Disk writes on a
+# The floor: read the inputs, write an output of the same size, sync. Disk writes on a
 # shared machine are noisy, so every measurement here is the best of $repeat runs.
-floor=999999
-for _ in $(seq $repeat); do
-  sync
-  t0=$(now)
-  for f in "$dir"/a/*.safetensors "$dir"/b/*.safetensors; do dd if="$f" of=/dev/null bs=16M status=none; done
-  mkdir -p "$dir/floor"
-  cp "$dir"/a/*.safetensors "$dir/floor/"
-  sync
-  t1=$(now)
-  floor=$(min "$floor" "$(echo "$t1 - $t0" | bc -l)")
-  rm -rf "$dir/floor"
-done
+measure_floor() {
+  local best=999999
+  for _ in $(seq $repeat); do
+    sync
+    local t0 t1
+    t0=$(now)
+    for m in "$@"; do
+      for f in "$dir/$m"/*.safetensors; do dd if="$f" of=/dev/null bs=16M status=none; done
+    done
+    mkdir -p "$dir/floor"
+    cp "$dir"/a/*.safetensors "$dir/floor/"
+    sync
+    t1=$(now)
+    best=$(min "$best" "$(echo "$t1 - $t0" | bc -l)")
+    rm -rf "$dir/floor"
+  done
+  echo "$best"
+}
+floor2=$(measure_floor a b)
+floor=$floor2
+# model_stock reads three models: its rows are against a floor reading all three.
+floor3=""
+[ -d "$dir/c" ] && floor3=$(measure_floor a b c)
 
 # Gradient reaching 0 at layer 5 of 8 (the seed recipe's shape).
 gradient="[0.9,0.72,0.54,0.36,0.18,0.0,0.0,0.0,0.0]"
@@ -145,7 +157,9 @@ variants() {
 }
 run_merge() {
   merge_config "$1" > "$dir/merge.yml"
+  if [ "$1" = model_stock ] && [ -n "$floor3" ]; then floor=$floor3; fi
   variants "merge $1" merge "$dir/merge.yml" "$dir/out" --quiet $extra
+  floor=$floor2
 }
 # The wall time of the current command's default row, for the "own" column.
 own_base=""
@@ -186,6 +200,7 @@ else
   echo "|--------------------------------|-----------|--------|--------|------------|"
 fi
 printf "| %-30s | %7.2f s | %5.2fx | %6s | %10s |\n" "I/O floor (dd + cp + sync)" "$floor" 1 "-" "-"
+[ -n "$floor3" ] && printf "| %-30s | %7.2f s | %5.2fx | %6s | %10s |\n" "floor with 3 inputs" "$floor3" 1 "-" "-"
 run "seed recipe, no LoRA"
 run "seed recipe + LoRA at 0.25" --lora2 "$dir/lora" --lora2-weight 0.25
 for m in $methods; do

@@ -2,11 +2,13 @@
 //! channels, with a byte budget over everything in flight.
 //!
 //! The reader walks the plan's steps in input-file order, splits each into row chunks that
-//! fit the budget, takes a permit, and hands the chunk's input bytes (a short-lived mapping
-//! or an owned buffer) to a compute worker. Workers run the step's arithmetic and write the
-//! bytes at their planned offset (`pwrite` from every worker spreads the copy into the page
-//! cache over all cores); the permit goes when the chunk is written. No stage ever holds a
-//! whole tensor larger than the budget, let alone a whole model or shard.
+//! fit the budget, takes a permit, and hands the chunk to a compute worker, which reads its
+//! input bytes (a short-lived mapping or an owned buffer: positional reads copy on every
+//! core, not on one thread; remote inputs are read by the reader, in order), runs the
+//! step's arithmetic and writes the bytes at their planned
+//! offset (`pwrite` from every worker spreads the copy into the page cache over all cores);
+//! the permit goes when the chunk is written. No stage ever holds a whole tensor larger than
+//! the budget, let alone a whole model or shard.
 
 mod allocator;
 mod arithmetic;
@@ -161,10 +163,16 @@ impl Recorder<'_> {
 
 /// What a compute worker receives.
 pub(crate) enum Work {
-    /// One chunk with its input bytes.
-    Chunk(Loaded),
-    /// Bytes copied unchanged, ready to write.
-    Copy(Written),
+    /// One chunk of rows of local inputs to read, compute and write: the worker reads it,
+    /// so positional reads (`--io read`) copy on every core instead of one reader thread.
+    Rows {
+        step: usize,
+        rows: Range<u64>,
+        permit: Permit,
+    },
+    /// One chunk the reader has read already: remote inputs are read in order by one thread
+    /// (their block reads are then fetched once each, in sequence).
+    Read(Chunk),
     /// A whole step whose method needs whole-tensor statistics and which is too large to
     /// hold at once: the worker streams over its row chunks several times (one pass per
     /// statistic, then the output), reading and writing by itself under one permit.
@@ -271,6 +279,7 @@ pub fn execute_resumable(
         .filter(|m| m.source.bytes_fetched().is_some())
         .map(|m| Arc::clone(&m.source))
         .collect();
+    let read_here = !remote.is_empty();
     let fetched: Option<crate::progress::Fetched> = (!remote.is_empty()).then(|| {
         Box::new(move || remote.iter().filter_map(|s| s.bytes_fetched()).sum::<u64>())
             as crate::progress::Fetched
@@ -330,8 +339,12 @@ pub fn execute_resumable(
                         continue; // drain: dropping items returns their permits
                     }
                     let result = match item {
-                        Work::Chunk(c) => compute::run(plan, c).and_then(write),
-                        Work::Copy(w) => write(w),
+                        Work::Rows { step, rows, permit } => {
+                            load_chunk(plan, inputs, step, rows, permit)
+                                .map_err(|e| e.at_tensor(&plan.steps[step].name))
+                                .and_then(|c| run_chunk(plan, c, write))
+                        }
+                        Work::Read(c) => run_chunk(plan, c, write),
                         Work::Streamed {
                             step,
                             chunk_rows,
@@ -362,7 +375,8 @@ pub fn execute_resumable(
         }
         drop(work_rx);
 
-        // Reader (this thread): steps in input order, chunked, each chunk under a permit.
+        // Reader (this thread): steps in input order, chunked, each chunk under a permit;
+        // the worker that takes a chunk of local inputs reads it.
         let order = read_order(plan);
         'steps: for &si in &order {
             let step = &plan.steps[si];
@@ -399,12 +413,19 @@ pub fn execute_resumable(
                 let Some(permit) = budget.acquire(chunk_cost(plan, step, r1 - r0), stopped) else {
                     break 'steps;
                 };
-                let work = match load_chunk(plan, inputs, si, r0..r1, permit) {
-                    Ok(Chunk::Work(w)) => Work::Chunk(w),
-                    Ok(Chunk::Done(w)) => Work::Copy(w),
-                    Err(e) => {
-                        fail(e.at_tensor(&step.name));
-                        break 'steps;
+                let work = if read_here {
+                    match load_chunk(plan, inputs, si, r0..r1, permit) {
+                        Ok(c) => Work::Read(c),
+                        Err(e) => {
+                            fail(e.at_tensor(&step.name));
+                            break 'steps;
+                        }
+                    }
+                } else {
+                    Work::Rows {
+                        step: si,
+                        rows: r0..r1,
+                        permit,
                     }
                 };
                 if work_tx.send(work).is_err() {
@@ -463,9 +484,17 @@ fn read_order(plan: &Plan) -> Vec<usize> {
     order
 }
 
-enum Chunk {
+pub(crate) enum Chunk {
     Work(Loaded),
     Done(Written),
+}
+
+/// Compute (or pass through) a chunk that has been read, and write it.
+fn run_chunk(plan: &Plan, c: Chunk, write: impl Fn(Written) -> Result<()>) -> Result<()> {
+    match c {
+        Chunk::Work(c) => compute::run(plan, c).and_then(write),
+        Chunk::Done(w) => write(w),
+    }
 }
 
 /// Read the bytes a chunk needs.
