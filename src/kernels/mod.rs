@@ -172,6 +172,27 @@ pub mod bytes {
         }
     }
 
+    /// Decode the first `n` elements of `bytes` and append them to `out`, through a small
+    /// buffer that stays in L1: the destination is written once, where zeroing it first and
+    /// decoding over it would write it twice. The caller guarantees what [`decode`] needs.
+    pub fn decode_append(dtype: DType, bytes: &[u8], n: usize, out: &mut Vec<f32>) {
+        const BLOCK: usize = 4096;
+        let size = dtype.size();
+        if dtype.bits() < 8 || size == 0 || bytes.len() < n * size {
+            let start = out.len();
+            out.resize(start + n, 0.0);
+            decode(dtype, bytes, &mut out[start..]);
+            return;
+        }
+        out.reserve(n);
+        let mut buf = [0f32; BLOCK];
+        for c in bytes[..n * size].chunks(BLOCK * size) {
+            let k = c.len() / size;
+            decode(dtype, c, &mut buf[..k]);
+            out.extend_from_slice(&buf[..k]);
+        }
+    }
+
     /// Round f32 values to `dtype`'s precision in place (f32 and wider: unchanged).
     pub fn round_to(dtype: DType, v: &mut [f32]) {
         let k = active();

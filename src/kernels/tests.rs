@@ -416,3 +416,27 @@ fn rounding_reference_values() {
     assert_eq!(h(f32::from_bits(0x3340_0000)), 0x0001); // 0.75·2^-24: up to 2^-24
     assert_eq!(h(-0.0), 0x8000);
 }
+
+#[test]
+fn decode_append_matches_decode_on_odd_lengths() {
+    use super::bytes::{decode, decode_append};
+    use crate::dtype::DType;
+    for dtype in [DType::F16, DType::BF16, DType::F32, DType::F64] {
+        for n in [0usize, 1, 7, 4095, 4096, 4097, 10_001] {
+            let bytes: Vec<u8> = (0..n * dtype.size())
+                .map(|i| (i * 131 % 251) as u8)
+                .collect();
+            let mut want = vec![0f32; n];
+            decode(dtype, &bytes, &mut want);
+            let mut got = vec![1.5f32];
+            decode_append(dtype, &bytes, n, &mut got);
+            assert_eq!(got.len(), n + 1, "{dtype:?} {n}");
+            for (a, b) in got[1..].iter().zip(&want) {
+                assert!(
+                    a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),
+                    "{dtype:?} {n}"
+                );
+            }
+        }
+    }
+}

@@ -14,7 +14,7 @@ use zerocopy::IntoBytes;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::kernels::active;
-use crate::kernels::bytes::{decode, encode, halves, round_to};
+use crate::kernels::bytes::{decode_append, encode, halves, round_to};
 use crate::methods::lora::{self, PatchData};
 use crate::methods::mergekit::Capability;
 use crate::plan::{Method, Operand, Plan, Recipe, Step};
@@ -280,8 +280,8 @@ fn operand_values(
 ) -> Vec<f32> {
     let (dtype, row_bytes) = op.stored(plan);
     let rows = (tile.bytes.len() / (row_bytes as usize).max(1)).min(nrows);
-    let mut v = vec![0f32; rows * cols];
-    decode(dtype, tile.bytes, &mut v);
+    let mut v = Vec::new();
+    decode_append(dtype, tile.bytes, rows * cols, &mut v);
     if let Some(d) = op.load_as {
         round_to(d, &mut v);
     }
