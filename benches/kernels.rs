@@ -166,5 +166,11 @@ fn bytemuck_f32(v: &[f32]) -> &[u8] {
     v.as_bytes()
 }
 
-criterion_group!(benches, kernels, lora_gemm);
+// No plots: this crate's plotters build (ab_glyph, for `diff`) has no font registered for
+// criterion's charts, which would panic.
+criterion_group! {
+    name = benches;
+    config = Criterion::default().without_plots();
+    targets = kernels, lora_gemm
+}
 criterion_main!(benches);
