@@ -43,12 +43,6 @@ impl D {
     }
     /// `torch.stack(xs).sum(0)`: f32 accumulation in PyTorch's order, rounded to D.
     pub fn outer_sum(self, xs: &[&[f32]]) -> Vec<f32> {
-        // One input: `0 + x` (what every order gives), built without zeroing a buffer first.
-        if let [x] = xs {
-            let mut out: Vec<f32> = x.iter().map(|&v| 0.0 + v).collect();
-            self.q(&mut out);
-            return out;
-        }
         let mut out = vec![0f32; xs.first().map_or(0, |x| x.len())];
         tc::outer_sum_f32(xs, &mut out);
         self.q(&mut out);

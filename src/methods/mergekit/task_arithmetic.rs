@@ -279,20 +279,15 @@ impl TaskMerge {
                 d.outer_sum(&refs)
             };
             // Each model's weight where it agrees, and its delta kept there (`0·x` elsewhere).
-            let mut wm: Vec<Vec<f32>> = Vec::with_capacity(deltas.len());
-            for (dl, &wi) in deltas.iter_mut().zip(w) {
-                let wk: Vec<f32> = dl
-                    .iter_mut()
-                    .zip(&total)
-                    .map(|(x, &s)| {
-                        // Without short-circuits: signs are random, branches would mispredict.
-                        let up = s >= 0.0; // the elected sign: + unless the sum is < 0 or NaN
-                        let agree = ((*x > 0.0) & up) | ((*x < 0.0) & !up);
-                        *x = masked(*x, agree);
-                        if agree { wi } else { 0.0 }
-                    })
-                    .collect();
-                wm.push(wk);
+            let mut wm: Vec<Vec<f32>> = vec![vec![0f32; base.len()]; deltas.len()];
+            for ((dl, wk), &wi) in deltas.iter_mut().zip(wm.iter_mut()).zip(w) {
+                for ((x, &s), m) in dl.iter_mut().zip(&total).zip(wk.iter_mut()) {
+                    // Without short-circuits: signs are random, branches would mispredict.
+                    let up = s >= 0.0; // the elected sign: + unless the sum is < 0 or NaN
+                    let agree = ((*x > 0.0) & up) | ((*x < 0.0) & !up);
+                    *m = if agree { wi } else { 0.0 };
+                    *x = masked(*x, agree);
+                }
             }
             let kept_refs: Vec<&[f32]> = deltas.iter().map(|v| v.as_slice()).collect();
             let mixed = d.outer_sum(&kept_refs);
