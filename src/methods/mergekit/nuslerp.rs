@@ -203,24 +203,33 @@ impl TensorMerge for NuSlerpMerge {
 }
 
 impl NuSlerpMerge {
-    /// The whole tensor as one vector: the norms and the dot product in one pass, in f64
-    /// (the cosine is Σab / (‖a‖·‖b‖), rounded to D), then the output.
+    /// The whole tensor as one vector: the norms and the dot product accumulate in f64.
     fn stream_flat(&self, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
         let eps = nuslerp_eps(d);
-        let (mut s0, mut s1, mut s01) = (LaneSum::default(), LaneSum::default(), LaneSum::default());
+        let at = |rows: &std::ops::Range<u64>| rows.start as usize * ctx.cols;
+        let (mut s0, mut s1) = (LaneSum::default(), LaneSum::default());
         ctx.pass(|rows, xs| {
-            let at = rows.start as usize * ctx.cols;
             let (v0, v1) = self.vectors(&xs, d);
-            s0.add_sq(at, &v0);
-            s1.add_sq(at, &v1);
-            let prod: Vec<f32> = v0.iter().zip(v1.iter()).map(|(&a, &b)| a * b).collect();
-            s01.add(at, &prod);
+            s0.add_sq(at(&rows), &v0);
+            s1.add_sq(at(&rows), &v1);
             Ok(())
         })?;
-        let norm = |s: &LaneSum| d.qs(s.total().sqrt() as f32).max(eps);
-        let (n0, n1) = (norm(&s0), norm(&s1));
-        let cos = (s01.total() / (n0 as f64 * n1 as f64)) as f32;
-        let c = nuslerp_coefficients(self.t, d.qs(cos).clamp(-1.0, 1.0), d);
+        let norm = |s: LaneSum| d.qs(s.total().sqrt() as f32).max(eps);
+        let (n0, n1) = (norm(s0), norm(s1));
+        let mut dot = LaneSum::default();
+        ctx.pass(|rows, xs| {
+            let (v0, v1) = self.vectors(&xs, d);
+            // (v0/‖v0‖)·(v1/‖v1‖), each operation rounded to D as torch does.
+            let mut u0 = d.map(&v0, |a| a / n0);
+            let u1 = d.map(&v1, |b| b / n1);
+            for (a, &b) in u0.iter_mut().zip(&u1) {
+                *a *= b;
+            }
+            d.q(&mut u0);
+            dot.add(at(&rows), &u0);
+            Ok(())
+        })?;
+        let c = nuslerp_coefficients(self.t, d.qs(dot.total() as f32).clamp(-1.0, 1.0), d);
         ctx.pass(|rows, xs| {
             let (v0, v1) = self.vectors(&xs, d);
             let out = nuslerp_apply(c, &v0, &v1, d);
