@@ -145,18 +145,7 @@ fn run_config(tmp: &Path, yaml: &str) -> (std::process::Output, PathBuf) {
 }
 
 fn run_config_with(tmp: &Path, yaml: &str, extra: &[&str]) -> (std::process::Output, PathBuf) {
-    let cfg = tmp.join("config.yml");
-    let models = golden2().join("models");
-    std::fs::write(&cfg, yaml.replace("{G}", models.to_str().unwrap())).unwrap();
-    let out = tmp.join("out");
-    let mut args = vec![
-        "merge",
-        cfg.to_str().unwrap(),
-        out.to_str().unwrap(),
-        "--quiet",
-    ];
-    args.extend_from_slice(extra);
-    (mergestream(tmp, &args), out)
+    run_yaml(tmp, yaml, &golden2().join("models"), extra)
 }
 
 /// mergekit 0.1.5 rejects this config too (each case was run through it).

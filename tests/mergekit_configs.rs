@@ -10,18 +10,7 @@ use common::*;
 
 /// Write `yaml` (with `{G}` standing for the golden models folder) and run it.
 fn run_config(tmp: &Path, yaml: &str, extra: &[&str]) -> (std::process::Output, PathBuf) {
-    let cfg = tmp.join("config.yml");
-    let models = golden().join("models");
-    std::fs::write(&cfg, yaml.replace("{G}", models.to_str().unwrap())).unwrap();
-    let out = tmp.join("out");
-    let mut args = vec![
-        "merge",
-        cfg.to_str().unwrap(),
-        out.to_str().unwrap(),
-        "--quiet",
-    ];
-    args.extend_from_slice(extra);
-    (mergestream(tmp, &args), out)
+    run_yaml(tmp, yaml, &golden().join("models"), extra)
 }
 
 fn f32s(t: &Tensor) -> Vec<f32> {

@@ -70,6 +70,22 @@ pub fn command() -> Command {
     c
 }
 
+/// Write `yaml` as `tmp/config.yml`, `{G}` standing for `models`, and run `merge` on it into
+/// `tmp/out`: (the run, OUT).
+pub fn run_yaml(tmp: &Path, yaml: &str, models: &Path, extra: &[&str]) -> (Output, PathBuf) {
+    let cfg = tmp.join("config.yml");
+    std::fs::write(&cfg, yaml.replace("{G}", models.to_str().unwrap())).unwrap();
+    let out = tmp.join("out");
+    let mut args = vec![
+        "merge",
+        cfg.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "--quiet",
+    ];
+    args.extend_from_slice(extra);
+    (mergestream(tmp, &args), out)
+}
+
 /// Run the binary in `cwd`.
 pub fn mergestream(cwd: &Path, args: &[&str]) -> Output {
     command()
