@@ -158,13 +158,21 @@ pub mod bytes {
         let k = active();
         match dtype {
             DType::F16 | DType::BF16 => {
-                let mut out = vec![0u16; src.len()];
-                if dtype == DType::F16 {
-                    (k.f32_to_f16)(src, &mut out);
+                let convert = if dtype == DType::F16 {
+                    k.f32_to_f16
                 } else {
-                    (k.f32_to_bf16)(src, &mut out);
+                    k.f32_to_bf16
+                };
+                // Through an L1 block, so the output is written once (not zeroed, filled,
+                // then copied into bytes).
+                const BLOCK: usize = 4096;
+                let mut out = Vec::with_capacity(src.len() * 2);
+                let mut buf = [0u16; BLOCK];
+                for c in src.chunks(BLOCK) {
+                    convert(c, &mut buf[..c.len()]);
+                    out.extend_from_slice(buf[..c.len()].as_bytes());
                 }
-                out.as_bytes().to_vec()
+                out
             }
             DType::F32 => src.as_bytes().to_vec(),
             DType::F64 => src.iter().flat_map(|&x| (x as f64).to_le_bytes()).collect(),

@@ -440,3 +440,29 @@ fn decode_append_matches_decode_on_odd_lengths() {
         }
     }
 }
+
+#[test]
+fn encode_matches_the_reference_conversion_on_odd_lengths() {
+    use super::bytes::encode;
+    use crate::dtype::DType;
+    let halves = |b: Vec<u8>| -> Vec<u16> {
+        b.chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .collect()
+    };
+    for n in [0usize, 1, 7, 4095, 4096, 4097, 10_001] {
+        let v = f32_inputs(n as u64 + 3, n);
+        let f16: Vec<u16> = v.iter().map(|&x| scalar::f32_to_f16_bits(x)).collect();
+        assert_eq!(
+            canon16(&halves(encode(DType::F16, &v))),
+            canon16(&f16),
+            "f16 {n}"
+        );
+        let bf16: Vec<u16> = v.iter().map(|&x| scalar::f32_to_bf16_bits(x)).collect();
+        assert_eq!(
+            canon16(&halves(encode(DType::BF16, &v))),
+            canon16(&bf16),
+            "bf16 {n}"
+        );
+    }
+}

@@ -13,6 +13,7 @@ use super::method::{
 };
 use super::sparsify::{Sparsify, masked, sparsify};
 use super::stream::StreamCtx;
+use crate::methods::torch_compat as tc;
 use crate::error::Result;
 
 /// One registered member of the family.
@@ -257,80 +258,250 @@ impl TaskMerge {
     }
 
     /// Weight the (sparsified) deltas, elect signs if asked, sum, normalize, scale by lambda
-    /// and add to the base. Elementwise: works on any chunk.
-    pub(crate) fn combine(
+    /// and add to the base, over a whole run of elements (block by block).
+    pub(crate) fn combine(&self, d: D, base: &[f32], deltas: Vec<Vec<f32>>, w: &[f32]) -> Vec<f32> {
+        let mut s = Blocks::new(deltas.len());
+        let mut out = vec![0f32; base.len()];
+        for start in (0..base.len()).step_by(BLOCK) {
+            let end = (start + BLOCK).min(base.len());
+            for (k, dl) in deltas.iter().enumerate() {
+                s.delta(k, end - start).copy_from_slice(&dl[start..end]);
+            }
+            self.combine_block(d, &base[start..end], &mut s, w, &mut out[start..end]);
+        }
+        out
+    }
+
+    /// [`combine`](Self::combine) on one block of at most [`BLOCK`] elements whose deltas
+    /// are in `s` (overwritten): every buffer stays in L1, and each step is a loop that
+    /// vectorizes, every result rounded to D as torch does.
+    pub(crate) fn combine_block(
         &self,
         d: D,
         base: &[f32],
-        mut deltas: Vec<Vec<f32>>,
+        s: &mut Blocks,
         w: &[f32],
-    ) -> Vec<f32> {
-        // In place, loop by loop (each vectorizes), every result rounded to D as torch does.
-        for (delta, &wi) in deltas.iter_mut().zip(w) {
-            for x in delta.iter_mut() {
+        out: &mut [f32],
+    ) {
+        let n = base.len();
+        let models = s.models;
+        for (k, &wi) in w.iter().enumerate().take(models) {
+            // The deltas are D values whose NaNs came from arithmetic (quiet): `x·1` is `x`.
+            if wi == 1.0 {
+                continue;
+            }
+            let dl = s.delta(k, n);
+            for x in dl.iter_mut() {
                 *x *= wi;
             }
-            d.q(delta);
+            d.q(dl);
         }
-        let (mut mixed, div): (Vec<f32>, Vec<f32>) = if self.consensus {
+        // The sum of one input is `0 + x` of a D value (the kept deltas, the weights): a D
+        // value already, so rounding it again changes nothing.
+        let q_sum = |v: &mut [f32]| {
+            if models > 1 {
+                d.q(v)
+            }
+        };
+        let Blocks { dl, wm, total, div, .. } = s;
+        if self.consensus {
             // Sign election: the sign of the weighted sum; zeros never agree.
-            let total = {
-                let refs: Vec<&[f32]> = deltas.iter().map(|v| v.as_slice()).collect();
-                d.outer_sum(&refs)
-            };
+            let total = &mut total[..n];
+            tc::outer_sum_f32(&rows(dl, n), total);
+            q_sum(total);
             // Each model's weight where it agrees, and its delta kept there (`0·x` elsewhere).
-            let mut wm: Vec<Vec<f32>> = vec![vec![0f32; base.len()]; deltas.len()];
-            for ((dl, wk), &wi) in deltas.iter_mut().zip(wm.iter_mut()).zip(w) {
-                for ((x, &s), m) in dl.iter_mut().zip(&total).zip(wk.iter_mut()) {
+            for ((dk, wk), &wi) in dl.chunks_mut(BLOCK).zip(wm.chunks_mut(BLOCK)).zip(w) {
+                for ((x, &t), m) in dk[..n].iter_mut().zip(total.iter()).zip(&mut wk[..n]) {
                     // Without short-circuits: signs are random, branches would mispredict.
-                    let up = s >= 0.0; // the elected sign: + unless the sum is < 0 or NaN
+                    let up = t >= 0.0; // the elected sign: + unless the sum is < 0 or NaN
                     let agree = ((*x > 0.0) & up) | ((*x < 0.0) & !up);
                     *m = if agree { wi } else { 0.0 };
                     *x = masked(*x, agree);
                 }
             }
-            let kept_refs: Vec<&[f32]> = deltas.iter().map(|v| v.as_slice()).collect();
-            let mixed = d.outer_sum(&kept_refs);
-            let wm_refs: Vec<&[f32]> = wm.iter().map(|v| v.as_slice()).collect();
-            let mut div = d.outer_sum(&wm_refs);
-            for v in div.iter_mut() {
-                // A select, not a branch: which elements have no agreeing weight is random.
-                *v = if *v == 0.0 { 1.0 } else { *v };
+            tc::outer_sum_f32(&rows(dl, n), out);
+            q_sum(out);
+            if self.normalize {
+                let div = &mut div[..n];
+                tc::outer_sum_f32(&rows(wm, n), div);
+                q_sum(div);
+                for (x, &y) in out.iter_mut().zip(div.iter()) {
+                    // A select, not a branch: which elements have no agreeing weight is random.
+                    *x /= if y == 0.0 { 1.0 } else { y };
+                }
+                d.q(out);
             }
-            (mixed, div)
         } else {
-            let refs: Vec<&[f32]> = deltas.iter().map(|v| v.as_slice()).collect();
-            let mixed = d.outer_sum(&refs);
+            tc::outer_sum_f32(&rows(dl, n), out);
+            q_sum(out);
+            if self.normalize {
+                let mut s = d.sum(w);
+                if (s as f64).abs() < 1e-8 {
+                    s = 1.0;
+                }
+                for x in out.iter_mut() {
+                    *x /= s;
+                }
+                d.q(out);
+            }
+        }
+        if self.lambda != 1.0 {
+            let l = self.lambda as f32;
+            for x in out.iter_mut() {
+                *x *= l;
+            }
+            d.q(out);
+        }
+        // `base + mixed` (addition commutes exactly).
+        for (x, &b) in out.iter_mut().zip(base) {
+            *x += b;
+        }
+        d.q(out);
+    }
+}
+
+/// The first `n` elements of each model's run in a `BLOCK`-strided buffer.
+fn rows(v: &[f32], n: usize) -> Vec<&[f32]> {
+    v.chunks(BLOCK).map(|c| &c[..n]).collect()
+}
+
+/// Elements per block of [`TaskMerge::combine_block`]: a block's buffers stay in L1.
+pub(crate) const BLOCK: usize = 1024;
+
+/// The reusable buffers of [`TaskMerge::combine_block`].
+pub(crate) struct Blocks {
+    models: usize,
+    /// Per model, its (sparsified) delta in the block, `BLOCK` apart.
+    dl: Vec<f32>,
+    /// Per model, its weight where its sign agrees.
+    wm: Vec<f32>,
+    total: Vec<f32>,
+    div: Vec<f32>,
+}
+
+impl Blocks {
+    pub(crate) fn new(models: usize) -> Blocks {
+        Blocks {
+            models,
+            dl: vec![0.0; models * BLOCK],
+            wm: vec![0.0; models * BLOCK],
+            total: vec![0.0; BLOCK],
+            div: vec![0.0; BLOCK],
+        }
+    }
+
+    /// Model `k`'s delta for a block of `n` elements, to fill in before combining.
+    pub(crate) fn delta(&mut self, k: usize, n: usize) -> &mut [f32] {
+        &mut self.dl[k * BLOCK..k * BLOCK + n]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dtype::DType;
+
+    /// The combination as a sequence of whole-tensor torch operations, each rounded to D.
+    fn reference(m: &TaskMerge, d: D, base: &[f32], deltas: &[Vec<f32>], w: &[f32]) -> Vec<f32> {
+        let weighted: Vec<Vec<f32>> = deltas
+            .iter()
+            .zip(w)
+            .map(|(dl, &wi)| d.map(dl, |x| x * wi))
+            .collect();
+        let refs = |v: &[Vec<f32>]| -> Vec<Vec<f32>> { v.to_vec() };
+        let sum = |v: &[Vec<f32>]| {
+            let r: Vec<&[f32]> = v.iter().map(|x| x.as_slice()).collect();
+            d.outer_sum(&r)
+        };
+        let (mixed, div) = if m.consensus {
+            let total = sum(&weighted);
+            let mut kept = refs(&weighted);
+            let mut wm = vec![vec![0f32; base.len()]; deltas.len()];
+            for ((dl, wk), &wi) in kept.iter_mut().zip(wm.iter_mut()).zip(w) {
+                for ((x, &s), m) in dl.iter_mut().zip(&total).zip(wk.iter_mut()) {
+                    let agree = if s >= 0.0 || s.is_nan() {
+                        *x > 0.0
+                    } else {
+                        *x < 0.0
+                    };
+                    *m = if agree { wi } else { 0.0 };
+                    *x = masked(*x, agree);
+                }
+            }
+            let div: Vec<f32> = sum(&wm)
+                .into_iter()
+                .map(|v| if v == 0.0 { 1.0 } else { v })
+                .collect();
+            (sum(&kept), div)
+        } else {
             let mut s = d.sum(w);
             if (s as f64).abs() < 1e-8 {
                 s = 1.0;
             }
-            (mixed, vec![s])
+            (sum(&weighted), vec![s; base.len()])
         };
-        if self.normalize {
-            if let [s] = div[..] {
-                for x in mixed.iter_mut() {
-                    *x /= s;
-                }
-            } else {
-                for (x, &y) in mixed.iter_mut().zip(&div) {
-                    *x /= y;
+        let mut mixed = if m.normalize {
+            d.zip(&mixed, &div, |x, y| x / y)
+        } else {
+            mixed
+        };
+        if m.lambda != 1.0 {
+            mixed = d.map(&mixed, |x| x * m.lambda as f32);
+        }
+        d.zip(&mixed, base, |x, b| x + b)
+    }
+
+    /// Values of D with signed zeros, NaN and infinities among them.
+    fn values(seed: usize, n: usize, d: D) -> Vec<f32> {
+        let v: Vec<f32> = (0..n)
+            .map(|i| match (i * 7 + seed * 13) % 101 {
+                0 => -0.0,
+                1 => 0.0,
+                2 => f32::NAN,
+                3 => f32::INFINITY,
+                _ => (((i * 7919 + seed * 104_729) % 2003) as f32 - 1001.0) * 3.1e-4,
+            })
+            .collect();
+        d.map(&v, |x| x)
+    }
+
+    #[test]
+    fn blocked_combination_matches_whole_tensor_operations() {
+        for dtype in [DType::F16, DType::BF16, DType::F32] {
+            let d = D(dtype);
+            for models in 1..=3 {
+                for (consensus, normalize, lambda) in
+                    [(true, true, 1.0), (true, false, 0.7), (false, true, 1.0), (false, false, 1.3)]
+                {
+                    for weights in [[1.0f32, 1.0, 1.0], [0.3, -1.2, 0.55]] {
+                        let m = TaskMerge {
+                            consensus,
+                            sparsify: Sparsify::None,
+                            normalize,
+                            rescale: false,
+                            lambda,
+                            base: 0,
+                            others: (1..=models).collect(),
+                            inputs: Vec::new(),
+                            seed: 0,
+                        };
+                        let n = 2 * BLOCK + 37;
+                        let base = values(0, n, d);
+                        let deltas: Vec<Vec<f32>> =
+                            (1..=models).map(|k| values(k, n, d)).collect();
+                        let w: Vec<f32> = weights[..models].iter().map(|&x| d.qs(x)).collect();
+                        let want = reference(&m, d, &base, &deltas, &w);
+                        let got = m.combine(d, &base, deltas, &w);
+                        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                            assert!(
+                                a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),
+                                "{dtype:?} models {models} consensus {consensus} \
+                                 normalize {normalize} weights {weights:?} at {i}: {a} vs {b}"
+                            );
+                        }
+                    }
                 }
             }
-            d.q(&mut mixed);
         }
-        if self.lambda != 1.0 {
-            let l = self.lambda as f32;
-            for x in mixed.iter_mut() {
-                *x *= l;
-            }
-            d.q(&mut mixed);
-        }
-        // `base + mixed` (addition commutes exactly).
-        for (x, &b) in mixed.iter_mut().zip(base) {
-            *x += b;
-        }
-        d.q(&mut mixed);
-        mixed
     }
 }

@@ -11,7 +11,7 @@ use super::sparsify::{
     Sparsify, dare_mask, della_row_mask, masked, outlier_window, rescale_factor,
 };
 use super::stream::{LaneSum, MagnitudeOrder, StreamCtx, TILE_ELEMS};
-use super::task_arithmetic::{TaskInput, TaskMerge};
+use super::task_arithmetic::{BLOCK, Blocks, TaskInput, TaskMerge};
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::kernels;
@@ -116,26 +116,27 @@ struct Masker<'a> {
 impl Masker<'_> {
     /// The mask of a run of deltas, in index order: the window's comparisons over the whole
     /// run (they vectorize), then the elements tied with a boundary value one by one.
-    fn mask(&mut self, dl: &[f32]) -> Vec<bool> {
+    fn mask_into(&mut self, dl: &[f32], m: &mut [bool]) {
         let Rule::Window { low, high, .. } = *self.rule else {
-            return dl.iter().map(|&x| self.keep(x)).collect();
+            for (k, &x) in m.iter_mut().zip(dl) {
+                *k = self.keep(x);
+            }
+            return;
         };
         let (low, high) = (low.0, high.0);
-        let mut m: Vec<bool> = dl
-            .iter()
-            .map(|&x| (mag_bits(x) > low) & (mag_bits(x) < high))
-            .collect();
-        if dl
-            .iter()
-            .any(|&x| (mag_bits(x) == low) | (mag_bits(x) == high))
-        {
+        let mut tied = false;
+        for (k, &x) in m.iter_mut().zip(dl) {
+            let v = mag_bits(x);
+            *k = (v > low) & (v < high);
+            tied |= (v == low) | (v == high);
+        }
+        if tied {
             for (k, &x) in m.iter_mut().zip(dl) {
                 if mag_bits(x) == low || mag_bits(x) == high {
                     *k = self.keep(x);
                 }
             }
         }
-        m
     }
 
     fn keep(&mut self, x: f32) -> bool {
@@ -190,20 +191,32 @@ fn write_bits(bits: &mut [u64], first: usize, mask: &[bool]) {
     }
 }
 
-/// `len` bits of `bits` from bit `first` on.
-fn read_bits(bits: &[u64], first: usize, len: usize) -> Vec<bool> {
-    if first.is_multiple_of(64) {
-        let mut out = Vec::with_capacity(len);
-        for &w in &bits[first / 64..(first + len).div_ceil(64)] {
-            let n = (len - out.len()).min(64);
-            out.extend((0..n).map(|i| w >> i & 1 == 1));
+/// The bits of `bits` from bit `first` on, into `mask` (a word at a time).
+fn read_bits(bits: &[u64], first: usize, mask: &mut [bool]) {
+    let mut e = 0;
+    while e < mask.len() {
+        let bit = first + e;
+        let word = bits[bit / 64] >> (bit % 64);
+        let take = (64 - bit % 64).min(mask.len() - e);
+        for (i, m) in mask[e..e + take].iter_mut().enumerate() {
+            *m = word >> i & 1 == 1;
         }
-        out
-    } else {
-        (first..first + len)
-            .map(|e| bits[e / 64] >> (e % 64) & 1 == 1)
-            .collect()
+        e += take;
     }
+}
+
+/// `x − base` for a run, rounded to D: a model's delta.
+fn delta_into(d: D, x: &[f32], base: &[f32], out: &mut [f32]) {
+    for ((o, &a), &b) in out.iter_mut().zip(x).zip(base) {
+        *o = a - b;
+    }
+    d.q(out);
+}
+
+/// A run's element ranges in blocks of [`BLOCK`].
+fn blocks(run: Range<usize>) -> impl Iterator<Item = Range<usize>> {
+    let end = run.end;
+    run.step_by(BLOCK).map(move |a| a..(a + BLOCK).min(end))
 }
 
 /// Stream a task-arithmetic merge: the sparsifying thresholds (radix select), then the
@@ -218,13 +231,7 @@ pub(crate) fn stream(r: &TaskMerge, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
     }
     let n = ctx.rows * ctx.cols as u64;
     let cols = ctx.cols.max(1);
-    // The deltas of one cache-sized tile of a chunk (whole rows, so DELLA sees full rows).
-    let deltas = |xs: &[Vec<f32>], t: &Range<usize>| -> Vec<Vec<f32>> {
-        others
-            .iter()
-            .map(|&i| d.zip(&xs[i][t.clone()], &xs[b][t.clone()], |x, y| x - y))
-            .collect()
-    };
+    // Tiles of whole rows, for DELLA's row masks; everything else works in L1 blocks.
     let tile_len = (TILE_ELEMS / cols).max(1) * cols;
     let tiles = move |len: usize| {
         (0..len)
@@ -282,20 +289,35 @@ pub(crate) fn stream(r: &TaskMerge, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
     // Radix select: one pass over 15-bit keys for f16/bf16; for f32 the high 16 bits, then
     // the low 16 bits within the located buckets.
     let narrow = NarrowKeys::of(d);
-    if let Some(keys) = narrow
-        && queries.iter().any(|q| !q.is_empty())
-    {
-        let mut hist = vec![vec![0u64; 1 << 15]; others.len()];
-        let mut scratch = Vec::new();
+    let selecting: Vec<usize> = (0..others.len())
+        .filter(|&k| !queries[k].is_empty())
+        .collect();
+    // The deltas of the selecting models, block by block.
+    let select_pass = |key_d: D, f: &mut dyn FnMut(usize, &[f32])| -> Result<()> {
+        let mut dl = vec![0f32; BLOCK];
         ctx.pass(|_, xs| {
-            for t in tiles(xs[b].len()) {
-                for (k, dl) in deltas(&xs, &t).iter().enumerate() {
-                    if !queries[k].is_empty() {
-                        keys.count(dl, &mut hist[k], &mut scratch);
-                    }
+            for blk in blocks(0..xs[b].len()) {
+                for &k in &selecting {
+                    let dl = &mut dl[..blk.len()];
+                    delta_into(key_d, &xs[others[k]][blk.clone()], &xs[b][blk.clone()], dl);
+                    f(k, dl);
                 }
             }
             Ok(())
+        })
+    };
+    if let Some(keys) = narrow
+        && !selecting.is_empty()
+    {
+        let mut hist = vec![vec![0u64; 1 << 15]; others.len()];
+        let mut scratch = Vec::new();
+        // Converting x − base to f16 rounds it as D does: the f16 key needs no rounding first.
+        let key_d = match keys {
+            NarrowKeys::F16 => D(DType::F32),
+            NarrowKeys::BF16 => d,
+        };
+        select_pass(key_d, &mut |k, dl| {
+            keys.count(dl, &mut hist[k], &mut scratch)
         })?;
         for (k, qs) in queries.iter_mut().enumerate() {
             for q in qs.iter_mut() {
@@ -303,19 +325,12 @@ pub(crate) fn stream(r: &TaskMerge, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
                 q.value = Some((keys.mag_bits(key), below, hist[k][key as usize]));
             }
         }
-    } else if queries.iter().any(|q| !q.is_empty()) {
+    } else if !selecting.is_empty() {
         let mut hi = vec![vec![0u64; 1 << 16]; others.len()];
-        ctx.pass(|_, xs| {
-            for t in tiles(xs[b].len()) {
-                for (k, dl) in deltas(&xs, &t).iter().enumerate() {
-                    if !queries[k].is_empty() {
-                        for &x in dl {
-                            hi[k][(mag_bits(x) >> 16) as usize] += 1;
-                        }
-                    }
-                }
+        select_pass(d, &mut |k, dl| {
+            for &x in dl {
+                hi[k][(mag_bits(x) >> 16) as usize] += 1;
             }
-            Ok(())
         })?;
         for (k, qs) in queries.iter_mut().enumerate() {
             for q in qs.iter_mut() {
@@ -326,23 +341,18 @@ pub(crate) fn stream(r: &TaskMerge, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
             .iter()
             .map(|q| vec![vec![0u64; 1 << 16]; q.len()])
             .collect();
-        ctx.pass(|_, xs| {
-            for t in tiles(xs[b].len()) {
-                for (k, dl) in deltas(&xs, &t).iter().enumerate() {
-                    for (qi, q) in queries[k].iter().enumerate() {
-                        let Some((bucket, _)) = q.bucket else {
-                            continue;
-                        };
-                        for &x in dl {
-                            let v = mag_bits(x);
-                            if v >> 16 == bucket {
-                                lo[k][qi][(v & 0xFFFF) as usize] += 1;
-                            }
-                        }
+        select_pass(d, &mut |k, dl| {
+            for (qi, q) in queries[k].iter().enumerate() {
+                let Some((bucket, _)) = q.bucket else {
+                    continue;
+                };
+                for &x in dl {
+                    let v = mag_bits(x);
+                    if v >> 16 == bucket {
+                        lo[k][qi][(v & 0xFFFF) as usize] += 1;
                     }
                 }
             }
-            Ok(())
         })?;
         for (k, qs) in queries.iter_mut().enumerate() {
             for (qi, q) in qs.iter_mut().enumerate() {
@@ -369,35 +379,19 @@ pub(crate) fn stream(r: &TaskMerge, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
 
     // Bernoulli masks: element i of model k is kept with its probability. Drawn once: a
     // rescaling pass keeps them as bits for the output pass (1/32 of an f32 copy).
-    let draw_mask = |k: usize, first: usize, dl: &[f32], order: &mut MagnitudeOrder| -> Vec<bool> {
-        let i = others[k];
-        let p = &r.inputs[i];
-        let mut mask = vec![false; dl.len()];
-        match sparse {
-            Sparsify::Della => {
-                for (ri, (row, m)) in dl.chunks(cols).zip(mask.chunks_mut(cols)).enumerate() {
-                    della_row_mask(p, r.seed, i, first + ri * cols, row, m, order);
+    let draw_mask =
+        |k: usize, first: usize, dl: &[f32], mask: &mut [bool], order: &mut MagnitudeOrder| {
+            let i = others[k];
+            let p = &r.inputs[i];
+            match sparse {
+                Sparsify::Della => {
+                    for (ri, (row, m)) in dl.chunks(cols).zip(mask.chunks_mut(cols)).enumerate() {
+                        della_row_mask(p, r.seed, i, first + ri * cols, row, m, order);
+                    }
                 }
+                _ => dare_mask(r.seed, i, p.density, first, mask),
             }
-            _ => dare_mask(r.seed, i, p.density, first, &mut mask),
-        }
-        mask
-    };
-    let masks_for = |first: usize,
-                     dls: &[Vec<f32>],
-                     maskers: &mut [Masker<'_>],
-                     kept: &mut [Vec<u64>],
-                     order: &mut MagnitudeOrder|
-     -> Vec<Vec<bool>> {
-        dls.iter()
-            .enumerate()
-            .map(|(k, dl)| match rules[k] {
-                Rule::Random if !kept[k].is_empty() => read_bits(&kept[k], first, dl.len()),
-                Rule::Random => draw_mask(k, first, dl, order),
-                _ => maskers[k].mask(dl),
-            })
-            .collect()
-    };
+        };
     let fresh = || -> Vec<Masker<'_>> {
         rules
             .iter()
@@ -411,10 +405,16 @@ pub(crate) fn stream(r: &TaskMerge, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
     let mut order = MagnitudeOrder::default();
     // Per model: its random mask as bits, once drawn (empty until then).
     let mut kept: Vec<Vec<u64>> = vec![Vec::new(); others.len()];
+    // Per tile: a model's deltas, mask and kept deltas.
+    let (mut tile_dl, mut tile_kept) = (Vec::new(), Vec::new());
+    let mut tile_masks: Vec<Vec<bool>> = vec![Vec::new(); others.len()];
 
     // The rescale factors: Σ|δ| / Σ|kept δ| over the whole tensor.
     let mut factors: Vec<Option<f32>> = vec![None; others.len()];
-    if r.rescale && rules.iter().any(|x| !matches!(x, Rule::All | Rule::Zero)) {
+    let rescaled: Vec<usize> = (0..others.len())
+        .filter(|&k| r.rescale && !matches!(rules[k], Rule::All | Rule::Zero))
+        .collect();
+    if !rescaled.is_empty() {
         let mut before = vec![LaneSum::default(); others.len()];
         let mut after = vec![LaneSum::default(); others.len()];
         let mut maskers = fresh();
@@ -425,53 +425,94 @@ pub(crate) fn stream(r: &TaskMerge, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
                 _ => Vec::new(),
             })
             .collect();
-        let none: &mut [Vec<u64>] = &mut vec![Vec::new(); others.len()];
         ctx.pass(|rows, xs| {
             for t in tiles(xs[b].len()) {
-                let dls = deltas(&xs, &t);
                 let first = rows.start as usize * cols + t.start;
-                let masks = masks_for(first, &dls, &mut maskers, none, &mut order);
-                for (k, (dl, m)) in dls.iter().zip(&masks).enumerate() {
-                    before[k].add_with(first, dl, |x| x.abs() as f64);
-                    let kept: Vec<f32> = dl.iter().zip(m).map(|(&x, &k)| masked(x, k)).collect();
-                    after[k].add_with(first, &kept, |x| x.abs() as f64);
+                for &k in &rescaled {
+                    tile_dl.resize(t.len(), 0.0);
+                    delta_into(
+                        d,
+                        &xs[others[k]][t.clone()],
+                        &xs[b][t.clone()],
+                        &mut tile_dl,
+                    );
+                    let mask = &mut tile_masks[k];
+                    mask.resize(t.len(), false);
+                    match rules[k] {
+                        Rule::Random => draw_mask(k, first, &tile_dl, mask, &mut order),
+                        _ => maskers[k].mask_into(&tile_dl, mask),
+                    }
+                    before[k].add_with(first, &tile_dl, |x| x.abs() as f64);
+                    tile_kept.clear();
+                    tile_kept.extend(tile_dl.iter().zip(mask.iter()).map(|(&x, &k)| masked(x, k)));
+                    after[k].add_with(first, &tile_kept, |x| x.abs() as f64);
                     if !bits[k].is_empty() {
-                        write_bits(&mut bits[k], first, m);
+                        write_bits(&mut bits[k], first, mask);
                     }
                 }
             }
             Ok(())
         })?;
         kept = bits;
-        for k in 0..others.len() {
-            if !matches!(rules[k], Rule::All | Rule::Zero) {
-                let (b, a) = (before[k].total() as f32, after[k].total() as f32);
-                factors[k] = rescale_factor(d.qs(b), d.qs(a), d);
-            }
+        for &k in &rescaled {
+            let (b, a) = (before[k].total() as f32, after[k].total() as f32);
+            factors[k] = rescale_factor(d.qs(b), d.qs(a), d);
         }
     }
 
+    // The output, block by block: deltas, masks, rescaling, then the combination.
     let w = r.weights(d);
     let mut maskers = fresh();
+    let mut s = Blocks::new(others.len());
+    let mut mask = vec![false; BLOCK];
+    let mut block_out = vec![0f32; BLOCK];
     ctx.pass(|rows, xs| {
         let mut out = Vec::with_capacity(xs[b].len());
         for t in tiles(xs[b].len()) {
-            let dls = deltas(&xs, &t);
             let first = rows.start as usize * cols + t.start;
-            let masks = masks_for(first, &dls, &mut maskers, &mut kept, &mut order);
-            let mut sparse = dls;
-            for ((dl, m), f) in sparse.iter_mut().zip(&masks).zip(&factors) {
-                for (x, &k) in dl.iter_mut().zip(m) {
-                    *x = masked(*x, k);
-                }
-                if let Some(f) = f {
-                    for x in dl.iter_mut() {
-                        *x *= f;
-                    }
-                    d.q(dl);
+            for (k, tile_mask) in tile_masks.iter_mut().enumerate() {
+                // Random masks not kept from the rescale pass are drawn a tile at a time.
+                if matches!(rules[k], Rule::Random) && kept[k].is_empty() {
+                    tile_dl.resize(t.len(), 0.0);
+                    delta_into(
+                        d,
+                        &xs[others[k]][t.clone()],
+                        &xs[b][t.clone()],
+                        &mut tile_dl,
+                    );
+                    tile_mask.resize(t.len(), false);
+                    draw_mask(k, first, &tile_dl, tile_mask, &mut order);
                 }
             }
-            out.extend(r.combine(d, &xs[b][t.clone()], sparse, &w));
+            for blk in blocks(t.clone()) {
+                let len = blk.len();
+                let at = first + (blk.start - t.start);
+                for (k, &i) in others.iter().enumerate() {
+                    let dl = s.delta(k, len);
+                    delta_into(d, &xs[i][blk.clone()], &xs[b][blk.clone()], dl);
+                    let mask = &mut mask[..len];
+                    match rules[k] {
+                        Rule::All => continue,
+                        Rule::Random if !kept[k].is_empty() => read_bits(&kept[k], at, mask),
+                        Rule::Random => mask.copy_from_slice(
+                            &tile_masks[k][blk.start - t.start..blk.end - t.start],
+                        ),
+                        _ => maskers[k].mask_into(dl, mask),
+                    }
+                    for (x, &keep) in dl.iter_mut().zip(mask.iter()) {
+                        *x = masked(*x, keep);
+                    }
+                    if let Some(f) = factors[k] {
+                        for x in dl.iter_mut() {
+                            *x *= f;
+                        }
+                        d.q(dl);
+                    }
+                }
+                let block_out = &mut block_out[..len];
+                r.combine_block(d, &xs[b][blk], &mut s, &w, block_out);
+                out.extend_from_slice(block_out);
+            }
         }
         (ctx.emit)(rows, &out)
     })
@@ -489,12 +530,12 @@ mod tests {
             // Written in two runs, as two tiles would.
             write_bits(&mut bits, first, &mask[..320]);
             write_bits(&mut bits, first + 320, &mask[320..]);
-            assert_eq!(read_bits(&bits, first, mask.len()), mask, "first {first}");
-            assert_eq!(
-                read_bits(&bits, first + 320, 680),
-                &mask[320..],
-                "first {first}"
-            );
+            let mut back = vec![false; mask.len()];
+            read_bits(&bits, first, &mut back);
+            assert_eq!(back, mask, "first {first}");
+            let mut part = vec![false; 680];
+            read_bits(&bits, first + 320, &mut part);
+            assert_eq!(part, &mask[320..], "first {first}");
         }
     }
 }
