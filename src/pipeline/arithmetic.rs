@@ -288,16 +288,25 @@ fn operand_values(
     for ((p, pd), delta) in op.patches.iter().zip(&data.patches).zip(&tile.deltas) {
         lora::apply_delta(p.scale, p.round_delta, pd, r0, rows, cols, delta, &mut v);
     }
-    // Rounding values still as stored to their own dtype changes nothing: skip that pass.
+    for d in later_roundings(op, dtype) {
+        round_to(d, &mut v);
+    }
+    v
+}
+
+/// The roundings an operand stored as `dtype` takes after its patches, without those of
+/// values still as stored to their own dtype (they change nothing).
+pub(crate) fn later_roundings(op: &Operand, dtype: DType) -> Vec<DType> {
     let mut as_stored = op.patches.is_empty() && op.load_as.is_none_or(|l| l == dtype);
+    let mut out = Vec::new();
     for &d in &op.roundings {
         if as_stored && d == dtype {
             continue;
         }
-        round_to(d, &mut v);
+        out.push(d);
         as_stored = false;
     }
-    v
+    out
 }
 
 /// An operand's rows as f32 for a whole chunk (the streamed path's loader): LoRA products

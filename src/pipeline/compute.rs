@@ -6,12 +6,12 @@ use std::ops::Range;
 use crate::error::{Error, ErrorKind, Result};
 use crate::kernels::bytes::encode;
 use crate::methods::lora::PatchData;
-use crate::methods::mergekit::StreamCtx;
+use crate::methods::mergekit::{Chunk, StreamCtx};
 use crate::plan::{Method, Operand, Plan, Recipe};
 use crate::progress::Progress;
 use crate::shape::RowMajor;
 
-use super::arithmetic::{OperandData, compute_chunk, operand_f32};
+use super::arithmetic::{OperandData, compute_chunk, later_roundings, operand_f32};
 use super::reader::InputFile;
 use super::writer::ShardFiles;
 use super::{Loaded, LoadedOperand, Out, Written, chunk_len, chunk_offset, load_operands};
@@ -91,20 +91,49 @@ pub(crate) fn run_streamed(io: &StreamIo<'_>, si: usize, chunk_rows: u64) -> Res
         return Err(Error::internal("only mergekit methods are streamed"));
     };
     let cols = step.row_elems() as usize;
-    let load = |rows: Range<u64>| -> Result<Vec<Vec<f32>>> {
+    let load = |rows: Range<u64>| -> Result<Chunk> {
         if (io.stopped)() {
             return Err(Error::new(ErrorKind::Interrupted));
         }
         let loaded = load_operands(plan, io.inputs, step, rows.clone())?;
         let data = operand_data(plan, operands, &loaded);
-        operands
-            .iter()
-            .zip(&data)
-            .map(|(op, d)| {
-                let n = (rows.end.min(op.rows).max(rows.start) - rows.start) as usize;
-                operand_f32(plan, op, d, rows.start, n, cols)
-            })
-            .collect()
+        let mut chunk = Chunk::default();
+        let mut values = Vec::new();
+        for (op, d) in operands.iter().zip(&data) {
+            let n = (rows.end.min(op.rows).max(rows.start) - rows.start) as usize;
+            values.push(if op.patches.is_empty() {
+                None
+            } else {
+                Some(operand_f32(plan, op, d, rows.start, n, cols)?)
+            });
+        }
+        drop(data);
+        for ((op, lo), v) in operands.iter().zip(loaded).zip(values) {
+            let n = (rows.end.min(op.rows).max(rows.start) - rows.start) as usize * cols;
+            let (dtype, _) = op.stored(plan);
+            match v {
+                // Without patches the bytes are read a block at a time where the method
+                // needs them (decoded and rounded there).
+                None if dtype.bits() >= 8 && lo.bytes.len() >= n * dtype.size() => {
+                    let mut roundings: Vec<_> = op.load_as.into_iter().collect();
+                    roundings.extend(later_roundings(op, dtype));
+                    chunk.push_stored(Box::new(lo.bytes), dtype, n, roundings);
+                }
+                None => {
+                    let d = operand_data(plan, std::slice::from_ref(op), std::slice::from_ref(&lo));
+                    chunk.push_values(operand_f32(
+                        plan,
+                        op,
+                        &d[0],
+                        rows.start,
+                        n / cols.max(1),
+                        cols,
+                    )?);
+                }
+                Some(v) => chunk.push_values(v),
+            }
+        }
+        Ok(chunk)
     };
     let emit = |rows: Range<u64>, values: &[f32]| -> Result<()> {
         let bytes = encode(step.dtype, values);

@@ -30,7 +30,7 @@ pub use method::{
     Capability, InputCount, Kind, MergeMethod, Need, Param, PrepareError, Resolved, Scope,
     TensorMerge, Value,
 };
-pub use stream::StreamCtx;
+pub use stream::{Chunk, StreamCtx};
 
 /// Declares each method file as a module and lists what it registers, in one place.
 macro_rules! registry {
@@ -225,8 +225,10 @@ mod tests {
         use std::ops::Range;
         let out = std::cell::RefCell::new(vec![f32::NAN; rows * cols]);
         let span = |r: &Range<u64>| r.start as usize * cols..r.end as usize * cols;
-        let load = |r: Range<u64>| -> crate::error::Result<Vec<Vec<f32>>> {
-            Ok(xs.iter().map(|x| x[span(&r)].to_vec()).collect())
+        let load = |r: Range<u64>| -> crate::error::Result<Chunk> {
+            Ok(Chunk::from_values(
+                xs.iter().map(|x| x[span(&r)].to_vec()).collect(),
+            ))
         };
         let emit = |r: Range<u64>, v: &[f32]| -> crate::error::Result<()> {
             out.borrow_mut()[span(&r)].copy_from_slice(v);

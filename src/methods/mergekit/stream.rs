@@ -5,12 +5,14 @@
 //! are kept in index order, where the whole-tensor path follows PyTorch's reduction order
 //! and sort exactly; PyTorch's own results for tensors this large depend on its thread count.
 
-use std::ops::Range;
+use std::ops::{Deref, Range};
 
+use crate::dtype::DType;
 use crate::error::Result;
+use crate::kernels::bytes::{decode, decode_append, round_to};
 
 /// Loads the operands of a row range.
-pub type LoadFn<'a> = &'a dyn Fn(Range<u64>) -> Result<Vec<Vec<f32>>>;
+pub type LoadFn<'a> = &'a dyn Fn(Range<u64>) -> Result<Chunk>;
 /// Writes output values of a row range.
 pub type EmitFn<'a> = &'a dyn Fn(Range<u64>, &[f32]) -> Result<()>;
 
@@ -22,15 +24,21 @@ pub struct StreamCtx<'a> {
     pub rows: u64,
     pub cols: usize,
     pub chunk_rows: u64,
-    /// The operands' values (decoded, patched, rounded) for a row range.
+    /// The operands of a row range.
     pub load: LoadFn<'a>,
     /// Write output values (in the compute dtype's precision) for a row range.
     pub emit: EmitFn<'a>,
 }
 
 impl StreamCtx<'_> {
-    /// One pass over the tensor, chunk by chunk in row order.
+    /// One pass over the tensor, chunk by chunk in row order, each operand decoded whole.
     pub fn pass(&self, mut f: impl FnMut(Range<u64>, Vec<Vec<f32>>) -> Result<()>) -> Result<()> {
+        self.pass_chunks(|rows, chunk| f(rows, chunk.into_values()))
+    }
+
+    /// One pass over the tensor, chunk by chunk in row order; the operands are read a block
+    /// at a time with [`Chunk::read`], so they never need to be decoded whole.
+    pub fn pass_chunks(&self, mut f: impl FnMut(Range<u64>, Chunk) -> Result<()>) -> Result<()> {
         let mut r0 = 0;
         while r0 < self.rows {
             let r1 = (r0 + self.chunk_rows.max(1)).min(self.rows);
@@ -38,6 +46,112 @@ impl StreamCtx<'_> {
             r0 = r1;
         }
         Ok(())
+    }
+}
+
+/// The operands of one chunk of rows: each either decoded values, or its stored bytes,
+/// decoded (and rounded) a block at a time where a method reads it. Reading from the
+/// stored bytes saves writing the f32 chunk to memory and reading it back.
+#[derive(Default)]
+pub struct Chunk {
+    operands: Vec<ChunkOperand>,
+}
+
+enum ChunkOperand {
+    Values(Vec<f32>),
+    Stored {
+        bytes: Box<dyn Deref<Target = [u8]>>,
+        dtype: DType,
+        len: usize,
+        /// Applied in order after decoding.
+        roundings: Vec<DType>,
+    },
+}
+
+impl Chunk {
+    /// Operands already decoded.
+    pub fn from_values(values: Vec<Vec<f32>>) -> Chunk {
+        Chunk {
+            operands: values.into_iter().map(ChunkOperand::Values).collect(),
+        }
+    }
+
+    /// Add an operand as decoded values.
+    pub fn push_values(&mut self, v: Vec<f32>) {
+        self.operands.push(ChunkOperand::Values(v));
+    }
+
+    /// Add an operand as `len` elements stored as `dtype` (a float type of whole bytes; the
+    /// bytes hold at least `len` of them), rounded to each of `roundings` in turn once decoded.
+    pub fn push_stored(
+        &mut self,
+        bytes: Box<dyn Deref<Target = [u8]>>,
+        dtype: DType,
+        len: usize,
+        roundings: Vec<DType>,
+    ) {
+        debug_assert!(dtype.bits() >= 8 && bytes.len() >= len * dtype.size());
+        self.operands.push(ChunkOperand::Stored {
+            bytes,
+            dtype,
+            len,
+            roundings,
+        });
+    }
+
+    /// Elements of operand `k` in this chunk.
+    pub fn len(&self, k: usize) -> usize {
+        match self.operands.get(k) {
+            Some(ChunkOperand::Values(v)) => v.len(),
+            Some(ChunkOperand::Stored { len, .. }) => *len,
+            None => 0,
+        }
+    }
+
+    /// Elements `at..at + out.len()` of operand `k` into `out` (zeros past its end).
+    pub fn read(&self, k: usize, at: usize, out: &mut [f32]) {
+        let end = (at + out.len()).min(self.len(k)).max(at);
+        let (have, past) = out.split_at_mut(end - at);
+        match self.operands.get(k) {
+            Some(ChunkOperand::Values(v)) => have.copy_from_slice(&v[at..end]),
+            Some(ChunkOperand::Stored {
+                bytes,
+                dtype,
+                roundings,
+                ..
+            }) => {
+                let size = dtype.size();
+                decode(*dtype, &bytes[at * size..end * size], have);
+                for &r in roundings {
+                    round_to(r, have);
+                }
+            }
+            None => {}
+        }
+        past.fill(0.0);
+    }
+
+    /// Every operand decoded whole.
+    pub fn into_values(self) -> Vec<Vec<f32>> {
+        self.operands
+            .into_iter()
+            .map(|op| match op {
+                ChunkOperand::Values(v) => v,
+                ChunkOperand::Stored {
+                    bytes,
+                    dtype,
+                    len,
+                    roundings,
+                } => {
+                    let mut v = Vec::new();
+                    decode_append(dtype, &bytes, len, &mut v);
+                    for r in roundings {
+                        round_to(r, &mut v);
+                    }
+                    v
+                }
+            })
+            .collect()
     }
 }
 

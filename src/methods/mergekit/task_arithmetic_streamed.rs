@@ -10,7 +10,7 @@ use super::arith::D;
 use super::sparsify::{
     Sparsify, dare_mask, della_row_mask, masked, outlier_window, rescale_factor,
 };
-use super::stream::{LaneSum, MagnitudeOrder, StreamCtx, TILE_ELEMS};
+use super::stream::{Chunk, LaneSum, MagnitudeOrder, StreamCtx, TILE_ELEMS};
 use super::task_arithmetic::{BLOCK, Blocks, TaskInput, TaskMerge};
 use crate::dtype::DType;
 use crate::error::Result;
@@ -205,12 +205,18 @@ fn read_bits(bits: &[u64], first: usize, mask: &mut [bool]) {
     }
 }
 
-/// `x − base` for a run, rounded to D: a model's delta.
-fn delta_into(d: D, x: &[f32], base: &[f32], out: &mut [f32]) {
-    for ((o, &a), &b) in out.iter_mut().zip(x).zip(base) {
-        *o = a - b;
+/// `x − base` in place of a run of `x`, rounded to D: a model's delta.
+fn delta_in_place(d: D, x: &mut [f32], base: &[f32]) {
+    for (a, &b) in x.iter_mut().zip(base) {
+        *a -= b;
     }
-    d.q(out);
+    d.q(x);
+}
+
+/// Model `i`'s delta over elements `at..at + out.len()` of a chunk whose base is `base`.
+fn read_delta(c: &Chunk, d: D, i: usize, at: usize, base: &[f32], out: &mut [f32]) {
+    c.read(i, at, out);
+    delta_in_place(d, out, base);
 }
 
 /// A run's element ranges in blocks of [`BLOCK`].
@@ -294,12 +300,14 @@ pub(crate) fn stream(r: &TaskMerge, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
         .collect();
     // The deltas of the selecting models, block by block.
     let select_pass = |key_d: D, f: &mut dyn FnMut(usize, &[f32])| -> Result<()> {
-        let mut dl = vec![0f32; BLOCK];
-        ctx.pass(|_, xs| {
-            for blk in blocks(0..xs[b].len()) {
+        let (mut dl, mut base) = (vec![0f32; BLOCK], vec![0f32; BLOCK]);
+        ctx.pass_chunks(|_, c| {
+            for blk in blocks(0..c.len(b)) {
+                let base = &mut base[..blk.len()];
+                c.read(b, blk.start, base);
                 for &k in &selecting {
                     let dl = &mut dl[..blk.len()];
-                    delta_into(key_d, &xs[others[k]][blk.clone()], &xs[b][blk.clone()], dl);
+                    read_delta(&c, key_d, others[k], blk.start, base, dl);
                     f(k, dl);
                 }
             }
@@ -405,8 +413,8 @@ pub(crate) fn stream(r: &TaskMerge, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
     let mut order = MagnitudeOrder::default();
     // Per model: its random mask as bits, once drawn (empty until then).
     let mut kept: Vec<Vec<u64>> = vec![Vec::new(); others.len()];
-    // Per tile: a model's deltas, mask and kept deltas.
-    let (mut tile_dl, mut tile_kept) = (Vec::new(), Vec::new());
+    // Per tile: the base, a model's deltas, mask and kept deltas.
+    let (mut tile_base, mut tile_dl, mut tile_kept) = (Vec::new(), Vec::new(), Vec::new());
     let mut tile_masks: Vec<Vec<bool>> = vec![Vec::new(); others.len()];
 
     // The rescale factors: Σ|δ| / Σ|kept δ| over the whole tensor.
@@ -425,17 +433,14 @@ pub(crate) fn stream(r: &TaskMerge, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
                 _ => Vec::new(),
             })
             .collect();
-        ctx.pass(|rows, xs| {
-            for t in tiles(xs[b].len()) {
+        ctx.pass_chunks(|rows, c| {
+            for t in tiles(c.len(b)) {
                 let first = rows.start as usize * cols + t.start;
+                tile_base.resize(t.len(), 0.0);
+                c.read(b, t.start, &mut tile_base);
                 for &k in &rescaled {
                     tile_dl.resize(t.len(), 0.0);
-                    delta_into(
-                        d,
-                        &xs[others[k]][t.clone()],
-                        &xs[b][t.clone()],
-                        &mut tile_dl,
-                    );
+                    read_delta(&c, d, others[k], t.start, &tile_base, &mut tile_dl);
                     let mask = &mut tile_masks[k];
                     mask.resize(t.len(), false);
                     match rules[k] {
@@ -465,21 +470,18 @@ pub(crate) fn stream(r: &TaskMerge, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
     let mut maskers = fresh();
     let mut s = Blocks::new(others.len());
     let mut mask = vec![false; BLOCK];
-    let mut block_out = vec![0f32; BLOCK];
-    ctx.pass(|rows, xs| {
-        let mut out = Vec::with_capacity(xs[b].len());
-        for t in tiles(xs[b].len()) {
+    let (mut block_out, mut base) = (vec![0f32; BLOCK], vec![0f32; BLOCK]);
+    ctx.pass_chunks(|rows, c| {
+        let mut out = Vec::with_capacity(c.len(b));
+        for t in tiles(c.len(b)) {
             let first = rows.start as usize * cols + t.start;
             for (k, tile_mask) in tile_masks.iter_mut().enumerate() {
                 // Random masks not kept from the rescale pass are drawn a tile at a time.
                 if matches!(rules[k], Rule::Random) && kept[k].is_empty() {
+                    tile_base.resize(t.len(), 0.0);
+                    c.read(b, t.start, &mut tile_base);
                     tile_dl.resize(t.len(), 0.0);
-                    delta_into(
-                        d,
-                        &xs[others[k]][t.clone()],
-                        &xs[b][t.clone()],
-                        &mut tile_dl,
-                    );
+                    read_delta(&c, d, others[k], t.start, &tile_base, &mut tile_dl);
                     tile_mask.resize(t.len(), false);
                     draw_mask(k, first, &tile_dl, tile_mask, &mut order);
                 }
@@ -487,9 +489,11 @@ pub(crate) fn stream(r: &TaskMerge, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
             for blk in blocks(t.clone()) {
                 let len = blk.len();
                 let at = first + (blk.start - t.start);
+                let base = &mut base[..len];
+                c.read(b, blk.start, base);
                 for (k, &i) in others.iter().enumerate() {
                     let dl = s.delta(k, len);
-                    delta_into(d, &xs[i][blk.clone()], &xs[b][blk.clone()], dl);
+                    read_delta(&c, d, i, blk.start, base, dl);
                     let mask = &mut mask[..len];
                     match rules[k] {
                         Rule::All => continue,
@@ -510,7 +514,7 @@ pub(crate) fn stream(r: &TaskMerge, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
                     }
                 }
                 let block_out = &mut block_out[..len];
-                r.combine_block(d, &xs[b][blk], &mut s, &w, block_out);
+                r.combine_block(d, base, &mut s, &w, block_out);
                 out.extend_from_slice(block_out);
             }
         }
