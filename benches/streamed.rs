@@ -86,6 +86,14 @@ fn magnitude_order(c: &mut Criterion) {
             }
         })
     });
+    // DELLA's use: each element's rank (u32 entries, 8-bit digits, for f16 rows).
+    g.bench_function("ranks", |b| {
+        b.iter(|| {
+            for r in &rows {
+                black_box(order.ranks(black_box(r)));
+            }
+        })
+    });
     g.finish();
 }
 

@@ -82,6 +82,21 @@ pub fn available() -> Vec<Kernels> {
     v
 }
 
+/// Run `f` compiled for the active kernel set's instruction set: the plain loops inlined
+/// into it (masks, draws, sums of the methods) vectorize for AVX2 or AVX-512 instead of the
+/// baseline SSE2. Float semantics do not change (Rust never fuses or reorders float
+/// operations on its own), so results are the same bits under every set.
+#[inline]
+pub fn vectorized<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    match active().name {
+        "avx512" => return x86_64::avx512::run(f),
+        "avx2+f16c" => return x86_64::avx2::run(f),
+        _ => {}
+    }
+    f()
+}
+
 /// `acc = fma(x, w, acc)` with the active kernels.
 pub fn fma_acc(acc: &mut [f32], x: &[f32], w: f32) {
     (active().fma_acc)(acc, x, w)

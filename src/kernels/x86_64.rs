@@ -515,6 +515,20 @@ macro_rules! kernel_set {
                 }
             )*
 
+            /// Run `f` compiled with the set's features (its loops, once inlined here,
+            /// vectorize for them).
+            #[inline]
+            pub(in super::super) fn run<R>(f: impl FnOnce() -> R) -> R {
+                #[target_feature(enable = $features)]
+                #[inline]
+                fn imp<R>(f: impl FnOnce() -> R) -> R {
+                    f()
+                }
+                // SAFETY: `vectorized` calls this only when `active` chose this set, which
+                // `kernels` hands out only after the detection found the features.
+                unsafe { imp(f) }
+            }
+
             /// This set, if the CPU has its features.
             pub(in super::super) fn kernels() -> Option<Kernels> {
                 if !$detect {

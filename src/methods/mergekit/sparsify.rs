@@ -54,9 +54,14 @@ pub(crate) fn dare_mask(seed: u64, k: usize, density: f64, first: usize, mask: &
     // `uniform < density` in integers: m/2⁵³ < p ⇔ m < ⌈p·2⁵³⌉ (scaling by 2⁵³ is exact; a
     // NaN density keeps nothing, as the float comparison does).
     let limit = (density.clamp(0.0, 1.0) * (1u64 << 53) as f64).ceil() as u64;
-    for (e, m) in mask.iter_mut().enumerate() {
-        *m = draw53(seed, k, first + e) < limit;
-    }
+    crate::kernels::vectorized(
+        #[inline(always)]
+        || {
+            for (e, m) in mask.iter_mut().enumerate() {
+                *m = draw53(seed, k, first + e) < limit;
+            }
+        },
+    );
 }
 
 /// DELLA's mask of one row whose first element is element `first` of the tensor: element j
@@ -70,10 +75,16 @@ pub(crate) fn della_row_mask(
     mask: &mut [bool],
     order: &mut MagnitudeOrder,
 ) {
-    for (rank0, &j) in order.sort(row).iter().enumerate() {
-        let j = j as usize;
-        mask[j] = uniform(seed, k, first + j) < della_probability(p, rank0, row.len()) as f64;
-    }
+    let n = row.len();
+    let ranks = order.ranks(row);
+    crate::kernels::vectorized(
+        #[inline(always)]
+        || {
+            for (j, (m, &rank0)) in mask.iter_mut().zip(ranks).enumerate() {
+                *m = uniform(seed, k, first + j) < della_probability(p, rank0 as usize, n) as f64;
+            }
+        },
+    );
 }
 
 /// Keep `x` where `keep`, else `0·x` (PyTorch's `t * mask`).
@@ -190,6 +201,47 @@ mod tests {
         }
     }
 
+    /// Rows of f16 and bf16 deltas (few distinct magnitudes, zeros, tiny values) take the
+    /// counting sort; f32-valued rows and rows with many zeros the radix sort: every way
+    /// gives the stable order's ranks.
+    #[test]
+    fn magnitude_ranks_are_the_stable_order() {
+        let mut order = MagnitudeOrder::default();
+        for len in [1usize, 2, 7, 100, 5120, 13824] {
+            for (kind, zeros_every) in [(0, 0), (0, 50), (0, 3), (1, 0), (1, 40), (2, 0)] {
+                let row: Vec<f32> = (0..len)
+                    .map(|i| {
+                        let r = ((i * 7919 + 13) % 10007) as f32 / 10007.0 - 0.5;
+                        let x = if zeros_every > 0 && i % zeros_every == 0 {
+                            if i % 2 == 0 { 0.0 } else { -0.0 }
+                        } else if i % 211 == 5 {
+                            r * 1e-7 // below the span
+                        } else {
+                            r * r * r * 0.02
+                        };
+                        match kind {
+                            0 => half::f16::from_f32(x).to_f32(),
+                            1 => half::bf16::from_f32(x).to_f32(),
+                            _ => x,
+                        }
+                    })
+                    .collect();
+                let mut want = vec![0u32; len];
+                let mut idx: Vec<u32> = (0..len as u32).collect();
+                idx.sort_by_key(|&i| (row[i as usize].to_bits() & 0x7FFF_FFFF, i));
+                for (r, &j) in idx.iter().enumerate() {
+                    want[j as usize] = r as u32;
+                }
+                assert_eq!(
+                    order.ranks(&row),
+                    &want[..],
+                    "len {len}, kind {kind}, zeros every {zeros_every}"
+                );
+            }
+        }
+        assert_eq!(order.ranks(&[0.0, -0.0, 0.0]), &[0, 1, 2]);
+    }
+
     /// Rows with ties, signed zeros, NaN and infinities, as f32 and as f16-valued data.
     #[test]
     fn magnitude_order_is_a_stable_sort_by_magnitude() {
@@ -215,6 +267,11 @@ mod tests {
                 let mut want: Vec<u32> = (0..len as u32).collect();
                 want.sort_by_key(|&i| (row[i as usize].to_bits() & 0x7FFF_FFFF, i));
                 assert_eq!(order.sort(&row), &want[..], "len {len}, f16 {f16_valued}");
+                let mut ranks = vec![0u32; len];
+                for (r, &j) in want.iter().enumerate() {
+                    ranks[j as usize] = r as u32;
+                }
+                assert_eq!(order.ranks(&row), &ranks[..], "len {len}, f16 {f16_valued}");
             }
         }
     }

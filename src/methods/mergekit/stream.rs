@@ -208,6 +208,9 @@ pub struct MagnitudeOrder {
     spare: Vec<u64>,
     order: Vec<u32>,
     counts: Box<[[u32; 1 << 11]; 3]>,
+    /// For [`ranks`](Self::ranks): each element's rank, and a spare buffer of entries.
+    ranks: Vec<u32>,
+    bins: Vec<u32>,
 }
 
 impl Default for MagnitudeOrder {
@@ -217,6 +220,8 @@ impl Default for MagnitudeOrder {
             spare: Vec::new(),
             order: Vec::new(),
             counts: Box::new([[0; 1 << 11]; 3]),
+            ranks: Vec::new(),
+            bins: Vec::new(),
         }
     }
 }
@@ -264,6 +269,76 @@ impl MagnitudeOrder {
         self.order.clear();
         self.order.extend(self.entries.iter().map(|&e| e as u32));
         &self.order
+    }
+
+    /// Each element's ascending rank in [`sort`](Self::sort)'s order, in index order.
+    ///
+    /// Values rounded from f16 or bf16 have few distinct magnitudes: with the trailing bits
+    /// every key shares dropped and the nonzero ones counted from the smallest (zero stays
+    /// below them all), a row's keys span less than 2¹⁶, so key and index pack into a u32
+    /// and two 8-bit passes sort them (small count tables, half the bytes moved). Other rows
+    /// (f32 values, NaN, infinities) take the 64-bit radix sort.
+    pub fn ranks(&mut self, row: &[f32]) -> &[u32] {
+        let n = row.len();
+        let key = |x: f32| x.to_bits() & 0x7FFF_FFFF;
+        // The smallest nonzero key is found as the smallest `key − 1` (zero wraps to the top).
+        let (mut any, mut min_nz, mut max) = (0u32, u32::MAX, 0u32);
+        for &x in row {
+            any |= key(x);
+            min_nz = min_nz.min(key(x).wrapping_sub(1));
+            max = max.max(key(x));
+        }
+        let shift = any.trailing_zeros().min(31);
+        // Nonzero keys map to 1.., zero to 0 (an all-zero row: everything to 0).
+        let base = (min_nz.wrapping_add(1) >> shift).saturating_sub(1);
+        let compact = move |k: u32| if k == 0 { 0 } else { (k >> shift) - base };
+        let mut ranks = std::mem::take(&mut self.ranks);
+        ranks.clear();
+        ranks.resize(n, 0);
+        if n > 1 << 16 || compact(max) >= 1 << 16 {
+            for (r, &j) in self.sort(row).iter().enumerate() {
+                ranks[j as usize] = r as u32;
+            }
+            self.ranks = ranks;
+            return &self.ranks;
+        }
+        // Entries compact key << 16 | index, and both digits' counts in one pass.
+        let mut counts = [[0u32; 256]; 2];
+        let mut entries = std::mem::take(&mut self.order);
+        entries.clear();
+        entries.extend(row.iter().enumerate().map(|(j, &x)| {
+            let e = compact(key(x)) << 16 | j as u32;
+            counts[0][(e >> 16 & 0xFF) as usize] += 1;
+            counts[1][(e >> 24) as usize] += 1;
+            e
+        }));
+        let mut spare = std::mem::take(&mut self.bins);
+        spare.clear();
+        spare.resize(n, 0);
+        for (counts, shift) in counts.iter_mut().zip([16u32, 24]) {
+            if counts.iter().any(|&c| c as usize == n) {
+                continue; // every key has the same digit: this pass would not move anything
+            }
+            let mut at = 0u32;
+            for c in counts.iter_mut() {
+                let here = *c;
+                *c = at;
+                at += here;
+            }
+            for &e in &entries {
+                let digit = (e >> shift & 0xFF) as usize;
+                spare[counts[digit] as usize] = e;
+                counts[digit] += 1;
+            }
+            std::mem::swap(&mut entries, &mut spare);
+        }
+        for (r, &e) in entries.iter().enumerate() {
+            ranks[(e & 0xFFFF) as usize] = r as u32;
+        }
+        self.order = entries;
+        self.bins = spare;
+        self.ranks = ranks;
+        &self.ranks
     }
 }
 
