@@ -11,6 +11,7 @@ use super::method::{
 use super::stream::{LaneSum, StreamCtx};
 use crate::dtype::DType;
 use crate::error::Result;
+use crate::kernels;
 use crate::methods::torch_compat as tc;
 
 pub struct Slerp;
@@ -83,25 +84,53 @@ impl TensorMerge for SlerpMerge {
     }
 
     /// The norms and the dot product in one pass (in f64: the cosine is Σab / (‖a‖·‖b‖)),
-    /// then the output.
+    /// then the output; both read the operands a block at a time.
     fn stream(&self, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
         let (i0, i1) = (self.v0, self.v1);
         let (mut s0, mut s1, mut s01) = (LaneSum::default(), LaneSum::default(), LaneSum::default());
-        ctx.pass(|rows, xs| {
+        let (mut a, mut b, mut p) = (vec![0f32; BLOCK], vec![0f32; BLOCK], vec![0f32; BLOCK]);
+        ctx.pass_chunks(|rows, c| {
             let at = rows.start as usize * ctx.cols;
-            s0.add_sq(at, &xs[i0]);
-            s1.add_sq(at, &xs[i1]);
-            let prod: Vec<f32> = xs[i0].iter().zip(&xs[i1]).map(|(&a, &b)| a * b).collect();
-            s01.add(at, &prod);
+            for start in (0..c.len(i0)).step_by(BLOCK) {
+                let n = BLOCK.min(c.len(i0) - start);
+                let (a, b, p) = (&mut a[..n], &mut b[..n], &mut p[..n]);
+                c.read(i0, start, a);
+                c.read(i1, start, b);
+                kernels::vectorized(
+                    #[inline(always)]
+                    || {
+                        s0.add_sq(at + start, a);
+                        s1.add_sq(at + start, b);
+                        for ((p, &x), &y) in p.iter_mut().zip(a.iter()).zip(b.iter()) {
+                            *p = x * y;
+                        }
+                        s01.add(at + start, p);
+                    },
+                );
+            }
             Ok(())
         })?;
         let na = slerp_norm(s0.total().sqrt() as f32);
         let nb = slerp_norm(s1.total().sqrt() as f32);
         let dot = (s01.total() / (na as f64 * nb as f64)) as f32;
         let (ca, cb) = slerp_coefficients(dot.clamp(-1.0, 1.0), self.t);
-        ctx.pass(|rows, xs| (ctx.emit)(rows, &slerp_apply(ca, cb, &xs[i0], &xs[i1], d)))
+        ctx.pass_chunks(|rows, c| {
+            let mut out = Vec::with_capacity(c.len(i0));
+            for start in (0..c.len(i0)).step_by(BLOCK) {
+                let n = BLOCK.min(c.len(i0) - start);
+                let (a, b, p) = (&mut a[..n], &mut b[..n], &mut p[..n]);
+                c.read(i0, start, a);
+                c.read(i1, start, b);
+                slerp_apply_into(ca, cb, a, b, d, p);
+                out.extend_from_slice(p);
+            }
+            (ctx.emit)(rows, &out)
+        })
     }
 }
+
+/// Elements per block of the streamed passes (a block of each operand stays in L1).
+const BLOCK: usize = 2048;
 
 /// The norm slerp divides by: ‖v‖, or 1 for a (near) zero tensor.
 fn slerp_norm(n: f32) -> f32 {
@@ -122,11 +151,15 @@ fn slerp_coefficients(dot: f32, t: f32) -> (f32, f32) {
 
 /// `f32(ca·v0) + f32(cb·v1)`, rounded to D.
 fn slerp_apply(ca: f32, cb: f32, v0: &[f32], v1: &[f32], d: D) -> Vec<f32> {
-    let mut out: Vec<f32> = v0
-        .iter()
-        .zip(v1.iter())
-        .map(|(&a, &b)| (ca * a) + (cb * b))
-        .collect();
-    d.q(&mut out);
+    let mut out = vec![0f32; v0.len().min(v1.len())];
+    slerp_apply_into(ca, cb, v0, v1, d, &mut out);
     out
+}
+
+/// [`slerp_apply`] into `out`.
+fn slerp_apply_into(ca: f32, cb: f32, v0: &[f32], v1: &[f32], d: D, out: &mut [f32]) {
+    for ((o, &a), &b) in out.iter_mut().zip(v0).zip(v1) {
+        *o = (ca * a) + (cb * b);
+    }
+    d.q(out);
 }
