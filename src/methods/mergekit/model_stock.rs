@@ -95,16 +95,34 @@ impl TensorMerge for ModelStockMerge {
         let m = others.len();
         let mut ss = vec![LaneSum::default(); m];
         let mut dots = vec![vec![LaneSum::default(); m]; m];
-        ctx.pass(|rows, xs| {
+        // Block buffers: the base, each model (its offset in the first pass), a product.
+        let mut base = vec![0f32; BLOCK];
+        let mut offs = vec![vec![0f32; BLOCK]; m];
+        let (mut prod, mut out) = (vec![0f32; BLOCK], vec![0f32; BLOCK]);
+        ctx.pass_chunks(|rows, c| {
             let at = rows.start as usize * ctx.cols;
-            let offs: Vec<Vec<f32>> = others
-                .iter()
-                .map(|&i| d.zip(&xs[i], &xs[b], |x, y| x - y))
-                .collect();
-            for i in 0..m {
-                ss[i].add_sq(at, &offs[i]);
-                for j in i + 1..m {
-                    dots[i][j].add(at, &d.zip(&offs[i], &offs[j], |x, y| x * y));
+            for start in (0..c.len(b)).step_by(BLOCK) {
+                let n = BLOCK.min(c.len(b) - start);
+                let base = &mut base[..n];
+                c.read(b, start, base);
+                for (o, &i) in offs.iter_mut().zip(others) {
+                    let o = &mut o[..n];
+                    c.read(i, start, o);
+                    for (x, &y) in o.iter_mut().zip(base.iter()) {
+                        *x -= y;
+                    }
+                    d.q(o);
+                }
+                for i in 0..m {
+                    ss[i].add_sq(at + start, &offs[i][..n]);
+                    for j in i + 1..m {
+                        let p = &mut prod[..n];
+                        for ((p, &x), &y) in p.iter_mut().zip(&offs[i][..n]).zip(&offs[j][..n]) {
+                            *p = x * y;
+                        }
+                        d.q(p);
+                        dots[i][j].add(at + start, p);
+                    }
                 }
             }
             Ok(())
@@ -117,12 +135,26 @@ impl TensorMerge for ModelStockMerge {
             }
         }
         let t = interpolation(&cos, m, d);
-        ctx.pass(|rows, xs| {
-            let ws: Vec<&[f32]> = others.iter().map(|&i| xs[i].as_slice()).collect();
-            (ctx.emit)(rows, &apply(t, &xs[b], &ws, d))
+        ctx.pass_chunks(|rows, c| {
+            let mut output = Vec::with_capacity(c.len(b));
+            for start in (0..c.len(b)).step_by(BLOCK) {
+                let n = BLOCK.min(c.len(b) - start);
+                let base = &mut base[..n];
+                c.read(b, start, base);
+                for (w, &i) in offs.iter_mut().zip(others) {
+                    c.read(i, start, &mut w[..n]);
+                }
+                let ws: Vec<&[f32]> = offs.iter().map(|w| &w[..n]).collect();
+                apply_into(t, base, &ws, d, &mut out[..n], &mut prod[..n]);
+                output.extend_from_slice(&out[..n]);
+            }
+            (ctx.emit)(rows, &output)
         })
     }
 }
+
+/// Elements per block of the streamed passes (a block of each operand stays in L1).
+const BLOCK: usize = 2048;
 
 impl ModelStockMerge {
     fn merge_vectors(&self, xs: &[Vec<f32>], d: D) -> Vec<f32> {
@@ -213,14 +245,37 @@ fn t_of(ct: f32, n: usize, d: D) -> f32 {
 
 /// `t·mean(w_i) + (1−t)·w0`.
 fn apply(t: f32, w0: &[f32], ws: &[&[f32]], d: D) -> Vec<f32> {
+    let mut out = vec![0f32; w0.len()];
+    let mut scratch = vec![0f32; w0.len()];
+    apply_into(t, w0, ws, d, &mut out, &mut scratch);
+    out
+}
+
+/// [`apply`] into `out` (as long as `w0`), with a scratch buffer as long.
+fn apply_into(t: f32, w0: &[f32], ws: &[&[f32]], d: D, out: &mut [f32], scratch: &mut [f32]) {
     let n = ws.len() as f32;
-    let mut avg = ws[0].to_vec();
+    out.copy_from_slice(&ws[0][..out.len()]);
     for w in &ws[1..] {
-        avg = d.zip(&avg, w, |x, y| x + y);
+        for (x, &y) in out.iter_mut().zip(w.iter()) {
+            *x += y;
+        }
+        d.q(out);
     }
-    let avg = d.map(&avg, |x| x / n);
+    for x in out.iter_mut() {
+        *x /= n;
+    }
+    d.q(out);
     let one_t = d.qs(1.0 - t);
-    let a = d.map(&avg, |x| t * x);
-    let c = d.map(w0, |x| one_t * x);
-    d.zip(&a, &c, |x, y| x + y)
+    for x in out.iter_mut() {
+        *x *= t;
+    }
+    d.q(out);
+    for (c, &y) in scratch.iter_mut().zip(w0) {
+        *c = one_t * y;
+    }
+    d.q(scratch);
+    for (x, &c) in out.iter_mut().zip(scratch.iter()) {
+        *x += c;
+    }
+    d.q(out);
 }
