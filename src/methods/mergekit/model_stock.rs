@@ -11,6 +11,7 @@ use super::method::{
 };
 use super::stream::{LaneSum, StreamCtx};
 use crate::error::Result;
+use crate::kernels;
 
 pub struct ModelStock;
 
@@ -113,17 +114,25 @@ impl TensorMerge for ModelStockMerge {
                     }
                     d.q(o);
                 }
-                for i in 0..m {
-                    ss[i].add_sq(at + start, &offs[i][..n]);
-                    for j in i + 1..m {
-                        let p = &mut prod[..n];
-                        for ((p, &x), &y) in p.iter_mut().zip(&offs[i][..n]).zip(&offs[j][..n]) {
-                            *p = x * y;
+                // The f64 lane sums vectorize far wider with the kernel set's instructions.
+                kernels::vectorized(
+                    #[inline(always)]
+                    || {
+                        for i in 0..m {
+                            ss[i].add_sq(at + start, &offs[i][..n]);
+                            for j in i + 1..m {
+                                let p = &mut prod[..n];
+                                for ((p, &x), &y) in
+                                    p.iter_mut().zip(&offs[i][..n]).zip(&offs[j][..n])
+                                {
+                                    *p = x * y;
+                                }
+                                d.q(p);
+                                dots[i][j].add(at + start, p);
+                            }
                         }
-                        d.q(p);
-                        dots[i][j].add(at + start, p);
-                    }
-                }
+                    },
+                );
             }
             Ok(())
         })?;
