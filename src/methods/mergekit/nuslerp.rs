@@ -11,8 +11,9 @@ use super::method::{
     EXACT_ORDER_MAX,
     Capability, InputCount, MergeMethod, Need, Param, PrepareError, Resolved, Scope, TensorMerge,
 };
-use super::stream::{LaneSum, StreamCtx, TILE_ELEMS};
+use super::stream::{Chunk, LaneSum, StreamCtx, TILE_ELEMS};
 use crate::error::Result;
+use crate::kernels;
 
 pub struct NuSlerp;
 
@@ -204,36 +205,116 @@ impl TensorMerge for NuSlerpMerge {
 
 impl NuSlerpMerge {
     /// The whole tensor as one vector: the norms and the dot product accumulate in f64.
+    /// Each pass reads the operands a block at a time.
     fn stream_flat(&self, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
         let eps = nuslerp_eps(d);
         let at = |rows: &std::ops::Range<u64>| rows.start as usize * ctx.cols;
+        let mut bufs = [vec![0f32; BLOCK], vec![0f32; BLOCK], vec![0f32; BLOCK]];
         let (mut s0, mut s1) = (LaneSum::default(), LaneSum::default());
-        ctx.pass(|rows, xs| {
-            let (v0, v1) = self.vectors(&xs, d);
-            s0.add_sq(at(&rows), &v0);
-            s1.add_sq(at(&rows), &v1);
-            Ok(())
+        self.blocks(ctx, d, &mut bufs, |rows, start, [v0, v1, _]| {
+            let i = at(rows) + start;
+            kernels::vectorized(
+                #[inline(always)]
+                || {
+                    s0.add_sq(i, v0);
+                    s1.add_sq(i, v1);
+                },
+            );
         })?;
         let norm = |s: LaneSum| d.qs(s.total().sqrt() as f32).max(eps);
         let (n0, n1) = (norm(s0), norm(s1));
         let mut dot = LaneSum::default();
-        ctx.pass(|rows, xs| {
-            let (v0, v1) = self.vectors(&xs, d);
+        self.blocks(ctx, d, &mut bufs, |rows, start, [v0, v1, _]| {
+            let i = at(rows) + start;
             // (v0/‖v0‖)·(v1/‖v1‖), each operation rounded to D as torch does.
-            let mut u0 = d.map(&v0, |a| a / n0);
-            let u1 = d.map(&v1, |b| b / n1);
-            for (a, &b) in u0.iter_mut().zip(&u1) {
-                *a *= b;
-            }
-            d.q(&mut u0);
-            dot.add(at(&rows), &u0);
-            Ok(())
+            kernels::vectorized(
+                #[inline(always)]
+                || {
+                    for a in v0.iter_mut() {
+                        *a /= n0;
+                    }
+                    d.q(v0);
+                    for b in v1.iter_mut() {
+                        *b /= n1;
+                    }
+                    d.q(v1);
+                    for (a, &b) in v0.iter_mut().zip(v1.iter()) {
+                        *a *= b;
+                    }
+                    d.q(v0);
+                    dot.add(i, v0);
+                },
+            );
         })?;
         let c = nuslerp_coefficients(self.t, d.qs(dot.total() as f32).clamp(-1.0, 1.0), d);
-        ctx.pass(|rows, xs| {
-            let (v0, v1) = self.vectors(&xs, d);
-            let out = nuslerp_apply(c, &v0, &v1, d);
-            (ctx.emit)(rows, &self.finish(&xs, out, d))
+        ctx.pass_chunks(|rows, chunk| {
+            let n = chunk.len(self.i0);
+            let mut out = Vec::with_capacity(n);
+            let [v0, v1, o] = &mut bufs;
+            let mut base = vec![0f32; if self.base.is_some() { BLOCK } else { 0 }];
+            for start in (0..n).step_by(BLOCK) {
+                let len = BLOCK.min(n - start);
+                let (v0, v1, o) = (&mut v0[..len], &mut v1[..len], &mut o[..len]);
+                self.read_vectors(&chunk, start, d, v0, v1, &mut base);
+                nuslerp_apply_into(c, v0, v1, d, o);
+                if self.base.is_some() {
+                    // `base + out`, rounded to D.
+                    for (x, &b) in o.iter_mut().zip(&base[..len]) {
+                        *x += b;
+                    }
+                    d.q(o);
+                }
+                out.extend_from_slice(o);
+            }
+            (ctx.emit)(rows, &out)
+        })
+    }
+
+    /// Elements `start..start + v0.len()` of the interpolated vectors (task vectors when
+    /// there is a base, whose values are left in `base`).
+    fn read_vectors(
+        &self,
+        c: &Chunk,
+        start: usize,
+        d: D,
+        v0: &mut [f32],
+        v1: &mut [f32],
+        base: &mut [f32],
+    ) {
+        c.read(self.i0, start, v0);
+        c.read(self.i1, start, v1);
+        if let Some(b) = self.base {
+            let base = &mut base[..v0.len()];
+            c.read(b, start, base);
+            for v in [&mut *v0, &mut *v1] {
+                for (x, &y) in v.iter_mut().zip(base.iter()) {
+                    *x -= y;
+                }
+                d.q(v);
+            }
+        }
+    }
+
+    /// One pass over the interpolated vectors, a block at a time (in the first two of
+    /// the three buffers; the third is scratch).
+    fn blocks(
+        &self,
+        ctx: &StreamCtx<'_>,
+        d: D,
+        bufs: &mut [Vec<f32>; 3],
+        mut f: impl FnMut(&std::ops::Range<u64>, usize, [&mut [f32]; 3]),
+    ) -> Result<()> {
+        let mut base = vec![0f32; if self.base.is_some() { BLOCK } else { 0 }];
+        ctx.pass_chunks(|rows, c| {
+            let n = c.len(self.i0);
+            for start in (0..n).step_by(BLOCK) {
+                let len = BLOCK.min(n - start);
+                let [v0, v1, s] = bufs;
+                let (v0, v1, s) = (&mut v0[..len], &mut v1[..len], &mut s[..len]);
+                self.read_vectors(&c, start, d, v0, v1, &mut base);
+                f(&rows, start, [v0, v1, s]);
+            }
+            Ok(())
         })
     }
 
@@ -307,6 +388,35 @@ fn apply1(c: NuCoeffs, a: f32, b: f32, d: D) -> f32 {
         NuCoeffs::Slerp(s0, s1, st) => d.qs(d.qs(d.qs(s0 * a) + d.qs(s1 * b)) / st),
     }
 }
+
+/// [`apply1`] over a block into `out`, each rounding a vector kernel (`v0` is overwritten).
+fn nuslerp_apply_into(c: NuCoeffs, v0: &mut [f32], v1: &[f32], d: D, out: &mut [f32]) {
+    let (c0, c1, div) = match c {
+        NuCoeffs::Lerp(a0, a1) => (a0, a1, None),
+        NuCoeffs::Slerp(s0, s1, st) => (s0, s1, Some(st)),
+    };
+    for (o, &a) in out.iter_mut().zip(v0.iter()) {
+        *o = c0 * a;
+    }
+    d.q(out);
+    for (t, &b) in v0.iter_mut().zip(v1) {
+        *t = c1 * b;
+    }
+    d.q(v0);
+    for (o, &t) in out.iter_mut().zip(v0.iter()) {
+        *o += t;
+    }
+    d.q(out);
+    if let Some(st) = div {
+        for o in out.iter_mut() {
+            *o /= st;
+        }
+        d.q(out);
+    }
+}
+
+/// Elements per block of the streamed passes (a block of each operand stays in L1).
+const BLOCK: usize = 2048;
 
 /// [`apply1`] over whole vectors, in cache-sized tiles whose roundings are vector kernels.
 fn nuslerp_apply(c: NuCoeffs, v0: &[f32], v1: &[f32], d: D) -> Vec<f32> {
