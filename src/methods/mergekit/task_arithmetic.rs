@@ -275,6 +275,7 @@ impl TaskMerge {
     /// [`combine`](Self::combine) on one block of at most [`BLOCK`] elements whose deltas
     /// are in `s` (overwritten): every buffer stays in L1, and each step is a loop that
     /// vectorizes, every result rounded to D as torch does.
+    #[inline(always)]
     pub(crate) fn combine_block(
         &self,
         d: D,

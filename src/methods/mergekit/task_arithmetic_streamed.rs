@@ -116,6 +116,7 @@ struct Masker<'a> {
 impl Masker<'_> {
     /// The mask of a run of deltas, in index order: the window's comparisons over the whole
     /// run (they vectorize), then the elements tied with a boundary value one by one.
+    #[inline(always)]
     fn mask_into(&mut self, dl: &[f32], m: &mut [bool]) {
         let Rule::Window { low, high, .. } = *self.rule else {
             for (k, &x) in m.iter_mut().zip(dl) {
@@ -486,37 +487,45 @@ pub(crate) fn stream(r: &TaskMerge, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
                     draw_mask(k, first, &tile_dl, tile_mask, &mut order);
                 }
             }
-            for blk in blocks(t.clone()) {
-                let len = blk.len();
-                let at = first + (blk.start - t.start);
-                let base = &mut base[..len];
-                c.read(b, blk.start, base);
-                for (k, &i) in others.iter().enumerate() {
-                    let dl = s.delta(k, len);
-                    read_delta(&c, d, i, blk.start, base, dl);
-                    let mask = &mut mask[..len];
-                    match rules[k] {
-                        Rule::All => continue,
-                        Rule::Random if !kept[k].is_empty() => read_bits(&kept[k], at, mask),
-                        Rule::Random => mask.copy_from_slice(
-                            &tile_masks[k][blk.start - t.start..blk.end - t.start],
-                        ),
-                        _ => maskers[k].mask_into(dl, mask),
-                    }
-                    for (x, &keep) in dl.iter_mut().zip(mask.iter()) {
-                        *x = masked(*x, keep);
-                    }
-                    if let Some(f) = factors[k] {
-                        for x in dl.iter_mut() {
-                            *x *= f;
+            // The elementwise loops vectorize far wider with the kernel set's instructions.
+            kernels::vectorized(
+                #[inline(always)]
+                || {
+                    for blk in blocks(t.clone()) {
+                        let len = blk.len();
+                        let at = first + (blk.start - t.start);
+                        let base = &mut base[..len];
+                        c.read(b, blk.start, base);
+                        for (k, &i) in others.iter().enumerate() {
+                            let dl = s.delta(k, len);
+                            read_delta(&c, d, i, blk.start, base, dl);
+                            let mask = &mut mask[..len];
+                            match rules[k] {
+                                Rule::All => continue,
+                                Rule::Random if !kept[k].is_empty() => {
+                                    read_bits(&kept[k], at, mask)
+                                }
+                                Rule::Random => mask.copy_from_slice(
+                                    &tile_masks[k][blk.start - t.start..blk.end - t.start],
+                                ),
+                                _ => maskers[k].mask_into(dl, mask),
+                            }
+                            for (x, &keep) in dl.iter_mut().zip(mask.iter()) {
+                                *x = masked(*x, keep);
+                            }
+                            if let Some(f) = factors[k] {
+                                for x in dl.iter_mut() {
+                                    *x *= f;
+                                }
+                                d.q(dl);
+                            }
                         }
-                        d.q(dl);
+                        let block_out = &mut block_out[..len];
+                        r.combine_block(d, base, &mut s, &w, block_out);
+                        out.extend_from_slice(block_out);
                     }
-                }
-                let block_out = &mut block_out[..len];
-                r.combine_block(d, base, &mut s, &w, block_out);
-                out.extend_from_slice(block_out);
-            }
+                },
+            );
         }
         (ctx.emit)(rows, &out)
     })
