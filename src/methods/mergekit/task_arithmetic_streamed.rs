@@ -439,23 +439,30 @@ pub(crate) fn stream(r: &TaskMerge, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
                 let first = rows.start as usize * cols + t.start;
                 tile_base.resize(t.len(), 0.0);
                 c.read(b, t.start, &mut tile_base);
-                for &k in &rescaled {
-                    tile_dl.resize(t.len(), 0.0);
-                    read_delta(&c, d, others[k], t.start, &tile_base, &mut tile_dl);
-                    let mask = &mut tile_masks[k];
-                    mask.resize(t.len(), false);
-                    match rules[k] {
-                        Rule::Random => draw_mask(k, first, &tile_dl, mask, &mut order),
-                        _ => maskers[k].mask_into(&tile_dl, mask),
-                    }
-                    before[k].add_with(first, &tile_dl, |x| x.abs() as f64);
-                    tile_kept.clear();
-                    tile_kept.extend(tile_dl.iter().zip(mask.iter()).map(|(&x, &k)| masked(x, k)));
-                    after[k].add_with(first, &tile_kept, |x| x.abs() as f64);
-                    if !bits[k].is_empty() {
-                        write_bits(&mut bits[k], first, mask);
-                    }
-                }
+                kernels::vectorized(
+                    #[inline(always)]
+                    || {
+                        for &k in &rescaled {
+                            tile_dl.resize(t.len(), 0.0);
+                            read_delta(&c, d, others[k], t.start, &tile_base, &mut tile_dl);
+                            let mask = &mut tile_masks[k];
+                            mask.resize(t.len(), false);
+                            match rules[k] {
+                                Rule::Random => draw_mask(k, first, &tile_dl, mask, &mut order),
+                                _ => maskers[k].mask_into(&tile_dl, mask),
+                            }
+                            before[k].add_with(first, &tile_dl, |x| x.abs() as f64);
+                            tile_kept.clear();
+                            tile_kept.extend(
+                                tile_dl.iter().zip(mask.iter()).map(|(&x, &k)| masked(x, k)),
+                            );
+                            after[k].add_with(first, &tile_kept, |x| x.abs() as f64);
+                            if !bits[k].is_empty() {
+                                write_bits(&mut bits[k], first, mask);
+                            }
+                        }
+                    },
+                );
             }
             Ok(())
         })?;
