@@ -1,8 +1,9 @@
 //! The task-arithmetic family streamed in passes over row chunks, for tensors too large to
-//! hold: TIES and breadcrumbs find their magnitude thresholds by a two-pass radix select
-//! over the f32 bit patterns (16 bits a pass), then (if rescaling) the kept L1 sums are
-//! taken, then the output is written. DARE/DELLA masks are counter-based, so every pass
-//! draws the same mask.
+//! hold: TIES and breadcrumbs find their magnitude thresholds by a radix select (one pass
+//! over 15-bit keys for f16/bf16, two of 16 bits for f32), then (if rescaling) the kept L1
+//! sums are taken, DARE/DELLA masks drawn once and kept as bits, then the output is
+//! written. Each pass reads the operands a block at a time from their stored bytes and
+//! does all its per-element work on L1-sized blocks (DELLA's masks on tiles of whole rows).
 
 use std::ops::Range;
 
