@@ -11,7 +11,7 @@ use super::method::{
     EXACT_ORDER_MAX,
     Capability, InputCount, MergeMethod, Need, Param, PrepareError, Resolved, Scope, TensorMerge,
 };
-use super::stream::{Chunk, LaneSum, StreamCtx, TILE_ELEMS};
+use super::stream::{Chunk, LaneSum, StreamCtx};
 use crate::error::Result;
 use crate::kernels;
 
@@ -418,30 +418,18 @@ fn nuslerp_apply_into(c: NuCoeffs, v0: &mut [f32], v1: &[f32], d: D, out: &mut [
 /// Elements per block of the streamed passes (a block of each operand stays in L1).
 const BLOCK: usize = 2048;
 
-/// [`apply1`] over whole vectors, in cache-sized tiles whose roundings are vector kernels.
+/// [`apply1`] over whole vectors, block by block.
 fn nuslerp_apply(c: NuCoeffs, v0: &[f32], v1: &[f32], d: D) -> Vec<f32> {
-    let (c0, c1, div) = match c {
-        NuCoeffs::Lerp(a0, a1) => (a0, a1, None),
-        NuCoeffs::Slerp(s0, s1, st) => (s0, s1, Some(st)),
-    };
-    let mut out = d.map(v0, |a| c0 * a);
-    let mut tmp = vec![0f32; TILE_ELEMS.min(v0.len())];
-    for (o, b) in out.chunks_mut(TILE_ELEMS).zip(v1.chunks(TILE_ELEMS)) {
+    let mut out = vec![0f32; v0.len()];
+    let mut tmp = vec![0f32; BLOCK.min(v0.len())];
+    for ((o, a), b) in out
+        .chunks_mut(BLOCK)
+        .zip(v0.chunks(BLOCK))
+        .zip(v1.chunks(BLOCK))
+    {
         let t = &mut tmp[..o.len()];
-        for (t, &b) in t.iter_mut().zip(b) {
-            *t = c1 * b;
-        }
-        d.q(t);
-        for (o, &t) in o.iter_mut().zip(t.iter()) {
-            *o += t;
-        }
-        d.q(o);
-        if let Some(st) = div {
-            for o in o.iter_mut() {
-                *o /= st;
-            }
-            d.q(o);
-        }
+        t.copy_from_slice(a);
+        nuslerp_apply_into(c, t, b, d, o);
     }
     out
 }

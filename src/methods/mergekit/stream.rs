@@ -250,14 +250,8 @@ impl MagnitudeOrder {
             }
         }
         for (counts, &shift) in self.counts.iter_mut().zip(&Self::SHIFTS) {
-            if counts.iter().any(|&c| c as usize == n) {
-                continue; // every key has the same digit: this pass would not move anything
-            }
-            let mut at = 0u32;
-            for c in counts.iter_mut() {
-                let here = *c;
-                *c = at;
-                at += here;
+            if !digit_starts(counts, n) {
+                continue;
             }
             for &e in &self.entries {
                 let digit = ((e >> shift) & Self::MASK) as usize;
@@ -316,14 +310,8 @@ impl MagnitudeOrder {
         spare.clear();
         spare.resize(n, 0);
         for (counts, shift) in counts.iter_mut().zip([16u32, 24]) {
-            if counts.iter().any(|&c| c as usize == n) {
-                continue; // every key has the same digit: this pass would not move anything
-            }
-            let mut at = 0u32;
-            for c in counts.iter_mut() {
-                let here = *c;
-                *c = at;
-                at += here;
+            if !digit_starts(counts, n) {
+                continue;
             }
             for &e in &entries {
                 let digit = (e >> shift & 0xFF) as usize;
@@ -340,6 +328,21 @@ impl MagnitudeOrder {
         self.ranks = ranks;
         &self.ranks
     }
+}
+
+/// Turn one digit's counts over `n` keys into where each digit's run starts in a stable
+/// radix pass; false when every key has the same digit (the pass would move nothing).
+fn digit_starts(counts: &mut [u32], n: usize) -> bool {
+    if counts.iter().any(|&c| c as usize == n) {
+        return false;
+    }
+    let mut at = 0u32;
+    for c in counts.iter_mut() {
+        let here = *c;
+        *c = at;
+        at += here;
+    }
+    true
 }
 
 /// An order-preserving key of an f32 for radix selection: negative values below positive
