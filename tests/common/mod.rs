@@ -37,6 +37,12 @@ pub fn config_cases(dir: &Path) -> Vec<String> {
 pub fn merge_config(cwd: &Path, config: &Path, extra: &[&str]) -> (tempfile::TempDir, PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
+    ok(cwd, &merge_args(config, &out, extra));
+    (tmp, out)
+}
+
+/// `merge CONFIG OUT --quiet EXTRA...`.
+fn merge_args<'a>(config: &'a Path, out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec![
         "merge",
         config.to_str().unwrap(),
@@ -44,8 +50,7 @@ pub fn merge_config(cwd: &Path, config: &Path, extra: &[&str]) -> (tempfile::Tem
         "--quiet",
     ];
     args.extend_from_slice(extra);
-    ok(cwd, &args);
-    (tmp, out)
+    args
 }
 
 /// Merge fixture case `case` of `dir` (`dir/CASE.yml`, run in `cwd`) and compare its tensors
@@ -76,14 +81,7 @@ pub fn run_yaml(tmp: &Path, yaml: &str, models: &Path, extra: &[&str]) -> (Outpu
     let cfg = tmp.join("config.yml");
     std::fs::write(&cfg, yaml.replace("{G}", models.to_str().unwrap())).unwrap();
     let out = tmp.join("out");
-    let mut args = vec![
-        "merge",
-        cfg.to_str().unwrap(),
-        out.to_str().unwrap(),
-        "--quiet",
-    ];
-    args.extend_from_slice(extra);
-    (mergestream(tmp, &args), out)
+    (mergestream(tmp, &merge_args(&cfg, &out, extra)), out)
 }
 
 /// Run the binary in `cwd`.
