@@ -9,7 +9,7 @@ use super::method::{
     EXACT_ORDER_MAX,
     Capability, InputCount, MergeMethod, Param, PrepareError, Resolved, TensorMerge,
 };
-use super::stream::{LaneSum, StreamCtx};
+use super::stream::{BLOCK_ELEMS, LaneSum, StreamCtx, blocks};
 use crate::error::Result;
 use crate::kernels;
 
@@ -97,13 +97,13 @@ impl TensorMerge for ModelStockMerge {
         let mut ss = vec![LaneSum::default(); m];
         let mut dots = vec![vec![LaneSum::default(); m]; m];
         // Block buffers: the base, each model (its offset in the first pass), a product.
-        let mut base = vec![0f32; BLOCK];
-        let mut offs = vec![vec![0f32; BLOCK]; m];
-        let (mut prod, mut out) = (vec![0f32; BLOCK], vec![0f32; BLOCK]);
+        let mut base = vec![0f32; BLOCK_ELEMS];
+        let mut offs = vec![vec![0f32; BLOCK_ELEMS]; m];
+        let (mut prod, mut out) = (vec![0f32; BLOCK_ELEMS], vec![0f32; BLOCK_ELEMS]);
         ctx.pass_chunks(|rows, c| {
             let at = rows.start as usize * ctx.cols;
-            for start in (0..c.len(b)).step_by(BLOCK) {
-                let n = BLOCK.min(c.len(b) - start);
+            for blk in blocks(0..c.len(b), BLOCK_ELEMS) {
+                let (start, n) = (blk.start, blk.len());
                 let base = &mut base[..n];
                 c.read(b, start, base);
                 for (o, &i) in offs.iter_mut().zip(others) {
@@ -146,8 +146,8 @@ impl TensorMerge for ModelStockMerge {
         let t = interpolation(&cos, m, d);
         ctx.pass_chunks(|rows, c| {
             let mut output = Vec::with_capacity(c.len(b));
-            for start in (0..c.len(b)).step_by(BLOCK) {
-                let n = BLOCK.min(c.len(b) - start);
+            for blk in blocks(0..c.len(b), BLOCK_ELEMS) {
+                let (start, n) = (blk.start, blk.len());
                 let base = &mut base[..n];
                 c.read(b, start, base);
                 for (w, &i) in offs.iter_mut().zip(others) {
@@ -162,8 +162,6 @@ impl TensorMerge for ModelStockMerge {
     }
 }
 
-/// Elements per block of the streamed passes (a block of each operand stays in L1).
-const BLOCK: usize = 2048;
 
 impl ModelStockMerge {
     fn merge_vectors(&self, xs: &[Vec<f32>], d: D) -> Vec<f32> {

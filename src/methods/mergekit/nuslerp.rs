@@ -11,7 +11,7 @@ use super::method::{
     EXACT_ORDER_MAX,
     Capability, InputCount, MergeMethod, Need, Param, PrepareError, Resolved, Scope, TensorMerge,
 };
-use super::stream::{Chunk, LaneSum, StreamCtx};
+use super::stream::{BLOCK_ELEMS, Chunk, LaneSum, StreamCtx, blocks};
 use crate::error::Result;
 use crate::kernels;
 
@@ -209,7 +209,7 @@ impl NuSlerpMerge {
     fn stream_flat(&self, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
         let eps = nuslerp_eps(d);
         let at = |rows: &std::ops::Range<u64>| rows.start as usize * ctx.cols;
-        let mut bufs = [vec![0f32; BLOCK], vec![0f32; BLOCK], vec![0f32; BLOCK]];
+        let mut bufs = [vec![0f32; BLOCK_ELEMS], vec![0f32; BLOCK_ELEMS], vec![0f32; BLOCK_ELEMS]];
         let (mut s0, mut s1) = (LaneSum::default(), LaneSum::default());
         self.blocks(ctx, d, &mut bufs, |rows, start, [v0, v1, _]| {
             let i = at(rows) + start;
@@ -251,9 +251,9 @@ impl NuSlerpMerge {
             let n = chunk.len(self.i0);
             let mut out = Vec::with_capacity(n);
             let [v0, v1, o] = &mut bufs;
-            let mut base = vec![0f32; if self.base.is_some() { BLOCK } else { 0 }];
-            for start in (0..n).step_by(BLOCK) {
-                let len = BLOCK.min(n - start);
+            let mut base = vec![0f32; if self.base.is_some() { BLOCK_ELEMS } else { 0 }];
+            for blk in blocks(0..n, BLOCK_ELEMS) {
+                let (start, len) = (blk.start, blk.len());
                 let (v0, v1, o) = (&mut v0[..len], &mut v1[..len], &mut o[..len]);
                 self.read_vectors(&chunk, start, d, v0, v1, &mut base);
                 nuslerp_apply_into(c, v0, v1, d, o);
@@ -304,11 +304,11 @@ impl NuSlerpMerge {
         bufs: &mut [Vec<f32>; 3],
         mut f: impl FnMut(&std::ops::Range<u64>, usize, [&mut [f32]; 3]),
     ) -> Result<()> {
-        let mut base = vec![0f32; if self.base.is_some() { BLOCK } else { 0 }];
+        let mut base = vec![0f32; if self.base.is_some() { BLOCK_ELEMS } else { 0 }];
         ctx.pass_chunks(|rows, c| {
             let n = c.len(self.i0);
-            for start in (0..n).step_by(BLOCK) {
-                let len = BLOCK.min(n - start);
+            for blk in blocks(0..n, BLOCK_ELEMS) {
+                let (start, len) = (blk.start, blk.len());
                 let [v0, v1, s] = bufs;
                 let (v0, v1, s) = (&mut v0[..len], &mut v1[..len], &mut s[..len]);
                 self.read_vectors(&c, start, d, v0, v1, &mut base);
@@ -415,17 +415,15 @@ fn nuslerp_apply_into(c: NuCoeffs, v0: &mut [f32], v1: &[f32], d: D, out: &mut [
     }
 }
 
-/// Elements per block of the streamed passes (a block of each operand stays in L1).
-const BLOCK: usize = 2048;
 
 /// [`apply1`] over whole vectors, block by block.
 fn nuslerp_apply(c: NuCoeffs, v0: &[f32], v1: &[f32], d: D) -> Vec<f32> {
     let mut out = vec![0f32; v0.len()];
-    let mut tmp = vec![0f32; BLOCK.min(v0.len())];
+    let mut tmp = vec![0f32; BLOCK_ELEMS.min(v0.len())];
     for ((o, a), b) in out
-        .chunks_mut(BLOCK)
-        .zip(v0.chunks(BLOCK))
-        .zip(v1.chunks(BLOCK))
+        .chunks_mut(BLOCK_ELEMS)
+        .zip(v0.chunks(BLOCK_ELEMS))
+        .zip(v1.chunks(BLOCK_ELEMS))
     {
         let t = &mut tmp[..o.len()];
         t.copy_from_slice(a);

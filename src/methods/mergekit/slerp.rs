@@ -8,7 +8,7 @@ use super::method::{
     EXACT_ORDER_MAX,
     Capability, InputCount, MergeMethod, Need, Param, PrepareError, Resolved, Scope, TensorMerge,
 };
-use super::stream::{LaneSum, StreamCtx};
+use super::stream::{BLOCK_ELEMS, LaneSum, StreamCtx, blocks};
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::kernels;
@@ -88,11 +88,11 @@ impl TensorMerge for SlerpMerge {
     fn stream(&self, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
         let (i0, i1) = (self.v0, self.v1);
         let (mut s0, mut s1, mut s01) = (LaneSum::default(), LaneSum::default(), LaneSum::default());
-        let (mut a, mut b, mut p) = (vec![0f32; BLOCK], vec![0f32; BLOCK], vec![0f32; BLOCK]);
+        let (mut a, mut b, mut p) = (vec![0f32; BLOCK_ELEMS], vec![0f32; BLOCK_ELEMS], vec![0f32; BLOCK_ELEMS]);
         ctx.pass_chunks(|rows, c| {
             let at = rows.start as usize * ctx.cols;
-            for start in (0..c.len(i0)).step_by(BLOCK) {
-                let n = BLOCK.min(c.len(i0) - start);
+            for blk in blocks(0..c.len(i0), BLOCK_ELEMS) {
+                let (start, n) = (blk.start, blk.len());
                 let (a, b, p) = (&mut a[..n], &mut b[..n], &mut p[..n]);
                 c.read(i0, start, a);
                 c.read(i1, start, b);
@@ -116,8 +116,8 @@ impl TensorMerge for SlerpMerge {
         let (ca, cb) = slerp_coefficients(dot.clamp(-1.0, 1.0), self.t);
         ctx.pass_chunks(|rows, c| {
             let mut out = Vec::with_capacity(c.len(i0));
-            for start in (0..c.len(i0)).step_by(BLOCK) {
-                let n = BLOCK.min(c.len(i0) - start);
+            for blk in blocks(0..c.len(i0), BLOCK_ELEMS) {
+                let (start, n) = (blk.start, blk.len());
                 let (a, b, p) = (&mut a[..n], &mut b[..n], &mut p[..n]);
                 c.read(i0, start, a);
                 c.read(i1, start, b);
@@ -129,8 +129,6 @@ impl TensorMerge for SlerpMerge {
     }
 }
 
-/// Elements per block of the streamed passes (a block of each operand stays in L1).
-const BLOCK: usize = 2048;
 
 /// The norm slerp divides by: ‖v‖, or 1 for a (near) zero tensor.
 fn slerp_norm(n: f32) -> f32 {

@@ -19,6 +19,17 @@ pub type EmitFn<'a> = &'a dyn Fn(Range<u64>, &[f32]) -> Result<()>;
 /// Elements per tile of the per-element work inside a chunk (stays in L2).
 pub(crate) const TILE_ELEMS: usize = 32 * 1024;
 
+/// Elements per block of a streamed pass's per-element work: a block of each operand, read
+/// with [`Chunk::read`], stays in L1.
+pub(crate) const BLOCK_ELEMS: usize = 2048;
+
+/// The ranges of `run`, in blocks of `size` elements (the last one shorter).
+pub(crate) fn blocks(run: Range<usize>, size: usize) -> impl Iterator<Item = Range<usize>> {
+    let end = run.end;
+    run.step_by(size.max(1))
+        .map(move |a| a..(a + size).min(end))
+}
+
 /// Access to one step's data: operands by row range, and the output.
 pub struct StreamCtx<'a> {
     pub rows: u64,

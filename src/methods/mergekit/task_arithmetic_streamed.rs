@@ -5,13 +5,11 @@
 //! written. Each pass reads the operands a block at a time from their stored bytes and
 //! does all its per-element work on L1-sized blocks (DELLA's masks on tiles of whole rows).
 
-use std::ops::Range;
-
 use super::arith::D;
 use super::sparsify::{
     Sparsify, dare_mask, della_row_mask, masked, outlier_window, rescale_factor,
 };
-use super::stream::{Chunk, LaneSum, MagnitudeOrder, StreamCtx, TILE_ELEMS};
+use super::stream::{Chunk, LaneSum, MagnitudeOrder, StreamCtx, TILE_ELEMS, blocks};
 use super::task_arithmetic::{BLOCK, Blocks, TaskInput, TaskMerge};
 use crate::dtype::DType;
 use crate::error::Result;
@@ -221,12 +219,6 @@ fn read_delta(c: &Chunk, d: D, i: usize, at: usize, base: &[f32], out: &mut [f32
     delta_in_place(d, out, base);
 }
 
-/// A run's element ranges in blocks of [`BLOCK`].
-fn blocks(run: Range<usize>) -> impl Iterator<Item = Range<usize>> {
-    let end = run.end;
-    run.step_by(BLOCK).map(move |a| a..(a + BLOCK).min(end))
-}
-
 /// Stream a task-arithmetic merge: the sparsifying thresholds (radix select), then the
 /// rescale sums, then the output.
 pub(crate) fn stream(r: &TaskMerge, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
@@ -304,7 +296,7 @@ pub(crate) fn stream(r: &TaskMerge, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
     let select_pass = |key_d: D, f: &mut dyn FnMut(usize, &[f32])| -> Result<()> {
         let (mut dl, mut base) = (vec![0f32; BLOCK], vec![0f32; BLOCK]);
         ctx.pass_chunks(|_, c| {
-            for blk in blocks(0..c.len(b)) {
+            for blk in blocks(0..c.len(b), BLOCK) {
                 let base = &mut base[..blk.len()];
                 c.read(b, blk.start, base);
                 for &k in &selecting {
@@ -499,7 +491,7 @@ pub(crate) fn stream(r: &TaskMerge, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
             kernels::vectorized(
                 #[inline(always)]
                 || {
-                    for blk in blocks(t.clone()) {
+                    for blk in blocks(t.clone(), BLOCK) {
                         let len = blk.len();
                         let at = first + (blk.start - t.start);
                         let base = &mut base[..len];
