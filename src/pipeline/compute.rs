@@ -96,41 +96,22 @@ pub(crate) fn run_streamed(io: &StreamIo<'_>, si: usize, chunk_rows: u64) -> Res
             return Err(Error::new(ErrorKind::Interrupted));
         }
         let loaded = load_operands(plan, io.inputs, step, rows.clone())?;
-        let data = operand_data(plan, operands, &loaded);
         let mut chunk = Chunk::default();
-        let mut values = Vec::new();
-        for (op, d) in operands.iter().zip(&data) {
+        for (op, lo) in operands.iter().zip(loaded) {
             let n = (rows.end.min(op.rows).max(rows.start) - rows.start) as usize;
-            values.push(if op.patches.is_empty() {
-                None
-            } else {
-                Some(operand_f32(plan, op, d, rows.start, n, cols)?)
-            });
-        }
-        drop(data);
-        for ((op, lo), v) in operands.iter().zip(loaded).zip(values) {
-            let n = (rows.end.min(op.rows).max(rows.start) - rows.start) as usize * cols;
             let (dtype, _) = op.stored(plan);
-            match v {
+            if op.patches.is_empty()
+                && dtype.bits() >= 8
+                && lo.bytes.len() >= n * cols * dtype.size()
+            {
                 // Without patches the bytes are read a block at a time where the method
                 // needs them (decoded and rounded there).
-                None if dtype.bits() >= 8 && lo.bytes.len() >= n * dtype.size() => {
-                    let mut roundings: Vec<_> = op.load_as.into_iter().collect();
-                    roundings.extend(later_roundings(op, dtype));
-                    chunk.push_stored(Box::new(lo.bytes), dtype, n, roundings);
-                }
-                None => {
-                    let d = operand_data(plan, std::slice::from_ref(op), std::slice::from_ref(&lo));
-                    chunk.push_values(operand_f32(
-                        plan,
-                        op,
-                        &d[0],
-                        rows.start,
-                        n / cols.max(1),
-                        cols,
-                    )?);
-                }
-                Some(v) => chunk.push_values(v),
+                let mut roundings: Vec<_> = op.load_as.into_iter().collect();
+                roundings.extend(later_roundings(op, dtype));
+                chunk.push_stored(Box::new(lo.bytes), dtype, n * cols, roundings);
+            } else {
+                let data = operand_data(plan, std::slice::from_ref(op), std::slice::from_ref(&lo));
+                chunk.push_values(operand_f32(plan, op, &data[0], rows.start, n, cols)?);
             }
         }
         Ok(chunk)
