@@ -216,8 +216,14 @@ impl NuSlerpMerge {
             kernels::vectorized(
                 #[inline(always)]
                 || {
-                    s0.add_sq(i, v0);
-                    s1.add_sq(i, v1);
+                    LaneSum::add_zip(
+                        [&mut s0, &mut s1],
+                        i,
+                        v0,
+                        v1,
+                        #[inline(always)]
+                        |a, b| [(a as f64) * (a as f64), (b as f64) * (b as f64)],
+                    );
                 },
             );
         })?;

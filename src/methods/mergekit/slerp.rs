@@ -93,18 +93,23 @@ impl TensorMerge for SlerpMerge {
             let at = rows.start as usize * ctx.cols;
             for blk in blocks(0..c.len(i0), BLOCK_ELEMS) {
                 let (start, n) = (blk.start, blk.len());
-                let (a, b, p) = (&mut a[..n], &mut b[..n], &mut p[..n]);
+                let (a, b) = (&mut a[..n], &mut b[..n]);
                 c.read(i0, start, a);
                 c.read(i1, start, b);
                 kernels::vectorized(
                     #[inline(always)]
                     || {
-                        s0.add_sq(at + start, a);
-                        s1.add_sq(at + start, b);
-                        for ((p, &x), &y) in p.iter_mut().zip(a.iter()).zip(b.iter()) {
-                            *p = x * y;
-                        }
-                        s01.add(at + start, p);
+                        LaneSum::add_zip(
+                            [&mut s0, &mut s1, &mut s01],
+                            at + start,
+                            a,
+                            b,
+                            #[inline(always)]
+                            |x, y| {
+                                let (x64, y64) = (x as f64, y as f64);
+                                [x64 * x64, y64 * y64, (x * y) as f64]
+                            },
+                        );
                     },
                 );
             }

@@ -208,6 +208,46 @@ impl LaneSum {
     pub fn total(&self) -> f64 {
         self.lanes.iter().sum()
     }
+
+    /// Feed `K` sums in one loop over paired values: `f(x, y)` gives each sum's term for
+    /// `xs[j]`, `ys[j]`, element `start + j` of the tensor. Each sum adds its terms in the
+    /// lanes and order of [`add_with`](Self::add_with), so the results are the same bits;
+    /// sharing the loop lets the sums' dependency chains (one add per 8 elements each)
+    /// overlap instead of running one after the other.
+    #[inline(always)]
+    pub fn add_zip<T: Copy, const K: usize>(
+        sums: [&mut LaneSum; K],
+        start: usize,
+        xs: &[f32],
+        ys: &[T],
+        f: impl Fn(f32, T) -> [f64; K],
+    ) {
+        let len = xs.len().min(ys.len());
+        let (xs, ys) = (&xs[..len], &ys[..len]);
+        let mut acc: [[f64; 8]; K] = std::array::from_fn(|k| sums[k].lanes);
+        let one = |acc: &mut [[f64; 8]; K], j: usize| {
+            for (a, t) in acc.iter_mut().zip(f(xs[j], ys[j])) {
+                a[(start + j) % 8] += t;
+            }
+        };
+        let head = ((8 - start % 8) % 8).min(len);
+        (0..head).for_each(|j| one(&mut acc, j));
+        let (bx, by) = (xs[head..].chunks_exact(8), ys[head..].chunks_exact(8));
+        let tail = bx.remainder().len();
+        // Terms of 8 elements first, then each sum's 8 lanes: this order vectorizes by lane.
+        for (cx, cy) in bx.zip(by) {
+            let t: [[f64; K]; 8] = std::array::from_fn(|l| f(cx[l], cy[l]));
+            for (k, a) in acc.iter_mut().enumerate() {
+                for (l, a) in a.iter_mut().enumerate() {
+                    *a += t[l][k];
+                }
+            }
+        }
+        (len - tail..len).for_each(|j| one(&mut acc, j));
+        for (s, a) in sums.into_iter().zip(acc) {
+            s.lanes = a;
+        }
+    }
 }
 
 /// Ascending order of a row's magnitudes (NaN last), ties in index order: a stable LSD radix
@@ -486,6 +526,35 @@ mod tests {
         }
         let exact: f64 = v.iter().map(|&x| (x as f64) * (x as f64)).sum();
         assert!((whole - exact).abs() <= 1e-12 * exact);
+    }
+
+    /// Sums fed side by side in one loop are the same bits as each fed alone, at every
+    /// alignment of the start and every length (head, body and tail of the lanes).
+    #[test]
+    fn zipped_lane_sums_match_separate_sums() {
+        let xs: Vec<f32> = (0..203)
+            .map(|i| ((i * 7919 % 211) as f32 - 105.0) * 1.3e-3)
+            .collect();
+        let keep: Vec<bool> = (0..203).map(|i| i * 31 % 7 < 3).collect();
+        for start in 0..9 {
+            for len in [0usize, 1, 5, 8, 9, 17, 64, 203] {
+                let (x, m) = (&xs[..len], &keep[..len]);
+                let (mut a, mut b) = (LaneSum::default(), LaneSum::default());
+                LaneSum::add_zip([&mut a, &mut b], start, x, m, |x, k| {
+                    [x.abs() as f64, if k { x as f64 } else { 0.0 }]
+                });
+                let (mut a1, mut b1) = (LaneSum::default(), LaneSum::default());
+                a1.add_with(start, x, |x| x.abs() as f64);
+                let kept: Vec<f32> = x
+                    .iter()
+                    .zip(m)
+                    .map(|(&x, &k)| if k { x } else { 0.0 })
+                    .collect();
+                b1.add(start, &kept);
+                assert_eq!(a.lanes, a1.lanes, "start {start}, len {len}");
+                assert_eq!(b.lanes, b1.lanes, "start {start}, len {len}");
+            }
+        }
     }
 
     #[test]

@@ -176,10 +176,23 @@ impl Masker<'_> {
 
 /// Set the bits of `mask` into `bits` from bit `first` on (a word at a time when aligned, as
 /// tiles of whole rows usually are).
+#[inline(always)]
 fn write_bits(bits: &mut [u64], first: usize, mask: &[bool]) {
     if first.is_multiple_of(64) {
-        for (w, c) in bits[first / 64..].iter_mut().zip(mask.chunks(64)) {
-            *w |= c
+        let words = &mut bits[first / 64..];
+        let whole = mask.chunks_exact(64);
+        let rest = whole.remainder();
+        // Whole words from fixed-size arrays: the compiler packs them with vector compares.
+        for (w, c) in words.iter_mut().zip(whole) {
+            let c: &[bool; 64] = c.try_into().unwrap_or(&[false; 64]);
+            let mut word = 0u64;
+            for (i, &b) in c.iter().enumerate() {
+                word |= (b as u64) << i;
+            }
+            *w |= word;
+        }
+        if let Some(w) = words.get_mut(mask.len() / 64) {
+            *w |= rest
                 .iter()
                 .enumerate()
                 .fold(0u64, |word, (i, &b)| word | (b as u64) << i);
@@ -408,7 +421,7 @@ pub(crate) fn stream(r: &TaskMerge, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
     // Per model: its random mask as bits, once drawn (empty until then).
     let mut kept: Vec<Vec<u64>> = vec![Vec::new(); others.len()];
     // Per tile: the base, a model's deltas, mask and kept deltas.
-    let (mut tile_base, mut tile_dl, mut tile_kept) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut tile_base, mut tile_dl) = (Vec::new(), Vec::new());
     let mut tile_masks: Vec<Vec<bool>> = vec![Vec::new(); others.len()];
 
     // The rescale factors: Σ|δ| / Σ|kept δ| over the whole tensor.
@@ -444,12 +457,14 @@ pub(crate) fn stream(r: &TaskMerge, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
                                 Rule::Random => draw_mask(k, first, &tile_dl, mask, &mut order),
                                 _ => maskers[k].mask_into(&tile_dl, mask),
                             }
-                            before[k].add_with(first, &tile_dl, |x| x.abs() as f64);
-                            tile_kept.clear();
-                            tile_kept.extend(
-                                tile_dl.iter().zip(mask.iter()).map(|(&x, &k)| masked(x, k)),
+                            LaneSum::add_zip(
+                                [&mut before[k], &mut after[k]],
+                                first,
+                                &tile_dl,
+                                mask,
+                                #[inline(always)]
+                                |x, keep| [x.abs() as f64, masked(x, keep).abs() as f64],
                             );
-                            after[k].add_with(first, &tile_kept, |x| x.abs() as f64);
                             if !bits[k].is_empty() {
                                 write_bits(&mut bits[k], first, mask);
                             }
