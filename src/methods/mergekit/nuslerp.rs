@@ -262,14 +262,19 @@ impl NuSlerpMerge {
                 let (start, len) = (blk.start, blk.len());
                 let (v0, v1, o) = (&mut v0[..len], &mut v1[..len], &mut o[..len]);
                 self.read_vectors(&chunk, start, d, v0, v1, &mut base);
-                nuslerp_apply_into(c, v0, v1, d, o);
-                if self.base.is_some() {
-                    // `base + out`, rounded to D.
-                    for (x, &b) in o.iter_mut().zip(&base[..len]) {
-                        *x += b;
-                    }
-                    d.q(o);
-                }
+                kernels::vectorized(
+                    #[inline(always)]
+                    || {
+                        nuslerp_apply_into(c, v0, v1, d, o);
+                        if self.base.is_some() {
+                            // `base + out`, rounded to D.
+                            for (x, &b) in o.iter_mut().zip(&base[..len]) {
+                                *x += b;
+                            }
+                            d.q(o);
+                        }
+                    },
+                );
                 out.extend_from_slice(o);
             }
             (ctx.emit)(rows, &out)
@@ -396,6 +401,7 @@ fn apply1(c: NuCoeffs, a: f32, b: f32, d: D) -> f32 {
 }
 
 /// [`apply1`] over a block into `out`, each rounding a vector kernel (`v0` is overwritten).
+#[inline(always)]
 fn nuslerp_apply_into(c: NuCoeffs, v0: &mut [f32], v1: &[f32], d: D, out: &mut [f32]) {
     let (c0, c1, div) = match c {
         NuCoeffs::Lerp(a0, a1) => (a0, a1, None),

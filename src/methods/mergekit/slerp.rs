@@ -126,7 +126,10 @@ impl TensorMerge for SlerpMerge {
                 let (a, b, p) = (&mut a[..n], &mut b[..n], &mut p[..n]);
                 c.read(i0, start, a);
                 c.read(i1, start, b);
-                slerp_apply_into(ca, cb, a, b, d, p);
+                kernels::vectorized(
+                    #[inline(always)]
+                    || slerp_apply_into(ca, cb, a, b, d, p),
+                );
                 out.extend_from_slice(p);
             }
             (ctx.emit)(rows, &out)
@@ -160,6 +163,7 @@ fn slerp_apply(ca: f32, cb: f32, v0: &[f32], v1: &[f32], d: D) -> Vec<f32> {
 }
 
 /// [`slerp_apply`] into `out`.
+#[inline(always)]
 fn slerp_apply_into(ca: f32, cb: f32, v0: &[f32], v1: &[f32], d: D, out: &mut [f32]) {
     for ((o, &a), &b) in out.iter_mut().zip(v0).zip(v1) {
         *o = (ca * a) + (cb * b);
