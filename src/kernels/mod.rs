@@ -170,6 +170,13 @@ pub mod bytes {
 
     /// Encode f32 values as `dtype` bytes (round to nearest even).
     pub fn encode(dtype: DType, src: &[f32]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(src.len() * dtype.size());
+        encode_append(dtype, src, &mut out);
+        out
+    }
+
+    /// [`encode`] onto the end of `out`.
+    pub fn encode_append(dtype: DType, src: &[f32], out: &mut Vec<u8>) {
         let k = active();
         match dtype {
             DType::F16 | DType::BF16 => {
@@ -181,17 +188,16 @@ pub mod bytes {
                 // Through an L1 block, so the output is written once (not zeroed, filled,
                 // then copied into bytes).
                 const BLOCK: usize = 4096;
-                let mut out = Vec::with_capacity(src.len() * 2);
+                out.reserve(src.len() * 2);
                 let mut buf = [0u16; BLOCK];
                 for c in src.chunks(BLOCK) {
                     convert(c, &mut buf[..c.len()]);
                     out.extend_from_slice(buf[..c.len()].as_bytes());
                 }
-                out
             }
-            DType::F32 => src.as_bytes().to_vec(),
-            DType::F64 => src.iter().flat_map(|&x| (x as f64).to_le_bytes()).collect(),
-            _ => Vec::new(),
+            DType::F32 => out.extend_from_slice(src.as_bytes()),
+            DType::F64 => out.extend(src.iter().flat_map(|&x| (x as f64).to_le_bytes())),
+            _ => {}
         }
     }
 

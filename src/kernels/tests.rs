@@ -464,6 +464,17 @@ fn encode_matches_the_reference_conversion_on_odd_lengths() {
             canon16(&bf16),
             "bf16 {n}"
         );
+        // Appended in uneven pieces after existing bytes: the same bytes, in order.
+        for dtype in [DType::F16, DType::BF16, DType::F32, DType::F64] {
+            let mut out = vec![0xAB, 0xCD];
+            let cut = n / 3;
+            super::bytes::encode_append(dtype, &v[..cut], &mut out);
+            super::bytes::encode_append(dtype, &v[cut..], &mut out);
+            let mut want = vec![0xAB, 0xCD];
+            want.extend(encode(dtype, &v));
+            assert_eq!(out, want, "{dtype:?} {n}");
+            assert_eq!(want.len(), 2 + n * dtype.size(), "{dtype:?} {n}");
+        }
     }
 }
 

@@ -4,7 +4,6 @@
 use std::ops::Range;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::kernels::bytes::encode;
 use crate::methods::lora::PatchData;
 use crate::methods::mergekit::{Chunk, StreamCtx};
 use crate::plan::{Method, Operand, Plan, Recipe};
@@ -116,8 +115,7 @@ pub(crate) fn run_streamed(io: &StreamIo<'_>, si: usize, chunk_rows: u64) -> Res
         }
         Ok(chunk)
     };
-    let emit = |rows: Range<u64>, values: &[f32]| -> Result<()> {
-        let bytes = encode(step.dtype, values);
+    let write = |rows: Range<u64>, bytes: &[u8]| -> Result<()> {
         if bytes.len() as u64 != chunk_len(step, &rows) {
             return Err(Error::internal(format!(
                 "{} bytes computed where the plan has {}",
@@ -128,7 +126,7 @@ pub(crate) fn run_streamed(io: &StreamIo<'_>, si: usize, chunk_rows: u64) -> Res
         io.shards.write_at(
             step.shard,
             step.offset + chunk_offset(step, rows.start),
-            &bytes,
+            bytes,
         )?;
         io.progress.add(bytes.len() as u64);
         Ok(())
@@ -138,7 +136,8 @@ pub(crate) fn run_streamed(io: &StreamIo<'_>, si: usize, chunk_rows: u64) -> Res
         cols,
         chunk_rows: chunk_rows.max(1),
         load: &load,
-        emit: &emit,
+        out_dtype: step.dtype,
+        write: &write,
     };
     recipe.stream(&ctx)
 }

@@ -233,6 +233,6 @@ impl TensorMerge for FusionMerge {
             Ok(())
         })?;
         let threshold = Self::threshold(&rs, d);
-        ctx.pass(|rows, xs| (ctx.emit)(rows, &self.apply(&xs, threshold, d)))
+        ctx.pass(|rows, xs| ctx.emit(rows, &self.apply(&xs, threshold, d)))
     }
 }

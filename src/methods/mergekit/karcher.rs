@@ -194,7 +194,7 @@ impl TensorMerge for KarcherMerge {
     fn stream(&self, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
         let n = self.inputs;
         if n == 1 {
-            return ctx.pass(|rows, xs| (ctx.emit)(rows, &xs[0]));
+            return ctx.pass(|rows, xs| ctx.emit(rows, &xs[0]));
         }
         let mut gram = vec![vec![0f64; n]; n];
         ctx.pass(|_, xs| {
@@ -214,7 +214,7 @@ impl TensorMerge for KarcherMerge {
             .filter(|&i| norms[i] as f32 as f64 > self.tol)
             .collect();
         if valid.is_empty() {
-            return ctx.pass(|rows, xs| (ctx.emit)(rows, &Self::zeros(&xs, d)));
+            return ctx.pass(|rows, xs| ctx.emit(rows, &Self::zeros(&xs, d)));
         }
         let m = valid.len();
         // Gram matrix of the valid unit vectors.
@@ -287,7 +287,7 @@ impl TensorMerge for KarcherMerge {
                 })
                 .collect();
             d.q(&mut out);
-            (ctx.emit)(rows, &out)
+            ctx.emit(rows, &out)
         })
     }
 }

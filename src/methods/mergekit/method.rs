@@ -160,7 +160,7 @@ pub trait TensorMerge: fmt::Debug + Send + Sync {
     fn stream(&self, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
         ctx.pass(|rows, xs| {
             let n = (rows.end - rows.start) as usize;
-            (ctx.emit)(rows, &self.merge(&xs, n, ctx.cols, d))
+            ctx.emit(rows, &self.merge(&xs, n, ctx.cols, d))
         })
     }
 

@@ -230,8 +230,10 @@ mod tests {
                 xs.iter().map(|x| x[span(&r)].to_vec()).collect(),
             ))
         };
-        let emit = |r: Range<u64>, v: &[f32]| -> crate::error::Result<()> {
-            out.borrow_mut()[span(&r)].copy_from_slice(v);
+        // f32 output bytes: the values exactly as the method made them.
+        let write = |r: Range<u64>, b: &[u8]| -> crate::error::Result<()> {
+            let mut o = out.borrow_mut();
+            crate::kernels::bytes::decode(DType::F32, b, &mut o[span(&r)]);
             Ok(())
         };
         let ctx = StreamCtx {
@@ -239,7 +241,8 @@ mod tests {
             cols,
             chunk_rows: chunk,
             load: &load,
-            emit: &emit,
+            out_dtype: DType::F32,
+            write: &write,
         };
         merge.stream(&ctx, d).expect("streams");
         out.into_inner()

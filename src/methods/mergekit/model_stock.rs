@@ -89,7 +89,7 @@ impl TensorMerge for ModelStockMerge {
             // Every chunk holds whole rows, so whole vectors along the last dim.
             return ctx.pass(|rows, xs| {
                 let n = (rows.end - rows.start) as usize;
-                (ctx.emit)(rows, &self.merge(&xs, n, ctx.cols, d))
+                ctx.emit(rows, &self.merge(&xs, n, ctx.cols, d))
             });
         }
         let (b, others) = (self.base, &self.others);
@@ -157,7 +157,7 @@ impl TensorMerge for ModelStockMerge {
                 apply_into(t, base, &ws, d, &mut out[..n], &mut prod[..n]);
                 output.extend_from_slice(&out[..n]);
             }
-            (ctx.emit)(rows, &output)
+            ctx.emit(rows, &output)
         })
     }
 }

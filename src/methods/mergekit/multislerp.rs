@@ -198,7 +198,7 @@ impl TensorMerge for MultiSlerpMerge {
     /// the result as a combination of the inputs.
     fn stream(&self, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
         if let [only] = self.others[..] {
-            return ctx.pass(|rows, xs| (ctx.emit)(rows, &xs[only]));
+            return ctx.pass(|rows, xs| ctx.emit(rows, &xs[only]));
         }
         let n = self.others.len();
         let mut gram = vec![vec![0f64; n]; n];
@@ -262,7 +262,7 @@ impl TensorMerge for MultiSlerpMerge {
                 .map(|k| (0..n).map(|j| per_t[j] * ts[j][k] as f64).sum::<f64>() as f32)
                 .collect();
             d.q(&mut out);
-            (ctx.emit)(rows, &self.add_base(&xs, out, d))
+            ctx.emit(rows, &self.add_base(&xs, out, d))
         })
     }
 }

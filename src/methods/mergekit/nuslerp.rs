@@ -195,7 +195,7 @@ impl TensorMerge for NuSlerpMerge {
             Axis::Last(len) => ctx.pass(|rows, xs| {
                 let (v0, v1) = self.vectors(&xs, d);
                 let out = self.last_dim(&v0, &v1, len, d);
-                (ctx.emit)(rows, &self.finish(&xs, out, d))
+                ctx.emit(rows, &self.finish(&xs, out, d))
             }),
             Axis::Flat => self.stream_flat(ctx, d),
             Axis::First => self.stream_columns(ctx, d),
@@ -255,7 +255,7 @@ impl NuSlerpMerge {
         let c = nuslerp_coefficients(self.t, d.qs(dot.total() as f32).clamp(-1.0, 1.0), d);
         ctx.pass_chunks(|rows, chunk| {
             let n = chunk.len(self.i0);
-            let mut out = Vec::with_capacity(n);
+            let mut out = ctx.output(n);
             let [v0, v1, o] = &mut bufs;
             let mut base = vec![0f32; if self.base.is_some() { BLOCK_ELEMS } else { 0 }];
             for blk in blocks(0..n, BLOCK_ELEMS) {
@@ -275,9 +275,9 @@ impl NuSlerpMerge {
                         }
                     },
                 );
-                out.extend_from_slice(o);
+                out.push(o);
             }
-            (ctx.emit)(rows, &out)
+            ctx.emit_output(rows, out)
         })
     }
 
@@ -367,7 +367,7 @@ impl NuSlerpMerge {
                 .enumerate()
                 .map(|(j, (&a, &b))| apply1(coeffs[j % cols], a, b, d))
                 .collect();
-            (ctx.emit)(rows, &self.finish(&xs, out, d))
+            ctx.emit(rows, &self.finish(&xs, out, d))
         })
     }
 }

@@ -236,7 +236,7 @@ impl TensorMerge for RamMerge {
         let Some(plus) = self.plus.filter(|_| !self.others.is_empty()) else {
             return ctx.pass(|rows, xs| {
                 let n = xs[b].len();
-                (ctx.emit)(rows, &self.merge(&xs, 0, n, d))
+                ctx.emit(rows, &self.merge(&xs, 0, n, d))
             });
         };
         let mut acc = vec![(0, 0); self.others.len()];
@@ -246,6 +246,6 @@ impl TensorMerge for RamMerge {
             Ok(())
         })?;
         let lambdas: Vec<f32> = acc.iter().map(|&c| self.lambda(plus, c)).collect();
-        ctx.pass(|rows, xs| (ctx.emit)(rows, &self.apply(&xs, 0..xs[b].len(), Some(&lambdas), d)))
+        ctx.pass(|rows, xs| ctx.emit(rows, &self.apply(&xs, 0..xs[b].len(), Some(&lambdas), d)))
     }
 }

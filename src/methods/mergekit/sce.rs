@@ -284,7 +284,7 @@ impl TensorMerge for SceMerge {
     fn stream(&self, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
         let b = self.base;
         if self.others.is_empty() {
-            return ctx.pass(|rows, xs| (ctx.emit)(rows, &xs[b]));
+            return ctx.pass(|rows, xs| ctx.emit(rows, &xs[b]));
         }
         let n = ctx.rows * ctx.cols as u64;
         let tvs_of = |xs: &[Vec<f32>]| self.task_vectors(xs, 0..xs[b].len(), d);
@@ -331,7 +331,7 @@ impl TensorMerge for SceMerge {
         let mut s = sel;
         ctx.pass(|rows, xs| {
             let tvs = selected(&xs, &mut s);
-            (ctx.emit)(rows, &Self::combine(&xs[b], &tvs, &w, d))
+            ctx.emit(rows, &Self::combine(&xs[b], &tvs, &w, d))
         })
     }
 

@@ -9,12 +9,12 @@ use std::ops::{Deref, Range};
 
 use crate::dtype::DType;
 use crate::error::Result;
-use crate::kernels::bytes::{decode, decode_append, round_to};
+use crate::kernels::bytes::{decode, decode_append, encode_append, round_to};
 
 /// Loads the operands of a row range.
 pub type LoadFn<'a> = &'a dyn Fn(Range<u64>) -> Result<Chunk>;
-/// Writes output values of a row range.
-pub type EmitFn<'a> = &'a dyn Fn(Range<u64>, &[f32]) -> Result<()>;
+/// Writes the output bytes (in the output dtype) of a row range.
+pub type WriteFn<'a> = &'a dyn Fn(Range<u64>, &[u8]) -> Result<()>;
 
 /// Elements per tile of the per-element work inside a chunk (stays in L2).
 pub(crate) const TILE_ELEMS: usize = 32 * 1024;
@@ -37,11 +37,47 @@ pub struct StreamCtx<'a> {
     pub chunk_rows: u64,
     /// The operands of a row range.
     pub load: LoadFn<'a>,
-    /// Write output values (in the compute dtype's precision) for a row range.
-    pub emit: EmitFn<'a>,
+    /// The dtype the output is stored in.
+    pub out_dtype: DType,
+    /// Write a row range's output bytes.
+    pub write: WriteFn<'a>,
+}
+
+/// A row range's output, encoded a block at a time as a pass produces it: the values are
+/// never kept whole in f32.
+pub struct Output {
+    dtype: DType,
+    bytes: Vec<u8>,
+}
+
+impl Output {
+    /// Append output values (in the compute dtype's precision).
+    pub fn push(&mut self, values: &[f32]) {
+        encode_append(self.dtype, values, &mut self.bytes);
+    }
 }
 
 impl StreamCtx<'_> {
+    /// Write output values (in the compute dtype's precision) for a row range.
+    pub fn emit(&self, rows: Range<u64>, values: &[f32]) -> Result<()> {
+        let mut out = self.output(values.len());
+        out.push(values);
+        self.emit_output(rows, out)
+    }
+
+    /// An empty output for `len` elements, to fill with [`Output::push`].
+    pub fn output(&self, len: usize) -> Output {
+        Output {
+            dtype: self.out_dtype,
+            bytes: Vec::with_capacity(len * self.out_dtype.size()),
+        }
+    }
+
+    /// Write a filled [`Output`] for a row range.
+    pub fn emit_output(&self, rows: Range<u64>, out: Output) -> Result<()> {
+        (self.write)(rows, &out.bytes)
+    }
+
     /// One pass over the tensor, chunk by chunk in row order, each operand decoded whole.
     pub fn pass(&self, mut f: impl FnMut(Range<u64>, Vec<Vec<f32>>) -> Result<()>) -> Result<()> {
         self.pass_chunks(|rows, chunk| f(rows, chunk.into_values()))

@@ -240,7 +240,7 @@ pub(crate) fn stream(r: &TaskMerge, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
     let others = &r.others;
     if others.is_empty() {
         // Only the base in this slice: it passes through.
-        return ctx.pass(|rows, xs| (ctx.emit)(rows, &xs[b]));
+        return ctx.pass(|rows, xs| ctx.emit(rows, &xs[b]));
     }
     let n = ctx.rows * ctx.cols as u64;
     let cols = ctx.cols.max(1);
@@ -488,7 +488,7 @@ pub(crate) fn stream(r: &TaskMerge, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
     let mut mask = vec![false; BLOCK];
     let (mut block_out, mut base) = (vec![0f32; BLOCK], vec![0f32; BLOCK]);
     ctx.pass_chunks(|rows, c| {
-        let mut out = Vec::with_capacity(c.len(b));
+        let mut out = ctx.output(c.len(b));
         for t in tiles(c.len(b)) {
             let first = rows.start as usize * cols + t.start;
             for (k, tile_mask) in tile_masks.iter_mut().enumerate() {
@@ -537,12 +537,12 @@ pub(crate) fn stream(r: &TaskMerge, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
                         }
                         let block_out = &mut block_out[..len];
                         r.combine_block(d, base, &mut s, &w, block_out);
-                        out.extend_from_slice(block_out);
+                        out.push(block_out);
                     }
                 },
             );
         }
-        (ctx.emit)(rows, &out)
+        ctx.emit_output(rows, out)
     })
 }
 
