@@ -24,7 +24,9 @@ pub enum Sparsify {
 }
 
 /// A uniform number in [0, 1) for element `i` of input `k`: counter-based (SplitMix64), so
-/// every pass over a tensor draws the same mask.
+/// every pass over a tensor draws the same mask. The masks compare its 53 bits in integers;
+/// this is the float form they are tested against.
+#[cfg(test)]
 pub(crate) fn uniform(seed: u64, k: usize, i: usize) -> f64 {
     draw53(seed, k, i) as f64 / (1u64 << 53) as f64
 }
@@ -64,27 +66,52 @@ pub(crate) fn dare_mask(seed: u64, k: usize, density: f64, first: usize, mask: &
     );
 }
 
-/// DELLA's mask of one row whose first element is element `first` of the tensor: element j
-/// kept with the probability of its ascending magnitude rank in the row.
-pub(crate) fn della_row_mask(
-    p: &TaskInput,
+/// DELLA's masks, row by row, for one model: element j of a row is kept with the
+/// probability of its ascending magnitude rank in the row.
+pub(crate) struct DellaRows<'a> {
+    p: &'a TaskInput,
     seed: u64,
     k: usize,
-    first: usize,
-    row: &[f32],
-    mask: &mut [bool],
-    order: &mut MagnitudeOrder,
-) {
-    let n = row.len();
-    let ranks = order.ranks(row);
-    crate::kernels::vectorized(
-        #[inline(always)]
-        || {
-            for (j, (m, &rank0)) in mask.iter_mut().zip(ranks).enumerate() {
-                *m = uniform(seed, k, first + j) < della_probability(p, rank0 as usize, n) as f64;
-            }
-        },
-    );
+    order: MagnitudeOrder,
+    /// Per rank, for rows of `limits.len()`: the draws below it keep the element.
+    limits: Vec<u64>,
+}
+
+impl<'a> DellaRows<'a> {
+    pub fn new(p: &'a TaskInput, seed: u64, k: usize) -> Self {
+        DellaRows {
+            p,
+            seed,
+            k,
+            order: MagnitudeOrder::default(),
+            limits: Vec::new(),
+        }
+    }
+
+    /// The mask of one row whose first element is element `first` of the tensor.
+    pub fn mask(&mut self, first: usize, row: &[f32], mask: &mut [bool]) {
+        let n = row.len();
+        if self.limits.len() != n {
+            // `uniform < p` in integers, as `dare_mask` does, once per rank rather than
+            // once per element (a NaN probability keeps nothing, as the float comparison).
+            self.limits = (0..n)
+                .map(|r| {
+                    (della_probability(self.p, r, n) as f64 * (1u64 << 53) as f64).ceil() as u64
+                })
+                .collect();
+        }
+        let ranks = self.order.ranks(row);
+        let (seed, k, limits) = (self.seed, self.k, &self.limits[..]);
+        crate::kernels::vectorized(
+            #[inline(always)]
+            || {
+                for (j, (m, &rank0)) in mask.iter_mut().zip(ranks).enumerate() {
+                    let limit = limits.get(rank0 as usize).copied().unwrap_or(0);
+                    *m = draw53(seed, k, first + j) < limit;
+                }
+            },
+        );
+    }
 }
 
 /// Keep `x` where `keep`, else `0·x` (PyTorch's `t * mask`).
@@ -166,9 +193,9 @@ pub(crate) fn sparsify(
                 n
             }
             .max(1);
-            let mut order = MagnitudeOrder::default();
+            let mut della = DellaRows::new(p, seed, k);
             for (r, (row, m)) in delta.chunks(cols).zip(mask.chunks_mut(cols)).enumerate() {
-                della_row_mask(p, seed, k, r * cols, row, m, &mut order);
+                della.mask(r * cols, row, m);
             }
         }
     }
@@ -196,6 +223,49 @@ mod tests {
                     m,
                     uniform(7, 2, 123 + e) < density,
                     "density {density}, {e}"
+                );
+            }
+        }
+    }
+
+    /// Each rank's integer limit keeps exactly the draws the float comparison
+    /// `uniform < della_probability` keeps: over densities and epsilons that put the
+    /// probabilities below 0, above 1, at NaN, and on one-element rows (0/0).
+    #[test]
+    fn della_mask_matches_the_probability_draw() {
+        let row: Vec<f32> = (0..1001)
+            .map(|i| ((i * 7919 % 613) as f32 - 306.0) * 1.37e-3)
+            .collect();
+        let mut order = MagnitudeOrder::default();
+        for (density, epsilon) in [
+            (0.5, 0.1),
+            (0.3, 0.3),
+            (0.05, 0.2),
+            (0.9, 0.2),
+            (0.5, f64::NAN),
+            (0.5, 0.0),
+        ] {
+            let p = TaskInput {
+                weight: 1.0,
+                density,
+                gamma: 0.01,
+                epsilon,
+            };
+            let mut della = DellaRows::new(&p, 11, 3);
+            for len in [1usize, 2, 1001] {
+                let row = &row[..len];
+                let mut mask = vec![false; len];
+                della.mask(40, row, &mut mask);
+                let ranks = order.ranks(row).to_vec();
+                let kept: Vec<bool> = (0..len)
+                    .map(|j| {
+                        uniform(11, 3, 40 + j)
+                            < della_probability(&p, ranks[j] as usize, len) as f64
+                    })
+                    .collect();
+                assert_eq!(
+                    mask, kept,
+                    "density {density}, epsilon {epsilon}, len {len}"
                 );
             }
         }

@@ -315,6 +315,10 @@ impl Default for MagnitudeOrder {
 
 impl MagnitudeOrder {
     const SHIFTS: [u32; 3] = [32, 43, 54];
+    /// [`ranks`](Self::ranks) counts keys directly while their span is at most this many
+    /// times the row's length (clearing and summing the counts then costs about as much as
+    /// one more pass over the row); wider spans take the two radix passes.
+    const COUNTING_SPAN_PER_ELEM: usize = 4;
     const MASK: u64 = (1 << 11) - 1;
 
     /// The row's indices in ascending magnitude order (rows index with u32: a row is one
@@ -356,9 +360,10 @@ impl MagnitudeOrder {
     ///
     /// Values rounded from f16 or bf16 have few distinct magnitudes: with the trailing bits
     /// every key shares dropped and the nonzero ones counted from the smallest (zero stays
-    /// below them all), a row's keys span less than 2¹⁶, so key and index pack into a u32
-    /// and two 8-bit passes sort them (small count tables, half the bytes moved). Other rows
-    /// (f32 values, NaN, infinities) take the 64-bit radix sort.
+    /// below them all), a row's keys span less than 2¹⁶. A span within a few times the
+    /// row's length is ranked by a counting sort; a wider one packs key and index into a
+    /// u32 and sorts them in two 8-bit passes (small count tables, half the bytes moved).
+    /// Other rows (f32 values, NaN, infinities) take the 64-bit radix sort.
     pub fn ranks(&mut self, row: &[f32]) -> &[u32] {
         let n = row.len();
         let key = |x: f32| x.to_bits() & 0x7FFF_FFFF;
@@ -376,7 +381,31 @@ impl MagnitudeOrder {
         let mut ranks = std::mem::take(&mut self.ranks);
         ranks.clear();
         ranks.resize(n, 0);
-        if n > 1 << 16 || compact(max) >= 1 << 16 {
+        let span = compact(max) as usize + 1;
+        if span <= Self::COUNTING_SPAN_PER_ELEM.saturating_mul(n) {
+            // Few enough distinct keys for a counting sort: each key's first rank, then the
+            // ranks in index order (an element's rank is its key's next free one).
+            let starts = &mut self.bins;
+            starts.clear();
+            starts.resize(span, 0);
+            for &x in row {
+                starts[compact(key(x)) as usize] += 1;
+            }
+            let mut at = 0u32;
+            for c in starts.iter_mut() {
+                let here = *c;
+                *c = at;
+                at += here;
+            }
+            for (r, &x) in ranks.iter_mut().zip(row) {
+                let s = &mut starts[compact(key(x)) as usize];
+                *r = *s;
+                *s += 1;
+            }
+            self.ranks = ranks;
+            return &self.ranks;
+        }
+        if n > 1 << 16 || span > 1 << 16 {
             for (r, &j) in self.sort(row).iter().enumerate() {
                 ranks[j as usize] = r as u32;
             }

@@ -6,10 +6,8 @@
 //! does all its per-element work on L1-sized blocks (DELLA's masks on tiles of whole rows).
 
 use super::arith::D;
-use super::sparsify::{
-    Sparsify, dare_mask, della_row_mask, masked, outlier_window, rescale_factor,
-};
-use super::stream::{Chunk, LaneSum, MagnitudeOrder, StreamCtx, TILE_ELEMS, blocks};
+use super::sparsify::{DellaRows, Sparsify, dare_mask, masked, outlier_window, rescale_factor};
+use super::stream::{Chunk, LaneSum, StreamCtx, TILE_ELEMS, blocks};
 use super::task_arithmetic::{BLOCK, Blocks, TaskInput, TaskMerge};
 use crate::dtype::DType;
 use crate::error::Result;
@@ -395,13 +393,13 @@ pub(crate) fn stream(r: &TaskMerge, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
     // Bernoulli masks: element i of model k is kept with its probability. Drawn once: a
     // rescaling pass keeps them as bits for the output pass (1/32 of an f32 copy).
     let draw_mask =
-        |k: usize, first: usize, dl: &[f32], mask: &mut [bool], order: &mut MagnitudeOrder| {
+        |k: usize, first: usize, dl: &[f32], mask: &mut [bool], della: &mut DellaRows| {
             let i = others[k];
             let p = &r.inputs[i];
             match sparse {
                 Sparsify::Della => {
                     for (ri, (row, m)) in dl.chunks(cols).zip(mask.chunks_mut(cols)).enumerate() {
-                        della_row_mask(p, r.seed, i, first + ri * cols, row, m, order);
+                        della.mask(first + ri * cols, row, m);
                     }
                 }
                 _ => dare_mask(r.seed, i, p.density, first, mask),
@@ -417,7 +415,10 @@ pub(crate) fn stream(r: &TaskMerge, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
             })
             .collect()
     };
-    let mut order = MagnitudeOrder::default();
+    let mut dellas: Vec<DellaRows> = others
+        .iter()
+        .map(|&i| DellaRows::new(&r.inputs[i], r.seed, i))
+        .collect();
     // Per model: its random mask as bits, once drawn (empty until then).
     let mut kept: Vec<Vec<u64>> = vec![Vec::new(); others.len()];
     // Per tile: the base, a model's deltas, mask and kept deltas.
@@ -454,7 +455,7 @@ pub(crate) fn stream(r: &TaskMerge, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
                             let mask = &mut tile_masks[k];
                             mask.resize(t.len(), false);
                             match rules[k] {
-                                Rule::Random => draw_mask(k, first, &tile_dl, mask, &mut order),
+                                Rule::Random => draw_mask(k, first, &tile_dl, mask, &mut dellas[k]),
                                 _ => maskers[k].mask_into(&tile_dl, mask),
                             }
                             LaneSum::add_zip(
@@ -499,7 +500,7 @@ pub(crate) fn stream(r: &TaskMerge, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
                     tile_dl.resize(t.len(), 0.0);
                     read_delta(&c, d, others[k], t.start, &tile_base, &mut tile_dl);
                     tile_mask.resize(t.len(), false);
-                    draw_mask(k, first, &tile_dl, tile_mask, &mut order);
+                    draw_mask(k, first, &tile_dl, tile_mask, &mut dellas[k]);
                 }
             }
             // The elementwise loops vectorize far wider with the kernel set's instructions.
