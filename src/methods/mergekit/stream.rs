@@ -260,7 +260,10 @@ impl LaneSum {
     ) {
         let len = xs.len().min(ys.len());
         let (xs, ys) = (&xs[..len], &ys[..len]);
-        let mut acc: [[f64; 8]; K] = std::array::from_fn(|k| sums[k].lanes);
+        let mut acc = [[0f64; 8]; K];
+        for (a, s) in acc.iter_mut().zip(&sums) {
+            *a = s.lanes;
+        }
         let one = |acc: &mut [[f64; 8]; K], j: usize| {
             for (a, t) in acc.iter_mut().zip(f(xs[j], ys[j])) {
                 a[(start + j) % 8] += t;
@@ -272,7 +275,10 @@ impl LaneSum {
         let tail = bx.remainder().len();
         // Terms of 8 elements first, then each sum's 8 lanes: this order vectorizes by lane.
         for (cx, cy) in bx.zip(by) {
-            let t: [[f64; K]; 8] = std::array::from_fn(|l| f(cx[l], cy[l]));
+            let mut t = [[0f64; K]; 8];
+            for ((t, &x), &y) in t.iter_mut().zip(cx).zip(cy) {
+                *t = f(x, y);
+            }
             for (k, a) in acc.iter_mut().enumerate() {
                 for (l, a) in a.iter_mut().enumerate() {
                     *a += t[l][k];
@@ -377,7 +383,8 @@ impl MagnitudeOrder {
         let shift = any.trailing_zeros().min(31);
         // Nonzero keys map to 1.., zero to 0 (an all-zero row: everything to 0).
         let base = (min_nz.wrapping_add(1) >> shift).saturating_sub(1);
-        let compact = move |k: u32| if k == 0 { 0 } else { (k >> shift) - base };
+        // Every nonzero key is above `base` after the shift; zero saturates to 0 (branchless).
+        let compact = move |k: u32| (k >> shift).saturating_sub(base);
         let mut ranks = std::mem::take(&mut self.ranks);
         ranks.clear();
         ranks.resize(n, 0);
@@ -391,12 +398,7 @@ impl MagnitudeOrder {
             for &x in row {
                 starts[compact(key(x)) as usize] += 1;
             }
-            let mut at = 0u32;
-            for c in starts.iter_mut() {
-                let here = *c;
-                *c = at;
-                at += here;
-            }
+            exclusive_prefix_sums(starts);
             for (r, &x) in ranks.iter_mut().zip(row) {
                 let s = &mut starts[compact(key(x)) as usize];
                 *r = *s;
@@ -446,18 +448,23 @@ impl MagnitudeOrder {
     }
 }
 
+/// Counts into where each one's run starts (exclusive prefix sums).
+fn exclusive_prefix_sums(counts: &mut [u32]) {
+    let mut at = 0u32;
+    for c in counts.iter_mut() {
+        let here = *c;
+        *c = at;
+        at = at.wrapping_add(here);
+    }
+}
+
 /// Turn one digit's counts over `n` keys into where each digit's run starts in a stable
 /// radix pass; false when every key has the same digit (the pass would move nothing).
 fn digit_starts(counts: &mut [u32], n: usize) -> bool {
     if counts.iter().any(|&c| c as usize == n) {
         return false;
     }
-    let mut at = 0u32;
-    for c in counts.iter_mut() {
-        let here = *c;
-        *c = at;
-        at += here;
-    }
+    exclusive_prefix_sums(counts);
     true
 }
 
