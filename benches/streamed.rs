@@ -1,6 +1,7 @@
 //! The streamed methods' own kernels against their scalar references and a memcpy of the
 //! same bytes: the chunking-independent f64 lane sum (slerp, nuslerp, model_stock norms and
-//! dots; DARE/DELLA rescale sums) and DELLA's per-row magnitude order.
+//! dots; DARE/DELLA rescale sums), alone and several side by side, and DELLA's per-row
+//! magnitude order.
 //!
 //! `cargo bench --bench streamed`
 
@@ -8,6 +9,7 @@ use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
+use mergestream::kernels::vectorized;
 use mergestream::methods::mergekit::stream::{LaneSum, MagnitudeOrder};
 use mergestream::methods::torch_compat::argsort_asc;
 
@@ -33,6 +35,58 @@ fn lane_sum(c: &mut Criterion) {
             let mut s = LaneSum::default();
             s.add_sq(0, black_box(&v));
             s.total()
+        })
+    });
+    g.finish();
+
+    // Two sums over two operands (nuslerp's norms, slerp's without the dot): one after the
+    // other, against side by side in one loop. Block-sized calls, as the streamed passes
+    // make them; bytes counted for both operands.
+    let w: Vec<f32> = v.iter().map(|x| x * 0.5 + 0.1).collect();
+    const BLOCK: usize = 2048;
+    let mut g = c.benchmark_group("two_sums_of_squares_f64");
+    g.throughput(Throughput::Bytes((N * 8) as u64));
+    g.bench_function("memcpy", |b| {
+        b.iter(|| {
+            out.copy_from_slice(black_box(&v));
+            out.copy_from_slice(black_box(&w));
+        })
+    });
+    // Both compiled for the kernel set's instructions, as the streamed passes run them.
+    g.bench_function("one_after_the_other", |b| {
+        b.iter(|| {
+            vectorized(
+                #[inline(always)]
+                || {
+                    let (mut s0, mut s1) = (LaneSum::default(), LaneSum::default());
+                    for (i, (x, y)) in v.chunks(BLOCK).zip(w.chunks(BLOCK)).enumerate() {
+                        s0.add_sq(i * BLOCK, black_box(x));
+                        s1.add_sq(i * BLOCK, black_box(y));
+                    }
+                    (s0.total(), s1.total())
+                },
+            )
+        })
+    });
+    g.bench_function("zipped", |b| {
+        b.iter(|| {
+            vectorized(
+                #[inline(always)]
+                || {
+                    let (mut s0, mut s1) = (LaneSum::default(), LaneSum::default());
+                    for (i, (x, y)) in v.chunks(BLOCK).zip(w.chunks(BLOCK)).enumerate() {
+                        LaneSum::add_zip(
+                            [&mut s0, &mut s1],
+                            i * BLOCK,
+                            black_box(x),
+                            black_box(y),
+                            #[inline(always)]
+                            |a, b| [(a as f64) * (a as f64), (b as f64) * (b as f64)],
+                        );
+                    }
+                    (s0.total(), s1.total())
+                },
+            )
         })
     });
     g.finish();
