@@ -374,20 +374,24 @@ impl MagnitudeOrder {
         let n = row.len();
         let key = |x: f32| x.to_bits() & 0x7FFF_FFFF;
         // The smallest nonzero key is found as the smallest `key − 1` (zero wraps to the top).
-        let (mut any, mut min_nz, mut max) = (0u32, u32::MAX, 0u32);
-        for &x in row {
-            any |= key(x);
-            min_nz = min_nz.min(key(x).wrapping_sub(1));
-            max = max.max(key(x));
-        }
+        let (any, min_nz, max) = crate::kernels::vectorized(
+            #[inline(always)]
+            || {
+                let (mut any, mut min_nz, mut max) = (0u32, u32::MAX, 0u32);
+                for &x in row {
+                    any |= key(x);
+                    min_nz = min_nz.min(key(x).wrapping_sub(1));
+                    max = max.max(key(x));
+                }
+                (any, min_nz, max)
+            },
+        );
         let shift = any.trailing_zeros().min(31);
         // Nonzero keys map to 1.., zero to 0 (an all-zero row: everything to 0).
         let base = (min_nz.wrapping_add(1) >> shift).saturating_sub(1);
         // Every nonzero key is above `base` after the shift; zero saturates to 0 (branchless).
         let compact = move |k: u32| (k >> shift).saturating_sub(base);
         let mut ranks = std::mem::take(&mut self.ranks);
-        ranks.clear();
-        ranks.resize(n, 0);
         let span = compact(max) as usize + 1;
         if span <= Self::COUNTING_SPAN_PER_ELEM.saturating_mul(n) {
             // Few enough distinct keys for a counting sort: each key's first rank, then the
@@ -399,14 +403,17 @@ impl MagnitudeOrder {
                 starts[compact(key(x)) as usize] += 1;
             }
             exclusive_prefix_sums(starts);
-            for (r, &x) in ranks.iter_mut().zip(row) {
+            ranks.clear();
+            ranks.extend(row.iter().map(|&x| {
                 let s = &mut starts[compact(key(x)) as usize];
-                *r = *s;
                 *s += 1;
-            }
+                *s - 1
+            }));
             self.ranks = ranks;
             return &self.ranks;
         }
+        ranks.clear();
+        ranks.resize(n, 0);
         if n > 1 << 16 || span > 1 << 16 {
             for (r, &j) in self.sort(row).iter().enumerate() {
                 ranks[j as usize] = r as u32;
