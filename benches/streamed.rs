@@ -43,7 +43,6 @@ fn lane_sum(c: &mut Criterion) {
     // other, against side by side in one loop. Block-sized calls, as the streamed passes
     // make them; bytes counted for both operands.
     let w: Vec<f32> = v.iter().map(|x| x * 0.5 + 0.1).collect();
-    const BLOCK: usize = 2048;
     let mut g = c.benchmark_group("two_sums_of_squares_f64");
     g.throughput(Throughput::Bytes((N * 8) as u64));
     g.bench_function("memcpy", |b| {
@@ -52,44 +51,59 @@ fn lane_sum(c: &mut Criterion) {
             out.copy_from_slice(black_box(&w));
         })
     });
-    // Both compiled for the kernel set's instructions, as the streamed passes run them.
     g.bench_function("one_after_the_other", |b| {
         b.iter(|| {
-            vectorized(
+            two_sums(
+                &v,
+                &w,
                 #[inline(always)]
-                || {
-                    let (mut s0, mut s1) = (LaneSum::default(), LaneSum::default());
-                    for (i, (x, y)) in v.chunks(BLOCK).zip(w.chunks(BLOCK)).enumerate() {
-                        s0.add_sq(i * BLOCK, black_box(x));
-                        s1.add_sq(i * BLOCK, black_box(y));
-                    }
-                    (s0.total(), s1.total())
+                |[s0, s1], at, x, y| {
+                    s0.add_sq(at, x);
+                    s1.add_sq(at, y);
                 },
             )
         })
     });
     g.bench_function("zipped", |b| {
         b.iter(|| {
-            vectorized(
+            two_sums(
+                &v,
+                &w,
                 #[inline(always)]
-                || {
-                    let (mut s0, mut s1) = (LaneSum::default(), LaneSum::default());
-                    for (i, (x, y)) in v.chunks(BLOCK).zip(w.chunks(BLOCK)).enumerate() {
-                        LaneSum::add_zip(
-                            [&mut s0, &mut s1],
-                            i * BLOCK,
-                            black_box(x),
-                            black_box(y),
-                            #[inline(always)]
-                            |a, b| [(a as f64) * (a as f64), (b as f64) * (b as f64)],
-                        );
-                    }
-                    (s0.total(), s1.total())
+                |sums, at, x, y| {
+                    LaneSum::add_zip(
+                        sums,
+                        at,
+                        x,
+                        y,
+                        #[inline(always)]
+                        |a, b| [(a as f64) * (a as f64), (b as f64) * (b as f64)],
+                    )
                 },
             )
         })
     });
     g.finish();
+}
+
+/// Two sums over `v` and `w` in 2048-element blocks, as the streamed passes take them,
+/// compiled for the kernel set's instructions as they are.
+fn two_sums(
+    v: &[f32],
+    w: &[f32],
+    add: impl Fn([&mut LaneSum; 2], usize, &[f32], &[f32]),
+) -> (f64, f64) {
+    const BLOCK: usize = 2048;
+    vectorized(
+        #[inline(always)]
+        || {
+            let [mut s0, mut s1] = [LaneSum::default(); 2];
+            for (i, (x, y)) in v.chunks(BLOCK).zip(w.chunks(BLOCK)).enumerate() {
+                add([&mut s0, &mut s1], i * BLOCK, black_box(x), black_box(y));
+            }
+            (s0.total(), s1.total())
+        },
+    )
 }
 
 fn magnitude_order(c: &mut Criterion) {
