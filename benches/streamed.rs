@@ -9,7 +9,8 @@ use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
-use mergestream::kernels::vectorized;
+use mergestream::kernels::{available, vectorized};
+use mergestream::methods::mergekit::sparsify::DellaRows;
 use mergestream::methods::mergekit::stream::{LaneSum, MagnitudeOrder};
 use mergestream::methods::torch_compat::argsort_asc;
 
@@ -165,11 +166,84 @@ fn magnitude_order(c: &mut Criterion) {
     g.finish();
 }
 
+/// DELLA's whole row mask on realistic rows: f16 deltas of two f16 models' normal weights.
+fn della_mask(c: &mut Criterion) {
+    const COLS: usize = 5120;
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    // A normal-ish draw (sum of four uniforms), σ ≈ 0.02.
+    let mut normal = move || {
+        let mut t = 0.0f32;
+        for _ in 0..4 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            t += (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+        }
+        half::f16::from_f32(t * 0.035).to_f32()
+    };
+    let rows: Vec<Vec<f32>> = (0..64)
+        .map(|_| {
+            (0..COLS)
+                .map(|_| half::f16::from_f32(normal() - normal()).to_f32())
+                .collect()
+        })
+        .collect();
+    let mut g = c.benchmark_group("della_row_mask");
+    g.throughput(Throughput::Bytes((rows.len() * COLS * 4) as u64));
+    let mut mask = vec![false; COLS];
+    // ε < 0: the keep limit falls with the rank, so every row is ranked whole.
+    for (name, epsilon) in [("ranked", -0.1), ("bucketed", 0.1)] {
+        let mut della = DellaRows::new(0.5, epsilon, 7, 1);
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                for (r, row) in rows.iter().enumerate() {
+                    della.mask(r * COLS, black_box(row), &mut mask);
+                }
+                black_box(&mask);
+            })
+        });
+    }
+    g.finish();
+
+    // Its decision kernel alone, on one row's draws and buckets (what a row hands it):
+    // every kernel set against a copy of the draws.
+    let n = COLS;
+    let draws: Vec<u64> = (0..n as u64)
+        .map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11)
+        .collect();
+    let bins: Vec<u16> = (0..n).map(|i| ((i * 7919) % 1500) as u16).collect();
+    let lowest: Vec<u64> = (0..1500u64).map(|b| (b << 42) + (1 << 51)).collect();
+    let highest: Vec<u64> = lowest.iter().map(|&l| l + (1 << 44)).collect();
+    let mut keep = vec![false; n];
+    let mut open = vec![0u64; n.div_ceil(64)];
+    let mut copy = vec![0u64; n];
+    let mut g = c.benchmark_group("della_bounded_keep");
+    g.throughput(Throughput::Bytes((n * 8) as u64));
+    g.bench_function("memcpy_draws", |b| {
+        b.iter(|| copy.copy_from_slice(black_box(&draws)))
+    });
+    for k in available() {
+        g.bench_function(BenchmarkId::new("bounded_keep", k.name), |b| {
+            b.iter(|| {
+                (k.bounded_keep)(
+                    black_box(&draws),
+                    &bins,
+                    &lowest,
+                    &highest,
+                    &mut keep,
+                    &mut open,
+                )
+            })
+        });
+    }
+    g.finish();
+}
+
 // No plots: this crate's plotters build (ab_glyph, for `diff`) has no font registered for
 // criterion's charts, which would panic.
 criterion_group! {
     name = benches;
     config = Criterion::default().without_plots();
-    targets = lane_sum, magnitude_order
+    targets = lane_sum, magnitude_order, della_mask
 }
 criterion_main!(benches);

@@ -18,6 +18,9 @@ compile_error!(
     "mergestream reads little-endian tensor data in place and needs a little-endian CPU"
 );
 
+/// `bounded_keep(draws, bins, lowest, highest, keep, open)`.
+pub type BoundedKeep = fn(&[u64], &[u16], &[u64], &[u64], &mut [bool], &mut [u64]);
+
 /// One implementation of every kernel.
 #[derive(Clone, Copy)]
 pub struct Kernels {
@@ -36,6 +39,8 @@ pub struct Kernels {
     pub fma_acc: fn(&mut [f32], &[f32], f32),
     pub round_f16: fn(&mut [f32]),
     pub round_bf16: fn(&mut [f32]),
+    /// DELLA's decisions by bucket bounds (see [`scalar::bounded_keep`]).
+    pub bounded_keep: BoundedKeep,
 }
 
 pub const SCALAR: Kernels = Kernels {
@@ -50,6 +55,7 @@ pub const SCALAR: Kernels = Kernels {
     fma_acc: scalar::fma_acc,
     round_f16: scalar::round_f16,
     round_bf16: scalar::round_bf16,
+    bounded_keep: scalar::bounded_keep,
 };
 
 /// Every kernel set this CPU can run, best last. Tests and benches compare them all.
@@ -77,6 +83,7 @@ pub fn available() -> Vec<Kernels> {
             fma_acc: aarch64::fma_acc_neon,
             round_f16: aarch64::round_f16_neon,
             round_bf16: aarch64::round_bf16_neon,
+            bounded_keep: scalar::bounded_keep,
         });
     }
     v
@@ -100,6 +107,18 @@ pub fn vectorized<R>(f: impl FnOnce() -> R) -> R {
 /// `acc = fma(x, w, acc)` with the active kernels.
 pub fn fma_acc(acc: &mut [f32], x: &[f32], w: f32) {
     (active().fma_acc)(acc, x, w)
+}
+
+/// [`scalar::bounded_keep`] with the active kernels.
+pub fn bounded_keep(
+    draws: &[u64],
+    bins: &[u16],
+    lowest: &[u64],
+    highest: &[u64],
+    keep: &mut [bool],
+    open: &mut [u64],
+) {
+    (active().bounded_keep)(draws, bins, lowest, highest, keep, open)
 }
 
 /// The kernel set used for real work: the best one available, chosen once.

@@ -105,3 +105,38 @@ pub fn round_bf16(v: &mut [f32]) {
         *x = bf16_bits_to_f32(f32_to_bf16_bits(*x));
     }
 }
+
+/// How many elements [`bounded_keep`] decides: the common length of its per-element slices.
+pub fn bounded_len(draws: &[u64], bins: &[u16], keep: &[bool], open: &[u64]) -> usize {
+    draws
+        .len()
+        .min(bins.len())
+        .min(keep.len())
+        .min(open.len().saturating_mul(64))
+}
+
+/// Draws decided by per-bucket limits (DELLA's masks): element j, in bucket `bins[j]`
+/// (clamped to the last bucket), is kept when `draws[j] < lowest[b]`; when it is not but
+/// `draws[j] < highest[b]`, bit j of `open` is set (its bucket cannot decide it). Every
+/// word of `open` holding an element is overwritten. Without tables nothing is kept.
+pub fn bounded_keep(
+    draws: &[u64],
+    bins: &[u16],
+    lowest: &[u64],
+    highest: &[u64],
+    keep: &mut [bool],
+    open: &mut [u64],
+) {
+    let n = bounded_len(draws, bins, keep, open);
+    let tables = lowest.len().min(highest.len());
+    open[..n.div_ceil(64)].fill(0);
+    for j in 0..n {
+        let b = usize::from(bins[j]).min(tables.saturating_sub(1));
+        let (lo, hi) = match (lowest.get(b), highest.get(b)) {
+            (Some(&lo), Some(&hi)) => (lo, hi),
+            _ => (0, 0),
+        };
+        keep[j] = draws[j] < lo;
+        open[j / 64] |= u64::from(!keep[j] & (draws[j] < hi)) << (j % 64);
+    }
+}

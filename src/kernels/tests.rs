@@ -354,7 +354,7 @@ fn every_instruction_set_of_this_cpu_is_tested() {
         if has(&["avx2", "f16c", "fma"]) {
             assert!(names.contains(&"avx2+f16c"), "{names:?}");
         }
-        if has(&["avx512f", "avx512bw", "avx512vl"]) {
+        if has(&["avx512f", "avx512bw", "avx512vl", "avx512dq"]) {
             assert!(names.contains(&"avx512"), "{names:?}");
         }
     }
@@ -515,4 +515,55 @@ fn vectorized_loops_give_the_same_bits_under_every_set() {
             _ => {}
         }
     }
+}
+
+/// DELLA's bounded decisions: every set against the reference on odd lengths and unaligned
+/// starts, with bins past the tables (clamped), draws and limits above 2⁶³ (unsigned
+/// compares), equal draws and limits, and tables of one entry or none.
+#[test]
+fn bounded_keep_matches_scalar() {
+    for k in available() {
+        for tables in [0usize, 1, 3, 257] {
+            let r = bits(tables as u64 + 5, 3 * 1100 + 2 * tables);
+            // Limits near the draws, so every outcome occurs; some at or above 2⁶³.
+            let lowest: Vec<u64> = (0..tables).map(|i| r[i] >> (i % 3)).collect();
+            let highest: Vec<u64> = (0..tables)
+                .map(|i| lowest[i].saturating_add(r[tables + i] >> 2))
+                .collect();
+            let draws: Vec<u64> = (0..1100)
+                .map(|j| match j % 5 {
+                    0 => lowest.get(j % tables.max(1)).copied().unwrap_or(7),
+                    _ => r[2 * tables + j] >> (j % 3),
+                })
+                .collect();
+            let bins: Vec<u16> = (0..1100)
+                .map(|j| (r[2 * tables + 1100 + j] % (tables as u64 + 4)) as u16)
+                .collect();
+            for (start, len) in (0..=67).map(|l| (l % 3, l)).chain([(1, 1001), (0, 1037)]) {
+                let (d, b) = (&draws[start..start + len], &bins[start..start + len]);
+                let words = len.div_ceil(64);
+                let (mut want_keep, mut got_keep) = (vec![true; len], vec![true; len]);
+                let (mut want_open, mut got_open) = (vec![!0u64; words], vec![!0u64; words]);
+                scalar::bounded_keep(d, b, &lowest, &highest, &mut want_keep, &mut want_open);
+                (k.bounded_keep)(d, b, &lowest, &highest, &mut got_keep, &mut got_open);
+                let what = format!("{} tables {tables} start {start} len {len}", k.name);
+                assert_eq!(want_keep, got_keep, "{what}");
+                assert_eq!(want_open, got_open, "{what}");
+            }
+        }
+    }
+}
+
+/// The reference itself on a hand-made case: kept below the lowest limit, open between,
+/// dropped at or above the highest; bins past the tables use the last bucket.
+#[test]
+fn bounded_keep_reference_decides_by_the_bucket_limits() {
+    let (lowest, highest) = ([10u64, 20], [15u64, 20]);
+    let draws = [9u64, 10, 14, 15, 19, 20, 21];
+    let bins = [0u16, 0, 0, 0, 1, 1, 9];
+    let mut keep = [false; 7];
+    let mut open = [0u64; 1];
+    scalar::bounded_keep(&draws, &bins, &lowest, &highest, &mut keep, &mut open);
+    assert_eq!(keep, [true, false, false, false, true, false, false]);
+    assert_eq!(open, [0b0110]);
 }

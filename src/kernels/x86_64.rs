@@ -1,4 +1,4 @@
-//! x86-64 kernels: AVX2 + F16C + FMA (8 lanes) and AVX-512 F/BW/VL (16 lanes).
+//! x86-64 kernels: AVX2 + F16C + FMA (8 lanes) and AVX-512 F/BW/VL/DQ (16 lanes).
 //!
 //! Each kernel is written once, in [`body`], over the [`Vector`] trait (one register of f32
 //! lanes and the few operations the kernels need), then instantiated per instruction set
@@ -17,7 +17,7 @@ use super::{Kernels, scalar};
 ///
 /// Every method is `unsafe` for one reason shared by all of them: the caller must ensure the
 /// CPU supports the instruction set of the implementing type (AVX2+F16C+FMA for `__m256`,
-/// AVX-512 F/BW/VL for `__m512`). Methods taking a pointer also need `LANES` readable (or
+/// AVX-512 F/BW/VL/DQ for `__m512`). Methods taking a pointer also need `LANES` readable (or
 /// writable) elements there; no alignment is required.
 trait Vector: Copy {
     const LANES: usize;
@@ -170,7 +170,7 @@ impl Vector for __m256 {
     }
 }
 
-// ---------------------------------------------------------------- AVX-512 F/BW/VL
+// ---------------------------------------------------------------- AVX-512 F/BW/VL/DQ
 
 /// Round to nearest even, and no floating-point exception flags raised.
 const RNE_NO_EXC: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
@@ -495,6 +495,7 @@ macro_rules! kernel_set {
         $set:ident, $vector:ty, $features:literal, $label:literal,
         detect: $detect:expr;
         $($kernel:ident($($arg:ident: $ty:ty),*);)*
+        $([own] $own:ident = $own_imp:ident($($own_arg:ident: $own_ty:ty),*);)*
     ) => {
         pub(super) mod $set {
             use super::{Kernels, body};
@@ -512,6 +513,16 @@ macro_rules! kernel_set {
                     // is in `kernels` below, after the detection found the features `imp`
                     // enables.
                     unsafe { imp($($arg),*) }
+                }
+            )*
+
+            // Kernels written for this set alone (not over `Vector`).
+            $(
+                fn $own($($own_arg: $own_ty),*) {
+                    // SAFETY: as above: `$own_imp` needs the set's features, and this
+                    // private function is reachable only through `kernels` below, after the
+                    // detection found them.
+                    unsafe { super::$own_imp($($own_arg),*) }
                 }
             )*
 
@@ -537,6 +548,7 @@ macro_rules! kernel_set {
                 Some(Kernels {
                     name: $label,
                     $($kernel,)*
+                    $($own,)*
                 })
             }
         }
@@ -558,13 +570,15 @@ kernel_set! {
     fma_acc(acc: &mut [f32], x: &[f32], w: f32);
     round_f16(v: &mut [f32]);
     round_bf16(v: &mut [f32]);
+    [own] bounded_keep = bounded_keep_avx2(draws: &[u64], bins: &[u16], lowest: &[u64], highest: &[u64], keep: &mut [bool], open: &mut [u64]);
 }
 
 kernel_set! {
-    avx512, __m512, "avx512f,avx512bw,avx512vl", "avx512",
+    avx512, __m512, "avx512f,avx512bw,avx512vl,avx512dq", "avx512",
     detect: is_x86_feature_detected!("avx512f")
         && is_x86_feature_detected!("avx512bw")
-        && is_x86_feature_detected!("avx512vl");
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512dq");
     f16_to_f32(src: &[u16], dst: &mut [f32]);
     bf16_to_f32(src: &[u16], dst: &mut [f32]);
     f32_to_f16(src: &[f32], dst: &mut [u16]);
@@ -575,4 +589,125 @@ kernel_set! {
     fma_acc(acc: &mut [f32], x: &[f32], w: f32);
     round_f16(v: &mut [f32]);
     round_bf16(v: &mut [f32]);
+    [own] bounded_keep = bounded_keep_avx512(draws: &[u64], bins: &[u16], lowest: &[u64], highest: &[u64], keep: &mut [bool], open: &mut [u64]);
+}
+
+// ---------------------------------------------------------------- DELLA's bounded draws
+
+/// [`scalar::bounded_keep`], 8 elements a step: each lane gathers its bucket's two limits.
+///
+/// # Safety
+/// The CPU must have AVX-512 F/BW/VL/DQ.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+unsafe fn bounded_keep_avx512(
+    draws: &[u64],
+    bins: &[u16],
+    lowest: &[u64],
+    highest: &[u64],
+    keep: &mut [bool],
+    open: &mut [u64],
+) {
+    let n = scalar::bounded_len(draws, bins, keep, open);
+    let tables = lowest.len().min(highest.len());
+    // Gather indices are i32; empty or huge tables take the reference.
+    let Some(last) = tables.checked_sub(1).filter(|&l| l <= i32::MAX as usize) else {
+        return scalar::bounded_keep(draws, bins, lowest, highest, keep, open);
+    };
+    let whole = n / 64 * 64;
+    let last = _mm256_set1_epi32(last as i32);
+    let one = _mm_set1_epi8(1);
+    for (w, word) in open[..whole / 64].iter_mut().enumerate() {
+        let mut bits = 0u64;
+        for step in 0..8 {
+            let j = w * 64 + step * 8;
+            // SAFETY: j + 8 <= whole <= n, within draws, bins and keep; every gathered
+            // index is clamped to the last entry of both tables.
+            unsafe {
+                let idx = _mm256_cvtepu16_epi32(_mm_loadu_si128(bins.as_ptr().add(j).cast()));
+                let idx = _mm256_min_epu32(idx, last);
+                let lo = _mm512_i32gather_epi64::<8>(idx, lowest.as_ptr().cast());
+                let hi = _mm512_i32gather_epi64::<8>(idx, highest.as_ptr().cast());
+                let d = _mm512_loadu_si512(draws.as_ptr().add(j).cast());
+                let kept = _mm512_cmplt_epu64_mask(d, lo);
+                let undecided = _mm512_mask_cmplt_epu64_mask(!kept, d, hi);
+                // One byte (0 or 1, a valid bool) per kept lane.
+                _mm_storel_epi64(
+                    keep.as_mut_ptr().add(j).cast(),
+                    _mm_maskz_mov_epi8(u16::from(kept), one),
+                );
+                bits |= u64::from(undecided) << (step * 8);
+            }
+        }
+        *word = bits;
+    }
+    scalar::bounded_keep(
+        &draws[whole..n],
+        &bins[whole..n],
+        lowest,
+        highest,
+        &mut keep[whole..n],
+        &mut open[whole / 64..],
+    );
+}
+
+/// [`scalar::bounded_keep`], 4 elements a step (AVX2 gathers; unsigned compares by
+/// flipping the sign bit).
+///
+/// # Safety
+/// The CPU must have AVX2.
+#[target_feature(enable = "avx2,f16c,fma")]
+unsafe fn bounded_keep_avx2(
+    draws: &[u64],
+    bins: &[u16],
+    lowest: &[u64],
+    highest: &[u64],
+    keep: &mut [bool],
+    open: &mut [u64],
+) {
+    let n = scalar::bounded_len(draws, bins, keep, open);
+    let tables = lowest.len().min(highest.len());
+    let Some(last) = tables.checked_sub(1).filter(|&l| l <= i32::MAX as usize) else {
+        return scalar::bounded_keep(draws, bins, lowest, highest, keep, open);
+    };
+    let whole = n / 64 * 64;
+    let last = _mm_set1_epi32(last as i32);
+    let sign = _mm256_set1_epi64x(i64::MIN);
+    for (w, word) in open[..whole / 64].iter_mut().enumerate() {
+        let mut bits = 0u64;
+        for step in 0..16 {
+            let j = w * 64 + step * 4;
+            // SAFETY: j + 4 <= whole <= n, within draws, bins and keep; every gathered
+            // index is clamped to the last entry of both tables.
+            unsafe {
+                let idx = _mm_cvtepu16_epi32(_mm_loadl_epi64(bins.as_ptr().add(j).cast()));
+                let idx = _mm_min_epu32(idx, last);
+                let lo = _mm256_i32gather_epi64::<8>(lowest.as_ptr().cast(), idx);
+                let hi = _mm256_i32gather_epi64::<8>(highest.as_ptr().cast(), idx);
+                let d = _mm256_loadu_si256(draws.as_ptr().add(j).cast());
+                let d = _mm256_xor_si256(d, sign);
+                let below = |limit: __m256i| {
+                    let gt = _mm256_cmpgt_epi64(_mm256_xor_si256(limit, sign), d);
+                    _mm256_movemask_pd(_mm256_castsi256_pd(gt)) as u32
+                };
+                let kept = below(lo);
+                let undecided = !kept & below(hi);
+                // Bit i of `kept` to byte i (0 or 1, a valid bool).
+                let bytes = kept.wrapping_mul(0x0020_4081) & 0x0101_0101;
+                keep.as_mut_ptr()
+                    .add(j)
+                    .cast::<u32>()
+                    .write_unaligned(bytes.to_le());
+                bits |= u64::from(undecided) << (step * 4);
+            }
+        }
+        *word = bits;
+    }
+    scalar::bounded_keep(
+        &draws[whole..n],
+        &bins[whole..n],
+        lowest,
+        highest,
+        &mut keep[whole..n],
+        &mut open[whole / 64..],
+    );
 }

@@ -18,7 +18,7 @@ pub mod method;
 pub mod stream;
 
 // Helpers of the task-arithmetic family.
-mod sparsify;
+pub mod sparsify;
 mod task_arithmetic_streamed;
 
 use std::fmt;

@@ -43,9 +43,9 @@ fn draw53(seed: u64, k: usize, i: usize) -> u64 {
 
 /// DELLA's keep probability for ascending magnitude rank `rank0` (0-based) of `n` in a row:
 /// rising linearly from density − ε to density + ε.
-pub(crate) fn della_probability(p: &TaskInput, rank0: usize, n: usize) -> f32 {
-    let lo = (p.density - p.epsilon) as f32;
-    let span = (2.0 * p.epsilon) as f32;
+pub(crate) fn della_probability(density: f64, epsilon: f64, rank0: usize, n: usize) -> f32 {
+    let lo = (density - epsilon) as f32;
+    let span = (2.0 * epsilon) as f32;
     // (rank − min)/(max − min); a one-element row divides 0 by 0 as mergekit does.
     let rn = (rank0 as f32 / (n as f32 - 1.0)).clamp(0.0, 1.0);
     lo + rn * span
@@ -67,38 +67,87 @@ pub(crate) fn dare_mask(seed: u64, k: usize, density: f64, first: usize, mask: &
 }
 
 /// DELLA's masks, row by row, for one model: element j of a row is kept with the
-/// probability of its ascending magnitude rank in the row.
-pub(crate) struct DellaRows<'a> {
-    p: &'a TaskInput,
+/// probability of its ascending magnitude rank in the row (ties in index order).
+///
+/// Most elements need no rank. While the keep limit rises with the rank (ε ≥ 0), a
+/// histogram of the row's magnitudes in about n/4 buckets gives the ranks each bucket spans;
+/// an element whose draw is below the limit at its bucket's lowest rank is kept, and one at
+/// or above the limit at the bucket's highest rank is dropped, wherever it falls in the
+/// bucket ([`crate::kernels::bounded_keep`], with gathers). The few elements left (about
+/// two a row of f16 deltas) are ranked one at a time by counting, and a row with many (long
+/// runs of ties, such as zeros) is ranked whole.
+pub struct DellaRows {
+    density: f64,
+    epsilon: f64,
     seed: u64,
     k: usize,
     order: MagnitudeOrder,
     /// Per rank, for rows of `limits.len()`: the draws below it keep the element.
     limits: Vec<u64>,
+    /// Whether `limits` never falls as the rank rises (what the bounds rely on).
+    rising: bool,
+    /// Each element's magnitude bucket.
+    bins: Vec<u16>,
+    /// Per bucket: how many elements it holds, and the keep limits at its lowest and
+    /// highest rank.
+    counts: Vec<u32>,
+    lowest: Vec<u64>,
+    highest: Vec<u64>,
+    /// Each element's draw.
+    draws: Vec<u64>,
+    /// One bit per element its bucket leaves undecided.
+    open: Vec<u64>,
+    /// The elements whose bucket leaves them undecided.
+    undecided: Vec<usize>,
 }
 
-impl<'a> DellaRows<'a> {
-    pub fn new(p: &'a TaskInput, seed: u64, k: usize) -> Self {
+impl DellaRows {
+    /// Buckets over a row of n: 2^(⌈log2 n⌉ + this) (at most 2^`MAX_BUCKET_BITS`). More
+    /// buckets leave fewer elements undecided but make the tables larger.
+    const BUCKET_BITS_OVER_N: i32 = -2;
+    const MAX_BUCKET_BITS: u32 = 14;
+    /// Above this many undecided elements, ranking the whole row is cheaper than counting
+    /// one rank at a time (one pass over the row each).
+    const MAX_UNDECIDED: usize = 8;
+
+    /// Masks for model `k` (its index in the merge: it picks the random stream) with its
+    /// density and ε.
+    pub fn new(density: f64, epsilon: f64, seed: u64, k: usize) -> Self {
         DellaRows {
-            p,
+            density,
+            epsilon,
             seed,
             k,
             order: MagnitudeOrder::default(),
             limits: Vec::new(),
+            rising: false,
+            bins: Vec::new(),
+            counts: Vec::new(),
+            lowest: Vec::new(),
+            highest: Vec::new(),
+            draws: Vec::new(),
+            open: Vec::new(),
+            undecided: Vec::new(),
         }
     }
 
     /// The mask of one row whose first element is element `first` of the tensor.
     pub fn mask(&mut self, first: usize, row: &[f32], mask: &mut [bool]) {
-        let n = row.len();
+        let n = row.len().min(mask.len());
+        let (row, mask) = (&row[..n], &mut mask[..n]);
         if self.limits.len() != n {
             // `uniform < p` in integers, as `dare_mask` does, once per rank rather than
             // once per element (a NaN probability keeps nothing, as the float comparison).
             self.limits = (0..n)
                 .map(|r| {
-                    (della_probability(self.p, r, n) as f64 * (1u64 << 53) as f64).ceil() as u64
+                    let p = della_probability(self.density, self.epsilon, r, n);
+                    (p as f64 * (1u64 << 53) as f64).ceil() as u64
                 })
                 .collect();
+            self.rising = self.limits.windows(2).all(|w| w[0] <= w[1]);
+        }
+        if self.rising && self.mask_by_bounds(first, row, mask) {
+            return;
         }
         let ranks = self.order.ranks(row);
         let (seed, k, limits) = (self.seed, self.k, &self.limits[..]);
@@ -111,6 +160,111 @@ impl<'a> DellaRows<'a> {
                 }
             },
         );
+    }
+
+    /// The mask from the bucket bounds, ranking the few undecided elements by counting;
+    /// false (the mask unfinished) when too many are undecided.
+    fn mask_by_bounds(&mut self, first: usize, row: &[f32], mask: &mut [bool]) -> bool {
+        if row.is_empty() {
+            return true;
+        }
+        let (seed, k) = (self.seed, self.k);
+        let key = |x: f32| x.to_bits() & 0x7FFF_FFFF;
+        // The smallest nonzero key is found as the smallest `key − 1` (zero wraps to the top).
+        let (min_nz, max) = crate::kernels::vectorized(
+            #[inline(always)]
+            || {
+                let (mut min_nz, mut max) = (u32::MAX, 0u32);
+                for &x in row {
+                    min_nz = min_nz.min(key(x).wrapping_sub(1));
+                    max = max.max(key(x));
+                }
+                (min_nz, max)
+            },
+        );
+        // Zero is bucket 0 alone; nonzero keys count from 1 at the smallest, and buckets
+        // `2^shift` keys wide hold them from bucket 1 (branchless: zero saturates to 0).
+        // The last bucket is at most 2^wanted.
+        let wanted = (row.len().next_power_of_two().trailing_zeros() as i32
+            + Self::BUCKET_BITS_OVER_N)
+            .clamp(0, Self::MAX_BUCKET_BITS as i32) as u32;
+        let top = max.saturating_sub(min_nz);
+        let shift = (u32::BITS - top.leading_zeros()).saturating_sub(wanted);
+        let round = (1u32 << shift) - 1;
+        let bucket = move |k: u32| ((k.saturating_sub(min_nz) + round) >> shift) as u16;
+        let buckets = usize::from(bucket(max)) + 1;
+
+        let bins = &mut self.bins;
+        bins.clear();
+        bins.resize(row.len(), 0);
+        crate::kernels::vectorized(
+            #[inline(always)]
+            || {
+                for (b, &x) in bins.iter_mut().zip(row) {
+                    *b = bucket(key(x));
+                }
+            },
+        );
+        self.counts.clear();
+        self.counts.resize(buckets, 0);
+        // As slices: a Vec's length would be reloaded after every count (it might alias).
+        let (counts, bins) = (&mut self.counts[..], &bins[..]);
+        for &b in bins {
+            counts[usize::from(b)] += 1;
+        }
+        // Each bucket's keep limits at its lowest and highest rank.
+        let limits = &self.limits[..];
+        let limit = |rank: usize| limits.get(rank).copied().unwrap_or(0);
+        self.lowest.resize(buckets, 0);
+        self.highest.resize(buckets, 0);
+        let mut at = 0usize;
+        for ((&c, lo), hi) in counts.iter().zip(&mut self.lowest).zip(&mut self.highest) {
+            *lo = limit(at);
+            *hi = limit((at + c as usize).wrapping_sub(1));
+            at += c as usize;
+        }
+
+        let draws = &mut self.draws;
+        draws.clear();
+        draws.resize(row.len(), 0);
+        crate::kernels::vectorized(
+            #[inline(always)]
+            || {
+                for (j, d) in draws.iter_mut().enumerate() {
+                    *d = draw53(seed, k, first + j);
+                }
+            },
+        );
+        let open = &mut self.open;
+        open.clear();
+        open.resize(row.len().div_ceil(64), 0);
+        crate::kernels::bounded_keep(draws, bins, &self.lowest, &self.highest, mask, open);
+        let undecided = &mut self.undecided;
+        undecided.clear();
+        for (w, &word) in open.iter().enumerate() {
+            let mut bits = word;
+            while bits != 0 {
+                undecided.push(w * 64 + bits.trailing_zeros() as usize);
+                bits &= bits - 1;
+            }
+        }
+        if undecided.len() > Self::MAX_UNDECIDED {
+            return false;
+        }
+        for &j in undecided.iter() {
+            let kj = key(row[j]);
+            // The stable rank: every smaller key, and the equal ones before j.
+            let rank = crate::kernels::vectorized(
+                #[inline(always)]
+                || {
+                    let below: usize = row.iter().map(|&x| (key(x) < kj) as usize).sum();
+                    let tied: usize = row[..j].iter().map(|&x| (key(x) == kj) as usize).sum();
+                    below + tied
+                },
+            );
+            mask[j] = draw53(seed, k, first + j) < limit(rank);
+        }
+        true
     }
 }
 
@@ -193,7 +347,7 @@ pub(crate) fn sparsify(
                 n
             }
             .max(1);
-            let mut della = DellaRows::new(p, seed, k);
+            let mut della = DellaRows::new(p.density, p.epsilon, seed, k);
             for (r, (row, m)) in delta.chunks(cols).zip(mask.chunks_mut(cols)).enumerate() {
                 della.mask(r * cols, row, m);
             }
@@ -228,47 +382,122 @@ mod tests {
         }
     }
 
+    /// Rows for the DELLA mask tests: many ties, f16 deltas of normal weights, f16 deltas a
+    /// third of them zero, special values (NaN, infinities, signed zeros, subnormals, f32),
+    /// and all zeros.
+    fn della_rows() -> Vec<(&'static str, Vec<f32>)> {
+        let mut s = 0x9E37_79B9_7F4A_7C15u64;
+        let mut uniform = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        let f16 = |x: f32| half::f16::from_f32(x).to_f32();
+        let normal: Vec<f32> = (0..5120)
+            .map(|_| f16((0..4).map(|_| uniform()).sum::<f32>() * 0.05))
+            .collect();
+        let specials = [
+            f32::NAN,
+            f32::INFINITY,
+            -0.0,
+            0.0,
+            1e-40,
+            -f32::INFINITY,
+            3.5,
+        ];
+        vec![
+            (
+                "ties",
+                (0..1001)
+                    .map(|i| ((i * 7919 % 613) as f32 - 306.0) * 1.37e-3)
+                    .collect(),
+            ),
+            ("f16 deltas", normal.clone()),
+            (
+                "a third zeros",
+                normal
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &x)| if i % 3 == 0 { 0.0 } else { x })
+                    .collect(),
+            ),
+            (
+                "specials",
+                (0..1037)
+                    .map(|i| specials.get(i % 41).copied().unwrap_or(uniform()))
+                    .collect(),
+            ),
+            ("zeros", vec![0.0; 300]),
+        ]
+    }
+
     /// Each rank's integer limit keeps exactly the draws the float comparison
-    /// `uniform < della_probability` keeps: over densities and epsilons that put the
-    /// probabilities below 0, above 1, at NaN, and on one-element rows (0/0).
+    /// `uniform < della_probability` keeps, whichever way the row is decided (bucket
+    /// bounds, counted ranks, or the whole row ranked): over densities and epsilons that
+    /// put the probabilities below 0, above 1, at NaN, falling with the rank (ε < 0), on
+    /// one-element rows (0/0) and on rows ending inside a 64-element word.
     #[test]
     fn della_mask_matches_the_probability_draw() {
-        let row: Vec<f32> = (0..1001)
-            .map(|i| ((i * 7919 % 613) as f32 - 306.0) * 1.37e-3)
-            .collect();
         let mut order = MagnitudeOrder::default();
-        for (density, epsilon) in [
-            (0.5, 0.1),
-            (0.3, 0.3),
-            (0.05, 0.2),
-            (0.9, 0.2),
-            (0.5, f64::NAN),
-            (0.5, 0.0),
-        ] {
-            let p = TaskInput {
-                weight: 1.0,
-                density,
-                gamma: 0.01,
-                epsilon,
-            };
-            let mut della = DellaRows::new(&p, 11, 3);
-            for len in [1usize, 2, 1001] {
-                let row = &row[..len];
-                let mut mask = vec![false; len];
-                della.mask(40, row, &mut mask);
-                let ranks = order.ranks(row).to_vec();
-                let kept: Vec<bool> = (0..len)
-                    .map(|j| {
-                        uniform(11, 3, 40 + j)
-                            < della_probability(&p, ranks[j] as usize, len) as f64
-                    })
-                    .collect();
-                assert_eq!(
-                    mask, kept,
-                    "density {density}, epsilon {epsilon}, len {len}"
-                );
+        for (kind, row) in della_rows() {
+            for (density, epsilon) in [
+                (0.5, 0.1),
+                (0.3, 0.3),
+                (0.05, 0.2),
+                (0.9, 0.2),
+                (0.5, -0.1),
+                (0.5, f64::NAN),
+                (0.5, 0.0),
+            ] {
+                let mut della = DellaRows::new(density, epsilon, 11, 3);
+                for len in [1usize, 2, 63, 65, row.len()] {
+                    let row = &row[..len.min(row.len())];
+                    let mut mask = vec![false; row.len()];
+                    della.mask(40, row, &mut mask);
+                    let ranks = order.ranks(row).to_vec();
+                    let kept: Vec<bool> = (0..row.len())
+                        .map(|j| {
+                            let p =
+                                della_probability(density, epsilon, ranks[j] as usize, row.len());
+                            uniform(11, 3, 40 + j) < p as f64
+                        })
+                        .collect();
+                    assert_eq!(
+                        mask,
+                        kept,
+                        "{kind}: density {density}, epsilon {epsilon}, len {}",
+                        row.len()
+                    );
+                }
             }
         }
+    }
+
+    /// The tests above see every way of deciding: bucket bounds with elements left to count
+    /// (f16 deltas), and too many left (a third zeros: one bucket of thousands), which ranks
+    /// the whole row.
+    #[test]
+    fn della_rows_take_each_way() {
+        let rows = della_rows();
+        let row = |name: &str| {
+            rows.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, r)| r.clone())
+        };
+        let (Some(normal), Some(zeros)) = (row("f16 deltas"), row("a third zeros")) else {
+            panic!("missing test rows");
+        };
+        let mut della = DellaRows::new(0.5, 0.1, 11, 3);
+        let mut mask = vec![false; normal.len()];
+        della.mask(0, &normal, &mut mask); // sets the limits for this length
+        let mut counted = 0;
+        for first in (0..20).map(|r| r * 5120) {
+            assert!(della.mask_by_bounds(first, &normal, &mut mask));
+            counted += della.undecided.len();
+        }
+        assert!(counted > 0, "no element was left to count");
+        assert!(!della.mask_by_bounds(0, &zeros, &mut mask));
     }
 
     /// Rows of f16 and bf16 deltas (few distinct magnitudes, zeros, tiny values) take the

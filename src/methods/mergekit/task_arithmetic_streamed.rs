@@ -417,7 +417,7 @@ pub(crate) fn stream(r: &TaskMerge, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
     };
     let mut dellas: Vec<DellaRows> = others
         .iter()
-        .map(|&i| DellaRows::new(&r.inputs[i], r.seed, i))
+        .map(|&i| DellaRows::new(r.inputs[i].density, r.inputs[i].epsilon, r.seed, i))
         .collect();
     // Per model: its random mask as bits, once drawn (empty until then).
     let mut kept: Vec<Vec<u64>> = vec![Vec::new(); others.len()];
