@@ -194,16 +194,12 @@ impl DellaRows {
         let bucket = move |k: u32| ((k.saturating_sub(min_nz) + round) >> shift) as u16;
         let buckets = usize::from(bucket(max)) + 1;
 
+        // Filled by `extend` (no zeroing first: these are written once per element).
         let bins = &mut self.bins;
         bins.clear();
-        bins.resize(row.len(), 0);
         crate::kernels::vectorized(
             #[inline(always)]
-            || {
-                for (b, &x) in bins.iter_mut().zip(row) {
-                    *b = bucket(key(x));
-                }
-            },
+            || bins.extend(row.iter().map(|&x| bucket(key(x)))),
         );
         self.counts.clear();
         self.counts.resize(buckets, 0);
@@ -226,14 +222,9 @@ impl DellaRows {
 
         let draws = &mut self.draws;
         draws.clear();
-        draws.resize(row.len(), 0);
         crate::kernels::vectorized(
             #[inline(always)]
-            || {
-                for (j, d) in draws.iter_mut().enumerate() {
-                    *d = draw53(seed, k, first + j);
-                }
-            },
+            || draws.extend((first..first + row.len()).map(|i| draw53(seed, k, i))),
         );
         let open = &mut self.open;
         open.clear();
