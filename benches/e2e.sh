@@ -111,16 +111,17 @@ floor3=""
 
 # Gradient reaching 0 at layer 5 of 8 (the seed recipe's shape).
 gradient="[0.9,0.72,0.54,0.36,0.18,0.0,0.0,0.0,0.0]"
-# One timed run of binary $1 (the rest: its arguments); prints "wall rss_kib".
+# One timed run of binary $1 (the rest: its arguments); prints "wall rss_kib cpu_seconds"
+# (cpu: user + system time of the process, steadier than the wall time on a shared machine).
 timed() {
   local bin=$1; shift
   rm -rf "$dir/out"
   sync
   local t0 t1
   t0=$(now)
-  /usr/bin/time -f "%M" -o "$dir/rss" "$bin" "$@"
+  /usr/bin/time -f "%M %U %S" -o "$dir/rss" "$bin" "$@"
   t1=$(now)
-  echo "$(echo "$t1 - $t0" | bc -l) $(cat "$dir/rss")"
+  echo "$(echo "$t1 - $t0" | bc -l) $(awk '{print $1, $2 + $3}' "$dir/rss")"
 }
 run() {
   local label=$1; shift
@@ -166,14 +167,15 @@ own_base=""
 measure() {
   local label=$1; shift
   local args=("$@")
-  local wall=999999 rss=0 old=999999
+  local wall=999999 rss=0 old=999999 cpu=999999
   for _ in $(seq $repeat); do
-    local w r
-    read -r w r < <(timed "$bin" "${args[@]}")
+    local w r c
+    read -r w r c < <(timed "$bin" "${args[@]}")
     wall=$(min "$wall" "$w")
+    cpu=$(min "$cpu" "$c")
     rss=$(echo "$rss $r" | awk '{print ($1 > $2) ? $1 : $2}')
     if [ -n "$old_bin" ]; then
-      read -r w r < <(timed "$old_bin" "${args[@]}")
+      read -r w r c < <(timed "$old_bin" "${args[@]}")
       old=$(min "$old" "$w")
     fi
   done
@@ -181,10 +183,10 @@ measure() {
   ratio=$(echo "$wall / $floor" | bc -l)
   if [ -n "$own_base" ]; then own=$(printf "%5.2fx" "$(echo "$wall / $own_base" | bc -l)"); else own_base=$wall; fi
   if [ -n "$old_bin" ]; then
-    printf "| %-30s | %7.2f s | %5.2fx | %6s | %6.0f MiB | %7.2f s | %5.2f |\n" "$label" "$wall" "$ratio" "$own" \
-      "$(echo "$rss / 1024" | bc -l)" "$old" "$(echo "$wall / $old" | bc -l)"
+    printf "| %-30s | %7.2f s | %5.2fx | %6s | %6.2f s | %6.0f MiB | %7.2f s | %5.2f |\n" "$label" "$wall" "$ratio" "$own" \
+      "$cpu" "$(echo "$rss / 1024" | bc -l)" "$old" "$(echo "$wall / $old" | bc -l)"
   else
-    printf "| %-30s | %7.2f s | %5.2fx | %6s | %6.0f MiB |\n" "$label" "$wall" "$ratio" "$own" "$(echo "$rss / 1024" | bc -l)"
+    printf "| %-30s | %7.2f s | %5.2fx | %6s | %6.2f s | %6.0f MiB |\n" "$label" "$wall" "$ratio" "$own" "$cpu" "$(echo "$rss / 1024" | bc -l)"
   fi
 }
 
@@ -192,15 +194,17 @@ echo
 echo "preset $preset, $layers layers, best of $repeat runs, $(echo "$size / 1073741824" | bc -l | cut -c1-5) GiB per model, LoRA rank $rank, io $io, $(nproc) cores"
 echo
 # "own": the row's time over its default-budget, --io $io row (the @budget and --io rows).
+# "cpu": the least user + system time over the runs (compare compute-bound rows by it when
+# the wall times are noisy).
 if [ -n "$old_bin" ]; then
-  echo "| run                            | wall      | floor  | own    | peak RSS   | old wall  | new/old |"
-  echo "|--------------------------------|-----------|--------|--------|------------|-----------|-------|"
+  echo "| run                            | wall      | floor  | own    | cpu      | peak RSS   | old wall  | new/old |"
+  echo "|--------------------------------|-----------|--------|--------|----------|------------|-----------|-------|"
 else
-  echo "| run                            | wall      | floor  | own    | peak RSS   |"
-  echo "|--------------------------------|-----------|--------|--------|------------|"
+  echo "| run                            | wall      | floor  | own    | cpu      | peak RSS   |"
+  echo "|--------------------------------|-----------|--------|--------|----------|------------|"
 fi
-printf "| %-30s | %7.2f s | %5.2fx | %6s | %10s |\n" "I/O floor (dd + cp + sync)" "$floor" 1 "-" "-"
-[ -n "$floor3" ] && printf "| %-30s | %7.2f s | %5.2fx | %6s | %10s |\n" "floor with 3 inputs" "$floor3" 1 "-" "-"
+printf "| %-30s | %7.2f s | %5.2fx | %6s | %8s | %10s |\n" "I/O floor (dd + cp + sync)" "$floor" 1 "-" "-" "-"
+[ -n "$floor3" ] && printf "| %-30s | %7.2f s | %5.2fx | %6s | %8s | %10s |\n" "floor with 3 inputs" "$floor3" 1 "-" "-" "-"
 run "seed recipe, no LoRA"
 run "seed recipe + LoRA at 0.25" --lora2 "$dir/lora" --lora2-weight 0.25
 for m in $methods; do
