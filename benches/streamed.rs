@@ -9,7 +9,7 @@ use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
-use mergestream::kernels::{available, vectorized};
+use mergestream::kernels::{BucketDraws, available, vectorized};
 use mergestream::methods::mergekit::sparsify::DellaRows;
 use mergestream::methods::mergekit::stream::{LaneSum, MagnitudeOrder};
 use mergestream::methods::torch_compat::argsort_asc;
@@ -225,14 +225,13 @@ fn della_mask(c: &mut Criterion) {
     for k in available() {
         g.bench_function(BenchmarkId::new("bounded_keep", k.name), |b| {
             b.iter(|| {
-                (k.bounded_keep)(
-                    black_box(&draws),
-                    &bins,
-                    &lowest,
-                    &highest,
-                    &mut keep,
-                    &mut open,
-                )
+                let x = BucketDraws {
+                    draws: black_box(&draws),
+                    bins: &bins,
+                    lowest: &lowest,
+                    highest: &highest,
+                };
+                (k.bounded_keep)(&x, &mut keep, &mut open)
             })
         });
     }

@@ -13,13 +13,12 @@ mod x86_64;
 
 use std::sync::OnceLock;
 
+pub use scalar::BucketDraws;
+
 #[cfg(target_endian = "big")]
 compile_error!(
     "mergestream reads little-endian tensor data in place and needs a little-endian CPU"
 );
-
-/// `bounded_keep(draws, bins, lowest, highest, keep, open)`.
-pub type BoundedKeep = fn(&[u64], &[u16], &[u64], &[u64], &mut [bool], &mut [u64]);
 
 /// One implementation of every kernel.
 #[derive(Clone, Copy)]
@@ -40,7 +39,7 @@ pub struct Kernels {
     pub round_f16: fn(&mut [f32]),
     pub round_bf16: fn(&mut [f32]),
     /// DELLA's decisions by bucket bounds (see [`scalar::bounded_keep`]).
-    pub bounded_keep: BoundedKeep,
+    pub bounded_keep: fn(&BucketDraws<'_>, &mut [bool], &mut [u64]),
 }
 
 pub const SCALAR: Kernels = Kernels {
@@ -110,15 +109,8 @@ pub fn fma_acc(acc: &mut [f32], x: &[f32], w: f32) {
 }
 
 /// [`scalar::bounded_keep`] with the active kernels.
-pub fn bounded_keep(
-    draws: &[u64],
-    bins: &[u16],
-    lowest: &[u64],
-    highest: &[u64],
-    keep: &mut [bool],
-    open: &mut [u64],
-) {
-    (active().bounded_keep)(draws, bins, lowest, highest, keep, open)
+pub fn bounded_keep(x: &BucketDraws<'_>, keep: &mut [bool], open: &mut [u64]) {
+    (active().bounded_keep)(x, keep, open)
 }
 
 /// The kernel set used for real work: the best one available, chosen once.

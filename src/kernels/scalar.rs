@@ -106,37 +106,52 @@ pub fn round_bf16(v: &mut [f32]) {
     }
 }
 
-/// How many elements [`bounded_keep`] decides: the common length of its per-element slices.
-pub fn bounded_len(draws: &[u64], bins: &[u16], keep: &[bool], open: &[u64]) -> usize {
-    draws
-        .len()
-        .min(bins.len())
-        .min(keep.len())
-        .min(open.len().saturating_mul(64))
+/// DELLA's draws and their magnitude buckets, with each bucket's keep limits at its lowest
+/// and highest rank: the inputs of [`bounded_keep`].
+#[derive(Clone, Copy)]
+pub struct BucketDraws<'a> {
+    pub draws: &'a [u64],
+    pub bins: &'a [u16],
+    pub lowest: &'a [u64],
+    pub highest: &'a [u64],
+}
+
+impl BucketDraws<'_> {
+    /// How many elements [`bounded_keep`] decides: the common length of the per-element
+    /// slices (`open` holds 64 a word).
+    pub fn len(&self, keep: &[bool], open: &[u64]) -> usize {
+        self.draws
+            .len()
+            .min(self.bins.len())
+            .min(keep.len())
+            .min(open.len().saturating_mul(64))
+    }
+
+    /// The same draws from element `at` on (tables whole).
+    pub fn from(&self, at: usize) -> Self {
+        BucketDraws {
+            draws: self.draws.get(at..).unwrap_or_default(),
+            bins: self.bins.get(at..).unwrap_or_default(),
+            ..*self
+        }
+    }
 }
 
 /// Draws decided by per-bucket limits (DELLA's masks): element j, in bucket `bins[j]`
 /// (clamped to the last bucket), is kept when `draws[j] < lowest[b]`; when it is not but
 /// `draws[j] < highest[b]`, bit j of `open` is set (its bucket cannot decide it). Every
 /// word of `open` holding an element is overwritten. Without tables nothing is kept.
-pub fn bounded_keep(
-    draws: &[u64],
-    bins: &[u16],
-    lowest: &[u64],
-    highest: &[u64],
-    keep: &mut [bool],
-    open: &mut [u64],
-) {
-    let n = bounded_len(draws, bins, keep, open);
-    let tables = lowest.len().min(highest.len());
+pub fn bounded_keep(x: &BucketDraws<'_>, keep: &mut [bool], open: &mut [u64]) {
+    let n = x.len(keep, open);
+    let tables = x.lowest.len().min(x.highest.len());
     open[..n.div_ceil(64)].fill(0);
     for j in 0..n {
-        let b = usize::from(bins[j]).min(tables.saturating_sub(1));
-        let (lo, hi) = match (lowest.get(b), highest.get(b)) {
+        let b = usize::from(x.bins[j]).min(tables.saturating_sub(1));
+        let (lo, hi) = match (x.lowest.get(b), x.highest.get(b)) {
             (Some(&lo), Some(&hi)) => (lo, hi),
             _ => (0, 0),
         };
-        keep[j] = draws[j] < lo;
-        open[j / 64] |= u64::from(!keep[j] & (draws[j] < hi)) << (j % 64);
+        keep[j] = x.draws[j] < lo;
+        open[j / 64] |= u64::from(!keep[j] & (x.draws[j] < hi)) << (j % 64);
     }
 }

@@ -544,8 +544,14 @@ fn bounded_keep_matches_scalar() {
                 let words = len.div_ceil(64);
                 let (mut want_keep, mut got_keep) = (vec![true; len], vec![true; len]);
                 let (mut want_open, mut got_open) = (vec![!0u64; words], vec![!0u64; words]);
-                scalar::bounded_keep(d, b, &lowest, &highest, &mut want_keep, &mut want_open);
-                (k.bounded_keep)(d, b, &lowest, &highest, &mut got_keep, &mut got_open);
+                let x = BucketDraws {
+                    draws: d,
+                    bins: b,
+                    lowest: &lowest,
+                    highest: &highest,
+                };
+                scalar::bounded_keep(&x, &mut want_keep, &mut want_open);
+                (k.bounded_keep)(&x, &mut got_keep, &mut got_open);
                 let what = format!("{} tables {tables} start {start} len {len}", k.name);
                 assert_eq!(want_keep, got_keep, "{what}");
                 assert_eq!(want_open, got_open, "{what}");
@@ -563,7 +569,13 @@ fn bounded_keep_reference_decides_by_the_bucket_limits() {
     let bins = [0u16, 0, 0, 0, 1, 1, 9];
     let mut keep = [false; 7];
     let mut open = [0u64; 1];
-    scalar::bounded_keep(&draws, &bins, &lowest, &highest, &mut keep, &mut open);
+    let x = BucketDraws {
+        draws: &draws,
+        bins: &bins,
+        lowest: &lowest,
+        highest: &highest,
+    };
+    scalar::bounded_keep(&x, &mut keep, &mut open);
     assert_eq!(keep, [true, false, false, false, true, false, false]);
     assert_eq!(open, [0b0110]);
 }

@@ -570,7 +570,7 @@ kernel_set! {
     fma_acc(acc: &mut [f32], x: &[f32], w: f32);
     round_f16(v: &mut [f32]);
     round_bf16(v: &mut [f32]);
-    [own] bounded_keep = bounded_keep_avx2(draws: &[u64], bins: &[u16], lowest: &[u64], highest: &[u64], keep: &mut [bool], open: &mut [u64]);
+    [own] bounded_keep = bounded_keep_avx2(x: &crate::kernels::BucketDraws<'_>, keep: &mut [bool], open: &mut [u64]);
 }
 
 kernel_set! {
@@ -589,7 +589,7 @@ kernel_set! {
     fma_acc(acc: &mut [f32], x: &[f32], w: f32);
     round_f16(v: &mut [f32]);
     round_bf16(v: &mut [f32]);
-    [own] bounded_keep = bounded_keep_avx512(draws: &[u64], bins: &[u16], lowest: &[u64], highest: &[u64], keep: &mut [bool], open: &mut [u64]);
+    [own] bounded_keep = bounded_keep_avx512(x: &crate::kernels::BucketDraws<'_>, keep: &mut [bool], open: &mut [u64]);
 }
 
 // ---------------------------------------------------------------- DELLA's bounded draws
@@ -600,31 +600,21 @@ kernel_set! {
 /// for i32 gather indices, take the reference.
 #[inline(always)]
 fn bounded_keep_words(
-    draws: &[u64],
-    bins: &[u16],
-    lowest: &[u64],
-    highest: &[u64],
+    x: &scalar::BucketDraws<'_>,
     keep: &mut [bool],
     open: &mut [u64],
     mut word: impl FnMut(usize, i32, &mut [bool]) -> u64,
 ) {
-    let n = scalar::bounded_len(draws, bins, keep, open);
-    let tables = lowest.len().min(highest.len());
+    let n = x.len(keep, open);
+    let tables = x.lowest.len().min(x.highest.len());
     let Some(last) = tables.checked_sub(1).and_then(|l| i32::try_from(l).ok()) else {
-        return scalar::bounded_keep(draws, bins, lowest, highest, keep, open);
+        return scalar::bounded_keep(x, keep, open);
     };
     let whole = n / 64 * 64;
     for (w, bits) in open[..whole / 64].iter_mut().enumerate() {
         *bits = word(w * 64, last, keep);
     }
-    scalar::bounded_keep(
-        &draws[whole..n],
-        &bins[whole..n],
-        lowest,
-        highest,
-        &mut keep[whole..n],
-        &mut open[whole / 64..],
-    );
+    scalar::bounded_keep(&x.from(whole), &mut keep[whole..n], &mut open[whole / 64..]);
 }
 
 /// [`scalar::bounded_keep`], 8 elements a step: each lane gathers its bucket's two limits.
@@ -633,47 +623,36 @@ fn bounded_keep_words(
 /// The CPU must have AVX-512 F/BW/VL/DQ.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
 unsafe fn bounded_keep_avx512(
-    draws: &[u64],
-    bins: &[u16],
-    lowest: &[u64],
-    highest: &[u64],
+    x: &crate::kernels::BucketDraws<'_>,
     keep: &mut [bool],
     open: &mut [u64],
 ) {
     let one = _mm_set1_epi8(1);
-    bounded_keep_words(
-        draws,
-        bins,
-        lowest,
-        highest,
-        keep,
-        open,
-        |j0, last, keep| {
-            let last = _mm256_set1_epi32(last);
-            let mut bits = 0u64;
-            for step in 0..8 {
-                let j = j0 + step * 8;
-                // SAFETY: the frame hands out j0 with 64 elements of draws, bins and keep from
-                // it; every gathered index is clamped to the last entry of both tables.
-                unsafe {
-                    let idx = _mm256_cvtepu16_epi32(_mm_loadu_si128(bins.as_ptr().add(j).cast()));
-                    let idx = _mm256_min_epu32(idx, last);
-                    let lo = _mm512_i32gather_epi64::<8>(idx, lowest.as_ptr().cast());
-                    let hi = _mm512_i32gather_epi64::<8>(idx, highest.as_ptr().cast());
-                    let d = _mm512_loadu_si512(draws.as_ptr().add(j).cast());
-                    let kept = _mm512_cmplt_epu64_mask(d, lo);
-                    let undecided = _mm512_mask_cmplt_epu64_mask(!kept, d, hi);
-                    // One byte (0 or 1, a valid bool) per kept lane.
-                    _mm_storel_epi64(
-                        keep.as_mut_ptr().add(j).cast(),
-                        _mm_maskz_mov_epi8(u16::from(kept), one),
-                    );
-                    bits |= u64::from(undecided) << (step * 8);
-                }
+    bounded_keep_words(x, keep, open, |j0, last, keep| {
+        let last = _mm256_set1_epi32(last);
+        let mut bits = 0u64;
+        for step in 0..8 {
+            let j = j0 + step * 8;
+            // SAFETY: the frame hands out j0 with 64 elements of draws, bins and keep from
+            // it; every gathered index is clamped to the last entry of both tables.
+            unsafe {
+                let idx = _mm256_cvtepu16_epi32(_mm_loadu_si128(x.bins.as_ptr().add(j).cast()));
+                let idx = _mm256_min_epu32(idx, last);
+                let lo = _mm512_i32gather_epi64::<8>(idx, x.lowest.as_ptr().cast());
+                let hi = _mm512_i32gather_epi64::<8>(idx, x.highest.as_ptr().cast());
+                let d = _mm512_loadu_si512(x.draws.as_ptr().add(j).cast());
+                let kept = _mm512_cmplt_epu64_mask(d, lo);
+                let undecided = _mm512_mask_cmplt_epu64_mask(!kept, d, hi);
+                // One byte (0 or 1, a valid bool) per kept lane.
+                _mm_storel_epi64(
+                    keep.as_mut_ptr().add(j).cast(),
+                    _mm_maskz_mov_epi8(u16::from(kept), one),
+                );
+                bits |= u64::from(undecided) << (step * 8);
             }
-            bits
-        },
-    );
+        }
+        bits
+    })
 }
 
 /// [`scalar::bounded_keep`], 4 elements a step (AVX2 gathers; unsigned compares by
@@ -683,51 +662,40 @@ unsafe fn bounded_keep_avx512(
 /// The CPU must have AVX2.
 #[target_feature(enable = "avx2,f16c,fma")]
 unsafe fn bounded_keep_avx2(
-    draws: &[u64],
-    bins: &[u16],
-    lowest: &[u64],
-    highest: &[u64],
+    x: &crate::kernels::BucketDraws<'_>,
     keep: &mut [bool],
     open: &mut [u64],
 ) {
     let sign = _mm256_set1_epi64x(i64::MIN);
-    bounded_keep_words(
-        draws,
-        bins,
-        lowest,
-        highest,
-        keep,
-        open,
-        |j0, last, keep| {
-            let last = _mm_set1_epi32(last);
-            let mut bits = 0u64;
-            for step in 0..16 {
-                let j = j0 + step * 4;
-                // SAFETY: the frame hands out j0 with 64 elements of draws, bins and keep from
-                // it; every gathered index is clamped to the last entry of both tables.
-                unsafe {
-                    let idx = _mm_cvtepu16_epi32(_mm_loadl_epi64(bins.as_ptr().add(j).cast()));
-                    let idx = _mm_min_epu32(idx, last);
-                    let lo = _mm256_i32gather_epi64::<8>(lowest.as_ptr().cast(), idx);
-                    let hi = _mm256_i32gather_epi64::<8>(highest.as_ptr().cast(), idx);
-                    let d =
-                        _mm256_xor_si256(_mm256_loadu_si256(draws.as_ptr().add(j).cast()), sign);
-                    let below = |limit: __m256i| {
-                        let gt = _mm256_cmpgt_epi64(_mm256_xor_si256(limit, sign), d);
-                        _mm256_movemask_pd(_mm256_castsi256_pd(gt)) as u32
-                    };
-                    let kept = below(lo);
-                    let undecided = !kept & below(hi);
-                    // Bit i of `kept` to byte i (0 or 1, a valid bool).
-                    let bytes = kept.wrapping_mul(0x0020_4081) & 0x0101_0101;
-                    keep.as_mut_ptr()
-                        .add(j)
-                        .cast::<u32>()
-                        .write_unaligned(bytes.to_le());
-                    bits |= u64::from(undecided) << (step * 4);
-                }
+    bounded_keep_words(x, keep, open, |j0, last, keep| {
+        let last = _mm_set1_epi32(last);
+        let mut bits = 0u64;
+        for step in 0..16 {
+            let j = j0 + step * 4;
+            // SAFETY: the frame hands out j0 with 64 elements of draws, bins and keep from
+            // it; every gathered index is clamped to the last entry of both tables.
+            unsafe {
+                let idx = _mm_cvtepu16_epi32(_mm_loadl_epi64(x.bins.as_ptr().add(j).cast()));
+                let idx = _mm_min_epu32(idx, last);
+                let lo = _mm256_i32gather_epi64::<8>(x.lowest.as_ptr().cast(), idx);
+                let hi = _mm256_i32gather_epi64::<8>(x.highest.as_ptr().cast(), idx);
+                let d = _mm256_loadu_si256(x.draws.as_ptr().add(j).cast());
+                let d = _mm256_xor_si256(d, sign);
+                let below = |limit: __m256i| {
+                    let gt = _mm256_cmpgt_epi64(_mm256_xor_si256(limit, sign), d);
+                    _mm256_movemask_pd(_mm256_castsi256_pd(gt)) as u32
+                };
+                let kept = below(lo);
+                let undecided = !kept & below(hi);
+                // Bit i of `kept` to byte i (0 or 1, a valid bool).
+                let bytes = kept.wrapping_mul(0x0020_4081) & 0x0101_0101;
+                keep.as_mut_ptr()
+                    .add(j)
+                    .cast::<u32>()
+                    .write_unaligned(bytes.to_le());
+                bits |= u64::from(undecided) << (step * 4);
             }
-            bits
-        },
-    );
+        }
+        bits
+    })
 }

@@ -229,7 +229,13 @@ impl DellaRows {
         let open = &mut self.open;
         open.clear();
         open.resize(row.len().div_ceil(64), 0);
-        crate::kernels::bounded_keep(draws, bins, &self.lowest, &self.highest, mask, open);
+        let bucketed = crate::kernels::BucketDraws {
+            draws,
+            bins,
+            lowest: &self.lowest,
+            highest: &self.highest,
+        };
+        crate::kernels::bounded_keep(&bucketed, mask, open);
         let undecided = &mut self.undecided;
         undecided.clear();
         for (w, &word) in open.iter().enumerate() {
