@@ -4,7 +4,7 @@
 //! restored.
 
 use super::arith::D;
-use super::stream::MagnitudeOrder;
+use super::stream::{KeyRange, MagnitudeOrder, magnitude_key};
 use super::task_arithmetic::TaskInput;
 use crate::methods::torch_compat as tc;
 
@@ -169,19 +169,8 @@ impl DellaRows {
             return true;
         }
         let (seed, k) = (self.seed, self.k);
-        let key = |x: f32| x.to_bits() & 0x7FFF_FFFF;
-        // The smallest nonzero key is found as the smallest `key − 1` (zero wraps to the top).
-        let (min_nz, max) = crate::kernels::vectorized(
-            #[inline(always)]
-            || {
-                let (mut min_nz, mut max) = (u32::MAX, 0u32);
-                for &x in row {
-                    min_nz = min_nz.min(key(x).wrapping_sub(1));
-                    max = max.max(key(x));
-                }
-                (min_nz, max)
-            },
-        );
+        let key = magnitude_key;
+        let KeyRange { min_nz, max, .. } = KeyRange::of(row);
         // Zero is bucket 0 alone; nonzero keys count from 1 at the smallest, and buckets
         // `2^shift` keys wide hold them from bucket 1 (branchless: zero saturates to 0).
         // The last bucket is at most 2^wanted.

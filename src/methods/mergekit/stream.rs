@@ -358,20 +358,8 @@ impl MagnitudeOrder {
     /// Other rows (f32 values, NaN, infinities) take the 64-bit radix sort.
     pub fn ranks(&mut self, row: &[f32]) -> &[u32] {
         let n = row.len();
-        let key = |x: f32| x.to_bits() & 0x7FFF_FFFF;
-        // The smallest nonzero key is found as the smallest `key − 1` (zero wraps to the top).
-        let (any, min_nz, max) = crate::kernels::vectorized(
-            #[inline(always)]
-            || {
-                let (mut any, mut min_nz, mut max) = (0u32, u32::MAX, 0u32);
-                for &x in row {
-                    any |= key(x);
-                    min_nz = min_nz.min(key(x).wrapping_sub(1));
-                    max = max.max(key(x));
-                }
-                (any, min_nz, max)
-            },
-        );
+        let key = magnitude_key;
+        let KeyRange { any, min_nz, max } = KeyRange::of(row);
         let shift = any.trailing_zeros().min(31);
         // Nonzero keys map to 1.., zero to 0 (an all-zero row: everything to 0).
         let base = (min_nz.wrapping_add(1) >> shift).saturating_sub(1);
@@ -438,6 +426,40 @@ impl MagnitudeOrder {
         self.bins = spare;
         self.ranks = ranks;
         &self.ranks
+    }
+}
+
+/// A magnitude's sort key: `|x|`'s bits (NaN above infinity).
+#[inline(always)]
+pub(crate) fn magnitude_key(x: f32) -> u32 {
+    x.to_bits() & 0x7FFF_FFFF
+}
+
+/// The span of a row's [`magnitude_key`]s, in one vectorized pass.
+pub(crate) struct KeyRange {
+    /// Every key OR-ed together (its trailing zeros are the ones all keys share).
+    pub any: u32,
+    /// The smallest nonzero key minus one (`u32::MAX` when every key is zero).
+    pub min_nz: u32,
+    pub max: u32,
+}
+
+impl KeyRange {
+    pub fn of(row: &[f32]) -> KeyRange {
+        // The smallest nonzero key is found as the smallest `key − 1` (zero wraps to the top).
+        crate::kernels::vectorized(
+            #[inline(always)]
+            || {
+                let (mut any, mut min_nz, mut max) = (0u32, u32::MAX, 0u32);
+                for &x in row {
+                    let k = magnitude_key(x);
+                    any |= k;
+                    min_nz = min_nz.min(k.wrapping_sub(1));
+                    max = max.max(k);
+                }
+                KeyRange { any, min_nz, max }
+            },
+        )
     }
 }
 
