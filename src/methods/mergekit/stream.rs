@@ -321,7 +321,7 @@ impl MagnitudeOrder {
         self.entries.extend(
             row.iter()
                 .enumerate()
-                .map(|(i, x)| u64::from(x.to_bits() & 0x7FFF_FFFF) << 32 | i as u64),
+                .map(|(i, &x)| u64::from(magnitude_key(x)) << 32 | i as u64),
         );
         self.spare.resize(n, 0);
         for c in self.counts.iter_mut() {
@@ -429,7 +429,8 @@ impl MagnitudeOrder {
     }
 }
 
-/// A magnitude's sort key: `|x|`'s bits (NaN above infinity).
+/// A magnitude's sort key: `|x|`'s bits, monotonic in |x| (NaN above infinity); every
+/// magnitude ranking and threshold (TIES, breadcrumbs, DELLA) orders by it.
 #[inline(always)]
 pub(crate) fn magnitude_key(x: f32) -> u32 {
     x.to_bits() & 0x7FFF_FFFF

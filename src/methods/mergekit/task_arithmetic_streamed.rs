@@ -7,16 +7,11 @@
 
 use super::arith::D;
 use super::sparsify::{DellaRows, Sparsify, dare_mask, masked, outlier_window, rescale_factor};
-use super::stream::{Chunk, LaneSum, StreamCtx, TILE_ELEMS, blocks};
+use super::stream::{Chunk, LaneSum, StreamCtx, TILE_ELEMS, blocks, magnitude_key};
 use super::task_arithmetic::{BLOCK, Blocks, TaskInput, TaskMerge};
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::kernels;
-
-/// The magnitude bit pattern used for ranking: |x| as f32 bits (monotonic; NaN largest).
-fn mag_bits(x: f32) -> u32 {
-    x.to_bits() & 0x7FFF_FFFF
-}
 
 /// Magnitude keys of 16-bit compute dtypes. Deltas are rounded to D, so for f16 and bf16
 /// the magnitude has 15 significant bits and one histogram pass finds every threshold
@@ -54,10 +49,11 @@ impl NarrowKeys {
         }
     }
 
-    /// The [`mag_bits`] of the value a key stands for.
+    /// The magnitude key ([`magnitude_key`](super::stream::magnitude_key)) of the value a key
+    /// stands for.
     fn mag_bits(self, key: u32) -> u32 {
         match self {
-            NarrowKeys::F16 => mag_bits(half::f16::from_bits(key as u16).to_f32()),
+            NarrowKeys::F16 => magnitude_key(half::f16::from_bits(key as u16).to_f32()),
             NarrowKeys::BF16 => key << 16,
         }
     }
@@ -124,13 +120,13 @@ impl Masker<'_> {
         let (low, high) = (low.0, high.0);
         let mut tied = false;
         for (k, &x) in m.iter_mut().zip(dl) {
-            let v = mag_bits(x);
+            let v = magnitude_key(x);
             *k = (v > low) & (v < high);
             tied |= (v == low) | (v == high);
         }
         if tied {
             for (k, &x) in m.iter_mut().zip(dl) {
-                if mag_bits(x) == low || mag_bits(x) == high {
+                if magnitude_key(x) == low || magnitude_key(x) == high {
                     *k = self.keep(x);
                 }
             }
@@ -143,7 +139,7 @@ impl Masker<'_> {
             Rule::Zero => false,
             Rule::Random => unreachable!("random masks are drawn per element index"),
             Rule::Window { lo, hi, low, high } => {
-                let v = mag_bits(x);
+                let v = magnitude_key(x);
                 if v != low.0 && v != high.0 {
                     // Strictly between the boundary values is inside the window; written
                     // without branches, as half the elements of a tensor go each way.
@@ -342,7 +338,7 @@ pub(crate) fn stream(r: &TaskMerge, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
         let mut hi = vec![vec![0u64; 1 << 16]; others.len()];
         select_pass(d, &mut |k, dl| {
             for &x in dl {
-                hi[k][(mag_bits(x) >> 16) as usize] += 1;
+                hi[k][(magnitude_key(x) >> 16) as usize] += 1;
             }
         })?;
         for (k, qs) in queries.iter_mut().enumerate() {
@@ -360,7 +356,7 @@ pub(crate) fn stream(r: &TaskMerge, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
                     continue;
                 };
                 for &x in dl {
-                    let v = mag_bits(x);
+                    let v = magnitude_key(x);
                     if v >> 16 == bucket {
                         lo[k][qi][(v & 0xFFFF) as usize] += 1;
                     }
