@@ -7,13 +7,13 @@
 #   benches/e2e.sh [--preset llama2-13b] [--layers 8] [--rank 64] [--dir DIR] [--io auto]
 #                  [--all] [--keep] [--extra "ARGS for mergestream"] [--compare OLD_BINARY]
 #                  [--merge "linear ties"] [--repeat 3] [--budgets "default 256MiB"]
-#                  [--ios "auto read"] [--every-method]
+#                  [--ios "auto read"] [--writes "buffered"] [--every-method]
 #
 # --all blends every tensor (embeddings and lm_head included) instead of --layer_only.
 # --merge "linear ties ..." adds `mergestream merge` rows: those mergekit methods with model a
 #   as the base and b as the fine-tune (density 0.5 where the method reads one).
-# --budgets and --ios repeat each `merge` row with those --memory-limit and --io values
-#   (`default` and the --io given keep the plain row).
+# --budgets, --ios and --writes repeat each row with those --memory-limit, --io and --write
+#   values (`default`, the --io given and `auto` keep the plain row).
 # --every-method: every row issue 13 targets — linear, slerp, nuslerp, ties, dare_ties,
 #   breadcrumbs_ties, della and model_stock (3 inputs: a third model is made), each at the
 #   default budget and 256MiB, and with --io read (the seed recipe rows too).
@@ -36,6 +36,7 @@ methods=""
 repeat=3
 budgets=default
 ios=""
+writes=""
 filter=--layer_only
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -52,6 +53,7 @@ while [ $# -gt 0 ]; do
     --repeat) repeat=$2; shift 2 ;;
     --budgets) budgets=$2; shift 2 ;;
     --ios) ios=$2; shift 2 ;;
+    --writes) writes=$2; shift 2 ;;
     --every-method)
       methods="linear slerp nuslerp ties dare_ties breadcrumbs_ties della model_stock"
       budgets="default 256MiB"; ios="read"; shift ;;
@@ -83,31 +85,44 @@ cat "$dir"/a/*.safetensors "$dir"/b/*.safetensors "$dir"/lora/*.safetensors > /d
 
 now() { date +%s.%N; }
 min() { echo "$1 $2" | awk '{print ($1 < $2) ? $1 : $2}'; }
-# The floor: read the inputs, write an output of the same size, sync. Disk writes on a
-# shared machine are noisy, so every measurement here is the best of $repeat runs.
+# The floor: read the inputs, write an output of the same size, sync — the best of writing
+# it through the page cache and around it. Disk writes on a shared machine are noisy, so
+# every measurement here is the best of $repeat runs.
 measure_floor() {
   local best=999999
   for _ in $(seq $repeat); do
-    sync
-    local t0 t1
-    t0=$(now)
-    for m in "$@"; do
-      for f in "$dir/$m"/*.safetensors; do dd if="$f" of=/dev/null bs=16M status=none; done
-    done
-    mkdir -p "$dir/floor"
-    cp "$dir"/a/*.safetensors "$dir/floor/"
-    sync
-    t1=$(now)
-    best=$(min "$best" "$(echo "$t1 - $t0" | bc -l)")
-    rm -rf "$dir/floor"
+    best=$(min "$best" "$(floor_once "$1" buffered)")
+    best=$(min "$best" "$(floor_once "$1" direct)")
   done
   echo "$best"
 }
-floor2=$(measure_floor a b)
+# One floor run over models "$1" (space-separated), writing a copy of model a with cp
+# (through the page cache) or with dd oflag=direct (around it, as mergestream writes).
+floor_once() {
+  sync
+  local t0 t1
+  t0=$(now)
+  for m in $1; do
+    for f in "$dir/$m"/*.safetensors; do dd if="$f" of=/dev/null bs=16M status=none; done
+  done
+  mkdir -p "$dir/floor"
+  if [ "$2" = direct ]; then
+    for f in "$dir"/a/*.safetensors; do
+      dd if="$f" of="$dir/floor/$(basename "$f")" bs=16M oflag=direct status=none
+    done
+  else
+    cp "$dir"/a/*.safetensors "$dir/floor/"
+  fi
+  sync
+  t1=$(now)
+  rm -rf "$dir/floor"
+  echo "$t1 - $t0" | bc -l
+}
+floor2=$(measure_floor "a b")
 floor=$floor2
 # model_stock reads three models: its rows are against a floor reading all three.
 floor3=""
-[ -d "$dir/c" ] && floor3=$(measure_floor a b c)
+[ -d "$dir/c" ] && floor3=$(measure_floor "a b c")
 
 # Gradient reaching 0 at layer 5 of 8 (the seed recipe's shape).
 gradient="[0.9,0.72,0.54,0.36,0.18,0.0,0.0,0.0,0.0]"
@@ -153,6 +168,10 @@ variants() {
   for i in $ios; do
     [ "$i" = "$io" ] && continue
     measure "$label --io $i" "$@" --io "$i"
+  done
+  for w in $writes; do
+    [ "$w" = auto ] && continue
+    measure "$label --write $w" "$@" --io "$io" --write "$w"
   done
   own_base=""
 }

@@ -14,7 +14,7 @@ use mergestream::dtype::DType;
 use mergestream::error::{Error, Result};
 use mergestream::output;
 use mergestream::pipeline::reader::IoMode;
-use mergestream::pipeline::{RunOptions, default_memory_limit};
+use mergestream::pipeline::{RunOptions, WriteMode, default_memory_limit};
 use mergestream::plan::Plan;
 use mergestream::plan::blockmerge::plan_blockmerge;
 use mergestream::plan::blockmerge_args::BlockMergeArgs;
@@ -117,6 +117,10 @@ struct Common {
     /// How to read inputs: mmap, positional reads, or auto (read on network filesystems).
     #[arg(long, value_enum, default_value_t = Io::Auto)]
     io: Io,
+    /// How to write the output: around the page cache (direct), through it (buffered), or
+    /// auto (direct where the filesystem allows it, buffered on network filesystems).
+    #[arg(long, value_enum, default_value_t = WriteArg::Auto)]
+    write: WriteArg,
     /// Dtype of the output's float tensors (float16, bfloat16, float32).
     #[arg(long, value_parser = float_dtype)]
     out_dtype: Option<DType>,
@@ -163,6 +167,27 @@ impl From<Io> for IoMode {
             Io::Auto => IoMode::Auto,
             Io::Mmap => IoMode::Mmap,
             Io::Read => IoMode::Read,
+        }
+    }
+}
+
+/// `--write`, checked by clap.
+#[derive(Clone, Copy, ValueEnum)]
+enum WriteArg {
+    /// Direct, except on network filesystems or where the filesystem refuses it.
+    Auto,
+    /// `O_DIRECT`: the output never fills the page cache; an error where unsupported.
+    Direct,
+    /// Through the page cache (`pwrite`).
+    Buffered,
+}
+
+impl From<WriteArg> for WriteMode {
+    fn from(w: WriteArg) -> WriteMode {
+        match w {
+            WriteArg::Auto => WriteMode::Auto,
+            WriteArg::Direct => WriteMode::Direct,
+            WriteArg::Buffered => WriteMode::Buffered,
         }
     }
 }
@@ -982,6 +1007,7 @@ fn execute(plan: &Plan, out: &Path, c: &Common, cancel: &Arc<AtomicBool>) -> Res
             .unwrap_or_else(mergestream::pipeline::default_threads)
             .max(1),
         io: c.io.into(),
+        write: c.write.into(),
         progress: !c.quiet,
         cancel: Arc::clone(cancel),
         observer: None,

@@ -77,6 +77,26 @@ fn single_thread_and_tiny_budget_give_the_same_bytes() {
 }
 
 #[test]
+fn direct_and_buffered_writes_give_the_same_bytes() {
+    // 100KB shards: many tensor edges inside 4 KiB blocks, and shards ending mid-block.
+    // Direct writes need a disk filesystem: the default temp folder is one here and in CI;
+    // `--write direct` fails rather than falling back, so this cannot pass unexercised.
+    for (write, threads) in [("direct", "3"), ("direct", "1"), ("buffered", "3")] {
+        run_case(
+            "bm_all",
+            &[
+                "--write",
+                write,
+                "--threads",
+                threads,
+                "--memory-limit",
+                "16KiB",
+            ],
+        );
+    }
+}
+
+#[test]
 fn dash_spellings_and_read_io_are_equivalent() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");

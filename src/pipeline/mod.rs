@@ -5,9 +5,9 @@
 //! fit the budget, takes a permit, and hands the chunk to a compute worker, which reads its
 //! input bytes (a short-lived mapping or an owned buffer: positional reads copy on every
 //! core, not on one thread; remote inputs are read by the reader, in order), runs the
-//! step's arithmetic and writes the bytes at their planned
-//! offset (`pwrite` from every worker spreads the copy into the page cache over all cores);
-//! the permit goes when the chunk is written. No stage ever holds a whole tensor larger than
+//! step's arithmetic and writes the bytes at their planned offset (around the page cache
+//! where the filesystem allows it, see [`writer`]); the permit goes when the chunk is
+//! written. No stage ever holds a whole tensor larger than
 //! the budget, let alone a whole model or shard.
 
 mod allocator;
@@ -15,6 +15,7 @@ mod arithmetic;
 pub mod budget;
 pub mod chunking;
 mod compute;
+mod direct;
 pub mod extract_lora;
 pub mod journal;
 pub mod reader;
@@ -38,6 +39,7 @@ use chunking::{
 };
 use reader::{Buf, InputFile, IoMode};
 use writer::ShardFiles;
+pub use writer::WriteMode;
 
 #[derive(Clone, Debug)]
 pub struct RunOptions {
@@ -46,6 +48,8 @@ pub struct RunOptions {
     /// Compute workers.
     pub threads: usize,
     pub io: IoMode,
+    /// How output shards are written (around the page cache by default).
+    pub write: WriteMode,
     /// Show a progress bar (on a terminal).
     pub progress: bool,
     /// Set it to stop the run: every stage checks it, and the run ends with
@@ -73,6 +77,7 @@ impl Default for RunOptions {
             memory_limit: default_memory_limit(),
             threads: default_threads(),
             io: IoMode::Auto,
+            write: WriteMode::Auto,
             progress: false,
             cancel: Arc::new(AtomicBool::new(false)),
             observer: None,
@@ -89,7 +94,7 @@ impl RunOptions {
 }
 
 /// Compute workers by default: one per core plus one, so a core never idles while a worker
-/// waits on its pwrite into the page cache.
+/// waits on its write.
 pub fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get()) + 1
 }
@@ -229,8 +234,8 @@ pub fn execute_resumable(
     allocator::keep_freed_buffers();
     let inputs = open_inputs(plan, opts.io)?;
     let shards = match &resume {
-        Some(r) if r.existing_shards => ShardFiles::open_existing(dir, &plan.shards)?,
-        _ => ShardFiles::create(dir, &plan.shards)?,
+        Some(r) if r.existing_shards => ShardFiles::open_existing(dir, &plan.shards, opts.write)?,
+        _ => ShardFiles::create(dir, &plan.shards, opts.write)?,
     };
     let mut skip = vec![false; plan.steps.len()];
     for &d in resume.as_ref().map_or(&[][..], |r| r.done) {
@@ -326,8 +331,8 @@ pub fn execute_resumable(
     std::thread::scope(|s| {
         let (work_tx, work_rx) = bounded::<Work>(workers * 2);
 
-        // Workers compute and write: pwrite at the planned offsets from every worker, so
-        // the copy into the page cache is spread over all cores.
+        // Workers compute and write at the planned offsets, so a worker waiting on the disk
+        // leaves the cores to the others.
         let (inputs, budget) = (&inputs, &budget);
         let (fail, stopped, write, finished) = (&fail, &stopped, &write, &finished);
         let (shards, progress) = (&shards, &progress);

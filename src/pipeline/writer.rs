@@ -1,21 +1,43 @@
 //! Writing shards in place: each file is created at its final size with its header first,
-//! and chunks are written at their planned offsets (`pwrite`) in whatever order they come,
-//! so no shard is ever buffered in memory.
+//! and chunks are written at their planned offsets in whatever order they come, so no shard
+//! is ever buffered in memory. Writes bypass the page cache (`O_DIRECT`, see [`direct`])
+//! where the filesystem allows it, and go through it (`pwrite`) elsewhere.
+//!
+//! [`direct`]: super::direct
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use super::direct::{DirectFile, direct_unit};
 use crate::error::{Error, Result};
 use crate::plan::Shard;
 
+/// How output shards are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteMode {
+    /// Direct where the filesystem allows it, except on network filesystems (where the
+    /// page cache batches small writes into large requests).
+    Auto,
+    /// Around the page cache (`O_DIRECT`); an error where the filesystem refuses it.
+    Direct,
+    /// Through the page cache.
+    Buffered,
+}
+
+struct ShardFile {
+    path: PathBuf,
+    file: File,
+    direct: Option<DirectFile>,
+}
+
 pub struct ShardFiles {
-    files: Vec<(PathBuf, File)>,
+    files: Vec<ShardFile>,
 }
 
 impl ShardFiles {
     /// Create every shard in `dir`, reserve its space and write its header.
-    pub fn create(dir: &Path, shards: &[Shard]) -> Result<ShardFiles> {
+    pub fn create(dir: &Path, shards: &[Shard], mode: WriteMode) -> Result<ShardFiles> {
         let mut files = Vec::with_capacity(shards.len());
         for s in shards {
             let path = dir.join(&s.file_name);
@@ -26,16 +48,18 @@ impl ShardFiles {
                 .open(&path)
                 .map_err(|e| Error::io("cannot create", e).in_file(&path))?;
             reserve(&f, s.size).map_err(|e| Error::io("cannot reserve space", e).in_file(&path))?;
-            f.write_all_at(&s.header, 0)
-                .map_err(|e| Error::io("write failed", e).in_file(&path))?;
-            files.push((path, f));
+            let shard = ShardFile::new(path, f, s.size, mode)?;
+            shard.write_at(0, &s.header)?;
+            // The whole header now: a killed run's shard is recognized by it.
+            shard.flush()?;
+            files.push(shard);
         }
         Ok(ShardFiles { files })
     }
 
     /// Reopen the shards a killed run of the same plan left in `dir` (see
     /// [`shards_match`]); their headers are already written.
-    pub fn open_existing(dir: &Path, shards: &[Shard]) -> Result<ShardFiles> {
+    pub fn open_existing(dir: &Path, shards: &[Shard], mode: WriteMode) -> Result<ShardFiles> {
         let mut files = Vec::with_capacity(shards.len());
         for s in shards {
             let path = dir.join(&s.file_name);
@@ -50,36 +74,80 @@ impl ShardFiles {
                 )
                 .in_file(&path));
             }
-            files.push((path, f));
+            files.push(ShardFile::new(path, f, s.size, mode)?);
         }
         Ok(ShardFiles { files })
     }
 
     pub fn write_at(&self, shard: usize, offset: u64, bytes: &[u8]) -> Result<()> {
-        let (path, f) = &self.files[shard];
-        f.write_all_at(bytes, offset)
-            .map_err(|e| Error::io("write failed", e).in_file(path))?;
-        start_writeback(f, offset, bytes.len() as u64);
-        Ok(())
+        self.files[shard].write_at(offset, bytes)
     }
 
     /// Flush the shards' data to disk (for the resume journal: a tensor is recorded as done
     /// only after its bytes are durable).
     pub fn sync_data(&self) -> Result<()> {
-        for (path, f) in &self.files {
-            f.sync_data()
-                .map_err(|e| Error::io("fsync failed", e).in_file(path))?;
+        for s in &self.files {
+            s.flush()?;
+            s.file
+                .sync_data()
+                .map_err(|e| Error::io("fsync failed", e).in_file(&s.path))?;
         }
         Ok(())
     }
 
     /// Flush every shard to disk: one fsync per shard.
     pub fn sync(&self) -> Result<()> {
-        for (path, f) in &self.files {
-            f.sync_all()
-                .map_err(|e| Error::io("fsync failed", e).in_file(path))?;
+        for s in &self.files {
+            s.flush()?;
+            s.file
+                .sync_all()
+                .map_err(|e| Error::io("fsync failed", e).in_file(&s.path))?;
         }
         Ok(())
+    }
+}
+
+impl ShardFile {
+    fn new(path: PathBuf, file: File, size: u64, mode: WriteMode) -> Result<ShardFile> {
+        let wanted = match mode {
+            WriteMode::Buffered => false,
+            WriteMode::Direct => true,
+            WriteMode::Auto => !path.parent().is_some_and(super::reader::is_network_fs),
+        };
+        let direct = if wanted && size > 0 {
+            match DirectFile::open(&path, &file, size, direct_unit()) {
+                Ok(d) => Some(d),
+                Err(e) if mode == WriteMode::Direct => {
+                    return Err(
+                        Error::io("cannot write with O_DIRECT (--write direct)", e).in_file(&path)
+                    );
+                }
+                Err(_) => None,
+            }
+        } else {
+            None
+        };
+        Ok(ShardFile { path, file, direct })
+    }
+
+    fn write_at(&self, offset: u64, bytes: &[u8]) -> Result<()> {
+        let written = match &self.direct {
+            Some(d) => d.write_at(bytes, offset),
+            None => self.file.write_all_at(bytes, offset).map(|()| {
+                start_writeback(&self.file, offset, bytes.len() as u64);
+            }),
+        };
+        written.map_err(|e| Error::io("write failed", e).in_file(&self.path))
+    }
+
+    /// Write the bytes that wait in partial blocks (direct writes only).
+    fn flush(&self) -> Result<()> {
+        match &self.direct {
+            Some(d) => d
+                .flush()
+                .map_err(|e| Error::io("write failed", e).in_file(&self.path)),
+            None => Ok(()),
+        }
     }
 }
 
