@@ -16,16 +16,22 @@
 //! (a whole-block write would extend the file) and only through it; the unit is at least the
 //! page size, so no page-cache page ever holds bytes that were also written directly.
 
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 
-/// Bytes copied into the bounce buffer per direct write (larger writes measured no faster).
-const BOUNCE_BYTES: usize = 1 << 20;
+use crossbeam_channel::{Sender, unbounded};
+
+/// Bytes of one queued direct write (larger writes measured no faster on their own).
+const PIECE_BYTES: usize = 1 << 20;
+/// Pieces waiting for the disk at most: the write-behind memory, outside the budget.
+const PIECES: usize = 32;
+/// Threads putting queued pieces on disk.
+const WRITER_THREADS: usize = 2;
 
 /// The alignment every direct write keeps: 4 KiB (the largest logical block of common
 /// disks), or the page size when that is larger.
@@ -118,13 +124,152 @@ fn bit(set: &[u64], i: usize) -> bool {
     set[i / 64] & (1 << (i % 64)) != 0
 }
 
-thread_local! {
-    static BOUNCE: RefCell<Option<AlignedBuf>> = const { RefCell::new(None) };
+/// Whole blocks on their way to disk. A worker copies them into pooled aligned buffers
+/// and goes back to computing while writer threads put them on disk, as the page cache
+/// would; it waits only when all [`PIECES`] buffers are in flight. The first failed write
+/// is reported by the next write or flush.
+pub struct WriteBehind {
+    jobs: Option<Sender<Job>>,
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+struct Job {
+    file: Arc<File>,
+    offset: u64,
+    buf: AlignedBuf,
+    len: usize,
+}
+
+struct Shared {
+    unit: usize,
+    /// Idle buffers, and how many exist.
+    pool: Mutex<(Vec<AlignedBuf>, usize)>,
+    freed: Condvar,
+    /// Pieces queued or being written, and the first error.
+    state: Mutex<(usize, Option<(io::ErrorKind, String)>)>,
+    idle: Condvar,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl WriteBehind {
+    /// Writer threads for pieces aligned to `unit`.
+    pub fn new(unit: usize) -> io::Result<WriteBehind> {
+        let shared = Arc::new(Shared {
+            unit,
+            pool: Mutex::new((Vec::new(), 0)),
+            freed: Condvar::new(),
+            state: Mutex::new((0, None)),
+            idle: Condvar::new(),
+        });
+        let (tx, rx) = unbounded::<Job>();
+        let mut threads = Vec::with_capacity(WRITER_THREADS);
+        for i in 0..WRITER_THREADS {
+            let (rx, shared) = (rx.clone(), Arc::clone(&shared));
+            let t = std::thread::Builder::new()
+                .name(format!("direct-writer-{i}"))
+                .spawn(move || {
+                    for job in rx {
+                        let written = job.file.write_all_at(&job.buf.get()[..job.len], job.offset);
+                        lock(&shared.pool).0.push(job.buf);
+                        shared.freed.notify_one();
+                        let mut st = lock(&shared.state);
+                        st.0 -= 1;
+                        if let Err(e) = written {
+                            st.1.get_or_insert((e.kind(), e.to_string()));
+                        }
+                        shared.idle.notify_all();
+                    }
+                })?;
+            threads.push(t);
+        }
+        Ok(WriteBehind {
+            jobs: Some(tx),
+            shared,
+            threads,
+        })
+    }
+
+    /// Queue `bytes` (whole blocks) for `file` at `offset`.
+    fn submit(&self, file: &Arc<File>, offset: u64, bytes: &[u8]) -> io::Result<()> {
+        self.check()?;
+        let step = PIECE_BYTES.max(self.shared.unit) / self.shared.unit * self.shared.unit;
+        let mut at = offset;
+        for piece in bytes.chunks(step) {
+            let mut buf = self.take();
+            buf.get_mut()[..piece.len()].copy_from_slice(piece);
+            lock(&self.shared.state).0 += 1;
+            let job = Job {
+                file: Arc::clone(file),
+                offset: at,
+                buf,
+                len: piece.len(),
+            };
+            let sent = self.jobs.as_ref().is_some_and(|tx| tx.send(job).is_ok());
+            if !sent {
+                lock(&self.shared.state).0 -= 1;
+                return Err(io::Error::other("the direct writer threads are gone"));
+            }
+            at += piece.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// An idle buffer, made while fewer than [`PIECES`] exist.
+    fn take(&self) -> AlignedBuf {
+        let unit = self.shared.unit;
+        let mut pool = lock(&self.shared.pool);
+        loop {
+            if let Some(b) = pool.0.pop() {
+                return b;
+            }
+            if pool.1 < PIECES {
+                pool.1 += 1;
+                return AlignedBuf::new(PIECE_BYTES.max(unit), unit);
+            }
+            pool = self
+                .shared
+                .freed
+                .wait(pool)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// The first failed write so far, as an error.
+    fn check(&self) -> io::Result<()> {
+        match &lock(&self.shared.state).1 {
+            Some((kind, msg)) => Err(io::Error::new(*kind, msg.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Wait until every queued piece is on disk (or failed).
+    pub fn wait(&self) -> io::Result<()> {
+        let mut st = lock(&self.shared.state);
+        while st.0 > 0 {
+            st = self.shared.idle.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        drop(st);
+        self.check()
+    }
+}
+
+impl Drop for WriteBehind {
+    fn drop(&mut self) {
+        self.jobs = None;
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
 }
 
 /// One output file written with `O_DIRECT`, of a size fixed at creation.
 pub struct DirectFile {
-    direct: File,
+    direct: Arc<File>,
+    behind: Arc<WriteBehind>,
     /// The same file without `O_DIRECT`, for its last block when that is partial.
     buffered: File,
     size: u64,
@@ -135,7 +280,13 @@ pub struct DirectFile {
 impl DirectFile {
     /// Open `path` (already `size` bytes long) for direct writes, when its filesystem allows
     /// them at `unit` alignment (checked with one direct read of the first block).
-    pub fn open(path: &Path, buffered: &File, size: u64, unit: usize) -> io::Result<DirectFile> {
+    pub fn open(
+        path: &Path,
+        buffered: &File,
+        size: u64,
+        behind: &Arc<WriteBehind>,
+    ) -> io::Result<DirectFile> {
+        let unit = behind.shared.unit;
         let direct = OpenOptions::new()
             .read(true)
             .write(true)
@@ -143,7 +294,7 @@ impl DirectFile {
             .open(path)?;
         let mut probe = AlignedBuf::new(unit, unit);
         direct.read_at(probe.get_mut(), 0)?;
-        DirectFile::over(direct, buffered.try_clone()?, size, unit)
+        DirectFile::over(direct, buffered.try_clone()?, size, behind)
     }
 
     /// A writer over `direct` (opened with `O_DIRECT`, or not: the logic is the same, which
@@ -152,13 +303,15 @@ impl DirectFile {
         direct: File,
         buffered: File,
         size: u64,
-        unit: usize,
+        behind: &Arc<WriteBehind>,
     ) -> io::Result<DirectFile> {
+        let unit = behind.shared.unit;
         if !unit.is_power_of_two() || !unit.is_multiple_of(64) {
             return Err(io::Error::other(format!("bad direct I/O unit {unit}")));
         }
         Ok(DirectFile {
-            direct,
+            direct: Arc::new(direct),
+            behind: Arc::clone(behind),
             buffered,
             size,
             unit,
@@ -195,25 +348,9 @@ impl DirectFile {
         self.stash(last, &bytes[at(last)..])
     }
 
-    /// Whole blocks at an aligned offset, through the bounce buffer.
+    /// Whole blocks at an aligned offset, queued.
     fn write_blocks(&self, offset: u64, bytes: &[u8]) -> io::Result<()> {
-        BOUNCE.with(|b| {
-            let mut b = b.borrow_mut();
-            let buf = b.get_or_insert_with(|| AlignedBuf::new(BOUNCE_BYTES, self.unit));
-            // Made for another unit (tests use several): make it again.
-            if buf.len < self.unit || !(buf.get().as_ptr() as usize).is_multiple_of(self.unit) {
-                *buf = AlignedBuf::new(BOUNCE_BYTES.max(self.unit), self.unit);
-            }
-            let step = buf.len / self.unit * self.unit;
-            let buf = buf.get_mut();
-            let mut at = offset;
-            for piece in bytes.chunks(step) {
-                buf[..piece.len()].copy_from_slice(piece);
-                self.direct.write_all_at(&buf[..piece.len()], at)?;
-                at += piece.len() as u64;
-            }
-            Ok(())
-        })
+        self.behind.submit(&self.direct, offset, bytes)
     }
 
     /// Keep the bytes of partial blocks; a block that becomes whole is written at once.
@@ -225,7 +362,7 @@ impl DirectFile {
             let (index, within) = (at / unit, (at % unit) as usize);
             let n = (self.unit - within).min(bytes.len() - done);
             let whole = {
-                let mut map = self.partial.lock().unwrap_or_else(|e| e.into_inner());
+                let mut map = lock(&self.partial);
                 let p = map.entry(index).or_insert_with(|| Partial::new(self.unit));
                 p.put(within, &bytes[done..done + n]);
                 if p.count == self.unit {
@@ -246,8 +383,9 @@ impl DirectFile {
     /// last block through the page cache, others by reading the block back and writing it
     /// whole. The blocks stay here until their other bytes arrive.
     pub fn flush(&self) -> io::Result<()> {
+        self.behind.wait()?;
         let unit = self.unit as u64;
-        let mut map = self.partial.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = lock(&self.partial);
         let mut disk = None;
         for (&index, p) in map.iter_mut().filter(|(_, p)| p.dirty) {
             let start = index * unit;
@@ -276,7 +414,7 @@ impl DirectFile {
     /// Bytes waiting in partial blocks (for tests).
     #[cfg(test)]
     fn waiting(&self) -> usize {
-        let map = self.partial.lock().unwrap_or_else(|e| e.into_inner());
+        let map = lock(&self.partial);
         map.values().map(|p| p.count).sum()
     }
 }
@@ -297,7 +435,8 @@ mod tests {
                 .open(&path)
                 .unwrap()
         };
-        let w = DirectFile::over(rw(), rw(), size, unit).unwrap();
+        let behind = Arc::new(WriteBehind::new(unit).unwrap());
+        let w = DirectFile::over(rw(), rw(), size, &behind).unwrap();
         (path, w)
     }
 
@@ -412,7 +551,8 @@ mod tests {
             .open(&path)
             .unwrap();
         f.set_len(size).unwrap();
-        let Ok(w) = DirectFile::open(&path, &f, size, direct_unit()) else {
+        let behind = Arc::new(WriteBehind::new(direct_unit()).unwrap());
+        let Ok(w) = DirectFile::open(&path, &f, size, &behind) else {
             eprintln!("O_DIRECT not supported here; skipped");
             return;
         };
