@@ -41,9 +41,14 @@ fn write_behind(mode: WriteMode) -> Result<Option<Arc<WriteBehind>>> {
     if mode == WriteMode::Buffered {
         return Ok(None);
     }
-    let w = WriteBehind::new(direct_unit())
-        .map_err(|e| Error::io("cannot start the writer threads", e))?;
-    Ok(Some(Arc::new(w)))
+    match WriteBehind::new(direct_unit()) {
+        Ok(w) => Ok(Some(Arc::new(w))),
+        Err(e) if mode == WriteMode::Direct => {
+            Err(Error::io("cannot start the direct writer threads", e))
+        }
+        // Where no thread may start, write through the page cache instead.
+        Err(_) => Ok(None),
+    }
 }
 
 impl ShardFiles {
