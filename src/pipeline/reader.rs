@@ -43,7 +43,7 @@ impl Deref for Buf {
         match self {
             Buf::Mapped(m) => m,
             Buf::Owned(v) => v,
-            Buf::Pooled(p) => &p.0,
+            Buf::Pooled(p) => p,
         }
     }
 }
@@ -53,28 +53,49 @@ impl Deref for Buf {
 static POOL: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
 const POOL_MAX: usize = 4;
 
-/// A buffer that goes back to the pool when dropped.
-pub struct Pooled(Vec<u8>);
+/// A buffer that goes back to the pool when dropped: its first `len` bytes are the read.
+pub struct Pooled {
+    v: Vec<u8>,
+    len: usize,
+}
 
 impl Pooled {
-    /// A buffer of exactly `len` initialized bytes, recycled when one is big enough.
+    /// A buffer of `len` initialized bytes, recycled when one is big enough.
     fn take(len: usize) -> Pooled {
         let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
-        let mut v = match pool.iter().position(|b| b.capacity() >= len) {
+        // Best: one already initialized that far; then one with the room.
+        let pick = pool
+            .iter()
+            .position(|b| b.len() >= len)
+            .or_else(|| pool.iter().position(|b| b.capacity() >= len));
+        let mut v = match pick {
             Some(i) => pool.swap_remove(i),
             None => Vec::with_capacity(len),
         };
         drop(pool);
-        // Shrinking keeps old bytes (they are overwritten by the read); only growth zeroes.
-        v.truncate(len);
-        v.resize(len, 0);
-        Pooled(v)
+        // A recycled buffer keeps its initialized length, so only bytes never used before
+        // are zeroed (the read overwrites them all anyway).
+        if v.len() < len {
+            v.resize(len, 0);
+        }
+        Pooled { v, len }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.v[..self.len]
+    }
+}
+
+impl Deref for Pooled {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.v[..self.len]
     }
 }
 
 impl Drop for Pooled {
     fn drop(&mut self) {
-        let v = std::mem::take(&mut self.0);
+        let v = std::mem::take(&mut self.v);
         let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
         if pool.len() < POOL_MAX {
             pool.push(v);
@@ -130,7 +151,7 @@ impl InputFile {
             return Ok(Buf::Mapped(mapped?));
         }
         let mut v = Pooled::take(n);
-        self.file.read_at(offset, &mut v.0)?;
+        self.file.read_at(offset, v.bytes_mut())?;
         Ok(Buf::Pooled(v))
     }
 }
