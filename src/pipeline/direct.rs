@@ -527,6 +527,49 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap()[71], 0x55);
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// Any cutting of a file into writes, in any order, with flushes anywhere between
+        /// them, leaves exactly the file's bytes; whole blocks never wait for a flush.
+        #[test]
+        fn any_pieces_any_order_any_flushes(
+            size in 0usize..1500,
+            unit_shift in 6u32..9,
+            cuts in proptest::collection::vec(0usize..1500, 0..24),
+            order in proptest::collection::vec(proptest::prelude::any::<u32>(), 24),
+            flushes in proptest::collection::vec(proptest::prelude::any::<bool>(), 24),
+        ) {
+            let unit = 1usize << unit_shift;
+            let dir = tempfile::tempdir().unwrap();
+            let (path, w) = plain(dir.path(), size as u64, unit);
+            // What an earlier run left: every byte must be overwritten.
+            std::fs::write(&path, vec![0xEEu8; size]).unwrap();
+            let want = pattern(size);
+            let mut points: Vec<usize> = cuts.into_iter().filter(|&c| c < size).collect();
+            points.extend([0, size]);
+            points.sort_unstable();
+            points.dedup();
+            let mut pieces: Vec<_> = points.windows(2).map(|p| p[0]..p[1]).collect();
+            // A permutation from the random keys.
+            let mut keyed: Vec<_> = pieces.drain(..).enumerate().map(|(i, r)| (order[i % 24], i, r)).collect();
+            keyed.sort_unstable_by_key(|(k, i, _)| (*k, *i));
+            for (n, (_, _, r)) in keyed.iter().enumerate() {
+                w.write_at(&want[r.clone()], r.start as u64).unwrap();
+                if flushes[n % 24] {
+                    w.flush().unwrap();
+                }
+            }
+            w.flush().unwrap();
+            proptest::prop_assert_eq!(std::fs::read(&path).unwrap(), want);
+            // Without a flush before the last write, every block went out whole when its
+            // last piece came: only the partial last block may still be held.
+            let early_flush = (0..keyed.len().saturating_sub(1)).any(|n| flushes[n % 24]);
+            if !early_flush {
+                proptest::prop_assert!(w.waiting() <= size % unit, "{} held", w.waiting());
+            }
+        }
+    }
+
     #[test]
     fn writes_past_the_end_are_refused() {
         let dir = tempfile::tempdir().unwrap();
