@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
@@ -136,6 +136,7 @@ pub struct WriteBehind {
 
 struct Job {
     file: Arc<File>,
+    path: Arc<Path>,
     offset: u64,
     buf: AlignedBuf,
     len: usize,
@@ -146,9 +147,16 @@ struct Shared {
     /// Idle buffers, and how many exist.
     pool: Mutex<(Vec<AlignedBuf>, usize)>,
     freed: Condvar,
-    /// Pieces queued or being written, and the first error.
-    state: Mutex<(usize, Option<(io::ErrorKind, String)>)>,
+    /// Pieces queued or being written, and the first error (with the file it hit).
+    state: Mutex<(usize, Option<Failed>)>,
     idle: Condvar,
+}
+
+/// The first queued write that failed.
+struct Failed {
+    kind: io::ErrorKind,
+    message: String,
+    path: Arc<Path>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -179,7 +187,11 @@ impl WriteBehind {
                         let mut st = lock(&shared.state);
                         st.0 -= 1;
                         if let Err(e) = written {
-                            st.1.get_or_insert((e.kind(), e.to_string()));
+                            st.1.get_or_insert(Failed {
+                                kind: e.kind(),
+                                message: e.to_string(),
+                                path: job.path,
+                            });
                         }
                         shared.idle.notify_all();
                     }
@@ -194,7 +206,13 @@ impl WriteBehind {
     }
 
     /// Queue `bytes` (whole blocks) for `file` at `offset`.
-    fn submit(&self, file: &Arc<File>, offset: u64, bytes: &[u8]) -> io::Result<()> {
+    fn submit(
+        &self,
+        file: &Arc<File>,
+        path: &Arc<Path>,
+        offset: u64,
+        bytes: &[u8],
+    ) -> io::Result<()> {
         self.check()?;
         let step = PIECE_BYTES.max(self.shared.unit) / self.shared.unit * self.shared.unit;
         let mut at = offset;
@@ -204,6 +222,7 @@ impl WriteBehind {
             lock(&self.shared.state).0 += 1;
             let job = Job {
                 file: Arc::clone(file),
+                path: Arc::clone(path),
                 offset: at,
                 buf,
                 len: piece.len(),
@@ -238,10 +257,17 @@ impl WriteBehind {
         }
     }
 
-    /// The first failed write so far, as an error.
+    /// The first failed write so far, as an error carrying a [`QueuedWriteError`] (the
+    /// queue is shared by every shard: the file it names may not be the caller's).
     fn check(&self) -> io::Result<()> {
         match &lock(&self.shared.state).1 {
-            Some((kind, msg)) => Err(io::Error::new(*kind, msg.clone())),
+            Some(f) => Err(io::Error::new(
+                f.kind,
+                QueuedWriteError {
+                    path: f.path.to_path_buf(),
+                    message: f.message.clone(),
+                },
+            )),
             None => Ok(()),
         }
     }
@@ -257,6 +283,21 @@ impl WriteBehind {
     }
 }
 
+/// A queued write that failed, and the file it was for.
+#[derive(Debug)]
+pub struct QueuedWriteError {
+    pub path: PathBuf,
+    message: String,
+}
+
+impl std::fmt::Display for QueuedWriteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for QueuedWriteError {}
+
 impl Drop for WriteBehind {
     fn drop(&mut self) {
         self.jobs = None;
@@ -269,6 +310,7 @@ impl Drop for WriteBehind {
 /// One output file written with `O_DIRECT`, of a size fixed at creation.
 pub struct DirectFile {
     direct: Arc<File>,
+    path: Arc<Path>,
     behind: Arc<WriteBehind>,
     /// The same file without `O_DIRECT`, for its last block when that is partial.
     buffered: File,
@@ -294,12 +336,13 @@ impl DirectFile {
             .open(path)?;
         let mut probe = AlignedBuf::new(unit, unit);
         direct.read_at(probe.get_mut(), 0)?;
-        DirectFile::over(direct, buffered.try_clone()?, size, behind)
+        DirectFile::over(path, direct, buffered.try_clone()?, size, behind)
     }
 
     /// A writer over `direct` (opened with `O_DIRECT`, or not: the logic is the same, which
     /// the tests use on any filesystem).
     pub(crate) fn over(
+        path: &Path,
         direct: File,
         buffered: File,
         size: u64,
@@ -311,6 +354,7 @@ impl DirectFile {
         }
         Ok(DirectFile {
             direct: Arc::new(direct),
+            path: Arc::from(path),
             behind: Arc::clone(behind),
             buffered,
             size,
@@ -350,7 +394,7 @@ impl DirectFile {
 
     /// Whole blocks at an aligned offset, queued.
     fn write_blocks(&self, offset: u64, bytes: &[u8]) -> io::Result<()> {
-        self.behind.submit(&self.direct, offset, bytes)
+        self.behind.submit(&self.direct, &self.path, offset, bytes)
     }
 
     /// Keep the bytes of partial blocks; a block that becomes whole is written at once.
@@ -436,7 +480,7 @@ mod tests {
                 .unwrap()
         };
         let behind = Arc::new(WriteBehind::new(unit).unwrap());
-        let w = DirectFile::over(rw(), rw(), size, &behind).unwrap();
+        let w = DirectFile::over(&path, rw(), rw(), size, &behind).unwrap();
         (path, w)
     }
 
@@ -568,6 +612,36 @@ mod tests {
                 proptest::prop_assert!(w.waiting() <= size % unit, "{} held", w.waiting());
             }
         }
+    }
+
+    /// A queued write that fails is reported by the next write or flush of any file on the
+    /// same queue, naming the file it was for.
+    #[test]
+    fn a_failed_queued_write_names_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let behind = Arc::new(WriteBehind::new(64).unwrap());
+        let (bad, good) = (dir.path().join("bad"), dir.path().join("good"));
+        std::fs::write(&bad, [0u8; 256]).unwrap();
+        std::fs::write(&good, [0u8; 256]).unwrap();
+        // Opened read-only: every write to it fails.
+        let ro = || File::open(&bad).unwrap();
+        let rw = || {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&good)
+                .unwrap()
+        };
+        let b = DirectFile::over(&bad, ro(), ro(), 256, &behind).unwrap();
+        let g = DirectFile::over(&good, rw(), rw(), 256, &behind).unwrap();
+        b.write_at(&[1; 128], 0).unwrap(); // queued: fails in a writer thread
+        let e = g.flush().unwrap_err();
+        let q = e
+            .get_ref()
+            .and_then(|r| r.downcast_ref::<QueuedWriteError>())
+            .unwrap();
+        assert_eq!(q.path, bad);
+        assert!(g.write_at(&[2; 64], 64).is_err(), "later writes fail too");
     }
 
     #[test]

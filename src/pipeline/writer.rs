@@ -10,7 +10,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::direct::{DirectFile, WriteBehind, direct_unit};
+use super::direct::{DirectFile, QueuedWriteError, WriteBehind, direct_unit};
 use crate::error::{Error, Result};
 use crate::plan::Shard;
 
@@ -158,18 +158,26 @@ impl ShardFile {
             Some(d) => d.write_at(bytes, offset),
             None => write_in_pieces(&self.file, bytes, offset),
         };
-        written.map_err(|e| Error::io("write failed", e).in_file(&self.path))
+        written.map_err(|e| write_error(e, &self.path))
     }
 
     /// Write the bytes that wait in partial blocks (direct writes only).
     fn flush(&self) -> Result<()> {
         match &self.direct {
-            Some(d) => d
-                .flush()
-                .map_err(|e| Error::io("write failed", e).in_file(&self.path)),
+            Some(d) => d.flush().map_err(|e| write_error(e, &self.path)),
             None => Ok(()),
         }
     }
+}
+
+/// A failed write, naming the shard it was for: a queued direct write that failed is
+/// reported by whichever shard writes next.
+fn write_error(e: std::io::Error, own: &Path) -> Error {
+    let path = e
+        .get_ref()
+        .and_then(|r| r.downcast_ref::<QueuedWriteError>())
+        .map_or_else(|| own.to_path_buf(), |q| q.path.clone());
+    Error::io("write failed", e).in_file(path)
 }
 
 /// Whether `dir` holds every shard of the plan at its full size with the plan's header, as a
