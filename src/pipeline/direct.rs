@@ -30,8 +30,9 @@ use crossbeam_channel::{Sender, unbounded};
 const PIECE_BYTES: usize = 1 << 20;
 /// Pieces waiting for the disk at most: the write-behind memory, outside the budget.
 const PIECES: usize = 32;
-/// Threads putting queued pieces on disk.
-const WRITER_THREADS: usize = 2;
+/// Threads putting queued pieces on disk: each waits on one write, so this is the queue
+/// depth the disk sees (2 → 4 took linear from 1.66 to 1.37 s; 8 gained nothing clear).
+const WRITER_THREADS: usize = 4;
 
 /// The alignment every direct write keeps: 4 KiB (the largest logical block of common
 /// disks), or the page size when that is larger.
