@@ -4,12 +4,13 @@
 //! leaves them dirty for writeback: a kernel copy per byte, page allocation, and on a
 //! machine low on RAM the output evicting the inputs still to be read. With `O_DIRECT` the
 //! disk reads the bytes from our buffer instead. On the 2-core VM this was measured on,
-//! writing 1.8 GiB took 1.1–1.5 s directly and 3.6–11 s buffered (kernel time, the copy into
-//! new pages; `benches/e2e.sh` shows the effect on whole runs).
+//! writing 1.8 GiB took 1.0–1.6 s directly and 2.8–12.8 s in 32 MiB buffered writes (kernel
+//! time: large page-cache folios on memory the VM had handed back to its host).
 //!
 //! `O_DIRECT` needs offsets, lengths and memory aligned to the device's block, but chunks
 //! land at any byte offset. So each write is cut in three: the whole `unit`-sized blocks
-//! inside it go to disk through an aligned bounce buffer; the partial blocks at its ends
+//! inside it are copied into aligned buffers that writer threads put on disk
+//! ([`WriteBehind`], so the worker goes back to computing); the partial blocks at its ends
 //! wait in memory until the neighbouring chunks fill them (then go as one block), or until
 //! a flush, which reads the block back from disk, lays the waiting bytes over it and writes
 //! it whole. The file's last block, when it is partial, is written through the page cache
