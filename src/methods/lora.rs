@@ -8,7 +8,7 @@ use zerocopy::FromBytes;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::kernels::active;
-use crate::kernels::bytes::{decode, decode_append, round_to};
+use crate::kernels::bytes::{decode_append, round_to};
 
 /// How a LoRA delta's rows map onto the weight's rows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,18 +30,15 @@ pub struct PatchData<'a> {
     pub magnitude: Option<(&'a [u8], DType)>,
 }
 
-fn to_f32(bytes: &[u8], dtype: DType, n: usize) -> Vec<f32> {
-    let mut v = vec![0f32; n];
-    decode(dtype, bytes, &mut v);
-    v
-}
-
 /// Values `range` of a factor as f32: borrowed where the file stores them as aligned
 /// little-endian f32 (PEFT's usual dtype), decoded otherwise. Every chunk of a weight needs
 /// the factors, so copying them whole each time was a tenth of a LoRA merge's CPU time.
 fn factor_values(bytes: &[u8], dtype: DType, range: std::ops::Range<usize>) -> Cow<'_, [f32]> {
     let size = dtype.size();
-    let part = &bytes[range.start * size..range.end * size];
+    // Callers check the factors' sizes first; out of range is a bug, never a panic.
+    let Some(part) = bytes.get(range.start * size..range.end * size) else {
+        return Cow::Owned(vec![f32::NAN; range.len()]);
+    };
     #[cfg(target_endian = "little")]
     if dtype == DType::F32
         && let Ok(v) = <[f32]>::ref_from_bytes(part)
@@ -213,14 +210,14 @@ pub fn apply_delta(
     }
     if let Some((mbytes, mdtype)) = d.magnitude {
         // DoRA: rescale each row of V = W + Δ to the learned magnitude.
-        let m = to_f32(mbytes, mdtype, r0 + nrows);
+        let m = factor_values(mbytes, mdtype, r0..r0 + nrows);
         for (row, v) in w.chunks_mut(cols.max(1)).enumerate() {
             let norm = v
                 .iter()
                 .map(|&x| (x as f64) * (x as f64))
                 .sum::<f64>()
                 .sqrt() as f32;
-            let factor = m[r0 + row] / norm;
+            let factor = m[row] / norm;
             for x in v.iter_mut() {
                 *x *= factor;
             }
