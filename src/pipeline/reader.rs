@@ -63,19 +63,17 @@ impl Pooled {
     /// A buffer of `len` initialized bytes, recycled when one is big enough.
     fn take(len: usize) -> Pooled {
         let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
-        // Best: one already initialized that far; then one with the room.
-        let pick = pool
-            .iter()
-            .position(|b| b.len() >= len)
-            .or_else(|| pool.iter().position(|b| b.capacity() >= len));
-        let mut v = match pick {
-            Some(i) => pool.swap_remove(i),
-            None => Vec::with_capacity(len),
-        };
+        let caps: Vec<usize> = pool.iter().map(Vec::capacity).collect();
+        let mut v = pick(&caps, len)
+            .map(|i| pool.swap_remove(i))
+            .unwrap_or_default();
         drop(pool);
         // A recycled buffer keeps its initialized length, so only bytes never used before
-        // are zeroed (the read overwrites them all anyway).
+        // are zeroed (the read overwrites them all anyway). Growth leaves some room over.
         if v.len() < len {
+            if v.capacity() < len {
+                v.reserve_exact(len + len / 16 - v.len());
+            }
             v.resize(len, 0);
         }
         Pooled { v, len }
@@ -99,8 +97,30 @@ impl Drop for Pooled {
         let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
         if pool.len() < POOL_MAX {
             pool.push(v);
+        } else {
+            let caps: Vec<usize> = pool.iter().map(Vec::capacity).collect();
+            if let Some(i) = evict(&caps, v.capacity()) {
+                pool[i] = v;
+            }
         }
     }
+}
+
+/// Which idle buffer (by capacity) serves a read of `len` bytes: the smallest with the
+/// room, failing that the largest, to be grown (chunk sizes differ by a few rows from tensor
+/// to tensor, so exact fits are rare and a pool of near misses would never be used).
+fn pick(caps: &[usize], len: usize) -> Option<usize> {
+    let fits = (0..caps.len()).filter(|&i| caps[i] >= len);
+    fits.min_by_key(|&i| caps[i])
+        .or_else(|| (0..caps.len()).max_by_key(|&i| caps[i]))
+}
+
+/// Which idle buffer a returning one of capacity `cap` replaces in a full pool: the
+/// smallest, when smaller (larger buffers serve every request).
+fn evict(caps: &[usize], cap: usize) -> Option<usize> {
+    (0..caps.len())
+        .min_by_key(|&i| caps[i])
+        .filter(|&i| caps[i] < cap)
 }
 
 /// An open input file and how to read it.
@@ -191,4 +211,28 @@ pub fn read_rows(file: &InputFile, t: &TensorInfo, rows: Option<Range<u64>>) -> 
         None => (t.offset, t.len),
     };
     file.read(off, len).map_err(io_err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pool_serves_near_misses_and_keeps_large_buffers() {
+        // Best fit among those with the room.
+        assert_eq!(pick(&[100, 50, 70], 60), Some(2));
+        // None with the room: the largest, to grow (the case that allocated every read).
+        assert_eq!(pick(&[5_584_896, 10_240, 5_000_000], 5_591_040), Some(0));
+        assert_eq!(pick(&[], 1), None);
+        assert_eq!(evict(&[10_240, 5_584_896], 5_591_040), Some(0));
+        assert_eq!(evict(&[6_000_000, 7_000_000], 5_591_040), None);
+    }
+
+    #[test]
+    fn recycled_buffers_hold_exactly_the_asked_length() {
+        for len in [5_584_896, 10, 5_591_040, 0, 16_773_120] {
+            let b = Pooled::take(len);
+            assert_eq!(b.len(), len);
+        }
+    }
 }
