@@ -9,12 +9,12 @@
 use std::borrow::Cow;
 use std::ops::Range;
 
-use zerocopy::IntoBytes;
+use zerocopy::{FromBytes, IntoBytes};
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::kernels::active;
-use crate::kernels::bytes::{decode_append, encode, halves, round_to};
+use crate::kernels::bytes::{decode_append, encode_append, halves, round_to};
 use crate::methods::lora::{self, PatchData};
 use crate::methods::mergekit::Capability;
 use crate::plan::{Method, Operand, Plan, Recipe, Step};
@@ -36,17 +36,20 @@ struct OperandTile<'a> {
     deltas: Vec<&'a [f32]>,
 }
 
-/// Compute rows `rows` of `step`. `data` holds one entry per operand. Returns the output
-/// bytes of the chunk.
+/// Compute rows `rows` of `step` and append the chunk's output bytes to `out` (the caller
+/// places `out` where the bytes can go to disk without another copy). `data` holds one entry
+/// per operand.
 pub fn compute_chunk(
     plan: &Plan,
     step: &Step,
     rows: Range<u64>,
     data: &[OperandData<'_>],
-) -> Result<Vec<u8>> {
+    out: &mut Vec<u8>,
+) -> Result<()> {
     let Recipe::Compute { operands, method } = &step.recipe else {
         // Copies never reach here: the pipeline moves their bytes directly.
-        return Ok(data.first().map(|d| d.bytes.to_vec()).unwrap_or_default());
+        out.extend_from_slice(data.first().map_or(&[][..], |d| d.bytes));
+        return Ok(());
     };
     let cols = step.row_elems() as usize;
     let nrows = (rows.end - rows.start) as usize;
@@ -71,16 +74,16 @@ pub fn compute_chunk(
         }
         deltas.push(per_op);
     }
-    let out = match failed {
+    let done = match failed {
         Some(e) => Err(e),
         None => compute_with_deltas(
-            plan, step, operands, method, rows, data, &op_rows, &deltas, cols, nrows,
+            plan, step, operands, method, rows, data, &op_rows, &deltas, cols, nrows, out,
         ),
     };
     for d in deltas.into_iter().flatten() {
         scratch_give(d);
     }
-    out
+    done
 }
 
 thread_local! {
@@ -119,7 +122,8 @@ fn compute_with_deltas(
     deltas: &[Vec<Vec<f32>>],
     cols: usize,
     nrows: usize,
-) -> Result<Vec<u8>> {
+    out: &mut Vec<u8>,
+) -> Result<()> {
     let tile = |t: Range<usize>| -> Vec<OperandTile<'_>> {
         data.iter()
             .zip(deltas)
@@ -155,21 +159,20 @@ fn compute_with_deltas(
         };
         // Values mergekit itself refuses (e.g. multislerp's antipodal inputs) are an error;
         // the worker names the tensor.
-        let merged = r.try_merge(&xs, mrows, mcols);
-        return merged
-            .map(|v| encode(step.dtype, &v))
-            .map_err(Error::invalid);
+        let merged = r.try_merge(&xs, mrows, mcols).map_err(Error::invalid)?;
+        encode_append(step.dtype, &merged, out);
+        return Ok(());
     }
     let out_row_bytes = cols * step.dtype.bits() as usize / 8;
-    // Filled tile by tile, in order: no need to zero it first.
-    let mut out = Vec::with_capacity(nrows * out_row_bytes);
+    // Filled tile by tile, in order.
+    out.reserve(nrows * out_row_bytes);
     let tile_rows = (TILE_ELEMS / cols.max(1)).max(1);
     let mut t0 = 0;
     while t0 < nrows {
         let t1 = (t0 + tile_rows).min(nrows);
         let tiles = tile(t0..t1);
         let r0 = rows.start as usize + t0;
-        let bytes = compute_tile(
+        compute_tile(
             plan,
             step,
             method,
@@ -179,26 +182,11 @@ fn compute_with_deltas(
             r0,
             t1 - t0,
             cols,
+            out,
         );
-        out.extend_from_slice(bytes.as_slice());
         t0 = t1;
     }
-    Ok(out)
-}
-
-/// Output bytes of a tile, in whichever buffer type produced them.
-enum TileOut {
-    Bytes(Vec<u8>),
-    Halves(Vec<u16>),
-}
-
-impl TileOut {
-    fn as_slice(&self) -> &[u8] {
-        match self {
-            TileOut::Bytes(v) => v,
-            TileOut::Halves(v) => v.as_bytes(),
-        }
-    }
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -212,7 +200,8 @@ fn compute_tile(
     r0: usize,
     nrows: usize,
     cols: usize,
-) -> TileOut {
+    out: &mut Vec<u8>,
+) {
     let n = nrows * cols;
     let k = active();
     let value = |i: usize| operand_values(plan, &operands[i], &data[i], &tiles[i], r0, nrows, cols);
@@ -220,7 +209,7 @@ fn compute_tile(
     let covered =
         |i: usize| tiles[i].bytes.len() / (operands[i].stored(plan).1 as usize).max(1) * cols;
     match method {
-        Method::Convert => TileOut::Bytes(encode(step.dtype, &value(0))),
+        Method::Convert => encode_append(step.dtype, &value(0), out),
         Method::GradientFp16 { ratio } => {
             let (wa, wb) = ((1.0 - ratio) as f32, *ratio as f32);
             let a = operand_f16(plan, &operands[0], &data[0], &tiles[0], r0, nrows, cols);
@@ -234,19 +223,32 @@ fn compute_tile(
                 m / cols.max(1),
                 cols,
             );
-            let mut out = vec![0u16; n];
-            (k.blend_f16)(&a[..m], &b[..m], wa, wb, &mut out[..m]);
-            out[m..].copy_from_slice(&a[m..]);
-            TileOut::Halves(out)
+            // Blended straight into the output when it is 2-byte aligned (it is, at any
+            // even file offset), else through a tile buffer.
+            let start = out.len();
+            out.resize(start + n * 2, 0);
+            let mut tile_buf = Vec::new();
+            let halves_out = match <[u16]>::mut_from_bytes(&mut out[start..]) {
+                Ok(h) => h,
+                Err(_) => {
+                    tile_buf = vec![0u16; n];
+                    &mut tile_buf
+                }
+            };
+            (k.blend_f16)(&a[..m], &b[..m], wa, wb, &mut halves_out[..m]);
+            halves_out[m..].copy_from_slice(&a[m..]);
+            if !tile_buf.is_empty() {
+                out[start..].copy_from_slice(tile_buf.as_bytes());
+            }
         }
         Method::GradientPrecise { ratio } => {
             let (wa, wb) = ((1.0 - ratio) as f32, *ratio as f32);
             let a = value(0);
             let b = value(1);
             let m = b.len();
-            let mut out = a.clone();
-            (k.blend_f32)(&a[..m], &b, wa, wb, &mut out[..m]);
-            TileOut::Bytes(encode(step.dtype, &out))
+            let mut blended = a.clone();
+            (k.blend_f32)(&a[..m], &b, wa, wb, &mut blended[..m]);
+            encode_append(step.dtype, &blended, out)
         }
         Method::BlendChain { ratios } => {
             let mut cur = value(0);
@@ -257,11 +259,11 @@ fn compute_tile(
                 (k.blend_f32)(&cur[..m], &b, (1.0 - r) as f32, *r as f32, &mut next);
                 cur[..m].copy_from_slice(&next);
             }
-            TileOut::Bytes(encode(step.dtype, &cur))
+            encode_append(step.dtype, &cur, out)
         }
         Method::Mergekit(r) => {
             let xs: Vec<Vec<f32>> = (0..operands.len()).map(value).collect();
-            TileOut::Bytes(encode(step.dtype, &r.merge(&xs, nrows, cols)))
+            encode_append(step.dtype, &r.merge(&xs, nrows, cols), out)
         }
     }
 }

@@ -1,7 +1,8 @@
 //! A byte budget: a counting semaphore over bytes of working memory.
 //!
 //! The reader takes a [`Permit`] for each chunk before reading it; the permit travels with
-//! the chunk and is released when the writer has written it. So input buffers, f32 working
+//! the chunk, shrinks to the output bytes once they are computed, and is released when
+//! those are written. So input buffers, f32 working
 //! space and output bytes in flight never exceed the budget, whatever the model size. A
 //! chunk larger than the whole budget waits until it is alone.
 
@@ -72,6 +73,22 @@ impl Budget {
     }
 }
 
+impl Permit {
+    /// Keep only `keep` of the permit's bytes and return the rest (a chunk whose inputs are
+    /// freed holds only its output while that waits for the disk).
+    pub fn shrink(&mut self, keep: u64) {
+        if keep >= self.bytes {
+            return;
+        }
+        let give = self.bytes - keep;
+        self.bytes = keep;
+        let mut st = self.budget.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.used -= give;
+        drop(st);
+        self.budget.freed.notify_all();
+    }
+}
+
 impl Drop for Permit {
     fn drop(&mut self) {
         let mut st = self.budget.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -102,5 +119,24 @@ mod tests {
         assert_eq!(b.peak(), 500);
         drop(big);
         assert!(b.acquire(1, &|| true).is_none());
+    }
+
+    #[test]
+    fn a_shrunk_permit_returns_the_rest_at_once() {
+        let b = Budget::new(100);
+        let never = || false;
+        let mut p = b.acquire(90, &never).unwrap();
+        p.shrink(30);
+        // 70 bytes now fit beside the 30 kept, without waiting (a second look gives up).
+        let looked = std::cell::Cell::new(false);
+        let q = b
+            .acquire(70, &|| looked.replace(true))
+            .expect("fits at once");
+        p.shrink(50); // growing is not shrinking: nothing changes
+        drop(p);
+        drop(q);
+        let all = b.acquire(100, &never).unwrap();
+        assert_eq!(b.peak(), 100);
+        drop(all);
     }
 }

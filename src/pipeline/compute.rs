@@ -11,6 +11,7 @@ use crate::progress::Progress;
 use crate::shape::RowMajor;
 
 use super::arithmetic::{OperandData, compute_chunk, later_roundings, operand_f32};
+use super::direct::AlignedOut;
 use super::reader::InputFile;
 use super::writer::ShardFiles;
 use super::{Loaded, LoadedOperand, Out, Written, chunk_len, chunk_offset, load_operands};
@@ -58,15 +59,19 @@ pub(crate) fn run(plan: &Plan, item: Loaded) -> Result<Written> {
         Recipe::Copy(_) => &[],
     };
     let data = operand_data(plan, operands, &item.operands);
-    let bytes =
-        compute_chunk(plan, step, item.rows.clone(), &data).map_err(|e| e.at_tensor(&step.name))?;
+    let offset = step.offset + chunk_offset(step, item.rows.start);
+    let expected = chunk_len(step, &item.rows);
+    // Placed for a direct write without a copy (the length is only a capacity hint).
+    let mut out = AlignedOut::new(usize::try_from(expected).unwrap_or(0), offset);
+    compute_chunk(plan, step, item.rows.clone(), &data, out.append())
+        .map_err(|e| e.at_tensor(&step.name))?;
     Ok(Written {
         step: item.step,
         shard: step.shard,
-        offset: step.offset + chunk_offset(step, item.rows.start),
-        expected: chunk_len(step, &item.rows),
-        bytes: Out::Computed(bytes),
-        _permit: item.permit,
+        offset,
+        expected,
+        bytes: Out::Computed(out),
+        permit: item.permit,
     })
 }
 

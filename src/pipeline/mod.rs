@@ -5,10 +5,11 @@
 //! fit the budget, takes a permit, and hands the chunk to a compute worker, which reads its
 //! input bytes (a short-lived mapping or an owned buffer: positional reads copy on every
 //! core, not on one thread; remote inputs are read by the reader, in order), runs the
-//! step's arithmetic and writes the bytes at their planned offset (around the page cache
-//! where the filesystem allows it, see [`writer`]); the permit goes when the chunk is
-//! written. No stage ever holds a whole tensor larger than
-//! the budget, let alone a whole model or shard.
+//! step's arithmetic into memory placed for its file offset, and writes the bytes there
+//! (around the page cache where the filesystem allows it, straight from that memory, see
+//! [`writer`]). Once computed, the chunk's permit shrinks to its output bytes, which it
+//! holds until they are on disk. No stage ever holds a whole tensor larger than the budget,
+//! let alone a whole model or shard.
 
 mod allocator;
 mod arithmetic;
@@ -209,12 +210,22 @@ pub(crate) struct Written {
     /// How many bytes the plan has for this chunk.
     expected: u64,
     bytes: Out,
-    _permit: Permit,
+    permit: Permit,
 }
 
 pub(crate) enum Out {
-    Computed(Vec<u8>),
+    Computed(direct::AlignedOut),
     Copied(Buf),
+}
+
+/// A written chunk stays alive, with its permit, until the direct writes of its bytes end.
+impl direct::HeldBytes for Written {
+    fn bytes(&self) -> &[u8] {
+        match &self.bytes {
+            Out::Computed(o) => o.bytes(),
+            Out::Copied(b) => b,
+        }
+    }
 }
 
 /// Run `plan`, writing its shards into the existing empty folder `dir`.
@@ -305,25 +316,24 @@ pub fn execute_resumable(
     // the estimate counts the f32 copies each method really holds (tests/method_memory).
     let whole_limit = opts.memory_limit * 3 / 4;
 
-    // Write one finished chunk at its offset; its permit is released when `w` drops.
-    let write = |w: Written| -> Result<()> {
-        let bytes: &[u8] = match &w.bytes {
-            Out::Computed(v) => v,
-            Out::Copied(b) => b,
-        };
-        if bytes.len() as u64 != w.expected {
+    // Write one finished chunk at its offset. Its permit now covers only its output bytes,
+    // released when the last of them is on disk (or handed to the page cache).
+    let write = |mut w: Written| -> Result<()> {
+        use direct::HeldBytes;
+        let n = w.bytes().len() as u64;
+        if n != w.expected {
             return Err(Error::internal(format!(
-                "{} bytes computed where the plan has {}",
-                bytes.len(),
+                "{n} bytes computed where the plan has {}",
                 w.expected
             ))
             .at_tensor(&plan.steps[w.step].name));
         }
-        shards.write_at(w.shard, w.offset, bytes)?;
-        progress.add(bytes.len() as u64);
-        let n = bytes.len() as u64;
-        if unwritten[w.step].fetch_sub(n, Ordering::AcqRel) == n {
-            finished(w.step)?;
+        let (step, shard, offset) = (w.step, w.shard, w.offset);
+        w.permit.shrink(n);
+        shards.write_held(shard, offset, Arc::new(w))?;
+        progress.add(n);
+        if unwritten[step].fetch_sub(n, Ordering::AcqRel) == n {
+            finished(step)?;
         }
         Ok(())
     };
@@ -513,14 +523,17 @@ fn load_chunk(
     let step = &plan.steps[si];
     match &step.recipe {
         Recipe::Copy(t) => {
-            let bytes = read_tensor(plan, inputs, *t, Some(rows.clone()))?;
+            let offset = step.offset + chunk_offset(step, rows.start);
+            let info = plan.tensor(*t);
+            let file = &inputs[t.source][info.file];
+            let bytes = reader::read_rows_placed(file, info, Some(rows.clone()), Some(offset))?;
             Ok(Chunk::Done(Written {
                 step: si,
                 shard: step.shard,
-                offset: step.offset + chunk_offset(step, rows.start),
+                offset,
                 expected: chunk_len(step, &rows),
                 bytes: Out::Copied(bytes),
-                _permit: permit,
+                permit,
             }))
         }
         Recipe::Compute { .. } => Ok(Chunk::Work(Loaded {

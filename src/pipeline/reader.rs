@@ -19,6 +19,8 @@ use crate::model::{Layout, TensorInfo};
 use crate::shape::RowMajor;
 use crate::source::{Mapped, SourceFile};
 
+use super::direct::direct_unit;
+
 pub use crate::source::is_network_fs;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,41 +55,52 @@ impl Deref for Buf {
 static POOL: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
 const POOL_MAX: usize = 4;
 
-/// A buffer that goes back to the pool when dropped: its first `len` bytes are the read.
+/// A buffer that goes back to the pool when dropped: its bytes `start..start + len` are the
+/// read.
 pub struct Pooled {
     v: Vec<u8>,
+    start: usize,
     len: usize,
 }
 
 impl Pooled {
-    /// A buffer of `len` initialized bytes, recycled when one is big enough.
-    fn take(len: usize) -> Pooled {
+    /// A buffer of `len` initialized bytes, recycled when one is big enough. With `place`,
+    /// the bytes start at the same offset within a [`direct_unit`] block of memory as `place`
+    /// within one of the file: bytes bound for that file offset are then written with
+    /// `O_DIRECT` straight from here.
+    fn take(len: usize, place: Option<u64>) -> Pooled {
+        let unit = direct_unit();
+        let room = len + if place.is_some() { unit } else { 0 };
         let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
         let caps: Vec<usize> = pool.iter().map(Vec::capacity).collect();
-        let mut v = pick(&caps, len)
+        let mut v = pick(&caps, room)
             .map(|i| pool.swap_remove(i))
             .unwrap_or_default();
         drop(pool);
         // A recycled buffer keeps its initialized length, so only bytes never used before
         // are zeroed (the read overwrites them all anyway). Growth leaves some room over.
-        if v.len() < len {
-            if v.capacity() < len {
-                v.reserve_exact(len + len / 16 - v.len());
+        if v.len() < room {
+            if v.capacity() < room {
+                v.reserve_exact(room + room / 16 - v.len());
             }
-            v.resize(len, 0);
+            v.resize(room, 0);
         }
-        Pooled { v, len }
+        let start = place.map_or(0, |at| {
+            let phase = (at % unit as u64) as usize;
+            (phase + unit - v.as_ptr() as usize % unit) % unit
+        });
+        Pooled { v, start, len }
     }
 
     fn bytes_mut(&mut self) -> &mut [u8] {
-        &mut self.v[..self.len]
+        &mut self.v[self.start..self.start + self.len]
     }
 }
 
 impl Deref for Pooled {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        &self.v[..self.len]
+        &self.v[self.start..self.start + self.len]
     }
 }
 
@@ -149,8 +162,9 @@ impl InputFile {
         self.file.path()
     }
 
-    /// Bytes `offset..offset+len` of the file.
-    pub fn read(&self, offset: u64, len: u64) -> std::io::Result<Buf> {
+    /// Bytes `offset..offset+len` of the file; read ones placed for output offset `place`
+    /// (see [`Pooled::take`]).
+    pub fn read(&self, offset: u64, len: u64, place: Option<u64>) -> std::io::Result<Buf> {
         let file_len = self.file.len();
         if offset.checked_add(len).is_none_or(|end| end > file_len) {
             return Err(std::io::Error::new(
@@ -170,7 +184,7 @@ impl InputFile {
         {
             return Ok(Buf::Mapped(mapped?));
         }
-        let mut v = Pooled::take(n);
+        let mut v = Pooled::take(n, place);
         self.file.read_at(offset, v.bytes_mut())?;
         Ok(Buf::Pooled(v))
     }
@@ -179,6 +193,17 @@ impl InputFile {
 /// Rows `rows` of tensor `t` (all of it when `None`), row-major and little-endian, read from
 /// `file`, the file `t` lives in. Errors name the file and the tensor.
 pub fn read_rows(file: &InputFile, t: &TensorInfo, rows: Option<Range<u64>>) -> Result<Buf> {
+    read_rows_placed(file, t, rows, None)
+}
+
+/// [`read_rows`] for bytes copied to the output at file offset `place`: read into memory
+/// placed so that they go to disk without another copy.
+pub fn read_rows_placed(
+    file: &InputFile,
+    t: &TensorInfo,
+    rows: Option<Range<u64>>,
+    place: Option<u64>,
+) -> Result<Buf> {
     let io_err = |e: std::io::Error| {
         Error::io("read failed", e)
             .in_file(file.path())
@@ -190,7 +215,7 @@ pub fn read_rows(file: &InputFile, t: &TensorInfo, rows: Option<Range<u64>>) -> 
     let rows = rows.filter(|rr| !(rr.start == 0 && rr.end >= t.rows()));
     if let Layout::Gathered(view) = &t.layout {
         // Views and big-endian storages: read the span, gather, then cut the rows.
-        let span = file.read(t.offset, view.span).map_err(io_err)?;
+        let span = file.read(t.offset, view.span, None).map_err(io_err)?;
         let mut bytes = view.gather(&span).map_err(|e| {
             Error::invalid(e.to_string())
                 .in_file(file.path())
@@ -210,7 +235,7 @@ pub fn read_rows(file: &InputFile, t: &TensorInfo, rows: Option<Range<u64>>) -> 
         Some(rr) => (t.offset + rr.start * rb, (rr.end - rr.start) * rb),
         None => (t.offset, t.len),
     };
-    file.read(off, len).map_err(io_err)
+    file.read(off, len, place).map_err(io_err)
 }
 
 #[cfg(test)]
@@ -230,9 +255,17 @@ mod tests {
 
     #[test]
     fn recycled_buffers_hold_exactly_the_asked_length() {
+        let unit = direct_unit();
         for len in [5_584_896, 10, 5_591_040, 0, 16_773_120] {
-            let b = Pooled::take(len);
+            let b = Pooled::take(len, None);
             assert_eq!(b.len(), len);
+            for at in [0u64, 1, 4095, 4096 * 7 + 100] {
+                let mut b = Pooled::take(len, Some(at));
+                assert_eq!(b.len(), len);
+                assert_eq!(b.bytes_mut().len(), len);
+                let phase = b.as_ptr() as usize % unit;
+                assert_eq!(phase as u64, at % unit as u64, "placed for {at}");
+            }
         }
     }
 }

@@ -10,7 +10,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::direct::{DirectFile, QueuedWriteError, WriteBehind, direct_unit};
+use super::direct::{DirectFile, HeldBytes, QueuedWriteError, WriteBehind, direct_unit};
 use crate::error::{Error, Result};
 use crate::plan::Shard;
 
@@ -99,6 +99,17 @@ impl ShardFiles {
 
     pub fn write_at(&self, shard: usize, offset: u64, bytes: &[u8]) -> Result<()> {
         self.files[shard].write_at(offset, bytes)
+    }
+
+    /// [`write_at`](Self::write_at) for bytes a direct write may keep until they are on
+    /// disk, instead of copying them.
+    pub fn write_held(&self, shard: usize, offset: u64, held: Arc<dyn HeldBytes>) -> Result<()> {
+        let s = &self.files[shard];
+        let written = match &s.direct {
+            Some(d) => d.write_held(held, offset),
+            None => write_in_pieces(&s.file, held.bytes(), offset),
+        };
+        written.map_err(|e| write_error(e, &s.path))
     }
 
     /// Flush the shards' data to disk (for the resume journal: a tensor is recorded as done
