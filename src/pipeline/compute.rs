@@ -99,7 +99,7 @@ pub(crate) fn run_streamed(io: &StreamIo<'_>, si: usize, chunk_rows: u64) -> Res
         if (io.stopped)() {
             return Err(Error::new(ErrorKind::Interrupted));
         }
-        let loaded = load_operands(plan, io.inputs, step, rows.clone())?;
+        let loaded = load_operands(plan, io.inputs, step, rows.clone(), true)?;
         let mut chunk = Chunk::default();
         for (op, lo) in operands.iter().zip(loaded) {
             let n = (rows.end.min(op.rows).max(rows.start) - rows.start) as usize;

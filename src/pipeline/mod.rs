@@ -526,7 +526,11 @@ fn load_chunk(
             let offset = step.offset + chunk_offset(step, rows.start);
             let info = plan.tensor(*t);
             let file = &inputs[t.source][info.file];
-            let bytes = reader::read_rows_placed(file, info, Some(rows.clone()), Some(offset))?;
+            let hints = reader::ReadHints {
+                place: Some(offset),
+                repeated: false,
+            };
+            let bytes = reader::read_rows_with(file, info, Some(rows.clone()), hints)?;
             Ok(Chunk::Done(Written {
                 step: si,
                 shard: step.shard,
@@ -538,7 +542,7 @@ fn load_chunk(
         }
         Recipe::Compute { .. } => Ok(Chunk::Work(Loaded {
             step: si,
-            operands: load_operands(plan, inputs, step, rows.clone())?,
+            operands: load_operands(plan, inputs, step, rows.clone(), false)?,
             rows,
             permit,
         })),
@@ -559,24 +563,31 @@ pub(crate) fn chunk_len(step: &Step, rows: &Range<u64>) -> u64 {
     }
 }
 
-/// Read one tensor's bytes (rows `range`, or all of it), row-major and little-endian.
+/// Read one tensor's bytes (rows `range`, or all of it), row-major and little-endian; read
+/// again in later passes when `repeated`.
 fn read_tensor(
     plan: &Plan,
     inputs: &[Vec<InputFile>],
     r: crate::plan::TensorRef,
     range: Option<Range<u64>>,
+    repeated: bool,
 ) -> Result<Buf> {
     let t = plan.tensor(r);
-    reader::read_rows(&inputs[r.source][t.file], t, range)
+    let hints = reader::ReadHints {
+        place: None,
+        repeated,
+    };
+    reader::read_rows_with(&inputs[r.source][t.file], t, range, hints)
 }
 
 /// The bytes of every operand of a computed step for rows `rows` (each clamped to the rows
-/// it provides), with their LoRA factors.
+/// it provides), with their LoRA factors; `repeated` for a pass of a streamed step.
 pub(crate) fn load_operands(
     plan: &Plan,
     inputs: &[Vec<InputFile>],
     step: &Step,
     rows: Range<u64>,
+    repeated: bool,
 ) -> Result<Vec<LoadedOperand>> {
     let Recipe::Compute { operands, .. } = &step.recipe else {
         return Ok(Vec::new());
@@ -585,16 +596,16 @@ pub(crate) fn load_operands(
     for op in operands {
         let end = rows.end.min(op.rows).max(rows.start);
         let bytes = match &op.vocab {
-            Some((v, slot)) => aligned_rows(plan, inputs, v, *slot, rows.start..end)?,
-            None => read_tensor(plan, inputs, op.tensor, Some(rows.start..end))?,
+            Some((v, slot)) => aligned_rows(plan, inputs, v, *slot, rows.start..end, repeated)?,
+            None => read_tensor(plan, inputs, op.tensor, Some(rows.start..end), repeated)?,
         };
         let mut patches = Vec::with_capacity(op.patches.len());
         for p in &op.patches {
-            let a = read_tensor(plan, inputs, p.a, None)?;
-            let b = read_tensor(plan, inputs, p.b, None)?;
+            let a = read_tensor(plan, inputs, p.a, None, repeated)?;
+            let b = read_tensor(plan, inputs, p.b, None, repeated)?;
             let m = p
                 .magnitude
-                .map(|m| read_tensor(plan, inputs, m, None))
+                .map(|m| read_tensor(plan, inputs, m, None, repeated))
                 .transpose()?;
             patches.push((a, b, m));
         }
@@ -613,6 +624,7 @@ fn aligned_rows(
     v: &crate::plan::VocabRows,
     slot: usize,
     rows: Range<u64>,
+    repeated: bool,
 ) -> Result<Buf> {
     use crate::kernels::bytes::decode;
     use crate::tokenizer::{DefaultRow, RowSource};
@@ -622,7 +634,7 @@ fn aligned_rows(
     let mut out = vec![0f32; (end - start) * cols];
     let read = |s: usize, r: Range<u64>, dst: &mut [f32]| -> Result<()> {
         let t = v.slots[s];
-        let b = read_tensor(plan, inputs, t, Some(r))?;
+        let b = read_tensor(plan, inputs, t, Some(r), repeated)?;
         decode(plan.tensor(t).dtype, &b, dst);
         Ok(())
     };
@@ -694,7 +706,7 @@ fn pad_mean(
     let mut r = 0;
     while r < tokens {
         let e = (r + step).min(tokens);
-        let b = aligned_rows(plan, inputs, v, slot, r..e)?;
+        let b = aligned_rows(plan, inputs, v, slot, r..e, false)?;
         for row in b.chunks_exact(cols * 4) {
             for (s, x) in sum.iter_mut().zip(row.chunks_exact(4)) {
                 *s += f32::from_le_bytes([x[0], x[1], x[2], x[3]]) as f64;
