@@ -31,6 +31,7 @@
 //! Everything here is usable without the CLI; `src/main.rs` only parses arguments and
 //! reports errors.
 
+pub mod aligned;
 pub mod diff;
 pub mod dtype;
 pub mod error;

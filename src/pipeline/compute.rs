@@ -2,6 +2,7 @@
 //! in passes (methods with whole-tensor statistics on tensors too large to hold).
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::methods::lora::PatchData;
@@ -120,20 +121,19 @@ pub(crate) fn run_streamed(io: &StreamIo<'_>, si: usize, chunk_rows: u64) -> Res
         }
         Ok(chunk)
     };
-    let write = |rows: Range<u64>, bytes: &[u8]| -> Result<()> {
-        if bytes.len() as u64 != chunk_len(step, &rows) {
+    // Outside the step's permit, like the direct-write queue's own buffers: the queue holds
+    // at most 64 MiB of them.
+    let write = |rows: Range<u64>, out: AlignedOut| -> Result<()> {
+        let n = out.bytes().len() as u64;
+        if n != chunk_len(step, &rows) {
             return Err(Error::internal(format!(
-                "{} bytes computed where the plan has {}",
-                bytes.len(),
+                "{n} bytes computed where the plan has {}",
                 chunk_len(step, &rows)
             )));
         }
-        io.shards.write_at(
-            step.shard,
-            step.offset + chunk_offset(step, rows.start),
-            bytes,
-        )?;
-        io.progress.add(bytes.len() as u64);
+        let offset = step.offset + chunk_offset(step, rows.start);
+        io.shards.write_held(step.shard, offset, Arc::new(out))?;
+        io.progress.add(n);
         Ok(())
     };
     let ctx = StreamCtx {
@@ -142,6 +142,7 @@ pub(crate) fn run_streamed(io: &StreamIo<'_>, si: usize, chunk_rows: u64) -> Res
         chunk_rows: chunk_rows.max(1),
         load: &load,
         out_dtype: step.dtype,
+        out_offset: step.offset,
         write: &write,
     };
     recipe.stream(&ctx)

@@ -29,62 +29,25 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{Sender, unbounded};
 
+pub use crate::aligned::{AlignedOut, direct_unit};
+
 /// Bytes of one queued direct write (larger writes measured no faster on their own).
 const PIECE_BYTES: usize = 1 << 20;
 /// Pieces waiting for the disk at most: the write-behind memory, outside the budget.
 const PIECES: usize = 32;
-/// Bytes of held chunks waiting for the disk at most (they are within the budget, but a
-/// longer backlog only grows the process: measured 7× the page faults for the same time).
+/// Bytes of held chunks waiting for the disk at most: a longer backlog only grows the
+/// process (measured 7× the page faults for the same time). Chunks hold their budget permit
+/// while they wait; a streamed step's outputs, written while its passes go on, are outside
+/// it, like the copy buffers above.
 const HELD_BYTES: usize = 64 << 20;
 /// Threads putting queued pieces on disk: each waits on one write, so this is the queue
 /// depth the disk sees (2 → 4 took linear from 1.66 to 1.37 s; 8 gained nothing clear).
 const WRITER_THREADS: usize = 4;
 
-/// The alignment every direct write keeps: 4 KiB (the largest logical block of common
-/// disks), or the page size when that is larger.
-pub fn direct_unit() -> usize {
-    static UNIT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *UNIT.get_or_init(|| {
-        // SAFETY: sysconf only reads a system constant.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-        usize::try_from(page).map_or(4096, |p| p.max(4096))
-    })
-}
-
 /// Bytes the write-behind queue may keep until they are on disk instead of copying them
 /// (a finished chunk, with its budget permit).
 pub trait HeldBytes: Send + Sync {
     fn bytes(&self) -> &[u8];
-}
-
-/// Output bytes built by appending, placed so that they can go to disk with `O_DIRECT`
-/// without a copy: they start at the same offset within a [`direct_unit`] block in memory
-/// as in the file. The buffer begins with padding that is not part of the output.
-pub struct AlignedOut {
-    v: Vec<u8>,
-    pad: usize,
-}
-
-impl AlignedOut {
-    /// Room for `capacity` bytes that go to `file_offset`.
-    pub fn new(capacity: usize, file_offset: u64) -> AlignedOut {
-        let unit = direct_unit();
-        let mut v = Vec::with_capacity(capacity + unit);
-        let phase = (file_offset % unit as u64) as usize;
-        let pad = (phase + unit - v.as_ptr() as usize % unit) % unit;
-        v.resize(pad, 0);
-        AlignedOut { v, pad }
-    }
-
-    /// The buffer to append the output to. Only appending keeps the placement (growing past
-    /// the capacity moves it; the bytes are then copied when written, still correct).
-    pub fn append(&mut self) -> &mut Vec<u8> {
-        &mut self.v
-    }
-
-    pub fn bytes(&self) -> &[u8] {
-        self.v.get(self.pad..).unwrap_or_default()
-    }
 }
 
 impl HeldBytes for AlignedOut {

@@ -231,9 +231,9 @@ mod tests {
             ))
         };
         // f32 output bytes: the values exactly as the method made them.
-        let write = |r: Range<u64>, b: &[u8]| -> crate::error::Result<()> {
+        let write = |r: Range<u64>, b: crate::aligned::AlignedOut| -> crate::error::Result<()> {
             let mut o = out.borrow_mut();
-            crate::kernels::bytes::decode(DType::F32, b, &mut o[span(&r)]);
+            crate::kernels::bytes::decode(DType::F32, b.bytes(), &mut o[span(&r)]);
             Ok(())
         };
         let ctx = StreamCtx {
@@ -242,6 +242,7 @@ mod tests {
             chunk_rows: chunk,
             load: &load,
             out_dtype: DType::F32,
+            out_offset: 0,
             write: &write,
         };
         merge.stream(&ctx, d).expect("streams");

@@ -255,7 +255,7 @@ impl NuSlerpMerge {
         let c = nuslerp_coefficients(self.t, d.qs(dot.total() as f32).clamp(-1.0, 1.0), d);
         ctx.pass_chunks(|rows, chunk| {
             let n = chunk.len(self.i0);
-            let mut out = ctx.output(n);
+            let mut out = ctx.output(rows.start, n);
             let [v0, v1, o] = &mut bufs;
             let mut base = vec![0f32; if self.base.is_some() { BLOCK_ELEMS } else { 0 }];
             for blk in blocks(0..n, BLOCK_ELEMS) {

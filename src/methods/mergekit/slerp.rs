@@ -120,7 +120,7 @@ impl TensorMerge for SlerpMerge {
         let dot = (s01.total() / (na as f64 * nb as f64)) as f32;
         let (ca, cb) = slerp_coefficients(dot.clamp(-1.0, 1.0), self.t);
         ctx.pass_chunks(|rows, c| {
-            let mut out = ctx.output(c.len(i0));
+            let mut out = ctx.output(rows.start, c.len(i0));
             for blk in blocks(0..c.len(i0), BLOCK_ELEMS) {
                 let (start, n) = (blk.start, blk.len());
                 let (a, b, p) = (&mut a[..n], &mut b[..n], &mut p[..n]);

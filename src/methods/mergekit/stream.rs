@@ -7,6 +7,7 @@
 
 use std::ops::{Deref, Range};
 
+use crate::aligned::AlignedOut;
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::kernels::bytes::{decode, decode_append, encode_append, round_to};
@@ -14,7 +15,7 @@ use crate::kernels::bytes::{decode, decode_append, encode_append, round_to};
 /// Loads the operands of a row range.
 pub type LoadFn<'a> = &'a dyn Fn(Range<u64>) -> Result<Chunk>;
 /// Writes the output bytes (in the output dtype) of a row range.
-pub type WriteFn<'a> = &'a dyn Fn(Range<u64>, &[u8]) -> Result<()>;
+pub type WriteFn<'a> = &'a dyn Fn(Range<u64>, AlignedOut) -> Result<()>;
 
 /// Elements per tile of the per-element work inside a chunk (stays in L2).
 pub(crate) const TILE_ELEMS: usize = 32 * 1024;
@@ -39,6 +40,8 @@ pub struct StreamCtx<'a> {
     pub load: LoadFn<'a>,
     /// The dtype the output is stored in.
     pub out_dtype: DType,
+    /// Where row 0's output goes in the output file (outputs are placed for it).
+    pub out_offset: u64,
     /// Write a row range's output bytes.
     pub write: WriteFn<'a>,
 }
@@ -47,35 +50,38 @@ pub struct StreamCtx<'a> {
 /// never kept whole in f32.
 pub struct Output {
     dtype: DType,
-    bytes: Vec<u8>,
+    bytes: AlignedOut,
 }
 
 impl Output {
     /// Append output values (in the compute dtype's precision).
     pub fn push(&mut self, values: &[f32]) {
-        encode_append(self.dtype, values, &mut self.bytes);
+        encode_append(self.dtype, values, self.bytes.append());
     }
 }
 
 impl StreamCtx<'_> {
     /// Write output values (in the compute dtype's precision) for a row range.
     pub fn emit(&self, rows: Range<u64>, values: &[f32]) -> Result<()> {
-        let mut out = self.output(values.len());
+        let mut out = self.output(rows.start, values.len());
         out.push(values);
         self.emit_output(rows, out)
     }
 
-    /// An empty output for `len` elements, to fill with [`Output::push`].
-    pub fn output(&self, len: usize) -> Output {
+    /// An empty output for `len` elements from row `first` on, to fill with
+    /// [`Output::push`].
+    pub fn output(&self, first: u64, len: usize) -> Output {
+        let size = self.out_dtype.size();
+        let at = first * self.cols as u64 * self.out_dtype.bits() / 8;
         Output {
             dtype: self.out_dtype,
-            bytes: Vec::with_capacity(len * self.out_dtype.size()),
+            bytes: AlignedOut::new(len * size, self.out_offset + at),
         }
     }
 
     /// Write a filled [`Output`] for a row range.
     pub fn emit_output(&self, rows: Range<u64>, out: Output) -> Result<()> {
-        (self.write)(rows, &out.bytes)
+        (self.write)(rows, out.bytes)
     }
 
     /// One pass over the tensor, chunk by chunk in row order, each operand decoded whole.

@@ -485,7 +485,7 @@ pub(crate) fn stream(r: &TaskMerge, ctx: &StreamCtx<'_>, d: D) -> Result<()> {
     let mut mask = vec![false; BLOCK];
     let (mut block_out, mut base) = (vec![0f32; BLOCK], vec![0f32; BLOCK]);
     ctx.pass_chunks(|rows, c| {
-        let mut out = ctx.output(c.len(b));
+        let mut out = ctx.output(rows.start, c.len(b));
         for t in tiles(c.len(b)) {
             let first = rows.start as usize * cols + t.start;
             for (k, tile_mask) in tile_masks.iter_mut().enumerate() {
