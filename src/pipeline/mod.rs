@@ -542,11 +542,19 @@ fn load_chunk(
         }
         Recipe::Compute { .. } => Ok(Chunk::Work(Loaded {
             step: si,
-            operands: load_operands(plan, inputs, step, rows.clone(), false)?,
+            operands: load_operands(plan, inputs, step, rows.clone(), whole_statistics(step))?,
             rows,
             permit,
         })),
     }
+}
+
+/// Whether a step's method takes whole-tensor statistics: its operands are gone over
+/// several times, so `auto` reads rather than maps them (see [`reader::ReadHints`]).
+fn whole_statistics(step: &Step) -> bool {
+    use crate::methods::mergekit::Capability;
+    matches!(&step.recipe, Recipe::Compute { method: crate::plan::Method::Mergekit(r), .. }
+        if r.capability() != Capability::Elementwise)
 }
 
 /// Byte offset of row `r` within a step's data.

@@ -4,9 +4,9 @@
 //! it, so page-cache pages do not pile up in the process's RSS. `read` uses only positional
 //! reads into owned buffers: on network filesystems a file truncated under a mapping would
 //! kill the process with SIGBUS, and large sequential reads are faster there anyway.
-//! `auto` picks `read` for files on NFS, SMB/CIFS, FUSE, 9p and Ceph, and for the passes of
-//! a streamed step everywhere (a copy read pass after pass beats a mapping made anew each
-//! time: see [`ReadHints::repeated`]). Files a
+//! `auto` picks `read` for files on NFS, SMB/CIFS, FUSE, 9p and Ceph, and everywhere for the
+//! operands of methods with whole-tensor statistics, which are gone over several times (a
+//! copy in the CPU cache beats a mapping read from DRAM: see [`ReadHints::repeated`]). Files a
 //! [`Source`](crate::source::Source) cannot map (remote ones) are always read.
 //!
 //! [`read_rows`] is the one question the pipeline asks: the bytes of rows `r0..r1` of a
@@ -144,10 +144,11 @@ pub struct ReadHints {
     /// The output file offset the bytes are copied to, for a read into owned memory (see
     /// [`Pooled::take`]).
     pub place: Option<u64>,
-    /// The bytes are read again pass after pass (a streamed step). Under `auto` they are
-    /// then copied into owned memory rather than mapped: the copy leaves them in the CPU
-    /// cache for the pass's blocks, where a mapping is set up anew each pass and read from
-    /// DRAM (ties: 4.96 → 4.13 s of CPU, nuslerp 5.13 → 4.59 s).
+    /// The bytes are read again pass after pass (a streamed step), or belong to a method
+    /// with whole-tensor statistics. Under `auto` they are then copied into owned memory
+    /// rather than mapped: the copy leaves them in the CPU cache for the pass's blocks,
+    /// where a mapping is set up anew each pass and read from DRAM (ties: 4.96 → 4.13 s of
+    /// CPU, nuslerp 5.13 → 4.59 s; model_stock held whole: 6.82 → 6.09 s).
     pub repeated: bool,
 }
 
