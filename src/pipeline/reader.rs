@@ -142,7 +142,7 @@ fn evict(caps: &[usize], cap: usize) -> Option<usize> {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ReadHints {
     /// The output file offset the bytes are copied to, for a read into owned memory (see
-    /// [`Pooled::take`]).
+    /// `Pooled::take`).
     pub place: Option<u64>,
     /// The bytes are read again pass after pass (a streamed step), or belong to a method
     /// with whole-tensor statistics. Under `auto` they are then copied into owned memory

@@ -1,9 +1,8 @@
 //! Writing shards in place: each file is created at its final size with its header first,
 //! and chunks are written at their planned offsets in whatever order they come, so no shard
-//! is ever buffered in memory. Writes bypass the page cache (`O_DIRECT`, see [`direct`])
+//! is ever buffered in memory. Writes bypass the page cache (`O_DIRECT`, see `pipeline::direct`)
 //! where the filesystem allows it, and go through it (`pwrite`) elsewhere.
 //!
-//! [`direct`]: super::direct
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;

@@ -131,7 +131,7 @@ pub trait SourceFile: Send + Sync {
 }
 
 /// A range of a memory-mapped file (the mapping starts on a page boundary at or before it),
-/// guarded against its file being truncated ([`sigbus`]).
+/// guarded against its file being truncated (the `sigbus` module).
 pub struct Mapped {
     // Declared first, dropped first: unregistered before the mapping goes away.
     _guard: sigbus::Guard,
