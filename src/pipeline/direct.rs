@@ -15,9 +15,10 @@
 //! a flush, which reads the block back from disk, lays the waiting bytes over it and writes
 //! it whole. A chunk built in an [`AlignedOut`] (its bytes placed in memory at the same
 //! offset within a block as in the file) skips the copy: the queue holds the chunk itself,
-//! with its share of the budget, until its blocks are on disk. The file's last block, when it is partial, is written through the page cache
-//! (a whole-block write would extend the file) and only through it; the unit is at least the
-//! page size, so no page-cache page ever holds bytes that were also written directly.
+//! with its share of the budget, until its blocks are on disk. The file's last block, when
+//! it is partial, is written through the page cache (a whole-block write would extend the
+//! file) and only through it; the unit is at least the page size, so no page-cache page
+//! ever holds bytes that were also written directly.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
