@@ -524,13 +524,11 @@ fn load_chunk(
     match &step.recipe {
         Recipe::Copy(t) => {
             let offset = step.offset + chunk_offset(step, rows.start);
-            let info = plan.tensor(*t);
-            let file = &inputs[t.source][info.file];
             let hints = reader::ReadHints {
                 place: Some(offset),
                 repeated: false,
             };
-            let bytes = reader::read_rows_with(file, info, Some(rows.clone()), hints)?;
+            let bytes = read_tensor(plan, inputs, *t, Some(rows.clone()), hints)?;
             Ok(Chunk::Done(Written {
                 step: si,
                 shard: step.shard,
@@ -571,21 +569,25 @@ pub(crate) fn chunk_len(step: &Step, rows: &Range<u64>) -> u64 {
     }
 }
 
-/// Read one tensor's bytes (rows `range`, or all of it), row-major and little-endian; read
-/// again in later passes when `repeated`.
+/// Read one tensor's bytes (rows `range`, or all of it), row-major and little-endian, for
+/// the use `hints` describes.
 fn read_tensor(
     plan: &Plan,
     inputs: &[Vec<InputFile>],
     r: crate::plan::TensorRef,
     range: Option<Range<u64>>,
-    repeated: bool,
+    hints: reader::ReadHints,
 ) -> Result<Buf> {
     let t = plan.tensor(r);
-    let hints = reader::ReadHints {
+    reader::read_rows_with(&inputs[r.source][t.file], t, range, hints)
+}
+
+/// Hints for reads that are not copied to the output: `repeated` as the caller says.
+fn operand_hints(repeated: bool) -> reader::ReadHints {
+    reader::ReadHints {
         place: None,
         repeated,
-    };
-    reader::read_rows_with(&inputs[r.source][t.file], t, range, hints)
+    }
 }
 
 /// The bytes of every operand of a computed step for rows `rows` (each clamped to the rows
@@ -600,20 +602,21 @@ pub(crate) fn load_operands(
     let Recipe::Compute { operands, .. } = &step.recipe else {
         return Ok(Vec::new());
     };
+    let hints = operand_hints(repeated);
     let mut loaded = Vec::with_capacity(operands.len());
     for op in operands {
         let end = rows.end.min(op.rows).max(rows.start);
         let bytes = match &op.vocab {
             Some((v, slot)) => aligned_rows(plan, inputs, v, *slot, rows.start..end, repeated)?,
-            None => read_tensor(plan, inputs, op.tensor, Some(rows.start..end), repeated)?,
+            None => read_tensor(plan, inputs, op.tensor, Some(rows.start..end), hints)?,
         };
         let mut patches = Vec::with_capacity(op.patches.len());
         for p in &op.patches {
-            let a = read_tensor(plan, inputs, p.a, None, repeated)?;
-            let b = read_tensor(plan, inputs, p.b, None, repeated)?;
+            let a = read_tensor(plan, inputs, p.a, None, hints)?;
+            let b = read_tensor(plan, inputs, p.b, None, hints)?;
             let m = p
                 .magnitude
-                .map(|m| read_tensor(plan, inputs, m, None, repeated))
+                .map(|m| read_tensor(plan, inputs, m, None, hints))
                 .transpose()?;
             patches.push((a, b, m));
         }
@@ -642,7 +645,7 @@ fn aligned_rows(
     let mut out = vec![0f32; (end - start) * cols];
     let read = |s: usize, r: Range<u64>, dst: &mut [f32]| -> Result<()> {
         let t = v.slots[s];
-        let b = read_tensor(plan, inputs, t, Some(r), repeated)?;
+        let b = read_tensor(plan, inputs, t, Some(r), operand_hints(repeated))?;
         decode(plan.tensor(t).dtype, &b, dst);
         Ok(())
     };
