@@ -308,6 +308,42 @@ fn streamed_passes_agree_with_whole_tensors() {
     }
 }
 
+/// Streamed passes read their operands a window at a time under `--io read` and `auto`
+/// (positional reads of local files), and from mapped chunks under `--io mmap`: the same
+/// bytes either way.
+#[test]
+fn streamed_passes_give_the_same_bytes_however_they_read() {
+    for (root, case) in [
+        (golden(), "mk_nuslerp"),
+        (golden(), "mk_ties"),
+        (golden(), "mk_model_stock"),
+        (golden2(), "mk_della"),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = format!("mergekit/{case}.yml");
+        let mut outs = Vec::new();
+        for io in ["mmap", "read", "auto"] {
+            let out = tmp.path().join(io);
+            ok(
+                &root,
+                &[
+                    "merge",
+                    &cfg,
+                    out.to_str().unwrap(),
+                    "--quiet",
+                    "--memory-limit",
+                    "16KiB",
+                    "--io",
+                    io,
+                ],
+            );
+            outs.push(out);
+        }
+        assert_bit_exact(&outs[1], &outs[0]);
+        assert_bit_exact(&outs[2], &outs[0]);
+    }
+}
+
 #[test]
 fn lora_dict_form_with_weight() {
     // {model, lora, lora_weight}: the LoRA applied in-stream at 0.25, then merged. With one

@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::methods::lora::PatchData;
-use crate::methods::mergekit::{Chunk, StreamCtx};
+use crate::methods::mergekit::{Chunk, ReadAt, StreamCtx};
+use crate::model::Layout;
 use crate::plan::{Method, Operand, Plan, Recipe};
 use crate::progress::Progress;
 use crate::shape::RowMajor;
@@ -15,7 +16,7 @@ use super::arithmetic::{OperandData, compute_chunk, later_roundings, operand_f32
 use super::direct::AlignedOut;
 use super::reader::InputFile;
 use super::writer::ShardFiles;
-use super::{Loaded, LoadedOperand, Out, Written, chunk_len, chunk_offset, load_operands};
+use super::{Loaded, LoadedOperand, Out, Written, chunk_len, chunk_offset, load_operand};
 
 /// Borrow loaded bytes as the methods' view of them.
 fn operand_data<'a>(
@@ -76,6 +77,43 @@ pub(crate) fn run(plan: &Plan, item: Loaded) -> Result<Written> {
     })
 }
 
+/// A reader of `len` elements of operand `op` from row `first` on, a window at a time, when
+/// its input reads it that way ([`InputFile::windowed`]): a plain tensor of a local file.
+fn windowed(
+    plan: &Plan,
+    inputs: &[Vec<InputFile>],
+    op: &Operand,
+    first: u64,
+    len: usize,
+) -> Result<Option<ReadAt>> {
+    if op.vocab.is_some() {
+        return Ok(None);
+    }
+    let t = plan.tensor(op.tensor);
+    if !matches!(t.layout, Layout::Contiguous) {
+        return Ok(None);
+    }
+    let file = &inputs[op.tensor.source][t.file];
+    let (dtype, _) = op.stored(plan);
+    let offset = t.offset + first * t.row_bytes();
+    let bytes = len as u64 * dtype.size() as u64;
+    let name = t.name.clone();
+    let range = file.windowed(offset, bytes).map_err(|e| {
+        Error::io("read failed", e)
+            .in_file(file.path())
+            .at_tensor(&name)
+    })?;
+    Ok(range.map(|range| -> ReadAt {
+        Box::new(move |at, buf| {
+            range.read_at(at, buf).map_err(|e| {
+                Error::io("read failed", e)
+                    .in_file(range.path())
+                    .at_tensor(&name)
+            })
+        })
+    }))
+}
+
 /// What a worker streaming a step needs: the inputs to read, the shards to write.
 pub(crate) struct StreamIo<'a> {
     pub plan: &'a Plan,
@@ -100,20 +138,25 @@ pub(crate) fn run_streamed(io: &StreamIo<'_>, si: usize, chunk_rows: u64) -> Res
         if (io.stopped)() {
             return Err(Error::new(ErrorKind::Interrupted));
         }
-        let loaded = load_operands(plan, io.inputs, step, rows.clone(), true)?;
         let mut chunk = Chunk::default();
-        for (op, lo) in operands.iter().zip(loaded) {
+        for op in operands {
             let n = (rows.end.min(op.rows).max(rows.start) - rows.start) as usize;
             let (dtype, _) = op.stored(plan);
-            if op.patches.is_empty()
-                && dtype.bits() >= 8
-                && lo.bytes.len() >= n * cols * dtype.size()
-            {
-                // Without patches the bytes are read a block at a time where the method
-                // needs them (decoded and rounded there).
-                let mut roundings: Vec<_> = op.load_as.into_iter().collect();
-                roundings.extend(later_roundings(op, dtype));
-                chunk.push_stored(Box::new(lo.bytes), dtype, n * cols, roundings);
+            // Without patches the bytes are decoded (and rounded) a block at a time where
+            // the method reads them: from a window of the file, or from the chunk read whole.
+            let roundings = || {
+                let mut r: Vec<_> = op.load_as.into_iter().collect();
+                r.extend(later_roundings(op, dtype));
+                r
+            };
+            let plain = op.patches.is_empty() && dtype.bits() >= 8;
+            if plain && let Some(read) = windowed(plan, io.inputs, op, rows.start, n * cols)? {
+                chunk.push_windowed(read, dtype, n * cols, roundings());
+                continue;
+            }
+            let lo = load_operand(plan, io.inputs, op, rows.clone(), true)?;
+            if plain && lo.bytes.len() >= n * cols * dtype.size() {
+                chunk.push_stored(Box::new(lo.bytes), dtype, n * cols, roundings());
             } else {
                 let data = operand_data(plan, std::slice::from_ref(op), std::slice::from_ref(&lo));
                 chunk.push_values(operand_f32(plan, op, &data[0], rows.start, n, cols)?);

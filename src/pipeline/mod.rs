@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::bounded;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::plan::{Plan, Recipe, Step};
+use crate::plan::{Operand, Plan, Recipe, Step};
 use crate::progress::{Observer, Progress};
 use crate::shape::RowMajor;
 use budget::{Budget, Permit};
@@ -602,27 +602,37 @@ pub(crate) fn load_operands(
     let Recipe::Compute { operands, .. } = &step.recipe else {
         return Ok(Vec::new());
     };
+    operands
+        .iter()
+        .map(|op| load_operand(plan, inputs, op, rows.clone(), repeated))
+        .collect()
+}
+
+/// [`load_operands`] for one operand.
+pub(crate) fn load_operand(
+    plan: &Plan,
+    inputs: &[Vec<InputFile>],
+    op: &Operand,
+    rows: Range<u64>,
+    repeated: bool,
+) -> Result<LoadedOperand> {
     let hints = operand_hints(repeated);
-    let mut loaded = Vec::with_capacity(operands.len());
-    for op in operands {
-        let end = rows.end.min(op.rows).max(rows.start);
-        let bytes = match &op.vocab {
-            Some((v, slot)) => aligned_rows(plan, inputs, v, *slot, rows.start..end, repeated)?,
-            None => read_tensor(plan, inputs, op.tensor, Some(rows.start..end), hints)?,
-        };
-        let mut patches = Vec::with_capacity(op.patches.len());
-        for p in &op.patches {
-            let a = read_tensor(plan, inputs, p.a, None, hints)?;
-            let b = read_tensor(plan, inputs, p.b, None, hints)?;
-            let m = p
-                .magnitude
-                .map(|m| read_tensor(plan, inputs, m, None, hints))
-                .transpose()?;
-            patches.push((a, b, m));
-        }
-        loaded.push(LoadedOperand { bytes, patches });
+    let end = rows.end.min(op.rows).max(rows.start);
+    let bytes = match &op.vocab {
+        Some((v, slot)) => aligned_rows(plan, inputs, v, *slot, rows.start..end, repeated)?,
+        None => read_tensor(plan, inputs, op.tensor, Some(rows.start..end), hints)?,
+    };
+    let mut patches = Vec::with_capacity(op.patches.len());
+    for p in &op.patches {
+        let a = read_tensor(plan, inputs, p.a, None, hints)?;
+        let b = read_tensor(plan, inputs, p.b, None, hints)?;
+        let m = p
+            .magnitude
+            .map(|m| read_tensor(plan, inputs, m, None, hints))
+            .transpose()?;
+        patches.push((a, b, m));
     }
-    Ok(loaded)
+    Ok(LoadedOperand { bytes, patches })
 }
 
 /// Rows `rows` of slot `slot`'s tensor aligned to the merged vocabulary, as f32 (see

@@ -14,7 +14,7 @@
 
 use std::ops::{Deref, Range};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
 use crate::model::{Layout, TensorInfo};
@@ -154,7 +154,7 @@ pub struct ReadHints {
 
 /// An open input file and how to read it.
 pub struct InputFile {
-    file: Box<dyn SourceFile>,
+    file: Arc<dyn SourceFile>,
     mode: IoMode,
     /// Whether `mode` was chosen by `auto` (which may read a repeated read instead).
     chosen: bool,
@@ -169,7 +169,11 @@ impl InputFile {
             IoMode::Auto => IoMode::Mmap,
             m => m,
         };
-        InputFile { file, mode, chosen }
+        InputFile {
+            file: Arc::from(file),
+            mode,
+            chosen,
+        }
     }
 
     pub fn mode(&self) -> IoMode {
@@ -181,8 +185,26 @@ impl InputFile {
         self.file.path()
     }
 
-    /// Bytes `offset..offset+len` of the file, used as `hints` says.
-    pub fn read(&self, offset: u64, len: u64, hints: ReadHints) -> std::io::Result<Buf> {
+    /// Bytes `offset..offset+len` of a local file, to be read a window at a time pass after
+    /// pass, when a repeated read of them would copy them from the page cache (`read`, or
+    /// `auto`'s choice; see [`ReadHints::repeated`]). Windows that stay in the CPU cache
+    /// save writing a whole chunk's copy to DRAM and reading it back: one pass over a model
+    /// with 16 MiB reads took 0.58–0.68 s, with 1 MiB windows 0.28–0.30 s. `None` in other
+    /// modes and for network files (read in large pieces).
+    pub fn windowed(&self, offset: u64, len: u64) -> std::io::Result<Option<FileRange>> {
+        let copied = self.mode == IoMode::Read || self.chosen;
+        if !copied || self.file.prefers_reads() {
+            return Ok(None);
+        }
+        self.check_range(offset, len)?;
+        Ok(Some(FileRange {
+            file: Arc::clone(&self.file),
+            offset,
+            len,
+        }))
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> std::io::Result<()> {
         let file_len = self.file.len();
         if offset.checked_add(len).is_none_or(|end| end > file_len) {
             return Err(std::io::Error::new(
@@ -192,6 +214,12 @@ impl InputFile {
                 ),
             ));
         }
+        Ok(())
+    }
+
+    /// Bytes `offset..offset+len` of the file, used as `hints` says.
+    pub fn read(&self, offset: u64, len: u64, hints: ReadHints) -> std::io::Result<Buf> {
+        self.check_range(offset, len)?;
         if len == 0 {
             return Ok(Buf::Owned(Vec::new()));
         }
@@ -206,6 +234,34 @@ impl InputFile {
         let mut v = Pooled::take(n, hints.place);
         self.file.read_at(offset, v.bytes_mut())?;
         Ok(Buf::Pooled(v))
+    }
+}
+
+/// A range of an input file, read piece by piece with positional reads
+/// ([`InputFile::windowed`]).
+pub struct FileRange {
+    file: Arc<dyn SourceFile>,
+    offset: u64,
+    len: u64,
+}
+
+impl FileRange {
+    /// Fill `buf` with the range's bytes from `at` on.
+    pub fn read_at(&self, at: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let end = at.checked_add(buf.len() as u64);
+        if end.is_none_or(|end| end > self.len) {
+            return Err(std::io::Error::other(format!(
+                "bytes {at}..+{} lie outside the {}-byte range read",
+                buf.len(),
+                self.len
+            )));
+        }
+        self.file.read_at(self.offset + at, buf)
+    }
+
+    /// How messages name the file.
+    pub fn path(&self) -> &Path {
+        self.file.path()
     }
 }
 

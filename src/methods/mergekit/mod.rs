@@ -30,7 +30,7 @@ pub use method::{
     Capability, InputCount, Kind, MergeMethod, Need, Param, PrepareError, Resolved, Scope,
     TensorMerge, Value,
 };
-pub use stream::{Chunk, StreamCtx};
+pub use stream::{Chunk, ReadAt, StreamCtx};
 
 /// Declares each method file as a module and lists what it registers, in one place.
 macro_rules! registry {

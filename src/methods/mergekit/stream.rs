@@ -5,11 +5,13 @@
 //! are kept in index order, where the whole-tensor path follows PyTorch's reduction order
 //! and sort exactly; PyTorch's own results for tensors this large depend on its thread count.
 
+use std::cell::{Cell, RefCell};
 use std::ops::{Deref, Range};
+use std::rc::Rc;
 
 use crate::aligned::AlignedOut;
 use crate::dtype::DType;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::kernels::bytes::{decode, decode_append, encode_append, round_to};
 
 /// Loads the operands of a row range.
@@ -91,11 +93,18 @@ impl StreamCtx<'_> {
 
     /// One pass over the tensor, chunk by chunk in row order; the operands are read a block
     /// at a time with [`Chunk::read`], so they never need to be decoded whole.
+    /// A read that fails inside the chunk fails the pass (its error wins over `f`'s result).
     pub fn pass_chunks(&self, mut f: impl FnMut(Range<u64>, Chunk) -> Result<()>) -> Result<()> {
         let mut r0 = 0;
         while r0 < self.rows {
             let r1 = (r0 + self.chunk_rows.max(1)).min(self.rows);
-            f(r0..r1, (self.load)(r0..r1)?)?;
+            let chunk = (self.load)(r0..r1)?;
+            let failed = Rc::clone(&chunk.failed);
+            let done = f(r0..r1, chunk);
+            if let Some(e) = failed.take() {
+                return Err(e);
+            }
+            done?;
             r0 = r1;
         }
         Ok(())
@@ -108,6 +117,43 @@ impl StreamCtx<'_> {
 #[derive(Default)]
 pub struct Chunk {
     operands: Vec<ChunkOperand>,
+    /// The first error of a windowed operand's reads (the values read as zeros);
+    /// [`StreamCtx::pass_chunks`] returns it.
+    failed: Rc<Cell<Option<Error>>>,
+}
+
+/// Reads an operand's stored bytes from a byte offset on (errors name the file and tensor).
+pub type ReadAt = Box<dyn Fn(u64, &mut [u8]) -> Result<()>>;
+
+/// Bytes per window of a windowed operand: small enough that a chunk's windows (one per
+/// operand, per worker) stay in the CPU cache between the read and the decode.
+pub(crate) const WINDOW_BYTES: usize = 1 << 20;
+
+/// The window of a windowed operand currently read: elements `first..first + n`.
+struct Window {
+    first: usize,
+    n: usize,
+    /// Bytes read at once (more when a read asks for more).
+    size: usize,
+    bytes: Vec<u8>,
+}
+
+impl Drop for Window {
+    fn drop(&mut self) {
+        let bytes = std::mem::take(&mut self.bytes);
+        SPARE_WINDOWS.with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < 8 {
+                s.push(bytes);
+            }
+        });
+    }
+}
+
+thread_local! {
+    /// Window buffers of finished chunks, for the next chunk's operands (a fresh megabyte
+    /// per operand per chunk would be page faults and zeroing every time).
+    static SPARE_WINDOWS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
 }
 
 enum ChunkOperand {
@@ -119,6 +165,14 @@ enum ChunkOperand {
         /// Applied in order after decoding.
         roundings: Vec<DType>,
     },
+    /// Read from its file a window at a time as the method goes through it.
+    Windowed {
+        read: ReadAt,
+        dtype: DType,
+        len: usize,
+        roundings: Vec<DType>,
+        window: RefCell<Window>,
+    },
 }
 
 impl Chunk {
@@ -126,6 +180,7 @@ impl Chunk {
     pub fn from_values(values: Vec<Vec<f32>>) -> Chunk {
         Chunk {
             operands: values.into_iter().map(ChunkOperand::Values).collect(),
+            failed: Rc::default(),
         }
     }
 
@@ -152,11 +207,45 @@ impl Chunk {
         });
     }
 
+    /// Add an operand of `len` elements stored as `dtype` (a float type of whole bytes),
+    /// read with `read` a window at a time where the method reads it, and rounded to each
+    /// of `roundings` in turn once decoded.
+    pub fn push_windowed(&mut self, read: ReadAt, dtype: DType, len: usize, roundings: Vec<DType>) {
+        self.push_windowed_by(read, dtype, len, roundings, WINDOW_BYTES);
+    }
+
+    /// [`push_windowed`](Self::push_windowed) with windows of `window` bytes.
+    fn push_windowed_by(
+        &mut self,
+        read: ReadAt,
+        dtype: DType,
+        len: usize,
+        roundings: Vec<DType>,
+        window: usize,
+    ) {
+        debug_assert!(dtype.bits() >= 8);
+        let bytes = SPARE_WINDOWS
+            .with(|s| s.borrow_mut().pop())
+            .unwrap_or_default();
+        self.operands.push(ChunkOperand::Windowed {
+            read,
+            dtype,
+            len,
+            roundings,
+            window: RefCell::new(Window {
+                first: 0,
+                n: 0,
+                size: window.max(dtype.size()),
+                bytes,
+            }),
+        });
+    }
+
     /// Elements of operand `k` in this chunk.
     pub fn len(&self, k: usize) -> usize {
         match self.operands.get(k) {
             Some(ChunkOperand::Values(v)) => v.len(),
-            Some(ChunkOperand::Stored { len, .. }) => *len,
+            Some(ChunkOperand::Stored { len, .. } | ChunkOperand::Windowed { len, .. }) => *len,
             None => 0,
         }
     }
@@ -179,6 +268,36 @@ impl Chunk {
                     round_to(r, have);
                 }
             }
+            Some(ChunkOperand::Windowed {
+                read,
+                dtype,
+                len,
+                roundings,
+                window,
+            }) => {
+                let w = &mut *window.borrow_mut();
+                let size = dtype.size();
+                if at < w.first || end > w.first + w.n {
+                    // Refill from `at` on: a window or the elements asked for, if more.
+                    let n = (end - at).max(w.size / size).min(*len - at);
+                    w.bytes.resize(n * size, 0);
+                    w.first = at;
+                    w.n = n;
+                    if let Err(e) = read((at * size) as u64, &mut w.bytes) {
+                        w.n = 0;
+                        let first = self.failed.take();
+                        self.failed.set(first.or(Some(e)));
+                        have.fill(0.0);
+                    }
+                }
+                if w.n > 0 {
+                    let a = (at - w.first) * size;
+                    decode(*dtype, &w.bytes[a..a + (end - at) * size], have);
+                    for &r in roundings {
+                        round_to(r, have);
+                    }
+                }
+            }
             None => {}
         }
         past.fill(0.0);
@@ -186,9 +305,24 @@ impl Chunk {
 
     /// Every operand decoded whole.
     pub fn into_values(self) -> Vec<Vec<f32>> {
+        let windowed: Vec<Option<Vec<f32>>> = (0..self.operands.len())
+            .map(|k| match &self.operands[k] {
+                ChunkOperand::Windowed { len, window, .. } => {
+                    let mut v = vec![0f32; *len];
+                    let step = window.borrow().size / 4;
+                    for b in blocks(0..*len, step) {
+                        self.read(k, b.start, &mut v[b]);
+                    }
+                    Some(v)
+                }
+                _ => None,
+            })
+            .collect();
         self.operands
             .into_iter()
-            .map(|op| match op {
+            .zip(windowed)
+            .map(|(op, w)| match op {
+                ChunkOperand::Windowed { .. } => w.unwrap_or_default(),
                 ChunkOperand::Values(v) => v,
                 ChunkOperand::Stored {
                     bytes,
@@ -598,6 +732,108 @@ fn locate(hist: &[u64], rank: u64) -> (u32, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A windowed operand reads the same values as the bytes held whole, for reads of any
+    /// length at any offset (in order, straddling windows, going back, past the end), with
+    /// its roundings, and as whole values.
+    #[test]
+    fn windowed_operands_read_what_stored_ones_do() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let len = 1000;
+        let values: Vec<f32> = (0..len).map(|i| (i as f32 - 300.3) * 0.0137).collect();
+        let mut bytes = Vec::new();
+        encode_append(DType::F32, &values, &mut bytes);
+        let reads = std::sync::Arc::new(AtomicUsize::new(0));
+        let chunk = |window| {
+            let mut c = Chunk::default();
+            c.push_stored(Box::new(bytes.clone()), DType::F32, len, vec![DType::F16]);
+            let (src, n) = (bytes.clone(), std::sync::Arc::clone(&reads));
+            let read: ReadAt = Box::new(move |at, buf| {
+                n.fetch_add(1, Ordering::Relaxed);
+                buf.copy_from_slice(&src[at as usize..at as usize + buf.len()]);
+                Ok(())
+            });
+            c.push_windowed_by(read, DType::F32, len, vec![DType::F16], window);
+            c
+        };
+        for window in [4, 36, 400, 4000, 1 << 20] {
+            let c = chunk(window);
+            let mut at = 0;
+            for n in [7, 1, 64, 100, 3, 250, 0, 9, 1000] {
+                let (mut want, mut got) = (vec![1f32; n], vec![2f32; n]);
+                c.read(0, at, &mut want);
+                c.read(1, at, &mut got);
+                assert_eq!(got, want, "window {window}, {n} at {at}");
+                at = (at + n) % (len + 20);
+            }
+            // Backwards, and a block straddling the last window's end.
+            for at in [990, 10, 995] {
+                let (mut want, mut got) = (vec![0f32; 8], vec![0f32; 8]);
+                c.read(0, at, &mut want);
+                c.read(1, at, &mut got);
+                assert_eq!(got, want, "window {window}, back to {at}");
+            }
+            assert!(c.failed.take().is_none());
+            let v = c.into_values();
+            assert_eq!(v[0], v[1], "window {window}");
+        }
+        // Sequential blocks cost one read per window, not one per block.
+        reads.store(0, Ordering::Relaxed);
+        let c = chunk(400);
+        let mut out = [0f32; 10];
+        for at in (0..len).step_by(10) {
+            c.read(1, at, &mut out);
+        }
+        assert_eq!(reads.load(Ordering::Relaxed), 10);
+    }
+
+    /// A failed window read fails the pass with its error, even when the method itself
+    /// finished without one (it saw zeros), and the rest of the tensor is not read.
+    #[test]
+    fn a_failed_window_read_fails_the_pass() {
+        let load = |rows: Range<u64>| -> Result<Chunk> {
+            let mut c = Chunk::default();
+            let first = rows.start;
+            let read: ReadAt = Box::new(move |at, buf| {
+                if first == 2 && at > 0 {
+                    return Err(Error::invalid("disk on fire"));
+                }
+                buf.fill(0x3c);
+                Ok(())
+            });
+            c.push_windowed_by(read, DType::F16, 8, Vec::new(), 4);
+            Ok(c)
+        };
+        let write = |_: Range<u64>, _: AlignedOut| -> Result<()> { Ok(()) };
+        let ctx = StreamCtx {
+            rows: 6,
+            cols: 4,
+            chunk_rows: 2,
+            load: &load,
+            out_dtype: DType::F16,
+            out_offset: 0,
+            write: &write,
+        };
+        let mut seen = Vec::new();
+        let e = ctx
+            .pass_chunks(|rows, c| {
+                let mut v = [9f32; 8];
+                for at in [0, 4] {
+                    c.read(0, at, &mut v[at..at + 4]);
+                }
+                seen.push((rows, v));
+                Ok(())
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("disk on fire"), "{e}");
+        assert_eq!(seen.len(), 2, "stopped at the failing chunk");
+        assert_eq!(seen[0].1, [half::f16::from_bits(0x3c3c).to_f32(); 8]);
+        assert_eq!(
+            &seen[1].1[4..],
+            &[0.0; 4],
+            "the failed window reads as zeros"
+        );
+    }
 
     #[test]
     fn lane_sum_does_not_depend_on_the_chunking() {
