@@ -9,7 +9,7 @@ use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
-use mergestream::kernels::{BucketDraws, available, vectorized};
+use mergestream::kernels::{BucketDraws, available, bucket_bounds, vectorized};
 use mergestream::methods::mergekit::sparsify::DellaRows;
 use mergestream::methods::mergekit::stream::{LaneSum, MagnitudeOrder};
 use mergestream::methods::torch_compat::argsort_asc;
@@ -208,17 +208,21 @@ fn della_mask(c: &mut Criterion) {
     // Its decision kernel alone, on one row's draws and buckets (what a row hands it):
     // every kernel set against a copy of the draws.
     let n = COLS;
-    let draws: Vec<u64> = (0..n as u64)
-        .map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11)
+    let draws: Vec<u32> = (0..n as u64)
+        .map(|i| (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 33) as u32)
         .collect();
     let bins: Vec<u16> = (0..n).map(|i| ((i * 7919) % 1500) as u16).collect();
-    let lowest: Vec<u64> = (0..1500u64).map(|b| (b << 42) + (1 << 51)).collect();
-    let highest: Vec<u64> = lowest.iter().map(|&l| l + (1 << 44)).collect();
+    let bounds: Vec<u64> = (0..1500u32)
+        .map(|b| {
+            let lowest = (b << 20) + (1 << 29);
+            bucket_bounds(lowest, lowest + (1 << 22))
+        })
+        .collect();
     let mut keep = vec![false; n];
     let mut open = vec![0u64; n.div_ceil(64)];
-    let mut copy = vec![0u64; n];
+    let mut copy = vec![0u32; n];
     let mut g = c.benchmark_group("della_bounded_keep");
-    g.throughput(Throughput::Bytes((n * 8) as u64));
+    g.throughput(Throughput::Bytes((n * 4) as u64));
     g.bench_function("memcpy_draws", |b| {
         b.iter(|| copy.copy_from_slice(black_box(&draws)))
     });
@@ -228,8 +232,7 @@ fn della_mask(c: &mut Criterion) {
                 let x = BucketDraws {
                     draws: black_box(&draws),
                     bins: &bins,
-                    lowest: &lowest,
-                    highest: &highest,
+                    bounds: &bounds,
                 };
                 (k.bounded_keep)(&x, &mut keep, &mut open)
             })

@@ -13,7 +13,7 @@ mod x86_64;
 
 use std::sync::OnceLock;
 
-pub use scalar::BucketDraws;
+pub use scalar::{BucketDraws, bucket_bounds};
 
 #[cfg(target_endian = "big")]
 compile_error!(

@@ -106,14 +106,21 @@ pub fn round_bf16(v: &mut [f32]) {
     }
 }
 
-/// DELLA's draws and their magnitude buckets, with each bucket's keep limits at its lowest
-/// and highest rank: the inputs of [`bounded_keep`].
+/// DELLA's draws and their magnitude buckets, with each bucket's keep bounds: the inputs
+/// of [`bounded_keep`]. The draws and bounds are coarse (the top bits of the exact ones),
+/// so one 64-bit gather fetches both of a bucket's bounds.
 #[derive(Clone, Copy)]
 pub struct BucketDraws<'a> {
-    pub draws: &'a [u64],
+    pub draws: &'a [u32],
     pub bins: &'a [u16],
-    pub lowest: &'a [u64],
-    pub highest: &'a [u64],
+    /// Per bucket: `highest << 32 | lowest` (see [`bucket_bounds`]).
+    pub bounds: &'a [u64],
+}
+
+/// A bucket's packed bounds: draws below `lowest` are kept, draws not kept but below
+/// `highest` are left open.
+pub fn bucket_bounds(lowest: u32, highest: u32) -> u64 {
+    u64::from(highest) << 32 | u64::from(lowest)
 }
 
 impl BucketDraws<'_> {
@@ -137,20 +144,18 @@ impl BucketDraws<'_> {
     }
 }
 
-/// Draws decided by per-bucket limits (DELLA's masks): element j, in bucket `bins[j]`
-/// (clamped to the last bucket), is kept when `draws[j] < lowest[b]`; when it is not but
-/// `draws[j] < highest[b]`, bit j of `open` is set (its bucket cannot decide it). Every
-/// word of `open` holding an element is overwritten. Without tables nothing is kept.
+/// Draws decided by per-bucket bounds (DELLA's masks): element j, in bucket `bins[j]`
+/// (clamped to the last bucket) with bounds `(lowest, highest)`, is kept when
+/// `draws[j] < lowest`; when it is not but `draws[j] < highest`, bit j of `open` is set (its
+/// bucket cannot decide it). Every word of `open` holding an element is overwritten.
+/// Without bounds nothing is kept.
 pub fn bounded_keep(x: &BucketDraws<'_>, keep: &mut [bool], open: &mut [u64]) {
     let n = x.len(keep, open);
-    let tables = x.lowest.len().min(x.highest.len());
     open[..n.div_ceil(64)].fill(0);
     for j in 0..n {
-        let b = usize::from(x.bins[j]).min(tables.saturating_sub(1));
-        let (lo, hi) = match (x.lowest.get(b), x.highest.get(b)) {
-            (Some(&lo), Some(&hi)) => (lo, hi),
-            _ => (0, 0),
-        };
+        let b = usize::from(x.bins[j]).min(x.bounds.len().saturating_sub(1));
+        let both = x.bounds.get(b).copied().unwrap_or(0);
+        let (lo, hi) = (both as u32, (both >> 32) as u32);
         keep[j] = x.draws[j] < lo;
         open[j / 64] |= u64::from(!keep[j] & (x.draws[j] < hi)) << (j % 64);
     }

@@ -518,22 +518,28 @@ fn vectorized_loops_give_the_same_bits_under_every_set() {
 }
 
 /// DELLA's bounded decisions: every set against the reference on odd lengths and unaligned
-/// starts, with bins past the tables (clamped), draws and limits above 2⁶³ (unsigned
-/// compares), equal draws and limits, and tables of one entry or none.
+/// starts, with bins past the tables (clamped), draws and bounds up to 2³² − 1, equal draws
+/// and bounds, and tables of one entry or none.
 #[test]
 fn bounded_keep_matches_scalar() {
     for k in available() {
         for tables in [0usize, 1, 3, 257] {
             let r = bits(tables as u64 + 5, 3 * 1100 + 2 * tables);
-            // Limits near the draws, so every outcome occurs; some at or above 2⁶³.
-            let lowest: Vec<u64> = (0..tables).map(|i| r[i] >> (i % 3)).collect();
-            let highest: Vec<u64> = (0..tables)
-                .map(|i| lowest[i].saturating_add(r[tables + i] >> 2))
+            // Bounds near the draws, so every outcome occurs; some at the top of u32.
+            let lowest: Vec<u32> = (0..tables)
+                .map(|i| (r[i] >> 32) as u32 >> (i % 3))
                 .collect();
-            let draws: Vec<u64> = (0..1100)
+            let highest: Vec<u32> = (0..tables)
+                .map(|i| lowest[i].saturating_add((r[tables + i] >> 34) as u32))
+                .collect();
+            let bounds: Vec<u64> = (0..tables)
+                .map(|i| bucket_bounds(lowest[i], highest[i]))
+                .collect();
+            let draws: Vec<u32> = (0..1100)
                 .map(|j| match j % 5 {
                     0 => lowest.get(j % tables.max(1)).copied().unwrap_or(7),
-                    _ => r[2 * tables + j] >> (j % 3),
+                    1 => highest.get(j % tables.max(1)).copied().unwrap_or(u32::MAX),
+                    _ => (r[2 * tables + j] >> 32) as u32 >> (j % 3),
                 })
                 .collect();
             let bins: Vec<u16> = (0..1100)
@@ -547,8 +553,7 @@ fn bounded_keep_matches_scalar() {
                 let x = BucketDraws {
                     draws: d,
                     bins: b,
-                    lowest: &lowest,
-                    highest: &highest,
+                    bounds: &bounds,
                 };
                 scalar::bounded_keep(&x, &mut want_keep, &mut want_open);
                 (k.bounded_keep)(&x, &mut got_keep, &mut got_open);
@@ -560,20 +565,19 @@ fn bounded_keep_matches_scalar() {
     }
 }
 
-/// The reference itself on a hand-made case: kept below the lowest limit, open between,
+/// The reference itself on a hand-made case: kept below the lowest bound, open between,
 /// dropped at or above the highest; bins past the tables use the last bucket.
 #[test]
-fn bounded_keep_reference_decides_by_the_bucket_limits() {
-    let (lowest, highest) = ([10u64, 20], [15u64, 20]);
-    let draws = [9u64, 10, 14, 15, 19, 20, 21];
+fn bounded_keep_reference_decides_by_the_bucket_bounds() {
+    let bounds = [bucket_bounds(10, 15), bucket_bounds(20, 20)];
+    let draws = [9u32, 10, 14, 15, 19, 20, 21];
     let bins = [0u16, 0, 0, 0, 1, 1, 9];
     let mut keep = [false; 7];
     let mut open = [0u64; 1];
     let x = BucketDraws {
         draws: &draws,
         bins: &bins,
-        lowest: &lowest,
-        highest: &highest,
+        bounds: &bounds,
     };
     scalar::bounded_keep(&x, &mut keep, &mut open);
     assert_eq!(keep, [true, false, false, false, true, false, false]);

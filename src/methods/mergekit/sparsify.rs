@@ -88,13 +88,12 @@ pub struct DellaRows {
     rising: bool,
     /// Each element's magnitude bucket.
     bins: Vec<u16>,
-    /// Per bucket: how many elements it holds, and the keep limits at its lowest and
-    /// highest rank.
+    /// Per bucket: how many elements it holds, and the coarse keep limits at its lowest
+    /// and highest rank (`crate::kernels::bucket_bounds`).
     counts: Vec<u32>,
-    lowest: Vec<u64>,
-    highest: Vec<u64>,
-    /// Each element's draw.
-    draws: Vec<u64>,
+    bounds: Vec<u64>,
+    /// Each element's coarse draw: its top bits, `draw53 >> COARSE`.
+    draws: Vec<u32>,
     /// One bit per element its bucket leaves undecided.
     open: Vec<u64>,
     /// The elements whose bucket leaves them undecided.
@@ -109,6 +108,27 @@ impl DellaRows {
     /// Above this many undecided elements, ranking the whole row is cheaper than counting
     /// one rank at a time (one pass over the row each).
     const MAX_UNDECIDED: usize = 8;
+    /// Low bits the coarse draws and limits leave out: 53-bit draws and limits (at most
+    /// 2^53) fit in 32 bits. A coarse draw below `lowest >> COARSE` is below `lowest`; one at
+    /// or above `highest` rounded up is at or above `highest`; in between (2^-31 of the draws
+    /// more than the exact bounds) is left to the exact ranking.
+    const COARSE: u32 = 22;
+
+    /// A 53-bit draw's top bits.
+    #[inline(always)]
+    fn coarse_draw(d: u64) -> u32 {
+        (d >> Self::COARSE) as u32
+    }
+
+    /// A keep limit's top bits, rounded down (for `lowest`) or `up` (for `highest`).
+    fn coarse_limit(l: u64, up: bool) -> u32 {
+        let c = if up {
+            l.div_ceil(1 << Self::COARSE)
+        } else {
+            l >> Self::COARSE
+        };
+        u32::try_from(c).unwrap_or(u32::MAX)
+    }
 
     /// Masks for model `k` (its index in the merge: it picks the random stream) with its
     /// density and ε.
@@ -123,8 +143,7 @@ impl DellaRows {
             rising: false,
             bins: Vec::new(),
             counts: Vec::new(),
-            lowest: Vec::new(),
-            highest: Vec::new(),
+            bounds: Vec::new(),
             draws: Vec::new(),
             open: Vec::new(),
             undecided: Vec::new(),
@@ -197,15 +216,16 @@ impl DellaRows {
         for &b in bins {
             counts[usize::from(b)] += 1;
         }
-        // Each bucket's keep limits at its lowest and highest rank.
+        // Each bucket's keep limits at its lowest and highest rank, coarse (see `COARSE`).
         let limits = &self.limits[..];
         let limit = |rank: usize| limits.get(rank).copied().unwrap_or(0);
-        self.lowest.resize(buckets, 0);
-        self.highest.resize(buckets, 0);
+        self.bounds.clear();
         let mut at = 0usize;
-        for ((&c, lo), hi) in counts.iter().zip(&mut self.lowest).zip(&mut self.highest) {
-            *lo = limit(at);
-            *hi = limit((at + c as usize).wrapping_sub(1));
+        for &c in counts.iter() {
+            let lowest = Self::coarse_limit(limit(at), false);
+            let highest = Self::coarse_limit(limit((at + c as usize).wrapping_sub(1)), true);
+            self.bounds
+                .push(crate::kernels::bucket_bounds(lowest, highest));
             at += c as usize;
         }
 
@@ -213,7 +233,11 @@ impl DellaRows {
         draws.clear();
         crate::kernels::vectorized(
             #[inline(always)]
-            || draws.extend((first..first + row.len()).map(|i| draw53(seed, k, i))),
+            || {
+                draws.extend(
+                    (first..first + row.len()).map(|i| Self::coarse_draw(draw53(seed, k, i))),
+                )
+            },
         );
         let open = &mut self.open;
         open.clear();
@@ -221,8 +245,7 @@ impl DellaRows {
         let bucketed = crate::kernels::BucketDraws {
             draws,
             bins,
-            lowest: &self.lowest,
-            highest: &self.highest,
+            bounds: &self.bounds,
         };
         crate::kernels::bounded_keep(&bucketed, mask, open);
         let undecided = &mut self.undecided;
@@ -423,6 +446,40 @@ mod tests {
     /// bounds, counted ranks, or the whole row ranked): over densities and epsilons that
     /// put the probabilities below 0, above 1, at NaN, falling with the rank (ε < 0), on
     /// one-element rows (0/0) and on rows ending inside a 64-element word.
+    #[test]
+    fn coarse_draws_and_limits_decide_only_what_the_exact_ones_do() {
+        // Draws below 2^53, limits up to 2^53 and beyond (probabilities over 1), at and
+        // around multiples of the dropped bits.
+        let unit = 1u64 << DellaRows::COARSE;
+        let mut s = 0x2545_F491_4F6C_DD1Du64;
+        let mut values: Vec<u64> = (0..2000)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                s >> 11
+            })
+            .collect();
+        for m in [0u64, 1, 2, 1 << 20, (1 << 31) - 1, 1 << 31] {
+            for e in [0, 1, unit - 1] {
+                values.push((m * unit).wrapping_add(e));
+                values.push((m * unit).wrapping_sub(e));
+            }
+        }
+        values.extend([1 << 53, (1 << 53) + 1, 1 << 54, u64::MAX >> 1]);
+        for &d in values.iter().filter(|&&d| d < 1 << 53) {
+            for &l in &values {
+                let c = DellaRows::coarse_draw(d);
+                if c < DellaRows::coarse_limit(l, false) {
+                    assert!(d < l, "kept {d} against {l}");
+                }
+                if c >= DellaRows::coarse_limit(l, true) {
+                    assert!(d >= l, "dropped {d} against {l}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn della_mask_matches_the_probability_draw() {
         let mut order = MagnitudeOrder::default();
