@@ -92,6 +92,9 @@ pub struct DellaRows {
     /// and highest rank (`crate::kernels::bucket_bounds`).
     counts: Vec<u32>,
     bounds: Vec<u64>,
+    /// Per rank (and one past the last): the coarse limits bucket bounds are made of.
+    coarse_lowest: Vec<u32>,
+    coarse_highest: Vec<u32>,
     /// Each element's coarse draw: its top bits, `draw53 >> COARSE`.
     draws: Vec<u32>,
     /// One bit per element its bucket leaves undecided.
@@ -144,6 +147,8 @@ impl DellaRows {
             bins: Vec::new(),
             counts: Vec::new(),
             bounds: Vec::new(),
+            coarse_lowest: Vec::new(),
+            coarse_highest: Vec::new(),
             draws: Vec::new(),
             open: Vec::new(),
             undecided: Vec::new(),
@@ -164,6 +169,19 @@ impl DellaRows {
                 })
                 .collect();
             self.rising = self.limits.windows(2).all(|w| w[0] <= w[1]);
+            // The coarse limits a bucket of ranks `at..end` is bounded by: the lowest at
+            // `at`, the highest at `end − 1` (see `COARSE`); n + 1 entries each, so every
+            // `at` and `end` of a bucket indexes them.
+            let limits = &self.limits;
+            self.coarse_lowest = (0..=n)
+                .map(|r| limits.get(r).map_or(0, |&l| Self::coarse_limit(l, false)))
+                .collect();
+            self.coarse_highest = (0..=n)
+                .map(|e| {
+                    let l = e.checked_sub(1).and_then(|r| limits.get(r));
+                    l.map_or(0, |&l| Self::coarse_limit(l, true))
+                })
+                .collect();
         }
         if self.rising && self.mask_by_bounds(first, row, mask) {
             return;
@@ -216,18 +234,19 @@ impl DellaRows {
         for &b in bins {
             counts[usize::from(b)] += 1;
         }
-        // Each bucket's keep limits at its lowest and highest rank, coarse (see `COARSE`).
+        // Each bucket's coarse keep limits at its lowest and highest rank.
+        self.bounds.clear();
+        self.bounds.resize(buckets, 0);
+        let (lowest, highest) = (&self.coarse_lowest[..], &self.coarse_highest[..]);
+        let mut at = 0usize;
+        for (b, &c) in self.bounds.iter_mut().zip(counts.iter()) {
+            let end = at + c as usize;
+            let lo = lowest.get(at).copied().unwrap_or(0);
+            *b = crate::kernels::bucket_bounds(lo, highest.get(end).copied().unwrap_or(0));
+            at = end;
+        }
         let limits = &self.limits[..];
         let limit = |rank: usize| limits.get(rank).copied().unwrap_or(0);
-        self.bounds.clear();
-        let mut at = 0usize;
-        for &c in counts.iter() {
-            let lowest = Self::coarse_limit(limit(at), false);
-            let highest = Self::coarse_limit(limit((at + c as usize).wrapping_sub(1)), true);
-            self.bounds
-                .push(crate::kernels::bucket_bounds(lowest, highest));
-            at += c as usize;
-        }
 
         let draws = &mut self.draws;
         draws.clear();
