@@ -403,39 +403,47 @@ fn a_run_stopped_after_any_chunk_continues_to_the_same_bytes() {
     }
 }
 
-/// The CLI with mapped inputs, one of which another program truncates mid-run: no death by
-/// SIGBUS, one error line naming the input, exit 1, no output and no staging folder (its
-/// journal does not keep a failed run's folder).
+/// The CLI with mapped inputs, and with streamed passes reading windows of them, one of
+/// which another program truncates mid-run: no death by SIGBUS, one error line naming the
+/// input, exit 1, no output and no staging folder (its journal does not keep a failed run's
+/// folder).
 #[test]
 fn an_input_truncated_mid_run_is_one_error_line_not_a_signal() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (a, b) = models(tmp.path());
-    let cfg = config(tmp.path(), &a, &b);
-    let out = tmp.path().join("out");
-    let mut child = command()
-        .current_dir(tmp.path())
-        .args(merge_args(&cfg, &out, &["--io", "mmap", "--quiet"]))
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while journaled(&out) < 2 {
-        assert!(child.try_wait().unwrap().is_none(), "the run ended first");
-        assert!(start.elapsed() < Duration::from_secs(120), "run stalled");
-        std::thread::sleep(Duration::from_micros(500));
+    for extra in [
+        &["--io", "mmap"][..],
+        &["--io", "read", "--memory-limit", "64KiB"][..],
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = models(tmp.path());
+        let cfg = config(tmp.path(), &a, &b);
+        let out = tmp.path().join("out");
+        let mut args = merge_args(&cfg, &out, extra);
+        args.push("--quiet");
+        let mut child = command()
+            .current_dir(tmp.path())
+            .args(args)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while journaled(&out) < 2 {
+            assert!(child.try_wait().unwrap().is_none(), "the run ended first");
+            assert!(start.elapsed() < Duration::from_secs(120), "run stalled");
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        let shard = b.join("model.safetensors");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&shard)
+            .unwrap()
+            .set_len(4096)
+            .unwrap();
+        let o = child.wait_with_output().unwrap();
+        assert_clean_failure(
+            &o,
+            &out,
+            &[shard.to_str().unwrap(), "changed while the run read it"],
+        );
+        assert!(staging(&out).is_empty());
     }
-    let shard = b.join("model.safetensors");
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&shard)
-        .unwrap()
-        .set_len(4096)
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
-    assert_clean_failure(
-        &o,
-        &out,
-        &[shard.to_str().unwrap(), "changed while the run read it"],
-    );
-    assert!(staging(&out).is_empty());
 }

@@ -357,6 +357,36 @@ mod tests {
         assert_eq!(kind(IoMode::Read, once), "read");
     }
 
+    /// Windowed ranges exist where a repeated read would copy from a local file (`read`,
+    /// `auto`), not under `mmap`; they read the range's bytes, refuse reads outside it and
+    /// ranges past the end of the file, and report a file truncated under them.
+    #[test]
+    fn windowed_ranges_read_their_bytes_and_report_truncation() {
+        use crate::source::{LocalSource, Source};
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(dir.path().join("x"), &data).unwrap();
+        let src = LocalSource::new(dir.path());
+        let open = |mode| InputFile::new(src.open("x").unwrap(), mode);
+        assert!(open(IoMode::Mmap).windowed(0, 10).unwrap().is_none());
+        let past = open(IoMode::Read).windowed(19_000, 2000).err().unwrap();
+        assert_eq!(past.kind(), std::io::ErrorKind::UnexpectedEof);
+        let f = open(IoMode::Auto);
+        let range = f.windowed(1000, 5000).unwrap().unwrap();
+        let mut buf = vec![0u8; 300];
+        range.read_at(4700, &mut buf).unwrap();
+        assert_eq!(buf, &data[5700..6000]);
+        assert!(range.read_at(4701, &mut buf).is_err(), "past the range");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("x"))
+            .unwrap()
+            .set_len(3000)
+            .unwrap();
+        let e = range.read_at(4000, &mut buf).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
+    }
+
     #[test]
     fn recycled_buffers_hold_exactly_the_asked_length() {
         let unit = direct_unit();
