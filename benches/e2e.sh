@@ -18,7 +18,8 @@
 #   breadcrumbs_ties, della and model_stock (3 inputs: a third model is made), each at the
 #   default budget and 256MiB, and with --io read (the seed recipe rows too).
 # --compare runs every row with a second binary too (interleaved, same page cache, best of
-# the same number of runs) and adds its time and the new/old ratio: a before/after check.
+# the same number of runs) and adds its wall and CPU time and the new/old ratios: a
+# before/after check (CPU time is the steadier one on a shared machine).
 #
 # Needs ~3.3x one model of free disk in DIR (default: target/e2e).
 set -euo pipefail
@@ -186,7 +187,7 @@ own_base=""
 measure() {
   local label=$1; shift
   local args=("$@")
-  local wall=999999 rss=0 old=999999 cpu=999999
+  local wall=999999 rss=0 old=999999 old_cpu=999999 cpu=999999
   for _ in $(seq $repeat); do
     local w r c
     read -r w r c < <(timed "$bin" "${args[@]}")
@@ -196,14 +197,15 @@ measure() {
     if [ -n "$old_bin" ]; then
       read -r w r c < <(timed "$old_bin" "${args[@]}")
       old=$(min "$old" "$w")
+      old_cpu=$(min "$old_cpu" "$c")
     fi
   done
   local ratio own="-"
   ratio=$(echo "$wall / $floor" | bc -l)
   if [ -n "$own_base" ]; then own=$(printf "%5.2fx" "$(echo "$wall / $own_base" | bc -l)"); else own_base=$wall; fi
   if [ -n "$old_bin" ]; then
-    printf "| %-30s | %7.2f s | %5.2fx | %6s | %6.2f s | %6.0f MiB | %7.2f s | %5.2f |\n" "$label" "$wall" "$ratio" "$own" \
-      "$cpu" "$(echo "$rss / 1024" | bc -l)" "$old" "$(echo "$wall / $old" | bc -l)"
+    printf "| %-30s | %7.2f s | %5.2fx | %6s | %6.2f s | %6.0f MiB | %7.2f s | %5.2f | %6.2f s | %5.2f |\n" "$label" "$wall" "$ratio" "$own" \
+      "$cpu" "$(echo "$rss / 1024" | bc -l)" "$old" "$(echo "$wall / $old" | bc -l)" "$old_cpu" "$(echo "$cpu / $old_cpu" | bc -l)"
   else
     printf "| %-30s | %7.2f s | %5.2fx | %6s | %6.2f s | %6.0f MiB |\n" "$label" "$wall" "$ratio" "$own" "$cpu" "$(echo "$rss / 1024" | bc -l)"
   fi
@@ -216,8 +218,8 @@ echo
 # "cpu": the least user + system time over the runs (compare compute-bound rows by it when
 # the wall times are noisy).
 if [ -n "$old_bin" ]; then
-  echo "| run                            | wall      | floor  | own    | cpu      | peak RSS   | old wall  | new/old |"
-  echo "|--------------------------------|-----------|--------|--------|----------|------------|-----------|-------|"
+  echo "| run                            | wall      | floor  | own    | cpu      | peak RSS   | old wall  | new/old | old cpu  | cpu new/old |"
+  echo "|--------------------------------|-----------|--------|--------|----------|------------|-----------|-------|----------|-------|"
 else
   echo "| run                            | wall      | floor  | own    | cpu      | peak RSS   |"
   echo "|--------------------------------|-----------|--------|--------|----------|------------|"
