@@ -327,15 +327,22 @@ mod tests {
         assert_eq!(evict(&[6_000_000, 7_000_000], 5_591_040), None);
     }
 
+    /// A local file `x` of 20 000 patterned bytes, in a temporary folder (kept alive by the
+    /// first value), with a source over that folder.
+    fn test_file() -> (tempfile::TempDir, Vec<u8>, crate::source::LocalSource) {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(dir.path().join("x"), &data).unwrap();
+        let src = crate::source::LocalSource::new(dir.path());
+        (dir, data, src)
+    }
+
     /// `auto` maps a read once and copies one read pass after pass; an explicit mode is
     /// kept for both. Either way the bytes are the file's.
     #[test]
     fn auto_copies_repeated_reads_and_maps_the_rest() {
-        use crate::source::{LocalSource, Source};
-        let dir = tempfile::tempdir().unwrap();
-        let data: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
-        std::fs::write(dir.path().join("x"), &data).unwrap();
-        let src = LocalSource::new(dir.path());
+        use crate::source::Source;
+        let (_dir, data, src) = test_file();
         let once = ReadHints::default();
         let passes = ReadHints {
             repeated: true,
@@ -362,11 +369,8 @@ mod tests {
     /// ranges past the end of the file, and report a file truncated under them.
     #[test]
     fn windowed_ranges_read_their_bytes_and_report_truncation() {
-        use crate::source::{LocalSource, Source};
-        let dir = tempfile::tempdir().unwrap();
-        let data: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
-        std::fs::write(dir.path().join("x"), &data).unwrap();
-        let src = LocalSource::new(dir.path());
+        use crate::source::Source;
+        let (dir, data, src) = test_file();
         let open = |mode| InputFile::new(src.open("x").unwrap(), mode);
         assert!(open(IoMode::Mmap).windowed(0, 10).unwrap().is_none());
         let past = open(IoMode::Read).windowed(19_000, 2000).err().unwrap();
