@@ -188,9 +188,10 @@ impl InputFile {
     /// Bytes `offset..offset+len` of a local file, to be read a window at a time pass after
     /// pass, when a repeated read of them would copy them from the page cache (`read`, or
     /// `auto`'s choice; see [`ReadHints::repeated`]). Windows that stay in the CPU cache
-    /// save writing a whole chunk's copy to DRAM and reading it back: one pass over a model
-    /// with 16 MiB reads took 0.58–0.68 s, with 1 MiB windows 0.28–0.30 s. `None` in other
-    /// modes and for network files (read in large pieces).
+    /// save writing a whole chunk's copy to DRAM and reading it back (one pass over a model
+    /// with a trivial decode: 0.58–0.68 s with 16 MiB reads, 0.28–0.30 s with 1 MiB
+    /// windows; nuslerp's CPU: −5%, the page cache's own copy being most of the rest).
+    /// `None` in other modes and for network files (read in large pieces).
     pub fn windowed(&self, offset: u64, len: u64) -> std::io::Result<Option<FileRange>> {
         let copied = self.mode == IoMode::Read || self.chosen;
         if !copied || self.file.prefers_reads() {

@@ -252,7 +252,11 @@ impl Chunk {
 
     /// Elements `at..at + out.len()` of operand `k` into `out` (zeros past its end).
     pub fn read(&self, k: usize, at: usize, out: &mut [f32]) {
-        let end = (at + out.len()).min(self.len(k)).max(at);
+        if at >= self.len(k) {
+            out.fill(0.0);
+            return;
+        }
+        let end = (at + out.len()).min(self.len(k));
         let (have, past) = out.split_at_mut(end - at);
         match self.operands.get(k) {
             Some(ChunkOperand::Values(v)) => have.copy_from_slice(&v[at..end]),
@@ -307,9 +311,11 @@ impl Chunk {
     pub fn into_values(self) -> Vec<Vec<f32>> {
         let windowed: Vec<Option<Vec<f32>>> = (0..self.operands.len())
             .map(|k| match &self.operands[k] {
-                ChunkOperand::Windowed { len, window, .. } => {
+                ChunkOperand::Windowed {
+                    len, window, dtype, ..
+                } => {
                     let mut v = vec![0f32; *len];
-                    let step = window.borrow().size / 4;
+                    let step = window.borrow().size / dtype.size();
                     for b in blocks(0..*len, step) {
                         self.read(k, b.start, &mut v[b]);
                     }
@@ -766,8 +772,8 @@ mod tests {
                 assert_eq!(got, want, "window {window}, {n} at {at}");
                 at = (at + n) % (len + 20);
             }
-            // Backwards, and a block straddling the last window's end.
-            for at in [990, 10, 995] {
+            // Backwards, a block straddling the last window's end, and blocks past it.
+            for at in [990, 10, 995, 1000, 1005, 3] {
                 let (mut want, mut got) = (vec![0f32; 8], vec![0f32; 8]);
                 c.read(0, at, &mut want);
                 c.read(1, at, &mut got);
