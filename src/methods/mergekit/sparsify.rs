@@ -460,11 +460,8 @@ mod tests {
         ]
     }
 
-    /// Each rank's integer limit keeps exactly the draws the float comparison
-    /// `uniform < della_probability` keeps, whichever way the row is decided (bucket
-    /// bounds, counted ranks, or the whole row ranked): over densities and epsilons that
-    /// put the probabilities below 0, above 1, at NaN, falling with the rank (ε < 0), on
-    /// one-element rows (0/0) and on rows ending inside a 64-element word.
+    /// The coarse compares `bounded_keep` makes keep or drop only draws the exact 53-bit
+    /// compares keep or drop.
     #[test]
     fn coarse_draws_and_limits_decide_only_what_the_exact_ones_do() {
         // Draws below 2^53, limits up to 2^53 and beyond (probabilities over 1), at and
@@ -499,6 +496,11 @@ mod tests {
         }
     }
 
+    /// Each rank's integer limit keeps exactly the draws the float comparison
+    /// `uniform < della_probability` keeps, whichever way the row is decided (bucket
+    /// bounds, counted ranks, or the whole row ranked): over densities and epsilons that
+    /// put the probabilities below 0, above 1, at NaN, falling with the rank (ε < 0), on
+    /// one-element rows (0/0) and on rows ending inside a 64-element word.
     #[test]
     fn della_mask_matches_the_probability_draw() {
         let mut order = MagnitudeOrder::default();
