@@ -7,14 +7,13 @@ use std::sync::Arc;
 use crate::error::{Error, ErrorKind, Result};
 use crate::methods::lora::PatchData;
 use crate::methods::mergekit::{Chunk, ReadAt, StreamCtx};
-use crate::model::Layout;
 use crate::plan::{Method, Operand, Plan, Recipe};
 use crate::progress::Progress;
 use crate::shape::RowMajor;
 
 use super::arithmetic::{OperandData, compute_chunk, later_roundings, operand_f32};
 use super::direct::AlignedOut;
-use super::reader::InputFile;
+use super::reader::{self, InputFile};
 use super::writer::ShardFiles;
 use super::{Loaded, LoadedOperand, Out, Written, chunk_len, chunk_offset, load_operand};
 
@@ -77,41 +76,20 @@ pub(crate) fn run(plan: &Plan, item: Loaded) -> Result<Written> {
     })
 }
 
-/// A reader of `len` elements of operand `op` from row `first` on, a window at a time, when
-/// its input reads it that way ([`InputFile::windowed`]): a plain tensor of a local file.
+/// A reader of operand `op`'s rows `rows`, a window at a time, when its input reads it that
+/// way ([`reader::windowed_rows`]): a plain tensor of a local file.
 fn windowed(
     plan: &Plan,
     inputs: &[Vec<InputFile>],
     op: &Operand,
-    first: u64,
-    len: usize,
+    rows: Range<u64>,
 ) -> Result<Option<ReadAt>> {
     if op.vocab.is_some() {
         return Ok(None);
     }
     let t = plan.tensor(op.tensor);
-    if !matches!(t.layout, Layout::Contiguous) {
-        return Ok(None);
-    }
-    let file = &inputs[op.tensor.source][t.file];
-    let (dtype, _) = op.stored(plan);
-    let offset = t.offset + first * t.row_bytes();
-    let bytes = len as u64 * dtype.size() as u64;
-    let name = t.name.clone();
-    let range = file.windowed(offset, bytes).map_err(|e| {
-        Error::io("read failed", e)
-            .in_file(file.path())
-            .at_tensor(&name)
-    })?;
-    Ok(range.map(|range| -> ReadAt {
-        Box::new(move |at, buf| {
-            range.read_at(at, buf).map_err(|e| {
-                Error::io("read failed", e)
-                    .in_file(range.path())
-                    .at_tensor(&name)
-            })
-        })
-    }))
+    let range = reader::windowed_rows(&inputs[op.tensor.source][t.file], t, rows)?;
+    Ok(range.map(|range| -> ReadAt { Box::new(move |at, buf| range.read_at(at, buf)) }))
 }
 
 /// What a worker streaming a step needs: the inputs to read, the shards to write.
@@ -150,7 +128,8 @@ pub(crate) fn run_streamed(io: &StreamIo<'_>, si: usize, chunk_rows: u64) -> Res
                 r
             };
             let plain = op.patches.is_empty() && dtype.bits() >= 8;
-            if plain && let Some(read) = windowed(plan, io.inputs, op, rows.start, n * cols)? {
+            let own = rows.start..rows.start + n as u64;
+            if plain && let Some(read) = windowed(plan, io.inputs, op, own)? {
                 chunk.push_windowed(read, dtype, n * cols, roundings());
                 continue;
             }

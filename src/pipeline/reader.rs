@@ -185,24 +185,15 @@ impl InputFile {
         self.file.path()
     }
 
-    /// Bytes `offset..offset+len` of a local file, to be read a window at a time pass after
-    /// pass, when a repeated read of them would copy them from the page cache (`read`, or
-    /// `auto`'s choice; see [`ReadHints::repeated`]). Windows that stay in the CPU cache
-    /// save writing a whole chunk's copy to DRAM and reading it back (one pass over a model
-    /// with a trivial decode: 0.58–0.68 s with 16 MiB reads, 0.28–0.30 s with 1 MiB
-    /// windows; nuslerp's CPU: −5%, the page cache's own copy being most of the rest).
-    /// `None` in other modes and for network files (read in large pieces).
-    pub fn windowed(&self, offset: u64, len: u64) -> std::io::Result<Option<FileRange>> {
+    /// The file, for reading bytes `offset..offset+len` a window at a time (checked to lie
+    /// within it), when this file reads that way (see [`windowed_rows`]).
+    fn windowed(&self, offset: u64, len: u64) -> std::io::Result<Option<Arc<dyn SourceFile>>> {
         let copied = self.mode == IoMode::Read || self.chosen;
         if !copied || self.file.prefers_reads() {
             return Ok(None);
         }
         self.check_range(offset, len)?;
-        Ok(Some(FileRange {
-            file: Arc::clone(&self.file),
-            offset,
-            len,
-        }))
+        Ok(Some(Arc::clone(&self.file)))
     }
 
     fn check_range(&self, offset: u64, len: u64) -> std::io::Result<()> {
@@ -238,32 +229,65 @@ impl InputFile {
     }
 }
 
-/// A range of an input file, read piece by piece with positional reads
-/// ([`InputFile::windowed`]).
+/// A tensor's rows in an input file, read piece by piece with positional reads
+/// ([`windowed_rows`]).
 pub struct FileRange {
     file: Arc<dyn SourceFile>,
     offset: u64,
     len: u64,
+    /// The tensor, for errors.
+    tensor: String,
 }
 
 impl FileRange {
-    /// Fill `buf` with the range's bytes from `at` on.
-    pub fn read_at(&self, at: u64, buf: &mut [u8]) -> std::io::Result<()> {
+    /// Fill `buf` with the range's bytes from `at` on; errors name the file and tensor.
+    pub fn read_at(&self, at: u64, buf: &mut [u8]) -> Result<()> {
         let end = at.checked_add(buf.len() as u64);
-        if end.is_none_or(|end| end > self.len) {
-            return Err(std::io::Error::other(format!(
+        let read = if end.is_none_or(|end| end > self.len) {
+            Err(std::io::Error::other(format!(
                 "bytes {at}..+{} lie outside the {}-byte range read",
                 buf.len(),
                 self.len
-            )));
-        }
-        self.file.read_at(self.offset + at, buf)
+            )))
+        } else {
+            self.file.read_at(self.offset + at, buf)
+        };
+        read.map_err(|e| read_failed(e, self.file.path(), &self.tensor))
     }
+}
 
-    /// How messages name the file.
-    pub fn path(&self) -> &Path {
-        self.file.path()
+/// A failed read of `tensor` in `path`.
+fn read_failed(e: std::io::Error, path: &Path, tensor: &str) -> Error {
+    Error::io("read failed", e).in_file(path).at_tensor(tensor)
+}
+
+/// Rows `rows` of tensor `t` in `file`, to be read a window at a time pass after pass, when
+/// a repeated read of them would copy them from a local file's page cache (`read`, or
+/// `auto`'s choice; see [`ReadHints::repeated`]) and `t` is stored row-major (a gathered view
+/// is read whole, by [`read_rows`]); `None` in other modes and for network files (read in
+/// large pieces). Windows that stay in the CPU cache save writing a whole chunk's copy to
+/// DRAM and reading it back (one pass over a model with a trivial decode: 0.58–0.68 s with
+/// 16 MiB reads, 0.28–0.30 s with 1 MiB windows; nuslerp's CPU: −5%, the page cache's own
+/// copy being most of the rest). Errors name the file and the tensor.
+pub fn windowed_rows(
+    file: &InputFile,
+    t: &TensorInfo,
+    rows: Range<u64>,
+) -> Result<Option<FileRange>> {
+    if !matches!(t.layout, Layout::Contiguous) {
+        return Ok(None);
     }
+    let rb = t.row_bytes();
+    let (offset, len) = (t.offset + rows.start * rb, (rows.end - rows.start) * rb);
+    let range = file
+        .windowed(offset, len)
+        .map_err(|e| read_failed(e, file.path(), &t.name))?;
+    Ok(range.map(|file| FileRange {
+        file,
+        offset,
+        len,
+        tensor: t.name.clone(),
+    }))
 }
 
 /// Rows `rows` of tensor `t` (all of it when `None`), row-major and little-endian, read from
@@ -279,11 +303,7 @@ pub fn read_rows_with(
     rows: Option<Range<u64>>,
     hints: ReadHints,
 ) -> Result<Buf> {
-    let io_err = |e: std::io::Error| {
-        Error::io("read failed", e)
-            .in_file(file.path())
-            .at_tensor(&t.name)
-    };
+    let io_err = |e: std::io::Error| read_failed(e, file.path(), &t.name);
     let rb = t.row_bytes();
     // A range covering every row is the whole tensor (the only way sub-byte types, whose
     // rows need not end on a byte, are ever read).
@@ -377,11 +397,18 @@ mod tests {
         let past = open(IoMode::Read).windowed(19_000, 2000).err().unwrap();
         assert_eq!(past.kind(), std::io::ErrorKind::UnexpectedEof);
         let f = open(IoMode::Auto);
-        let range = f.windowed(1000, 5000).unwrap().unwrap();
+        let range = FileRange {
+            file: f.windowed(1000, 5000).unwrap().unwrap(),
+            offset: 1000,
+            len: 5000,
+            tensor: "layer.weight".into(),
+        };
         let mut buf = vec![0u8; 300];
         range.read_at(4700, &mut buf).unwrap();
         assert_eq!(buf, &data[5700..6000]);
-        assert!(range.read_at(4701, &mut buf).is_err(), "past the range");
+        let outside = range.read_at(4701, &mut buf).unwrap_err();
+        let outside = outside.report().to_string();
+        assert!(outside.contains("outside the 5000-byte range"), "{outside}");
         std::fs::OpenOptions::new()
             .write(true)
             .open(dir.path().join("x"))
@@ -389,7 +416,11 @@ mod tests {
             .set_len(3000)
             .unwrap();
         let e = range.read_at(4000, &mut buf).unwrap_err();
-        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
+        let e = e.report().to_string();
+        let path = dir.path().join("x");
+        assert!(e.contains(&*path.to_string_lossy()), "{e}");
+        assert!(e.contains("layer.weight"), "{e}");
+        assert!(e.contains("read failed"), "{e}");
     }
 
     #[test]
