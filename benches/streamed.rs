@@ -241,11 +241,34 @@ fn della_mask(c: &mut Criterion) {
     g.finish();
 }
 
+/// The masks' random draws (DELLA's coarse ones, DARE's keep decisions) per 5120-element
+/// row: every kernel set against a copy of as many u32.
+fn mask_draws(c: &mut Criterion) {
+    const N: usize = 5120;
+    let mut g = c.benchmark_group("mask_draws");
+    g.throughput(Throughput::Bytes((N * 4) as u64));
+    let src = vec![7u32; N];
+    let mut out = vec![0u32; N];
+    let mut keep = vec![false; N];
+    g.bench_function("memcpy", |b| {
+        b.iter(|| out.copy_from_slice(black_box(&src)))
+    });
+    for k in available() {
+        g.bench_function(BenchmarkId::new("top_draws", k.name), |b| {
+            b.iter(|| (k.top_draws)(black_box(7), black_box(1 << 20), &mut out))
+        });
+        g.bench_function(BenchmarkId::new("draws_below", k.name), |b| {
+            b.iter(|| (k.draws_below)(black_box(7), black_box(1 << 20), 1 << 52, &mut keep))
+        });
+    }
+    g.finish();
+}
+
 // No plots: this crate's plotters build (ab_glyph, for `diff`) has no font registered for
 // criterion's charts, which would panic.
 criterion_group! {
     name = benches;
     config = Criterion::default().without_plots();
-    targets = lane_sum, magnitude_order, della_mask
+    targets = lane_sum, magnitude_order, della_mask, mask_draws
 }
 criterion_main!(benches);

@@ -40,6 +40,9 @@ pub struct Kernels {
     pub round_bf16: fn(&mut [f32]),
     /// DELLA's decisions by bucket bounds (see [`scalar::bounded_keep`]).
     pub bounded_keep: fn(&BucketDraws<'_>, &mut [bool], &mut [u64]),
+    /// The masks' random draws (see [`scalar::top_draws`], [`scalar::draws_below`]).
+    pub top_draws: fn(u64, u64, &mut [u32]),
+    pub draws_below: fn(u64, u64, u64, &mut [bool]),
 }
 
 pub const SCALAR: Kernels = Kernels {
@@ -55,6 +58,8 @@ pub const SCALAR: Kernels = Kernels {
     round_f16: scalar::round_f16,
     round_bf16: scalar::round_bf16,
     bounded_keep: scalar::bounded_keep,
+    top_draws: scalar::top_draws,
+    draws_below: scalar::draws_below,
 };
 
 /// Every kernel set this CPU can run, best last. Tests and benches compare them all.
@@ -83,6 +88,8 @@ pub fn available() -> Vec<Kernels> {
             round_f16: aarch64::round_f16_neon,
             round_bf16: aarch64::round_bf16_neon,
             bounded_keep: scalar::bounded_keep,
+            top_draws: scalar::top_draws,
+            draws_below: scalar::draws_below,
         });
     }
     v
@@ -111,6 +118,16 @@ pub fn fma_acc(acc: &mut [f32], x: &[f32], w: f32) {
 /// [`scalar::bounded_keep`] with the active kernels.
 pub fn bounded_keep(x: &BucketDraws<'_>, keep: &mut [bool], open: &mut [u64]) {
     (active().bounded_keep)(x, keep, open)
+}
+
+/// [`scalar::top_draws`] with the active kernels.
+pub fn top_draws(stream: u64, first: u64, out: &mut [u32]) {
+    (active().top_draws)(stream, first, out)
+}
+
+/// [`scalar::draws_below`] with the active kernels.
+pub fn draws_below(stream: u64, first: u64, limit: u64, keep: &mut [bool]) {
+    (active().draws_below)(stream, first, limit, keep)
 }
 
 /// The kernel set used for real work: the best one available, chosen once.

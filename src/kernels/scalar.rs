@@ -160,3 +160,35 @@ pub fn bounded_keep(x: &BucketDraws<'_>, keep: &mut [bool], open: &mut [u64]) {
         open[j / 64] |= u64::from(!keep[j] & (x.draws[j] < hi)) << (j % 64);
     }
 }
+
+/// The odd constant SplitMix64 steps its counter by (2⁶⁴ over the golden ratio).
+pub const SPLITMIX_STEP: u64 = 0x9E37_79B9_7F4A_7C15;
+/// SplitMix64's two finalizer multipliers.
+pub const SPLITMIX_MUL: [u64; 2] = [0xBF58_476D_1CE4_E5B9, 0x94D0_49BB_1331_11EB];
+
+/// The random stream behind DARE's and DELLA's masks: SplitMix64's output for counter `i` of
+/// `stream` (a seed salted per model). Counter-based, so any run of a tensor's elements can
+/// be drawn on its own, in any pass, with the same result.
+#[inline(always)]
+pub fn splitmix(stream: u64, i: u64) -> u64 {
+    let mut z = stream ^ i.wrapping_mul(SPLITMIX_STEP);
+    z = (z ^ (z >> 30)).wrapping_mul(SPLITMIX_MUL[0]);
+    z = (z ^ (z >> 27)).wrapping_mul(SPLITMIX_MUL[1]);
+    z ^ (z >> 31)
+}
+
+/// The top 31 bits of the draws for counters `first..` (DELLA's coarse draws: the 53-bit
+/// draw `splitmix >> 11`, shifted right by 22 more).
+pub fn top_draws(stream: u64, first: u64, out: &mut [u32]) {
+    for (e, d) in out.iter_mut().enumerate() {
+        *d = (splitmix(stream, first.wrapping_add(e as u64)) >> 33) as u32;
+    }
+}
+
+/// Whether each 53-bit draw for counters `first..` is below `limit` (DARE's keep: a draw
+/// `m / 2⁵³` below the density).
+pub fn draws_below(stream: u64, first: u64, limit: u64, keep: &mut [bool]) {
+    for (e, k) in keep.iter_mut().enumerate() {
+        *k = splitmix(stream, first.wrapping_add(e as u64)) >> 11 < limit;
+    }
+}

@@ -583,3 +583,45 @@ fn bounded_keep_reference_decides_by_the_bucket_bounds() {
     assert_eq!(keep, [true, false, false, false, true, false, false]);
     assert_eq!(open, [0b0110]);
 }
+
+/// The masks' draws: every set against the reference on odd lengths, at counters that wrap
+/// around 2⁶⁴, with limits at 0, inside the draws' range, at 2⁵³ and above it.
+#[test]
+fn draws_match_scalar() {
+    let r = bits(77, 8);
+    for k in available() {
+        for stream in [0, r[0], u64::MAX] {
+            for first in [0u64, 5, r[1], u64::MAX - 40] {
+                for len in (0..=19).chain([64, 1001]) {
+                    let what = format!("{} stream {stream} first {first} len {len}", k.name);
+                    let (mut want, mut got) = (vec![7u32; len], vec![7u32; len]);
+                    scalar::top_draws(stream, first, &mut want);
+                    (k.top_draws)(stream, first, &mut got);
+                    assert_eq!(want, got, "top_draws {what}");
+                    // One limit equal to a draw, so a compare at or below it would show.
+                    let drawn = scalar::splitmix(stream, first.wrapping_add(3)) >> 11;
+                    for limit in [0, 1, drawn, r[2] >> 11, 1 << 52, 1 << 53, u64::MAX] {
+                        let (mut want, mut got) = (vec![true; len], vec![false; len]);
+                        scalar::draws_below(stream, first, limit, &mut want);
+                        (k.draws_below)(stream, first, limit, &mut got);
+                        assert_eq!(want, got, "draws_below {limit} {what}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The reference draws are SplitMix64 (Vigna's `splitmix64.c`): from state 0, its first
+/// outputs are counters 1, 2, 3 of stream 0.
+#[test]
+fn splitmix_is_the_published_generator() {
+    let want = [
+        0xE220_A839_7B1D_CDAFu64,
+        0x6E78_9E6A_A1B9_65F4,
+        0x06C4_5D18_8009_454F,
+    ];
+    for (i, w) in want.into_iter().enumerate() {
+        assert_eq!(scalar::splitmix(0, i as u64 + 1), w);
+    }
+}

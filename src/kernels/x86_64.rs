@@ -589,6 +589,8 @@ kernel_set! {
     round_f16(v: &mut [f32]);
     round_bf16(v: &mut [f32]);
     [own] bounded_keep = bounded_keep_avx2(x: &crate::kernels::BucketDraws<'_>, keep: &mut [bool], open: &mut [u64]);
+    [own] top_draws = top_draws_avx2(stream: u64, first: u64, out: &mut [u32]);
+    [own] draws_below = draws_below_avx2(stream: u64, first: u64, limit: u64, keep: &mut [bool]);
 }
 
 kernel_set! {
@@ -613,6 +615,8 @@ kernel_set! {
     round_bf16(v: &mut [f32]);
     // AVX2's 4-lane gathers beat AVX-512's 8-lane ones on Zen 4 (3.5 vs 4.2 µs a 5120 row).
     [own] bounded_keep = bounded_keep_avx2(x: &crate::kernels::BucketDraws<'_>, keep: &mut [bool], open: &mut [u64]);
+    [own] top_draws = top_draws_avx512(stream: u64, first: u64, out: &mut [u32]);
+    [own] draws_below = draws_below_avx512(stream: u64, first: u64, limit: u64, keep: &mut [bool]);
 }
 
 // ---------------------------------------------------------------- DELLA's bounded draws
@@ -682,4 +686,249 @@ unsafe fn bounded_keep_avx2(
         }
         bits
     })
+}
+
+// ---------------------------------------------------------------- the masks' random draws
+
+/// `LANES` 64-bit integer lanes, what the masks' SplitMix draws are computed in: AVX2 has no
+/// 64-bit multiply, so `__m256i` builds one from three 32-bit ones; AVX-512 DQ has it.
+///
+/// Same safety contract as [`Vector`]: the caller must ensure the CPU supports the
+/// implementing type's instruction set; pointers must have `LANES` elements to write.
+trait Words: Copy {
+    const LANES: usize;
+    unsafe fn splat(x: u64) -> Self;
+    /// `first·step, (first + 1)·step, …`, wrapping.
+    unsafe fn counters(first: u64, step: u64) -> Self;
+    unsafe fn add(self, other: Self) -> Self;
+    unsafe fn xor(self, other: Self) -> Self;
+    unsafe fn shr<const N: u32>(self) -> Self;
+    /// Lane-wise product with `c`, wrapping.
+    unsafe fn mul(self, c: u64) -> Self;
+    /// Each lane's low 32 bits, to `p`.
+    unsafe fn store_low32(self, p: *mut u32);
+    /// Whether each lane is below `limit`'s (both below 2⁶³), as bools to `p`.
+    unsafe fn store_below(self, limit: Self, p: *mut bool);
+}
+
+impl Words for __m256i {
+    const LANES: usize = 4;
+
+    #[inline(always)]
+    unsafe fn splat(x: u64) -> Self {
+        // SAFETY: the caller guarantees AVX2 (trait contract); same for every block below.
+        unsafe { _mm256_set1_epi64x(x as i64) }
+    }
+    #[inline(always)]
+    unsafe fn counters(first: u64, step: u64) -> Self {
+        let c = |l: u64| first.wrapping_add(l).wrapping_mul(step) as i64;
+        // SAFETY: AVX2.
+        unsafe { _mm256_setr_epi64x(c(0), c(1), c(2), c(3)) }
+    }
+    #[inline(always)]
+    unsafe fn add(self, other: Self) -> Self {
+        // SAFETY: AVX2.
+        unsafe { _mm256_add_epi64(self, other) }
+    }
+    #[inline(always)]
+    unsafe fn xor(self, other: Self) -> Self {
+        // SAFETY: AVX2.
+        unsafe { _mm256_xor_si256(self, other) }
+    }
+    #[inline(always)]
+    unsafe fn shr<const N: u32>(self) -> Self {
+        // SAFETY: AVX2; a variable shift by a constant (an immediate needs an i32 literal).
+        unsafe { _mm256_srlv_epi64(self, _mm256_set1_epi64x(N as i64)) }
+    }
+    #[inline(always)]
+    unsafe fn mul(self, c: u64) -> Self {
+        // x·c mod 2⁶⁴ = lo(x)·lo(c) + (hi(x)·lo(c) + lo(x)·hi(c)) << 32.
+        // SAFETY: AVX2.
+        unsafe {
+            let (lo, hi) = (Self::splat(c & 0xFFFF_FFFF), Self::splat(c >> 32));
+            let cross = _mm256_add_epi64(
+                _mm256_mul_epu32(_mm256_srli_epi64::<32>(self), lo),
+                _mm256_mul_epu32(self, hi),
+            );
+            _mm256_add_epi64(_mm256_mul_epu32(self, lo), _mm256_slli_epi64::<32>(cross))
+        }
+    }
+    #[inline(always)]
+    unsafe fn store_low32(self, p: *mut u32) {
+        // SAFETY: AVX2; 4 u32 writable at p (trait contract), unaligned store.
+        unsafe {
+            let packed =
+                _mm256_permutevar8x32_epi32(self, _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6));
+            _mm_storeu_si128(p.cast(), _mm256_castsi256_si128(packed))
+        }
+    }
+    #[inline(always)]
+    unsafe fn store_below(self, limit: Self, p: *mut bool) {
+        // SAFETY: AVX2; 4 bools writable at p (trait contract).
+        unsafe {
+            let below = _mm256_cmpgt_epi64(limit, self);
+            let bits = _mm256_movemask_pd(_mm256_castsi256_pd(below)) as u32;
+            // Bit i to byte i (0 or 1, a valid bool).
+            let bytes = bits.wrapping_mul(0x0020_4081) & 0x0101_0101;
+            p.cast::<u32>().write_unaligned(bytes.to_le())
+        }
+    }
+}
+
+impl Words for __m512i {
+    const LANES: usize = 8;
+
+    #[inline(always)]
+    unsafe fn splat(x: u64) -> Self {
+        // SAFETY: the caller guarantees AVX-512 F/BW/VL/DQ (trait contract); same below.
+        unsafe { _mm512_set1_epi64(x as i64) }
+    }
+    #[inline(always)]
+    unsafe fn counters(first: u64, step: u64) -> Self {
+        let c = |l: u64| first.wrapping_add(l).wrapping_mul(step) as i64;
+        // SAFETY: AVX-512 F.
+        unsafe { _mm512_setr_epi64(c(0), c(1), c(2), c(3), c(4), c(5), c(6), c(7)) }
+    }
+    #[inline(always)]
+    unsafe fn add(self, other: Self) -> Self {
+        // SAFETY: AVX-512 F.
+        unsafe { _mm512_add_epi64(self, other) }
+    }
+    #[inline(always)]
+    unsafe fn xor(self, other: Self) -> Self {
+        // SAFETY: AVX-512 F.
+        unsafe { _mm512_xor_si512(self, other) }
+    }
+    #[inline(always)]
+    unsafe fn shr<const N: u32>(self) -> Self {
+        // SAFETY: AVX-512 F.
+        unsafe { _mm512_srli_epi64::<N>(self) }
+    }
+    #[inline(always)]
+    unsafe fn mul(self, c: u64) -> Self {
+        // SAFETY: AVX-512 DQ.
+        unsafe { _mm512_mullo_epi64(self, Self::splat(c)) }
+    }
+    #[inline(always)]
+    unsafe fn store_low32(self, p: *mut u32) {
+        // SAFETY: AVX-512 F; 8 u32 writable at p (trait contract), unaligned store.
+        unsafe { _mm256_storeu_si256(p.cast(), _mm512_cvtepi64_epi32(self)) }
+    }
+    #[inline(always)]
+    unsafe fn store_below(self, limit: Self, p: *mut bool) {
+        // SAFETY: AVX-512 F/BW/VL; 8 bools writable at p (trait contract).
+        unsafe {
+            let below = _mm512_cmplt_epu64_mask(self, limit);
+            let bytes = _mm_maskz_mov_epi8(u16::from(below), _mm_set1_epi8(1));
+            _mm_storel_epi64(p.cast(), bytes)
+        }
+    }
+}
+
+/// The draws kernels over any [`Words`]: whole vectors here, the tail by the reference.
+/// `unsafe` only for the trait's CPU requirement.
+mod draws {
+    use super::{Words, scalar};
+    use scalar::{SPLITMIX_MUL, SPLITMIX_STEP};
+
+    /// Calls `each(j, draws)` for the SplitMix outputs of counters `first + j ..` of
+    /// `stream`, `LANES` at a time, over the whole vectors of `n`; returns how many it drew.
+    #[inline(always)]
+    unsafe fn each_vector<W: Words>(
+        stream: u64,
+        first: u64,
+        n: usize,
+        mut each: impl FnMut(usize, W),
+    ) -> usize {
+        let whole = n - n % W::LANES;
+        // SAFETY: the caller guarantees W's CPU features (same for every block here).
+        unsafe {
+            let stream = W::splat(stream);
+            // i·STEP advances by adding LANES·STEP (mod 2⁶⁴): one multiply fewer a draw.
+            let mut counter = W::counters(first, SPLITMIX_STEP);
+            let step = W::splat((W::LANES as u64).wrapping_mul(SPLITMIX_STEP));
+            let mut j = 0;
+            while j < whole {
+                let mut z = stream.xor(counter);
+                z = z.xor(z.shr::<30>()).mul(SPLITMIX_MUL[0]);
+                z = z.xor(z.shr::<27>()).mul(SPLITMIX_MUL[1]);
+                each(j, z.xor(z.shr::<31>()));
+                counter = counter.add(step);
+                j += W::LANES;
+            }
+        }
+        whole
+    }
+
+    #[inline(always)]
+    pub unsafe fn top_draws<W: Words>(stream: u64, first: u64, out: &mut [u32]) {
+        let p = out.as_mut_ptr();
+        // SAFETY: j + LANES <= out.len() for every j handed out; W's features (caller).
+        let whole = unsafe {
+            each_vector::<W>(stream, first, out.len(), |j, z| {
+                z.shr::<33>().store_low32(p.add(j))
+            })
+        };
+        scalar::top_draws(stream, first.wrapping_add(whole as u64), &mut out[whole..]);
+    }
+
+    #[inline(always)]
+    pub unsafe fn draws_below<W: Words>(stream: u64, first: u64, limit: u64, keep: &mut [bool]) {
+        let p = keep.as_mut_ptr();
+        // Draws are below 2⁵³; a larger limit keeps all, as 2⁵³ does.
+        let lanes_limit = limit.min(1 << 53);
+        // SAFETY: j + LANES <= keep.len() for every j handed out; W's features (caller).
+        let whole = unsafe {
+            let l = W::splat(lanes_limit);
+            each_vector::<W>(stream, first, keep.len(), |j, z| {
+                z.shr::<11>().store_below(l, p.add(j))
+            })
+        };
+        scalar::draws_below(
+            stream,
+            first.wrapping_add(whole as u64),
+            limit,
+            &mut keep[whole..],
+        );
+    }
+}
+
+/// [`scalar::top_draws`] in AVX2.
+///
+/// # Safety
+/// The CPU must have AVX2.
+#[target_feature(enable = "avx2,f16c,fma")]
+unsafe fn top_draws_avx2(stream: u64, first: u64, out: &mut [u32]) {
+    // SAFETY: AVX2 (this function's contract).
+    unsafe { draws::top_draws::<__m256i>(stream, first, out) }
+}
+
+/// [`scalar::draws_below`] in AVX2.
+///
+/// # Safety
+/// The CPU must have AVX2.
+#[target_feature(enable = "avx2,f16c,fma")]
+unsafe fn draws_below_avx2(stream: u64, first: u64, limit: u64, keep: &mut [bool]) {
+    // SAFETY: AVX2 (this function's contract).
+    unsafe { draws::draws_below::<__m256i>(stream, first, limit, keep) }
+}
+
+/// [`scalar::top_draws`] in AVX-512 (DQ's 64-bit multiply).
+///
+/// # Safety
+/// The CPU must have AVX-512 F/BW/VL/DQ.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+unsafe fn top_draws_avx512(stream: u64, first: u64, out: &mut [u32]) {
+    // SAFETY: AVX-512 F/BW/VL/DQ (this function's contract).
+    unsafe { draws::top_draws::<__m512i>(stream, first, out) }
+}
+
+/// [`scalar::draws_below`] in AVX-512.
+///
+/// # Safety
+/// The CPU must have AVX-512 F/BW/VL/DQ.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+unsafe fn draws_below_avx512(stream: u64, first: u64, limit: u64, keep: &mut [bool]) {
+    // SAFETY: AVX-512 F/BW/VL/DQ (this function's contract).
+    unsafe { draws::draws_below::<__m512i>(stream, first, limit, keep) }
 }

@@ -31,14 +31,16 @@ pub(crate) fn uniform(seed: u64, k: usize, i: usize) -> f64 {
     draw53(seed, k, i) as f64 / (1u64 << 53) as f64
 }
 
-/// The 53 random bits behind [`uniform`].
+/// The random stream of input `k`: the seed salted with the input's index.
+#[inline]
+fn stream(seed: u64, k: usize) -> u64 {
+    seed ^ ((k as u64) << 56)
+}
+
+/// The 53 random bits behind [`uniform`] ([`crate::kernels::scalar::splitmix`]).
 #[inline]
 fn draw53(seed: u64, k: usize, i: usize) -> u64 {
-    let mut z = seed ^ ((k as u64) << 56) ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    z >> 11
+    crate::kernels::scalar::splitmix(stream(seed, k), i as u64) >> 11
 }
 
 /// DELLA's keep probability for ascending magnitude rank `rank0` (0-based) of `n` in a row:
@@ -56,14 +58,7 @@ pub(crate) fn dare_mask(seed: u64, k: usize, density: f64, first: usize, mask: &
     // `uniform < density` in integers: m/2⁵³ < p ⇔ m < ⌈p·2⁵³⌉ (scaling by 2⁵³ is exact; a
     // NaN density keeps nothing, as the float comparison does).
     let limit = (density.clamp(0.0, 1.0) * (1u64 << 53) as f64).ceil() as u64;
-    crate::kernels::vectorized(
-        #[inline(always)]
-        || {
-            for (e, m) in mask.iter_mut().enumerate() {
-                *m = draw53(seed, k, first + e) < limit;
-            }
-        },
-    );
+    crate::kernels::draws_below(stream(seed, k), first as u64, limit, mask);
 }
 
 /// DELLA's masks, row by row, for one model: element j of a row is kept with the
@@ -117,8 +112,8 @@ impl DellaRows {
     /// more than the exact bounds) is left to the exact ranking.
     const COARSE: u32 = 22;
 
-    /// A 53-bit draw's top bits.
-    #[inline(always)]
+    /// A 53-bit draw's top bits: what `kernels::top_draws` gives (53 − 22 = 31 bits).
+    #[cfg(test)]
     fn coarse_draw(d: u64) -> u32 {
         (d >> Self::COARSE) as u32
     }
@@ -249,15 +244,8 @@ impl DellaRows {
         let limit = |rank: usize| limits.get(rank).copied().unwrap_or(0);
 
         let draws = &mut self.draws;
-        draws.clear();
-        crate::kernels::vectorized(
-            #[inline(always)]
-            || {
-                draws.extend(
-                    (first..first + row.len()).map(|i| Self::coarse_draw(draw53(seed, k, i))),
-                )
-            },
-        );
+        draws.resize(row.len(), 0);
+        crate::kernels::top_draws(stream(seed, k), first as u64, draws);
         let open = &mut self.open;
         open.clear();
         open.resize(row.len().div_ceil(64), 0);
@@ -279,19 +267,32 @@ impl DellaRows {
         if undecided.len() > Self::MAX_UNDECIDED {
             return false;
         }
-        for &j in undecided.iter() {
-            let kj = key(row[j]);
-            // The stable rank: every smaller key, and the equal ones before j.
-            let rank = crate::kernels::vectorized(
-                #[inline(always)]
-                || {
-                    let below: usize = row.iter().map(|&x| (key(x) < kj) as usize).sum();
-                    let tied: usize = row[..j].iter().map(|&x| (key(x) == kj) as usize).sum();
-                    below + tied
-                },
-            );
-            mask[j] = draw53(seed, k, first + j) < limit(rank);
-        }
+        // The stable rank: every smaller key, and the equal ones before j. Buckets rise with
+        // the key, so the elements of lower buckets are all smaller and those of higher ones
+        // all larger: only bucket bj's need their keys compared, and a scan of the bins
+        // (64 a step, vectorized) finds them.
+        crate::kernels::vectorized(
+            #[inline(always)]
+            || {
+                for &j in undecided.iter() {
+                    let (bj, kj) = (bins[j], key(row[j]));
+                    let lower = counts.get(..usize::from(bj)).unwrap_or_default();
+                    let mut rank: usize = lower.iter().map(|&c| c as usize).sum();
+                    for (c, chunk) in bins.chunks(64).enumerate() {
+                        if !chunk.iter().fold(false, |a, &b| a | (b == bj)) {
+                            continue;
+                        }
+                        for (i, &b) in (c * 64..).zip(chunk) {
+                            if b == bj {
+                                let ki = key(row[i]);
+                                rank += usize::from(ki < kj || (ki == kj && i < j));
+                            }
+                        }
+                    }
+                    mask[j] = draw53(seed, k, first + j) < limit(rank);
+                }
+            },
+        );
         true
     }
 }
@@ -492,6 +493,27 @@ mod tests {
                 if c >= DellaRows::coarse_limit(l, true) {
                     assert!(d >= l, "dropped {d} against {l}");
                 }
+            }
+        }
+    }
+
+    /// The coarse draws the masks use are the top bits of the exact ones, under every
+    /// kernel set, wherever a run starts.
+    #[test]
+    fn coarse_draws_are_the_top_bits_of_the_draws() {
+        for k in crate::kernels::available() {
+            for (first, len) in [
+                (0usize, 1usize),
+                (3, 37),
+                (1 << 40, 1031),
+                (usize::MAX - 20, 20),
+            ] {
+                let mut got = vec![0u32; len];
+                (k.top_draws)(stream(9, 2), first as u64, &mut got);
+                let want: Vec<u32> = (0..len)
+                    .map(|e| DellaRows::coarse_draw(draw53(9, 2, first + e)))
+                    .collect();
+                assert_eq!(got, want, "{} from {first}", k.name);
             }
         }
     }
