@@ -69,8 +69,8 @@ pub(crate) fn dare_mask(seed: u64, k: usize, density: f64, first: usize, mask: &
 /// an element whose draw is below the limit at its bucket's lowest rank is kept, and one at
 /// or above the limit at the bucket's highest rank is dropped, wherever it falls in the
 /// bucket ([`crate::kernels::bounded_keep`], with gathers). The few elements left (about
-/// two a row of f16 deltas) are ranked one at a time by counting, and a row with many (long
-/// runs of ties, such as zeros) is ranked whole.
+/// two a row of f16 deltas) are ranked one at a time within their bucket, and a row with
+/// many (long runs of ties, such as zeros) is ranked whole.
 pub struct DellaRows {
     density: f64,
     epsilon: f64,
