@@ -507,12 +507,15 @@ mod body {
 /// One kernel set: `$set::kernels()` checks the CPU features and only then hands out the
 /// safe wrappers, which are private to the generated module. Each wrapper calls an inner
 /// `#[target_feature]` function, so the generic body and the trait's `#[inline(always)]`
-/// methods are compiled (and their intrinsics inlined) with the set's features.
+/// methods are compiled (and their intrinsics inlined) with the set's features. Plain
+/// kernels are `body`'s over the set's [`Vector`], `[words]` ones `draws`' over its
+/// [`Words`], `[own]` ones a function of their own.
 macro_rules! kernel_set {
     (
-        $set:ident, $vector:ty, $features:literal, $label:literal,
+        $set:ident, $vector:ty, $words:ty, $features:literal, $label:literal,
         detect: $detect:expr;
         $($kernel:ident($($arg:ident: $ty:ty),*);)*
+        $([words] $wkernel:ident($($warg:ident: $wty:ty),*);)*
         $([own] $own:ident = $own_imp:ident($($own_arg:ident: $own_ty:ty),*);)*
     ) => {
         pub(super) mod $set {
@@ -531,6 +534,19 @@ macro_rules! kernel_set {
                     // is in `kernels` below, after the detection found the features `imp`
                     // enables.
                     unsafe { imp($($arg),*) }
+                }
+            )*
+
+            // The same over 64-bit integer lanes ([`super::Words`]).
+            $(
+                fn $wkernel($($warg: $wty),*) {
+                    #[target_feature(enable = $features)]
+                    fn imp($($warg: $wty),*) {
+                        // SAFETY: as above, for the words type.
+                        unsafe { super::draws::$wkernel::<$words>($($warg),*) }
+                    }
+                    // SAFETY: as above: reachable only through `kernels`, after detection.
+                    unsafe { imp($($warg),*) }
                 }
             )*
 
@@ -566,6 +582,7 @@ macro_rules! kernel_set {
                 Some(Kernels {
                     name: $label,
                     $($kernel,)*
+                    $($wkernel,)*
                     $($own,)*
                 })
             }
@@ -574,7 +591,7 @@ macro_rules! kernel_set {
 }
 
 kernel_set! {
-    avx2, __m256, "avx2,f16c,fma", "avx2+f16c",
+    avx2, __m256, __m256i, "avx2,f16c,fma", "avx2+f16c",
     detect: is_x86_feature_detected!("avx2")
         && is_x86_feature_detected!("f16c")
         && is_x86_feature_detected!("fma");
@@ -588,13 +605,13 @@ kernel_set! {
     fma_acc(acc: &mut [f32], x: &[f32], w: f32);
     round_f16(v: &mut [f32]);
     round_bf16(v: &mut [f32]);
+    [words] top_draws(stream: u64, first: u64, out: &mut [u32]);
+    [words] draws_below(stream: u64, first: u64, limit: u64, keep: &mut [bool]);
     [own] bounded_keep = bounded_keep_avx2(x: &crate::kernels::BucketDraws<'_>, keep: &mut [bool], open: &mut [u64]);
-    [own] top_draws = top_draws_avx2(stream: u64, first: u64, out: &mut [u32]);
-    [own] draws_below = draws_below_avx2(stream: u64, first: u64, limit: u64, keep: &mut [bool]);
 }
 
 kernel_set! {
-    avx512, __m512, "avx512f,avx512bw,avx512vl,avx512dq", "avx512",
+    avx512, __m512, __m512i, "avx512f,avx512bw,avx512vl,avx512dq", "avx512",
     detect: is_x86_feature_detected!("avx512f")
         && is_x86_feature_detected!("avx512bw")
         && is_x86_feature_detected!("avx512vl")
@@ -613,10 +630,10 @@ kernel_set! {
     fma_acc(acc: &mut [f32], x: &[f32], w: f32);
     round_f16(v: &mut [f32]);
     round_bf16(v: &mut [f32]);
+    [words] top_draws(stream: u64, first: u64, out: &mut [u32]);
+    [words] draws_below(stream: u64, first: u64, limit: u64, keep: &mut [bool]);
     // AVX2's 4-lane gathers beat AVX-512's 8-lane ones on Zen 4 (3.5 vs 4.2 µs a 5120 row).
     [own] bounded_keep = bounded_keep_avx2(x: &crate::kernels::BucketDraws<'_>, keep: &mut [bool], open: &mut [u64]);
-    [own] top_draws = top_draws_avx512(stream: u64, first: u64, out: &mut [u32]);
-    [own] draws_below = draws_below_avx512(stream: u64, first: u64, limit: u64, keep: &mut [bool]);
 }
 
 // ---------------------------------------------------------------- DELLA's bounded draws
@@ -891,44 +908,4 @@ mod draws {
             &mut keep[whole..],
         );
     }
-}
-
-/// [`scalar::top_draws`] in AVX2.
-///
-/// # Safety
-/// The CPU must have AVX2.
-#[target_feature(enable = "avx2,f16c,fma")]
-unsafe fn top_draws_avx2(stream: u64, first: u64, out: &mut [u32]) {
-    // SAFETY: AVX2 (this function's contract).
-    unsafe { draws::top_draws::<__m256i>(stream, first, out) }
-}
-
-/// [`scalar::draws_below`] in AVX2.
-///
-/// # Safety
-/// The CPU must have AVX2.
-#[target_feature(enable = "avx2,f16c,fma")]
-unsafe fn draws_below_avx2(stream: u64, first: u64, limit: u64, keep: &mut [bool]) {
-    // SAFETY: AVX2 (this function's contract).
-    unsafe { draws::draws_below::<__m256i>(stream, first, limit, keep) }
-}
-
-/// [`scalar::top_draws`] in AVX-512 (DQ's 64-bit multiply).
-///
-/// # Safety
-/// The CPU must have AVX-512 F/BW/VL/DQ.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
-unsafe fn top_draws_avx512(stream: u64, first: u64, out: &mut [u32]) {
-    // SAFETY: AVX-512 F/BW/VL/DQ (this function's contract).
-    unsafe { draws::top_draws::<__m512i>(stream, first, out) }
-}
-
-/// [`scalar::draws_below`] in AVX-512.
-///
-/// # Safety
-/// The CPU must have AVX-512 F/BW/VL/DQ.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
-unsafe fn draws_below_avx512(stream: u64, first: u64, limit: u64, keep: &mut [bool]) {
-    // SAFETY: AVX-512 F/BW/VL/DQ (this function's contract).
-    unsafe { draws::draws_below::<__m512i>(stream, first, limit, keep) }
 }
