@@ -344,6 +344,52 @@ fn streamed_passes_give_the_same_bytes_however_they_read() {
     }
 }
 
+/// A streamed step keeps its operands' chunks from one pass to the next when they fit its
+/// share of the budget (half of it over the workers): at 160 KiB with one worker the
+/// embeddings and lm_head (320 × 32, three operands) stream and are kept whole, at 16 KiB
+/// they stream and are read anew each pass. Their bytes are the same, in every I/O mode.
+#[test]
+fn streamed_steps_give_the_same_bytes_whether_their_chunks_are_kept_or_read_again() {
+    for (root, case) in [
+        (golden(), "mk_nuslerp"),
+        (golden(), "mk_ties"),
+        (golden(), "mk_slerp_gradient"),
+        (golden2(), "mk_della"),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = format!("mergekit/{case}.yml");
+        for io in ["mmap", "read", "auto"] {
+            let mut outs = Vec::new();
+            for limit in ["16KiB", "160KiB"] {
+                let out = tmp.path().join(format!("{io}-{limit}"));
+                ok(
+                    &root,
+                    &[
+                        "merge",
+                        &cfg,
+                        out.to_str().unwrap(),
+                        "--quiet",
+                        "--threads",
+                        "1",
+                        "--memory-limit",
+                        limit,
+                        "--io",
+                        io,
+                    ],
+                );
+                outs.push(load_dir(&out));
+            }
+            for name in ["model.embed_tokens.weight", "lm_head.weight"] {
+                let (read, kept) = (&outs[0][name], &outs[1][name]);
+                assert!(
+                    read.bytes == kept.bytes && read.shape == kept.shape,
+                    "{case} --io {io}: {name} differs"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn lora_dict_form_with_weight() {
     // {model, lora, lora_weight}: the LoRA applied in-stream at 0.25, then merged. With one

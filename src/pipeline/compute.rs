@@ -1,7 +1,10 @@
 //! A compute worker's jobs: turn one loaded chunk into output bytes, or stream a whole step
 //! in passes (methods with whole-tensor statistics on tensors too large to hold).
 
-use std::ops::Range;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::ops::{Deref, Range};
+use std::rc::Rc;
 use std::sync::Arc;
 
 use crate::error::{Error, ErrorKind, Result};
@@ -13,7 +16,7 @@ use crate::shape::RowMajor;
 
 use super::arithmetic::{OperandData, compute_chunk, later_roundings, operand_f32};
 use super::direct::AlignedOut;
-use super::reader::{self, InputFile};
+use super::reader::{self, Buf, InputFile};
 use super::writer::ShardFiles;
 use super::{Loaded, LoadedOperand, Out, Written, chunk_len, chunk_offset, load_operand};
 
@@ -101,7 +104,75 @@ pub(crate) struct StreamIo<'a> {
     pub stopped: &'a (dyn Fn() -> bool + Sync),
 }
 
-pub(crate) fn run_streamed(io: &StreamIo<'_>, si: usize, chunk_rows: u64) -> Result<()> {
+/// The stored bytes of a streamed step's chunks, kept from the pass that first reads them
+/// for the later ones while they fit `allowance` bytes (the step's permit covers them).
+/// A kept chunk costs no read on a later pass: for a local file under `auto` or `mmap` it
+/// stays mapped (its page tables set up once, nothing copied), under `read` it stays in
+/// owned memory (copied out of the page cache once, not once per pass).
+///
+/// Only the passes before the output pass keep chunks: a method writes output in its last
+/// pass only (its statistics come first), so once output is written nothing read will be
+/// read again, and each kept chunk is let go as that pass reads it. A one-pass method thus
+/// keeps at most its first chunk.
+struct HeldChunks {
+    allowance: u64,
+    used: Cell<u64>,
+    /// Set by the first output write.
+    last_pass: Cell<bool>,
+    kept: RefCell<HashMap<ChunkKey, Rc<Buf>>>,
+}
+
+/// A chunk of one operand: its index and rows.
+type ChunkKey = (usize, Range<u64>);
+
+/// A kept chunk's bytes, shared by the passes that read them.
+struct Held(Rc<Buf>);
+
+impl Deref for Held {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl HeldChunks {
+    fn new(allowance: u64) -> HeldChunks {
+        HeldChunks {
+            allowance,
+            used: Cell::new(0),
+            last_pass: Cell::new(false),
+            kept: RefCell::new(HashMap::new()),
+        }
+    }
+
+    /// Operand `op`'s kept bytes of `rows`, if any (given up in the last pass).
+    fn get(&self, op: usize, rows: &Range<u64>) -> Option<Held> {
+        let key = (op, rows.clone());
+        let mut kept = self.kept.borrow_mut();
+        let b = if self.last_pass.get() {
+            kept.remove(&key)
+        } else {
+            kept.get(&key).map(Rc::clone)
+        };
+        b.map(Held)
+    }
+
+    /// Whether a chunk of `len` bytes read now is to be kept.
+    fn keeps(&self, len: u64) -> bool {
+        !self.last_pass.get() && self.used.get().saturating_add(len) <= self.allowance
+    }
+
+    fn keep(&self, op: usize, rows: Range<u64>, bytes: Buf) -> Held {
+        self.used.set(self.used.get() + bytes.len() as u64);
+        let b = Rc::new(bytes);
+        self.kept.borrow_mut().insert((op, rows), Rc::clone(&b));
+        Held(b)
+    }
+}
+
+/// Stream step `si` in chunks of `chunk_rows` rows, keeping up to `hold` bytes of its
+/// operands' stored chunks from one pass to the next ([`HeldChunks`]).
+pub(crate) fn run_streamed(io: &StreamIo<'_>, si: usize, chunk_rows: u64, hold: u64) -> Result<()> {
     let plan = io.plan;
     let step = &plan.steps[si];
     let Recipe::Compute {
@@ -112,12 +183,13 @@ pub(crate) fn run_streamed(io: &StreamIo<'_>, si: usize, chunk_rows: u64) -> Res
         return Err(Error::internal("only mergekit methods are streamed"));
     };
     let cols = step.row_elems() as usize;
+    let held = HeldChunks::new(hold);
     let load = |rows: Range<u64>| -> Result<Chunk> {
         if (io.stopped)() {
             return Err(Error::new(ErrorKind::Interrupted));
         }
         let mut chunk = Chunk::default();
-        for op in operands {
+        for (k, op) in operands.iter().enumerate() {
             let n = (rows.end.min(op.rows).max(rows.start) - rows.start) as usize;
             let (dtype, _) = op.stored(plan);
             // Without patches the bytes are decoded (and rounded) a block at a time where
@@ -129,12 +201,27 @@ pub(crate) fn run_streamed(io: &StreamIo<'_>, si: usize, chunk_rows: u64) -> Res
             };
             let plain = op.patches.is_empty() && dtype.bits() >= 8;
             let own = rows.start..rows.start + n as u64;
+            let stored = n * cols * dtype.size();
+            if plain && op.vocab.is_none() {
+                if let Some(bytes) = held.get(k, &rows) {
+                    chunk.push_stored(Box::new(bytes), dtype, n * cols, roundings());
+                    continue;
+                }
+                if held.keeps(stored as u64) {
+                    let lo = load_operand(plan, io.inputs, op, rows.clone(), false)?;
+                    if lo.bytes.len() >= stored {
+                        let bytes = held.keep(k, rows.clone(), lo.bytes);
+                        chunk.push_stored(Box::new(bytes), dtype, n * cols, roundings());
+                        continue;
+                    }
+                }
+            }
             if plain && let Some(read) = windowed(plan, io.inputs, op, own)? {
                 chunk.push_windowed(read, dtype, n * cols, roundings());
                 continue;
             }
             let lo = load_operand(plan, io.inputs, op, rows.clone(), true)?;
-            if plain && lo.bytes.len() >= n * cols * dtype.size() {
+            if plain && lo.bytes.len() >= stored {
                 chunk.push_stored(Box::new(lo.bytes), dtype, n * cols, roundings());
             } else {
                 let data = operand_data(plan, std::slice::from_ref(op), std::slice::from_ref(&lo));
@@ -146,6 +233,7 @@ pub(crate) fn run_streamed(io: &StreamIo<'_>, si: usize, chunk_rows: u64) -> Res
     // Outside the step's permit, like the direct-write queue's own buffers: the queue holds
     // at most 64 MiB of them.
     let write = |rows: Range<u64>, out: AlignedOut| -> Result<()> {
+        held.last_pass.set(true);
         let n = out.bytes().len() as u64;
         if n != chunk_len(step, &rows) {
             return Err(Error::internal(format!(
@@ -168,4 +256,37 @@ pub(crate) fn run_streamed(io: &StreamIo<'_>, si: usize, chunk_rows: u64) -> Res
         write: &write,
     };
     recipe.stream(&ctx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn held_chunks_serve_the_later_passes_until_the_output_pass() {
+        let held = HeldChunks::new(10);
+        // The statistics passes keep what fits, in the order read.
+        assert!(held.keeps(4));
+        let a = held.keep(0, 0..2, Buf::Owned(vec![1, 2, 3, 4]));
+        assert_eq!(&*a, &[1, 2, 3, 4]);
+        assert!(held.keeps(6) && !held.keeps(7));
+        held.keep(1, 0..2, Buf::Owned(vec![5; 6]));
+        assert!(!held.keeps(1), "the allowance is used up");
+        // A later pass reads the same bytes, as often as it asks, by operand and rows.
+        for _ in 0..2 {
+            assert_eq!(held.get(0, &(0..2)).as_deref(), Some(&[1, 2, 3, 4][..]));
+        }
+        assert!(held.get(0, &(2..4)).is_none());
+        assert!(held.get(0, &(0..3)).is_none());
+        assert!(held.get(2, &(0..2)).is_none());
+        // Once output is written, kept chunks are served once and let go, and nothing new
+        // is kept however much room there is.
+        held.last_pass.set(true);
+        assert_eq!(held.get(1, &(0..2)).as_deref(), Some(&[5; 6][..]));
+        assert!(held.get(1, &(0..2)).is_none());
+        assert_eq!(held.kept.borrow().len(), 1);
+        let roomy = HeldChunks::new(1 << 20);
+        roomy.last_pass.set(true);
+        assert!(!roomy.keeps(1));
+    }
 }

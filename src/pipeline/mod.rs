@@ -36,7 +36,8 @@ use crate::progress::{Observer, Progress};
 use crate::shape::RowMajor;
 use budget::{Budget, Permit};
 use chunking::{
-    chunk_cost, chunk_target, chunkable, prefers_streaming, rows_per_chunk, stream_rows, streamable,
+    chunk_cost, chunk_target, chunkable, held_bytes, prefers_streaming, rows_per_chunk,
+    stream_rows, streamable,
 };
 use reader::{Buf, InputFile, IoMode};
 use writer::ShardFiles;
@@ -185,6 +186,8 @@ pub(crate) enum Work {
     Streamed {
         step: usize,
         chunk_rows: u64,
+        /// Bytes of the operands' chunks to keep between passes (the permit covers them).
+        hold: u64,
         _permit: Permit,
     },
 }
@@ -363,6 +366,7 @@ pub fn execute_resumable(
                         Work::Streamed {
                             step,
                             chunk_rows,
+                            hold,
                             _permit,
                         } => {
                             let ctx = compute::StreamIo {
@@ -372,7 +376,7 @@ pub fn execute_resumable(
                                 progress,
                                 stopped,
                             };
-                            compute::run_streamed(&ctx, step, chunk_rows)
+                            compute::run_streamed(&ctx, step, chunk_rows, hold)
                                 .map_err(|e| e.at_tensor(&plan.steps[step].name))
                                 .and_then(|()| finished(step))
                         }
@@ -404,13 +408,15 @@ pub fn execute_resumable(
                     || prefers_streaming(step))
             {
                 let chunk_rows = stream_rows(plan, step, target);
-                let Some(permit) = budget.acquire(chunk_cost(plan, step, chunk_rows) * 2, stopped)
-                else {
+                let cost = chunk_cost(plan, step, chunk_rows) * 2;
+                let hold = held_bytes(plan, step, opts.memory_limit, workers);
+                let Some(permit) = budget.acquire(cost + hold, stopped) else {
                     break;
                 };
                 let w = Work::Streamed {
                     step: si,
                     chunk_rows,
+                    hold,
                     _permit: permit,
                 };
                 if work_tx.send(w).is_err() {
