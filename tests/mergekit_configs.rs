@@ -308,6 +308,13 @@ fn streamed_passes_agree_with_whole_tensors() {
     }
 }
 
+/// `merge CFG OUT --quiet EXTRA…` in `root`, which must succeed.
+fn merge_ok(root: &Path, cfg: &str, out: &Path, extra: &[&str]) {
+    let mut args = vec!["merge", cfg, out.to_str().unwrap(), "--quiet"];
+    args.extend_from_slice(extra);
+    ok(root, &args);
+}
+
 /// Streamed passes read their operands a window at a time under `--io read` and `auto`
 /// (positional reads of local files), and from mapped chunks under `--io mmap`: the same
 /// bytes either way.
@@ -324,19 +331,7 @@ fn streamed_passes_give_the_same_bytes_however_they_read() {
         let mut outs = Vec::new();
         for io in ["mmap", "read", "auto"] {
             let out = tmp.path().join(io);
-            ok(
-                &root,
-                &[
-                    "merge",
-                    &cfg,
-                    out.to_str().unwrap(),
-                    "--quiet",
-                    "--memory-limit",
-                    "16KiB",
-                    "--io",
-                    io,
-                ],
-            );
+            merge_ok(&root, &cfg, &out, &["--memory-limit", "16KiB", "--io", io]);
             outs.push(out);
         }
         assert_bit_exact(&outs[1], &outs[0]);
@@ -362,21 +357,8 @@ fn streamed_steps_give_the_same_bytes_whether_their_chunks_are_kept_or_read_agai
             let mut outs = Vec::new();
             for limit in ["16KiB", "160KiB"] {
                 let out = tmp.path().join(format!("{io}-{limit}"));
-                ok(
-                    &root,
-                    &[
-                        "merge",
-                        &cfg,
-                        out.to_str().unwrap(),
-                        "--quiet",
-                        "--threads",
-                        "1",
-                        "--memory-limit",
-                        limit,
-                        "--io",
-                        io,
-                    ],
-                );
+                let args = ["--threads", "1", "--memory-limit", limit, "--io", io];
+                merge_ok(&root, &cfg, &out, &args);
                 outs.push(load_dir(&out));
             }
             for name in ["model.embed_tokens.weight", "lm_head.weight"] {
