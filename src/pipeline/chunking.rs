@@ -5,7 +5,7 @@
 
 use crate::methods::mergekit::Capability;
 use crate::model::Layout;
-use crate::plan::{DeltaLayout, Method, Plan, Recipe, Step, TensorRef};
+use crate::plan::{DeltaLayout, Method, Operand, Plan, Recipe, Step, TensorRef};
 use crate::shape::RowMajor;
 
 /// Bytes a chunk should cost: big enough to amortize per-chunk work, small enough that
@@ -139,10 +139,17 @@ pub fn held_bytes(plan: &Plan, step: &Step, memory_limit: u64, workers: usize) -
     };
     let stored: u64 = operands
         .iter()
+        .filter(|op| keepable(plan, op))
         .map(|op| op.rows.min(step.rows()) * op.stored(plan).1)
         .sum();
     let share = memory_limit / 2 / workers.max(1) as u64;
     stored.min(share)
+}
+
+/// Whether a streamed step's operand can be kept between passes as its stored bytes: a
+/// tensor of whole-byte elements read as is (no LoRA patches, no vocabulary alignment).
+pub fn keepable(plan: &Plan, op: &Operand) -> bool {
+    op.patches.is_empty() && op.vocab.is_none() && op.stored(plan).0.bits() >= 8
 }
 
 /// How many rows of `step` cost about `target` bytes (chunk cost is a fixed part, such as

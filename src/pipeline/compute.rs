@@ -15,6 +15,7 @@ use crate::progress::Progress;
 use crate::shape::RowMajor;
 
 use super::arithmetic::{OperandData, compute_chunk, later_roundings, operand_f32};
+use super::chunking::keepable;
 use super::direct::AlignedOut;
 use super::reader::{self, Buf, InputFile};
 use super::writer::ShardFiles;
@@ -202,7 +203,7 @@ pub(crate) fn run_streamed(io: &StreamIo<'_>, si: usize, chunk_rows: u64, hold: 
             let plain = op.patches.is_empty() && dtype.bits() >= 8;
             let own = rows.start..rows.start + n as u64;
             let stored = n * cols * dtype.size();
-            if plain && op.vocab.is_none() {
+            if keepable(plan, op) {
                 if let Some(bytes) = held.get(k, &rows) {
                     chunk.push_stored(Box::new(bytes), dtype, n * cols, roundings());
                     continue;
