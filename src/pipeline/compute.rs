@@ -203,6 +203,8 @@ pub(crate) fn run_streamed(io: &StreamIo<'_>, si: usize, chunk_rows: u64, hold: 
             let plain = op.patches.is_empty() && dtype.bits() >= 8;
             let own = rows.start..rows.start + n as u64;
             let stored = n * cols * dtype.size();
+            // A chunk read to be kept but found short is used as read, not read again.
+            let mut read_once = None;
             if keepable(plan, op) {
                 if let Some(bytes) = held.get(k, &rows) {
                     chunk.push_stored(Box::new(bytes), dtype, n * cols, roundings());
@@ -210,18 +212,26 @@ pub(crate) fn run_streamed(io: &StreamIo<'_>, si: usize, chunk_rows: u64, hold: 
                 }
                 if held.keeps(stored as u64) {
                     let lo = load_operand(plan, io.inputs, op, rows.clone(), false)?;
-                    if lo.bytes.len() >= stored {
+                    if lo.bytes.len() < stored {
+                        read_once = Some(lo);
+                    } else {
                         let bytes = held.keep(k, rows.clone(), lo.bytes);
                         chunk.push_stored(Box::new(bytes), dtype, n * cols, roundings());
                         continue;
                     }
                 }
             }
-            if plain && let Some(read) = windowed(plan, io.inputs, op, own)? {
+            if read_once.is_none()
+                && plain
+                && let Some(read) = windowed(plan, io.inputs, op, own)?
+            {
                 chunk.push_windowed(read, dtype, n * cols, roundings());
                 continue;
             }
-            let lo = load_operand(plan, io.inputs, op, rows.clone(), true)?;
+            let lo = match read_once {
+                Some(lo) => lo,
+                None => load_operand(plan, io.inputs, op, rows.clone(), true)?,
+            };
             if plain && lo.bytes.len() >= stored {
                 chunk.push_stored(Box::new(lo.bytes), dtype, n * cols, roundings());
             } else {
