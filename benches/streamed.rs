@@ -9,7 +9,7 @@ use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
-use mergestream::kernels::{BucketDraws, available, bucket_bounds, vectorized};
+use mergestream::kernels::{BucketDraws, KeepScratch, available, bucket_bounds, vectorized};
 use mergestream::methods::mergekit::sparsify::DellaRows;
 use mergestream::methods::mergekit::stream::{LaneSum, MagnitudeOrder};
 use mergestream::methods::torch_compat::argsort_asc;
@@ -212,15 +212,18 @@ fn della_mask(c: &mut Criterion) {
         .map(|i| (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 33) as u32)
         .collect();
     let bins: Vec<u16> = (0..n).map(|i| ((i * 7919) % 1500) as u16).collect();
-    let bounds: Vec<u64> = (0..1500u32)
-        .map(|b| {
-            let lowest = (b << 20) + (1 << 29);
-            bucket_bounds(lowest, lowest + (1 << 22))
-        })
-        .collect();
+    // As DELLA at density 0.5, ε 0.1 makes them: keep limits rising from 0.4 to 0.6 over
+    // the ranks (of 31-bit draws), in 1500 buckets.
+    let (floor, span) = (0.4 * (1u64 << 31) as f64, 0.2 * (1u64 << 31) as f64);
+    let limit = |r: usize| (floor + span * r as f64 / n as f64) as u32;
+    let lowest: Vec<u32> = (0..=n).map(limit).collect();
+    let highest: Vec<u32> = (0..=n).map(|e| limit(e + 1)).collect();
+    let starts: Vec<u32> = (0..=1500).map(|b| (b * n / 1500) as u32).collect();
+    let row = bucket_bounds(lowest[0], highest[n]);
     let mut keep = vec![false; n];
     let mut open = vec![0u64; n.div_ceil(64)];
     let mut copy = vec![0u32; n];
+    let mut scratch = KeepScratch::default();
     let mut g = c.benchmark_group("della_bounded_keep");
     g.throughput(Throughput::Bytes((n * 4) as u64));
     g.bench_function("memcpy_draws", |b| {
@@ -232,10 +235,28 @@ fn della_mask(c: &mut Criterion) {
                 let x = BucketDraws {
                     draws: black_box(&draws),
                     bins: &bins,
-                    bounds: &bounds,
+                    starts: &starts,
+                    lowest: &lowest,
+                    highest: &highest,
+                    row,
                 };
-                (k.bounded_keep)(&x, &mut keep, &mut open)
+                (k.bounded_keep)(&x, &mut keep, &mut open, &mut scratch)
             })
+        });
+    }
+    g.finish();
+
+    // Finding an undecided element's bucket in the row's bins: every set against a copy.
+    let mut g = c.benchmark_group("della_equal_bits");
+    g.throughput(Throughput::Bytes((n * 2) as u64));
+    let mut copy = vec![0u16; n];
+    g.bench_function("memcpy_bins", |b| {
+        b.iter(|| copy.copy_from_slice(black_box(&bins)))
+    });
+    let mut hits = vec![0u64; n.div_ceil(64)];
+    for k in available() {
+        g.bench_function(BenchmarkId::new("equal_bits", k.name), |b| {
+            b.iter(|| (k.equal_bits)(black_box(&bins), 700, &mut hits))
         });
     }
     g.finish();

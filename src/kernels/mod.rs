@@ -13,7 +13,7 @@ mod x86_64;
 
 use std::sync::OnceLock;
 
-pub use scalar::{BucketDraws, bucket_bounds};
+pub use scalar::{BucketDraws, KeepScratch, bucket_bounds};
 
 #[cfg(target_endian = "big")]
 compile_error!(
@@ -39,10 +39,12 @@ pub struct Kernels {
     pub round_f16: fn(&mut [f32]),
     pub round_bf16: fn(&mut [f32]),
     /// DELLA's decisions by bucket bounds (see [`scalar::bounded_keep`]).
-    pub bounded_keep: fn(&BucketDraws<'_>, &mut [bool], &mut [u64]),
+    pub bounded_keep: fn(&BucketDraws<'_>, &mut [bool], &mut [u64], &mut KeepScratch),
     /// The masks' random draws (see [`scalar::top_draws`], [`scalar::draws_below`]).
     pub top_draws: fn(u64, u64, &mut [u32]),
     pub draws_below: fn(u64, u64, u64, &mut [bool]),
+    /// Where a u16 slice holds a value, as bits (see [`scalar::equal_bits`]).
+    pub equal_bits: fn(&[u16], u16, &mut [u64]),
 }
 
 pub const SCALAR: Kernels = Kernels {
@@ -60,6 +62,7 @@ pub const SCALAR: Kernels = Kernels {
     bounded_keep: scalar::bounded_keep,
     top_draws: scalar::top_draws,
     draws_below: scalar::draws_below,
+    equal_bits: scalar::equal_bits,
 };
 
 /// Every kernel set this CPU can run, best last. Tests and benches compare them all.
@@ -90,6 +93,7 @@ pub fn available() -> Vec<Kernels> {
             bounded_keep: scalar::bounded_keep,
             top_draws: scalar::top_draws,
             draws_below: scalar::draws_below,
+            equal_bits: scalar::equal_bits,
         });
     }
     v
@@ -116,13 +120,23 @@ pub fn fma_acc(acc: &mut [f32], x: &[f32], w: f32) {
 }
 
 /// [`scalar::bounded_keep`] with the active kernels.
-pub fn bounded_keep(x: &BucketDraws<'_>, keep: &mut [bool], open: &mut [u64]) {
-    (active().bounded_keep)(x, keep, open)
+pub fn bounded_keep(
+    x: &BucketDraws<'_>,
+    keep: &mut [bool],
+    open: &mut [u64],
+    scratch: &mut KeepScratch,
+) {
+    (active().bounded_keep)(x, keep, open, scratch)
 }
 
 /// [`scalar::top_draws`] with the active kernels.
 pub fn top_draws(stream: u64, first: u64, out: &mut [u32]) {
     (active().top_draws)(stream, first, out)
+}
+
+/// [`scalar::equal_bits`] with the active kernels.
+pub fn equal_bits(v: &[u16], x: u16, bits: &mut [u64]) {
+    (active().equal_bits)(v, x, bits)
 }
 
 /// [`scalar::draws_below`] with the active kernels.

@@ -106,19 +106,28 @@ pub fn round_bf16(v: &mut [f32]) {
     }
 }
 
-/// DELLA's draws and their magnitude buckets, with each bucket's keep bounds: the inputs
-/// of [`bounded_keep`]. The draws and bounds are coarse (the top bits of the exact ones),
-/// so one 64-bit gather fetches both of a bucket's bounds.
+/// DELLA's draws and their magnitude buckets, with the keep limits at each rank: the
+/// inputs of [`bounded_keep`]. The draws and limits are coarse (the top bits of the exact
+/// ones). Bucket b holds the ranks `starts[b]..starts[b + 1]`; a draw in it below the
+/// limit at its lowest rank is kept whatever its rank, and one at or above the limit at its
+/// highest rank is dropped.
 #[derive(Clone, Copy)]
 pub struct BucketDraws<'a> {
     pub draws: &'a [u32],
     pub bins: &'a [u16],
-    /// Per bucket: `highest << 32 | lowest` (see [`bucket_bounds`]).
-    pub bounds: &'a [u64],
+    /// Per bucket, and one past the last: its lowest rank.
+    pub starts: &'a [u32],
+    /// Per rank r: the limit at r, rounded down (its entries are the buckets' lowest).
+    pub lowest: &'a [u32],
+    /// Per rank r + 1: the limit at r, rounded up (entries at the buckets' ends).
+    pub highest: &'a [u32],
+    /// The row's bounds, [`bucket_bounds`]-packed: a draw below its `lowest` is kept and one
+    /// at or above its `highest` dropped whatever its bucket, so only the draws between
+    /// them (about 2ε of a row) need their bucket's bounds.
+    pub row: u64,
 }
 
-/// A bucket's packed bounds: draws below `lowest` are kept, draws not kept but below
-/// `highest` are left open.
+/// Bounds packed in one word: `highest << 32 | lowest`.
 pub fn bucket_bounds(lowest: u32, highest: u32) -> u64 {
     u64::from(highest) << 32 | u64::from(lowest)
 }
@@ -142,22 +151,60 @@ impl BucketDraws<'_> {
             ..*self
         }
     }
+
+    /// Bucket `bin`'s bounds `(lowest, highest)`: the bucket clamped to the last one, its
+    /// starts to the tables' last entries; (0, 0) without buckets or limits.
+    pub fn bounds(&self, bin: u16) -> (u32, u32) {
+        let b = usize::from(bin).min(self.starts.len().saturating_sub(2));
+        let (Some(&at), Some(&end)) = (self.starts.get(b), self.starts.get(b + 1)) else {
+            return (0, 0);
+        };
+        let limit = |table: &[u32], i: u32| {
+            let i = (i as usize).min(table.len().saturating_sub(1));
+            table.get(i).copied().unwrap_or(0)
+        };
+        (limit(self.lowest, at), limit(self.highest, end))
+    }
 }
 
-/// Draws decided by per-bucket bounds (DELLA's masks): element j, in bucket `bins[j]`
-/// (clamped to the last bucket) with bounds `(lowest, highest)`, is kept when
-/// `draws[j] < lowest`; when it is not but `draws[j] < highest`, bit j of `open` is set (its
-/// bucket cannot decide it). Every word of `open` holding an element is overwritten.
-/// Without bounds nothing is kept.
-pub fn bounded_keep(x: &BucketDraws<'_>, keep: &mut [bool], open: &mut [u64]) {
+/// Working memory of [`bounded_keep`]'s SIMD kernels, kept from one row to the next so they
+/// do not allocate (the reference needs none).
+#[derive(Default)]
+pub struct KeepScratch {
+    /// The packed draws (those between the row's bounds) and their buckets.
+    pub(super) draws: Vec<u32>,
+    pub(super) bins: Vec<u32>,
+    /// Their decisions, 8 a byte in packed order: kept, and left open.
+    pub(super) kept: Vec<u8>,
+    pub(super) open: Vec<u8>,
+    /// Per 64 elements, those the row's bounds keep.
+    pub(super) words: Vec<u64>,
+}
+
+/// Draws decided by the row's bounds, then per-bucket bounds (DELLA's masks): element j is
+/// kept when `draws[j]` is below the row's `lowest`, dropped when it is at or above the
+/// row's `highest`, and otherwise decided by the bounds `(lowest, highest)` of its bucket
+/// `bins[j]` ([`BucketDraws::bounds`]): kept when `draws[j] < lowest`; when it is not but
+/// `draws[j] < highest`, bit j of `open` is set (its bucket cannot decide it). Every word
+/// of `open` holding an element is overwritten.
+pub fn bounded_keep(
+    x: &BucketDraws<'_>,
+    keep: &mut [bool],
+    open: &mut [u64],
+    _scratch: &mut KeepScratch,
+) {
     let n = x.len(keep, open);
     open[..n.div_ceil(64)].fill(0);
+    let (row_lo, row_hi) = (x.row as u32, (x.row >> 32) as u32);
     for j in 0..n {
-        let b = usize::from(x.bins[j]).min(x.bounds.len().saturating_sub(1));
-        let both = x.bounds.get(b).copied().unwrap_or(0);
-        let (lo, hi) = (both as u32, (both >> 32) as u32);
-        keep[j] = x.draws[j] < lo;
-        open[j / 64] |= u64::from(!keep[j] & (x.draws[j] < hi)) << (j % 64);
+        let d = x.draws[j];
+        if d < row_lo || d >= row_hi {
+            keep[j] = d < row_lo;
+            continue;
+        }
+        let (lo, hi) = x.bounds(x.bins[j]);
+        keep[j] = d < lo;
+        open[j / 64] |= u64::from(!keep[j] & (d < hi)) << (j % 64);
     }
 }
 
@@ -182,6 +229,17 @@ pub fn splitmix(stream: u64, i: u64) -> u64 {
 pub fn top_draws(stream: u64, first: u64, out: &mut [u32]) {
     for (e, d) in out.iter_mut().enumerate() {
         *d = (splitmix(stream, first.wrapping_add(e as u64)) >> 33) as u32;
+    }
+}
+
+/// Where `v` holds `x`: bit i of `bits` (64 a word) for `v[i]`. Every word holding an
+/// element is overwritten. (DELLA finds the few elements of a bucket this way.)
+pub fn equal_bits(v: &[u16], x: u16, bits: &mut [u64]) {
+    let n = v.len().min(bits.len().saturating_mul(64));
+    for (word, chunk) in bits.iter_mut().zip(v[..n].chunks(64)) {
+        *word = (0..)
+            .zip(chunk)
+            .fold(0, |m, (i, &b)| m | u64::from(b == x) << i);
     }
 }
 

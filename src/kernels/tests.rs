@@ -518,70 +518,166 @@ fn vectorized_loops_give_the_same_bits_under_every_set() {
 }
 
 /// DELLA's bounded decisions: every set against the reference on odd lengths and unaligned
-/// starts, with bins past the tables (clamped), draws and bounds up to 2³² − 1, equal draws
-/// and bounds, and tables of one entry or none.
+/// starts, with bins past the buckets and starts past the limit tables (both clamped),
+/// draws and limits up to 2³² − 1, equal draws and limits, tables of one entry or none, and
+/// row bounds that decide nothing, some draws, most of them (the few left packed for the
+/// gathers) or all.
 #[test]
 fn bounded_keep_matches_scalar() {
+    // One for every call, as a row after row would use it.
+    let mut scratch = KeepScratch::default();
     for k in available() {
-        for tables in [0usize, 1, 3, 257] {
-            let r = bits(tables as u64 + 5, 3 * 1100 + 2 * tables);
-            // Bounds near the draws, so every outcome occurs; some at the top of u32.
-            let lowest: Vec<u32> = (0..tables)
-                .map(|i| (r[i] >> 32) as u32 >> (i % 3))
+        for (buckets, ranks) in [(0usize, 5usize), (1, 0), (1, 1), (3, 10), (257, 1100)] {
+            let r = bits(
+                (buckets * 31 + ranks) as u64,
+                4 * 1100 + 2 * ranks + buckets + 3,
+            );
+            // Rising starts, a few past the tables.
+            let mut starts: Vec<u32> = (0..(buckets + 1) * usize::from(buckets > 0))
+                .map(|i| (r[i] % (ranks as u64 + 5)) as u32)
                 .collect();
-            let highest: Vec<u32> = (0..tables)
-                .map(|i| lowest[i].saturating_add((r[tables + i] >> 34) as u32))
+            starts.sort_unstable();
+            let r = &r[buckets + 1..];
+            // Limits near the draws, so every outcome occurs; some at the top of u32.
+            let lowest: Vec<u32> = (0..ranks).map(|i| (r[i] >> 32) as u32 >> (i % 3)).collect();
+            // Two entries more, so a clamp to the wrong table's end would show.
+            let highest: Vec<u32> = (0..ranks + 2)
+                .map(|i| {
+                    let above = (r[ranks + i] >> 34) as u32;
+                    lowest.get(i).map_or(above, |&l| l.saturating_add(above))
+                })
                 .collect();
-            let bounds: Vec<u64> = (0..tables)
-                .map(|i| bucket_bounds(lowest[i], highest[i]))
-                .collect();
+            let r = &r[2 * ranks + 2..];
             let draws: Vec<u32> = (0..1100)
                 .map(|j| match j % 5 {
-                    0 => lowest.get(j % tables.max(1)).copied().unwrap_or(7),
-                    1 => highest.get(j % tables.max(1)).copied().unwrap_or(u32::MAX),
-                    _ => (r[2 * tables + j] >> 32) as u32 >> (j % 3),
+                    0 => lowest.get(j % ranks.max(1)).copied().unwrap_or(7),
+                    1 => highest.get(j % ranks.max(1)).copied().unwrap_or(u32::MAX),
+                    _ => (r[j] >> 32) as u32 >> (j % 3),
                 })
                 .collect();
             let bins: Vec<u16> = (0..1100)
-                .map(|j| (r[2 * tables + 1100 + j] % (tables as u64 + 4)) as u16)
+                .map(|j| (r[1100 + j] % (buckets as u64 + 4)) as u16)
                 .collect();
+            // A draw's middle eighth, half of them, its top half, the draws themselves.
+            let rows = [
+                bucket_bounds(0, u32::MAX),
+                bucket_bounds(0x7000_0000, 0x9000_0000),
+                bucket_bounds(0x4000_0000, 0xC000_0000),
+                bucket_bounds(0x8000_0000, u32::MAX),
+                bucket_bounds(draws[3], draws[3]),
+                bucket_bounds(u32::MAX, 0),
+            ];
             for (start, len) in (0..=67).map(|l| (l % 3, l)).chain([(1, 1001), (0, 1037)]) {
-                let (d, b) = (&draws[start..start + len], &bins[start..start + len]);
-                let words = len.div_ceil(64);
-                let (mut want_keep, mut got_keep) = (vec![true; len], vec![true; len]);
-                let (mut want_open, mut got_open) = (vec![!0u64; words], vec![!0u64; words]);
-                let x = BucketDraws {
-                    draws: d,
-                    bins: b,
-                    bounds: &bounds,
-                };
-                scalar::bounded_keep(&x, &mut want_keep, &mut want_open);
-                (k.bounded_keep)(&x, &mut got_keep, &mut got_open);
-                let what = format!("{} tables {tables} start {start} len {len}", k.name);
-                assert_eq!(want_keep, got_keep, "{what}");
-                assert_eq!(want_open, got_open, "{what}");
+                for row in rows {
+                    let (d, b) = (&draws[start..start + len], &bins[start..start + len]);
+                    let words = len.div_ceil(64);
+                    let (mut want_keep, mut got_keep) = (vec![true; len], vec![true; len]);
+                    let (mut want_open, mut got_open) = (vec![!0u64; words], vec![!0u64; words]);
+                    let x = BucketDraws {
+                        draws: d,
+                        bins: b,
+                        starts: &starts,
+                        lowest: &lowest,
+                        highest: &highest,
+                        row,
+                    };
+                    scalar::bounded_keep(&x, &mut want_keep, &mut want_open, &mut scratch);
+                    (k.bounded_keep)(&x, &mut got_keep, &mut got_open, &mut scratch);
+                    let what = format!(
+                        "{} buckets {buckets} ranks {ranks} start {start} len {len} row {row:x}",
+                        k.name
+                    );
+                    assert_eq!(want_keep, got_keep, "{what}");
+                    assert_eq!(want_open, got_open, "{what}");
+                }
             }
         }
     }
 }
 
-/// The reference itself on a hand-made case: kept below the lowest bound, open between,
-/// dropped at or above the highest; bins past the tables use the last bucket.
+/// The reference itself on a hand-made case: kept below the bucket's lowest bound (the
+/// limit at its first rank), open between, dropped at or above its highest (the limit at
+/// its last rank); bins past the buckets use the last one; the row's bounds decide the
+/// draws outside them whatever their bucket says.
 #[test]
 fn bounded_keep_reference_decides_by_the_bucket_bounds() {
-    let bounds = [bucket_bounds(10, 15), bucket_bounds(20, 20)];
+    // Bucket 0 holds ranks 0..3, bucket 1 ranks 3..5: bounds (10, 15) and (20, 20).
+    let starts = [0u32, 3, 5];
+    let lowest = [10u32, 11, 12, 20, 21];
+    let highest = [0u32, 13, 14, 15, 19, 20];
     let draws = [9u32, 10, 14, 15, 19, 20, 21];
     let bins = [0u16, 0, 0, 0, 1, 1, 9];
     let mut keep = [false; 7];
     let mut open = [0u64; 1];
-    let x = BucketDraws {
+    let mut x = BucketDraws {
         draws: &draws,
         bins: &bins,
-        bounds: &bounds,
+        starts: &starts,
+        lowest: &lowest,
+        highest: &highest,
+        row: bucket_bounds(0, u32::MAX),
     };
-    scalar::bounded_keep(&x, &mut keep, &mut open);
+    assert_eq!(
+        (x.bounds(0), x.bounds(1), x.bounds(9)),
+        ((10, 15), (20, 20), (20, 20))
+    );
+    scalar::bounded_keep(&x, &mut keep, &mut open, &mut KeepScratch::default());
     assert_eq!(keep, [true, false, false, false, true, false, false]);
     assert_eq!(open, [0b0110]);
+    // Draws below 11 are kept, at or above 15 dropped (19 too, which its bucket keeps):
+    // only 14 is left to its bucket, which leaves it open.
+    x.row = bucket_bounds(11, 15);
+    scalar::bounded_keep(&x, &mut keep, &mut open, &mut KeepScratch::default());
+    assert_eq!(keep, [true, true, false, false, false, false, false]);
+    assert_eq!(open, [0b0100]);
+    // Starts past the tables read their last entries; without buckets nothing is bounded.
+    let starts = [9u32, 9];
+    assert_eq!(
+        BucketDraws {
+            starts: &starts,
+            ..x
+        }
+        .bounds(0),
+        (21, 20)
+    );
+    assert_eq!(BucketDraws { starts: &[], ..x }.bounds(0), (0, 0));
+}
+
+/// Where a u16 slice holds a value: every set against the reference on odd lengths and
+/// unaligned starts, for values that occur often, once, at 0 and u16::MAX, and never;
+/// words past the slice are left alone.
+#[test]
+fn equal_bits_matches_scalar() {
+    let r = bits(91, 1100);
+    let v: Vec<u16> = r
+        .iter()
+        .map(|&x| [0, 7, u16::MAX, (x >> 40) as u16][(x % 4) as usize])
+        .collect();
+    for k in available() {
+        for (start, len) in (0..=130).map(|l| (l % 3, l)).chain([(1, 1001), (0, 1037)]) {
+            let v = &v[start..start + len];
+            for x in [
+                0u16,
+                7,
+                u16::MAX,
+                v.get(len / 2).copied().unwrap_or(1),
+                12345,
+            ] {
+                let words = len.div_ceil(64) + 1;
+                let (mut want, mut got) = (vec![!0u64; words], vec![!0u64; words]);
+                scalar::equal_bits(v, x, &mut want);
+                (k.equal_bits)(v, x, &mut got);
+                assert_eq!(want, got, "{} start {start} len {len} value {x}", k.name);
+                assert_eq!(want[words - 1], !0, "the word past the slice");
+                let ones = want
+                    .iter()
+                    .take(words - 1)
+                    .map(|w| w.count_ones() as usize)
+                    .sum::<usize>();
+                assert_eq!(ones, v.iter().filter(|&&b| b == x).count());
+            }
+        }
+    }
 }
 
 /// The masks' draws: every set against the reference on odd lengths, at counters that wrap

@@ -607,7 +607,8 @@ kernel_set! {
     round_bf16(v: &mut [f32]);
     [words] top_draws(stream: u64, first: u64, out: &mut [u32]);
     [words] draws_below(stream: u64, first: u64, limit: u64, keep: &mut [bool]);
-    [own] bounded_keep = bounded_keep_avx2(x: &crate::kernels::BucketDraws<'_>, keep: &mut [bool], open: &mut [u64]);
+    [own] equal_bits = equal_bits_avx2(v: &[u16], x: u16, bits: &mut [u64]);
+    [own] bounded_keep = bounded_keep_avx2(x: &crate::kernels::BucketDraws<'_>, keep: &mut [bool], open: &mut [u64], scratch: &mut crate::kernels::KeepScratch);
 }
 
 kernel_set! {
@@ -616,10 +617,8 @@ kernel_set! {
         && is_x86_feature_detected!("avx512bw")
         && is_x86_feature_detected!("avx512vl")
         && is_x86_feature_detected!("avx512dq")
-        // For the AVX2 kernel it borrows.
-        && is_x86_feature_detected!("avx2")
-        && is_x86_feature_detected!("f16c")
-        && is_x86_feature_detected!("fma");
+        // For its DELLA kernel's `pdep` (every AVX-512 CPU has it).
+        && is_x86_feature_detected!("bmi2");
     f16_to_f32(src: &[u16], dst: &mut [f32]);
     bf16_to_f32(src: &[u16], dst: &mut [f32]);
     f32_to_f16(src: &[f32], dst: &mut [u16]);
@@ -632,37 +631,38 @@ kernel_set! {
     round_bf16(v: &mut [f32]);
     [words] top_draws(stream: u64, first: u64, out: &mut [u32]);
     [words] draws_below(stream: u64, first: u64, limit: u64, keep: &mut [bool]);
-    // AVX2's 4-lane gathers beat AVX-512's 8-lane ones on Zen 4 (3.5 vs 4.2 µs a 5120 row).
-    [own] bounded_keep = bounded_keep_avx2(x: &crate::kernels::BucketDraws<'_>, keep: &mut [bool], open: &mut [u64]);
+    [own] equal_bits = equal_bits_avx512(v: &[u16], x: u16, bits: &mut [u64]);
+    [own] bounded_keep = bounded_keep_avx512(x: &crate::kernels::BucketDraws<'_>, keep: &mut [bool], open: &mut [u64], scratch: &mut crate::kernels::KeepScratch);
 }
 
 // ---------------------------------------------------------------- DELLA's bounded draws
 
-/// The frame of the SIMD [`scalar::bounded_keep`]: `word(j, last, keep)` decides the
-/// 64 elements from `j` on (all within `draws`, `bins` and `keep`), gathering at indices
-/// clamped to `last`, and returns their open bits; the tail, and tables empty or too large
-/// for i32 gather indices, take the reference.
-#[inline(always)]
-fn bounded_keep_words(
-    x: &scalar::BucketDraws<'_>,
-    keep: &mut [bool],
-    open: &mut [u64],
-    mut word: impl FnMut(usize, i32, &mut [bool]) -> u64,
-) {
-    let n = x.len(keep, open);
-    let tables = x.bounds.len();
-    let Some(last) = tables.checked_sub(1).and_then(|l| i32::try_from(l).ok()) else {
-        return scalar::bounded_keep(x, keep, open);
-    };
-    let whole = n / 64 * 64;
-    for (w, bits) in open[..whole / 64].iter_mut().enumerate() {
-        *bits = word(w * 64, last, keep);
-    }
-    scalar::bounded_keep(&x.from(whole), &mut keep[whole..n], &mut open[whole / 64..]);
+/// What the SIMD [`scalar::bounded_keep`]s clamp their gather indices to: the last
+/// bucket, and the last entry of each limit table.
+#[derive(Clone, Copy)]
+struct LastEntries {
+    bin: i32,
+    lowest: u32,
+    highest: u32,
 }
 
-/// [`scalar::bounded_keep`], 4 elements a step (AVX2 gathers; the draws and bounds fit in
-/// 32 bits, so signed 64-bit compares order them).
+impl LastEntries {
+    /// None when a table is empty or too large for the gathers' indices (the reference
+    /// decides those rows).
+    fn of(x: &scalar::BucketDraws<'_>) -> Option<LastEntries> {
+        let last = |len: usize| len.checked_sub(1).and_then(|l| u32::try_from(l).ok());
+        Some(LastEntries {
+            bin: i32::try_from(x.starts.len().checked_sub(2)?).ok()?,
+            lowest: last(x.lowest.len())?,
+            highest: last(x.highest.len())?,
+        })
+    }
+}
+
+/// [`scalar::bounded_keep`] 64 elements a step: the row's bounds decide most of them in
+/// 8-lane compares, and the rest (about 2ε) look up their bucket's bounds one at a time.
+/// Gathering every element's bounds (three AVX2 gathers per 4) was slower than the
+/// reference.
 ///
 /// # Safety
 /// The CPU must have AVX2.
@@ -671,38 +671,220 @@ unsafe fn bounded_keep_avx2(
     x: &crate::kernels::BucketDraws<'_>,
     keep: &mut [bool],
     open: &mut [u64],
+    scratch: &mut crate::kernels::KeepScratch,
 ) {
-    let low = _mm256_set1_epi64x(u32::MAX as i64);
-    bounded_keep_words(x, keep, open, |j0, last, keep| {
-        let last = _mm_set1_epi32(last);
-        let mut bits = 0u64;
-        for step in 0..16 {
-            let j = j0 + step * 4;
-            // SAFETY: the frame hands out j0 with 64 elements of draws, bins and keep from
-            // it; every gathered index is clamped to the last entry of the table.
-            unsafe {
-                let idx = _mm_cvtepu16_epi32(_mm_loadl_epi64(x.bins.as_ptr().add(j).cast()));
-                let idx = _mm_min_epu32(idx, last);
-                let both = _mm256_i32gather_epi64::<8>(x.bounds.as_ptr().cast(), idx);
-                let (lo, hi) = (_mm256_and_si256(both, low), _mm256_srli_epi64::<32>(both));
-                let d = _mm256_cvtepu32_epi64(_mm_loadu_si128(x.draws.as_ptr().add(j).cast()));
-                let below = |limit: __m256i| {
-                    let gt = _mm256_cmpgt_epi64(limit, d);
-                    _mm256_movemask_pd(_mm256_castsi256_pd(gt)) as u32
-                };
-                let kept = below(lo);
-                let undecided = !kept & below(hi);
-                // Bit i of `kept` to byte i (0 or 1, a valid bool).
-                let bytes = kept.wrapping_mul(0x0020_4081) & 0x0101_0101;
-                keep.as_mut_ptr()
-                    .add(j)
-                    .cast::<u32>()
-                    .write_unaligned(bytes.to_le());
-                bits |= u64::from(undecided) << (step * 4);
+    let n = x.len(keep, open);
+    let whole = n / 64 * 64;
+    // Unsigned compares as signed ones, both sides offset by 2³¹.
+    let flip = _mm256_set1_epi32(i32::MIN);
+    let offset = |v: u32| _mm256_set1_epi32((v ^ 0x8000_0000) as i32);
+    let (row_lo, row_hi) = (offset(x.row as u32), offset((x.row >> 32) as u32));
+    for (w, bits) in open[..whole / 64].iter_mut().enumerate() {
+        let (mut kept, mut between) = (0u64, 0u64);
+        for g in 0..8 {
+            let j = w * 64 + g * 8;
+            // SAFETY: j + 8 ≤ whole ≤ n elements of draws.
+            let d = unsafe { _mm256_loadu_si256(x.draws.as_ptr().add(j).cast()) };
+            let d = _mm256_xor_si256(d, flip);
+            let mask = |v: __m256i| _mm256_movemask_ps(_mm256_castsi256_ps(v)) as u8;
+            let (below, under) = (
+                mask(_mm256_cmpgt_epi32(row_lo, d)),
+                mask(_mm256_cmpgt_epi32(row_hi, d)),
+            );
+            kept |= u64::from(below) << (g * 8);
+            between |= u64::from(under & !below) << (g * 8);
+        }
+        let mut undecided = 0u64;
+        while between != 0 {
+            let i = between.trailing_zeros() as usize;
+            between &= between - 1;
+            let (d, (lo, hi)) = (x.draws[w * 64 + i], x.bounds(x.bins[w * 64 + i]));
+            kept |= u64::from(d < lo) << i;
+            undecided |= u64::from(d >= lo && d < hi) << i;
+        }
+        *bits = undecided;
+        for (q, out) in keep[w * 64..w * 64 + 64].chunks_exact_mut(4).enumerate() {
+            // Bits 4q.. of `kept` to 4 bytes (0 or 1: valid bools).
+            let nibble = (kept >> (q * 4)) as u32 & 0xF;
+            let bytes = (nibble.wrapping_mul(0x0020_4081) & 0x0101_0101).to_le_bytes();
+            for (o, b) in out.iter_mut().zip(bytes) {
+                *o = b == 1;
             }
         }
-        bits
-    })
+    }
+    let tail = &mut open[whole / 64..];
+    scalar::bounded_keep(&x.from(whole), &mut keep[whole..n], tail, scratch);
+}
+
+/// [`scalar::bounded_keep`] in three passes over the row's whole words. The row's bounds
+/// decide most elements in two compares; the rest (about 2ε, those between the row's
+/// bounds) are packed together (`vpcompressd`), then only they gather their bucket's
+/// starts and the limits there, 8 at a time, and last their decisions go back to their
+/// places (`pdep`). Whole passes, not one word at a time: a gather's indices loaded right
+/// after the packing stores that wrote them would wait for those stores.
+///
+/// # Safety
+/// The CPU must have AVX-512 F, BW, VL and DQ, and BMI2.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,bmi2,popcnt")]
+unsafe fn bounded_keep_avx512(
+    x: &crate::kernels::BucketDraws<'_>,
+    keep: &mut [bool],
+    open: &mut [u64],
+    scratch: &mut crate::kernels::KeepScratch,
+) {
+    let n = x.len(keep, open);
+    let Some(last) = LastEntries::of(x) else {
+        return scalar::bounded_keep(x, keep, open, scratch);
+    };
+    let (words, whole) = (n / 64, n / 64 * 64);
+    let s = scratch;
+    // Room for a last 16-lane store at any packed count, and 16 bytes read at any bit.
+    s.draws.resize(whole + 16, 0);
+    s.bins.resize(whole + 16, 0);
+    s.kept.resize(whole / 8 + 16, 0);
+    s.open.resize(whole / 8 + 16, 0);
+    s.words.resize(words, 0);
+
+    // The row's decisions; the packed draws and buckets; each word's packed ones in `open`.
+    let row_lo = _mm512_set1_epi32(x.row as u32 as i32);
+    let row_hi = _mm512_set1_epi32((x.row >> 32) as u32 as i32);
+    let last_bin = _mm512_set1_epi32(last.bin);
+    let mut packed = 0usize;
+    for (w, (row_kept, open)) in s.words.iter_mut().zip(&mut open[..words]).enumerate() {
+        let (mut kept, mut between) = (0u64, 0u64);
+        for q in 0..4 {
+            let j = w * 64 + q * 16;
+            // SAFETY: j + 16 ≤ whole ≤ n elements of draws and bins; packed ≤ j, so the
+            // 16-lane stores end within whole + 16.
+            unsafe {
+                let d = _mm512_loadu_si512(x.draws.as_ptr().add(j).cast());
+                let below = _mm512_cmplt_epu32_mask(d, row_lo);
+                let m = _mm512_mask_cmplt_epu32_mask(!below, d, row_hi);
+                let b = _mm512_cvtepu16_epi32(_mm256_loadu_si256(x.bins.as_ptr().add(j).cast()));
+                let b = _mm512_min_epu32(b, last_bin);
+                let (pd, pb) = (
+                    s.draws.as_mut_ptr().add(packed),
+                    s.bins.as_mut_ptr().add(packed),
+                );
+                _mm512_storeu_si512(pd.cast(), _mm512_maskz_compress_epi32(m, d));
+                _mm512_storeu_si512(pb.cast(), _mm512_maskz_compress_epi32(m, b));
+                packed += m.count_ones() as usize;
+                kept |= u64::from(below) << (q * 16);
+                between |= u64::from(m) << (q * 16);
+            }
+        }
+        *row_kept = kept;
+        *open = between;
+    }
+
+    // The packed ones by their bucket's bounds.
+    let low = _mm512_set1_epi64(u32::MAX as i64);
+    let last_lowest = _mm512_set1_epi64(i64::from(last.lowest));
+    let last_highest = _mm512_set1_epi64(i64::from(last.highest));
+    for i in (0..packed).step_by(8) {
+        let valid = (0xFFu32 >> (8 - (packed - i).min(8))) as __mmask8;
+        // SAFETY: i + 8 ≤ whole + 16 entries; only valid lanes gather: at buckets clamped
+        // to the last (whose start and end are in `starts`), then at starts clamped to the
+        // limit tables' last entries.
+        unsafe {
+            let b = _mm256_loadu_si256(s.bins.as_ptr().add(i).cast());
+            let zero = _mm512_setzero_si512();
+            let starts = x.starts.as_ptr().cast();
+            let pair = _mm512_mask_i32gather_epi64::<4>(zero, valid, b, starts);
+            let at = _mm512_min_epu64(_mm512_and_si512(pair, low), last_lowest);
+            let end = _mm512_min_epu64(_mm512_srli_epi64::<32>(pair), last_highest);
+            let none = _mm256_setzero_si256();
+            let lowest = x.lowest.as_ptr().cast();
+            let lo = _mm512_mask_i64gather_epi32::<4>(none, valid, at, lowest);
+            let highest = x.highest.as_ptr().cast();
+            let hi = _mm512_mask_i64gather_epi32::<4>(none, valid, end, highest);
+            let d = _mm256_loadu_si256(s.draws.as_ptr().add(i).cast());
+            let k = _mm256_mask_cmplt_epu32_mask(valid, d, lo);
+            s.kept[i / 8] = k;
+            s.open[i / 8] = _mm256_mask_cmplt_epu32_mask(valid & !k, d, hi);
+        }
+    }
+
+    // Each word's packed decisions back in place.
+    let one = _mm512_set1_epi8(1);
+    let mut at = 0usize;
+    for (w, (&row_kept, open)) in s.words.iter().zip(&mut open[..words]).enumerate() {
+        let between = *open;
+        // The packed bits from `at` on (`pdep` takes as many as `between` has).
+        let from = |bytes: &[u8]| {
+            let mut b = [0u8; 16];
+            b.copy_from_slice(&bytes[at / 8..at / 8 + 16]);
+            (u128::from_le_bytes(b) >> (at % 8)) as u64
+        };
+        let kept = row_kept | _pdep_u64(from(&s.kept), between);
+        *open = _pdep_u64(from(&s.open), between);
+        at += between.count_ones() as usize;
+        // SAFETY: 64 elements of keep from w·64 < whole; 0 or 1 bytes are valid bools.
+        unsafe {
+            let dst = keep.as_mut_ptr().add(w * 64);
+            _mm512_storeu_si512(dst.cast(), _mm512_maskz_mov_epi8(kept, one));
+        }
+    }
+    let tail = &mut open[words..];
+    scalar::bounded_keep(&x.from(whole), &mut keep[whole..n], tail, s);
+}
+
+/// [`scalar::equal_bits`], 32 elements a step: two 16-lane compares packed to bytes
+/// (which interleaves their 128-bit halves, put back in order), one bit each.
+///
+/// # Safety
+/// The CPU must have AVX2.
+#[target_feature(enable = "avx2,f16c,fma")]
+unsafe fn equal_bits_avx2(v: &[u16], x: u16, bits: &mut [u64]) {
+    let n = v.len().min(bits.len().saturating_mul(64));
+    let whole = n / 64 * 64;
+    let want = _mm256_set1_epi16(x as i16);
+    for (w, word) in bits[..whole / 64].iter_mut().enumerate() {
+        let mut m = 0u64;
+        for half in 0..2 {
+            let j = w * 64 + half * 32;
+            // SAFETY: j + 32 ≤ whole ≤ n elements of v.
+            let (a, b) = unsafe {
+                let p = v.as_ptr().add(j);
+                (
+                    _mm256_loadu_si256(p.cast()),
+                    _mm256_loadu_si256(p.add(16).cast()),
+                )
+            };
+            let (a, b) = (_mm256_cmpeq_epi16(a, want), _mm256_cmpeq_epi16(b, want));
+            let bytes = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi16(a, b));
+            m |= u64::from(_mm256_movemask_epi8(bytes) as u32) << (half * 32);
+        }
+        *word = m;
+    }
+    scalar::equal_bits(&v[whole..n], x, &mut bits[whole / 64..]);
+}
+
+/// [`scalar::equal_bits`], 64 elements a step (two 32-lane compares to mask registers).
+///
+/// # Safety
+/// The CPU must have AVX-512 F and BW.
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn equal_bits_avx512(v: &[u16], x: u16, bits: &mut [u64]) {
+    let n = v.len().min(bits.len().saturating_mul(64));
+    let whole = n / 64 * 64;
+    let want = _mm512_set1_epi16(x as i16);
+    for (w, word) in bits[..whole / 64].iter_mut().enumerate() {
+        // SAFETY: w·64 + 64 ≤ whole ≤ n elements of v.
+        let (a, b) = unsafe {
+            let p = v.as_ptr().add(w * 64);
+            (
+                _mm512_loadu_si512(p.cast()),
+                _mm512_loadu_si512(p.add(32).cast()),
+            )
+        };
+        let (a, b) = (
+            _mm512_cmpeq_epi16_mask(a, want),
+            _mm512_cmpeq_epi16_mask(b, want),
+        );
+        *word = u64::from(a) | u64::from(b) << 32;
+    }
+    scalar::equal_bits(&v[whole..n], x, &mut bits[whole / 64..]);
 }
 
 // ---------------------------------------------------------------- the masks' random draws

@@ -64,13 +64,15 @@ pub(crate) fn dare_mask(seed: u64, k: usize, density: f64, first: usize, mask: &
 /// DELLA's masks, row by row, for one model: element j of a row is kept with the
 /// probability of its ascending magnitude rank in the row (ties in index order).
 ///
-/// Most elements need no rank. While the keep limit rises with the rank (ε ≥ 0), a
-/// histogram of the row's magnitudes in about n/4 buckets gives the ranks each bucket spans;
-/// an element whose draw is below the limit at its bucket's lowest rank is kept, and one at
-/// or above the limit at the bucket's highest rank is dropped, wherever it falls in the
-/// bucket ([`crate::kernels::bounded_keep`], with gathers). The few elements left (about
-/// two a row of f16 deltas) are ranked one at a time within their bucket, and a row with
-/// many (long runs of ties, such as zeros) is ranked whole.
+/// Most elements need no rank. While the keep limit rises with the rank (ε ≥ 0), a draw
+/// below the limit at rank 0 keeps its element and one at or above the limit at the last
+/// rank drops it: all but about 2ε of a row. For the rest, a histogram of the row's
+/// magnitudes in about n/4 buckets gives the ranks each bucket spans; an element whose draw
+/// is below the limit at its bucket's lowest rank is kept, and one at or above the limit at
+/// the bucket's highest rank is dropped, wherever it falls in the bucket
+/// ([`crate::kernels::bounded_keep`], with gathers). The few elements left (about two a row
+/// of f16 deltas) are ranked one at a time within their bucket, and a row with many (long
+/// runs of ties, such as zeros) is ranked whole.
 pub struct DellaRows {
     density: f64,
     epsilon: f64,
@@ -83,11 +85,11 @@ pub struct DellaRows {
     rising: bool,
     /// Each element's magnitude bucket.
     bins: Vec<u16>,
-    /// Per bucket: how many elements it holds, and the coarse keep limits at its lowest
-    /// and highest rank (`crate::kernels::bucket_bounds`).
-    counts: Vec<u32>,
-    bounds: Vec<u64>,
-    /// Per rank (and one past the last): the coarse limits bucket bounds are made of.
+    /// Per bucket (and one past the last): its lowest rank, the number of elements in the
+    /// buckets below it. 2^16 entries, of which the row's buckets use the first.
+    starts: Vec<u32>,
+    /// Per rank (and one past the last): the coarse limits bucket bounds are made of (see
+    /// `crate::kernels::BucketDraws`).
     coarse_lowest: Vec<u32>,
     coarse_highest: Vec<u32>,
     /// Each element's coarse draw: its top bits, `draw53 >> COARSE`.
@@ -96,6 +98,9 @@ pub struct DellaRows {
     open: Vec<u64>,
     /// The elements whose bucket leaves them undecided.
     undecided: Vec<usize>,
+    /// Where the row's bins hold an undecided element's bucket, one bit each.
+    hits: Vec<u64>,
+    scratch: crate::kernels::KeepScratch,
 }
 
 impl DellaRows {
@@ -140,13 +145,14 @@ impl DellaRows {
             limits: Vec::new(),
             rising: false,
             bins: Vec::new(),
-            counts: Vec::new(),
-            bounds: Vec::new(),
+            starts: Vec::new(),
             coarse_lowest: Vec::new(),
             coarse_highest: Vec::new(),
             draws: Vec::new(),
             open: Vec::new(),
             undecided: Vec::new(),
+            hits: Vec::new(),
+            scratch: Default::default(),
         }
     }
 
@@ -222,39 +228,47 @@ impl DellaRows {
             #[inline(always)]
             || bins.extend(row.iter().map(|&x| bucket(key(x)))),
         );
-        self.counts.clear();
-        self.counts.resize(buckets, 0);
-        // As slices: a Vec's length would be reloaded after every count (it might alias).
-        let (counts, bins) = (&mut self.counts[..], &bins[..]);
+        // Each bucket's count, then where its ranks start (n at the end).
+        // A table for every u16, so the counts need no bounds checks (a quarter faster);
+        // only the buckets' entries are used, and cleared.
+        if self.starts.len() != 1 << 16 {
+            self.starts = vec![0; 1 << 16];
+        }
+        let Ok(starts) = <&mut [u32; 1 << 16]>::try_from(&mut self.starts[..]) else {
+            return false;
+        };
+        let bins = &bins[..];
+        starts[..=buckets].fill(0);
         for &b in bins {
-            counts[usize::from(b)] += 1;
+            starts[usize::from(b)] += 1;
         }
-        // Each bucket's coarse keep limits at its lowest and highest rank.
-        self.bounds.clear();
-        self.bounds.resize(buckets, 0);
+        let starts = &mut starts[..=buckets];
+        let mut at = 0u32;
+        for s in starts.iter_mut() {
+            (*s, at) = (at, at + *s);
+        }
+        let starts = &*starts;
+        let n = row.len();
         let (lowest, highest) = (&self.coarse_lowest[..], &self.coarse_highest[..]);
-        let mut at = 0usize;
-        for (b, &c) in self.bounds.iter_mut().zip(counts.iter()) {
-            let end = at + c as usize;
-            let lo = lowest.get(at).copied().unwrap_or(0);
-            *b = crate::kernels::bucket_bounds(lo, highest.get(end).copied().unwrap_or(0));
-            at = end;
-        }
         let limits = &self.limits[..];
         let limit = |rank: usize| limits.get(rank).copied().unwrap_or(0);
 
         let draws = &mut self.draws;
-        draws.resize(row.len(), 0);
+        draws.resize(n, 0);
         crate::kernels::top_draws(stream(seed, k), first as u64, draws);
         let open = &mut self.open;
         open.clear();
-        open.resize(row.len().div_ceil(64), 0);
+        open.resize(n.div_ceil(64), 0);
         let bucketed = crate::kernels::BucketDraws {
             draws,
             bins,
-            bounds: &self.bounds,
+            starts,
+            lowest,
+            highest,
+            // Rising limits: no bucket's bounds are outside the row's.
+            row: crate::kernels::bucket_bounds(lowest[0], highest[n]),
         };
-        crate::kernels::bounded_keep(&bucketed, mask, open);
+        crate::kernels::bounded_keep(&bucketed, mask, open, &mut self.scratch);
         let undecided = &mut self.undecided;
         undecided.clear();
         for (w, &word) in open.iter().enumerate() {
@@ -269,30 +283,25 @@ impl DellaRows {
         }
         // The stable rank: every smaller key, and the equal ones before j. Buckets rise with
         // the key, so the elements of lower buckets are all smaller and those of higher ones
-        // all larger: only bucket bj's need their keys compared, and a scan of the bins
-        // (64 a step, vectorized) finds them.
-        crate::kernels::vectorized(
-            #[inline(always)]
-            || {
-                for &j in undecided.iter() {
-                    let (bj, kj) = (bins[j], key(row[j]));
-                    let lower = counts.get(..usize::from(bj)).unwrap_or_default();
-                    let mut rank: usize = lower.iter().map(|&c| c as usize).sum();
-                    for (c, chunk) in bins.chunks(64).enumerate() {
-                        if !chunk.iter().fold(false, |a, &b| a | (b == bj)) {
-                            continue;
-                        }
-                        for (i, &b) in (c * 64..).zip(chunk) {
-                            if b == bj {
-                                let ki = key(row[i]);
-                                rank += usize::from(ki < kj || (ki == kj && i < j));
-                            }
-                        }
-                    }
-                    mask[j] = draw53(seed, k, first + j) < limit(rank);
+        // all larger: only bucket bj's need their keys compared. They are found as bits
+        // (a vectorized compare of the bins), so only they are visited.
+        let hits = &mut self.hits;
+        hits.resize(n.div_ceil(64), 0);
+        for &j in undecided.iter() {
+            let (bj, kj) = (bins[j], key(row[j]));
+            crate::kernels::equal_bits(bins, bj, hits);
+            let mut rank = starts[usize::from(bj)] as usize;
+            for (w, &word) in hits.iter().enumerate() {
+                let mut bits = word;
+                while bits != 0 {
+                    let i = w * 64 + bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    let ki = key(row[i]);
+                    rank += usize::from(ki < kj || (ki == kj && i < j));
                 }
-            },
-        );
+            }
+            mask[j] = draw53(seed, k, first + j) < limit(rank);
+        }
         true
     }
 }
