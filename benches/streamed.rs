@@ -260,6 +260,23 @@ fn della_mask(c: &mut Criterion) {
         });
     }
     g.finish();
+
+    // A mask kept as bits between passes, read back as bools a 1024-element block at a
+    // time (at an odd bit, as blocks of odd-length rows start): every set against a copy.
+    let words: Vec<u64> = draws.iter().map(|&d| u64::from(d) * 0x9E37_79B9).collect();
+    let mut g = c.benchmark_group("mask_spread_bits");
+    g.throughput(Throughput::Bytes(1024));
+    let mut bools = vec![false; 1024];
+    let src = vec![true; 1024];
+    g.bench_function("memcpy_bools", |b| {
+        b.iter(|| bools.copy_from_slice(black_box(&src)))
+    });
+    for k in available() {
+        g.bench_function(BenchmarkId::new("spread_bits", k.name), |b| {
+            b.iter(|| (k.spread_bits)(black_box(&words), 4099, &mut bools))
+        });
+    }
+    g.finish();
 }
 
 /// The masks' random draws (DELLA's coarse ones, DARE's keep decisions) per 5120-element

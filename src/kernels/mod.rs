@@ -45,6 +45,8 @@ pub struct Kernels {
     pub draws_below: fn(u64, u64, u64, &mut [bool]),
     /// Where a u16 slice holds a value, as bits (see [`scalar::equal_bits`]).
     pub equal_bits: fn(&[u16], u16, &mut [u64]),
+    /// Bits as bools (see [`scalar::spread_bits`]).
+    pub spread_bits: fn(&[u64], usize, &mut [bool]),
 }
 
 pub const SCALAR: Kernels = Kernels {
@@ -63,6 +65,7 @@ pub const SCALAR: Kernels = Kernels {
     top_draws: scalar::top_draws,
     draws_below: scalar::draws_below,
     equal_bits: scalar::equal_bits,
+    spread_bits: scalar::spread_bits,
 };
 
 /// Every kernel set this CPU can run, best last. Tests and benches compare them all.
@@ -94,6 +97,7 @@ pub fn available() -> Vec<Kernels> {
             top_draws: scalar::top_draws,
             draws_below: scalar::draws_below,
             equal_bits: scalar::equal_bits,
+            spread_bits: scalar::spread_bits,
         });
     }
     v
@@ -137,6 +141,11 @@ pub fn top_draws(stream: u64, first: u64, out: &mut [u32]) {
 /// [`scalar::equal_bits`] with the active kernels.
 pub fn equal_bits(v: &[u16], x: u16, bits: &mut [u64]) {
     (active().equal_bits)(v, x, bits)
+}
+
+/// [`scalar::spread_bits`] with the active kernels.
+pub fn spread_bits(bits: &[u64], first: usize, out: &mut [bool]) {
+    (active().spread_bits)(bits, first, out)
 }
 
 /// [`scalar::draws_below`] with the active kernels.

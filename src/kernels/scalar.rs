@@ -232,6 +232,15 @@ pub fn top_draws(stream: u64, first: u64, out: &mut [u32]) {
     }
 }
 
+/// Bits `first..first + out.len()` of `bits` (64 a word, low bit first) as bools: how a
+/// mask kept as bits between passes is read back. Bits past `bits` read as false.
+pub fn spread_bits(bits: &[u64], first: usize, out: &mut [bool]) {
+    for (e, o) in out.iter_mut().enumerate() {
+        let bit = first + e;
+        *o = bits.get(bit / 64).is_some_and(|w| w >> (bit % 64) & 1 == 1);
+    }
+}
+
 /// Where `v` holds `x`: bit i of `bits` (64 a word) for `v[i]`. Every word holding an
 /// element is overwritten. (DELLA finds the few elements of a bucket this way.)
 pub fn equal_bits(v: &[u16], x: u16, bits: &mut [u64]) {

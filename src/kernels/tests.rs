@@ -680,6 +680,29 @@ fn equal_bits_matches_scalar() {
     }
 }
 
+/// Bits read back as bools: every set against the reference at every bit offset in a word,
+/// on odd lengths, up to and past the end of the bits (which read as false).
+#[test]
+fn spread_bits_matches_scalar() {
+    let words = bits(5, 20);
+    for k in available() {
+        for first in (0..70).chain([127, 128, 1100, 1279, 1280, 1300]) {
+            for len in (0..=70).chain([129, 1000, 1300 - first.min(1300)]) {
+                let (mut want, mut got) = (vec![true; len], vec![true; len]);
+                scalar::spread_bits(&words, first, &mut want);
+                (k.spread_bits)(&words, first, &mut got);
+                assert_eq!(want, got, "{} first {first} len {len}", k.name);
+            }
+        }
+    }
+    // The reference itself: bit 64 is the low bit of the second word.
+    let mut out = [false; 3];
+    scalar::spread_bits(&[1 << 63, 0b101], 63, &mut out);
+    assert_eq!(out, [true, true, false]);
+    scalar::spread_bits(&[!0], 62, &mut out);
+    assert_eq!(out, [true, true, false]);
+}
+
 /// The masks' draws: every set against the reference on odd lengths, at counters that wrap
 /// around 2⁶⁴, with limits at 0, inside the draws' range, at 2⁵³ and above it.
 #[test]

@@ -608,6 +608,7 @@ kernel_set! {
     [words] top_draws(stream: u64, first: u64, out: &mut [u32]);
     [words] draws_below(stream: u64, first: u64, limit: u64, keep: &mut [bool]);
     [own] equal_bits = equal_bits_avx2(v: &[u16], x: u16, bits: &mut [u64]);
+    [own] spread_bits = spread_bits_avx2(bits: &[u64], first: usize, out: &mut [bool]);
     [own] bounded_keep = bounded_keep_avx2(x: &crate::kernels::BucketDraws<'_>, keep: &mut [bool], open: &mut [u64], scratch: &mut crate::kernels::KeepScratch);
 }
 
@@ -632,6 +633,7 @@ kernel_set! {
     [words] top_draws(stream: u64, first: u64, out: &mut [u32]);
     [words] draws_below(stream: u64, first: u64, limit: u64, keep: &mut [bool]);
     [own] equal_bits = equal_bits_avx512(v: &[u16], x: u16, bits: &mut [u64]);
+    [own] spread_bits = spread_bits_avx512(bits: &[u64], first: usize, out: &mut [bool]);
     [own] bounded_keep = bounded_keep_avx512(x: &crate::kernels::BucketDraws<'_>, keep: &mut [bool], open: &mut [u64], scratch: &mut crate::kernels::KeepScratch);
 }
 
@@ -885,6 +887,65 @@ unsafe fn equal_bits_avx512(v: &[u16], x: u16, bits: &mut [u64]) {
         *word = u64::from(a) | u64::from(b) << 32;
     }
     scalar::equal_bits(&v[whole..n], x, &mut bits[whole / 64..]);
+}
+
+/// The 64 bits of `bits` from bit `at` on (bits past the end read as 0).
+#[inline(always)]
+fn bits_from(bits: &[u64], at: usize) -> u64 {
+    let (w, s) = (at / 64, at % 64);
+    let lo = bits.get(w).copied().unwrap_or(0) >> s;
+    // `<< 64` would overflow: an aligned run takes nothing from the next word.
+    let hi = bits
+        .get(w + 1)
+        .map_or(0, |&h| if s == 0 { 0 } else { h << (64 - s) });
+    lo | hi
+}
+
+/// [`scalar::spread_bits`], 32 a step: each byte of a 32-bit run goes to its 8 lanes
+/// (`vpshufb`), each lane keeps its own bit, and a compare makes it 0 or 1.
+///
+/// # Safety
+/// The CPU must have AVX2.
+#[target_feature(enable = "avx2,f16c,fma")]
+unsafe fn spread_bits_avx2(bits: &[u64], first: usize, out: &mut [bool]) {
+    let whole = out.len() / 32 * 32;
+    let bytes_of = _mm256_setr_epi8(
+        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, //
+        2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
+    );
+    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    let one = _mm256_set1_epi8(1);
+    for e in (0..whole).step_by(32) {
+        let run = bits_from(bits, first + e) as u32;
+        let v = _mm256_shuffle_epi8(_mm256_set1_epi32(run as i32), bytes_of);
+        let set = _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
+        // SAFETY: e + 32 ≤ whole ≤ out.len(); 0 or 1 bytes are valid bools.
+        unsafe {
+            let dst = out.as_mut_ptr().add(e).cast();
+            _mm256_storeu_si256(dst, _mm256_and_si256(set, one));
+        }
+    }
+    scalar::spread_bits(bits, first + whole, &mut out[whole..]);
+}
+
+/// [`scalar::spread_bits`], 64 a step: a 64-bit run as a byte mask register, stored as
+/// 0 or 1 bytes.
+///
+/// # Safety
+/// The CPU must have AVX-512 F and BW.
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn spread_bits_avx512(bits: &[u64], first: usize, out: &mut [bool]) {
+    let whole = out.len() / 64 * 64;
+    let one = _mm512_set1_epi8(1);
+    for e in (0..whole).step_by(64) {
+        let run = bits_from(bits, first + e);
+        // SAFETY: e + 64 ≤ whole ≤ out.len(); 0 or 1 bytes are valid bools.
+        unsafe {
+            let dst = out.as_mut_ptr().add(e).cast();
+            _mm512_storeu_si512(dst, _mm512_maskz_mov_epi8(run, one));
+        }
+    }
+    scalar::spread_bits(bits, first + whole, &mut out[whole..]);
 }
 
 // ---------------------------------------------------------------- the masks' random draws

@@ -308,7 +308,7 @@ impl TaskMerge {
         if self.consensus {
             // Sign election: the sign of the weighted sum; zeros never agree.
             let total = &mut total[..n];
-            tc::outer_sum_f32(&rows(dl, n), total);
+            outer_sum_rows(dl, n, total);
             q_sum(total);
             // Each model's weight where it agrees, and its delta kept there (`0·x` elsewhere).
             for ((dk, wk), &wi) in dl.chunks_mut(BLOCK).zip(wm.chunks_mut(BLOCK)).zip(w) {
@@ -320,11 +320,11 @@ impl TaskMerge {
                     *x = masked(*x, agree);
                 }
             }
-            tc::outer_sum_f32(&rows(dl, n), out);
+            outer_sum_rows(dl, n, out);
             q_sum(out);
             if self.normalize {
                 let div = &mut div[..n];
-                tc::outer_sum_f32(&rows(wm, n), div);
+                outer_sum_rows(wm, n, div);
                 q_sum(div);
                 for (x, &y) in out.iter_mut().zip(div.iter()) {
                     // A select, not a branch: which elements have no agreeing weight is random.
@@ -333,7 +333,7 @@ impl TaskMerge {
                 d.q(out);
             }
         } else {
-            tc::outer_sum_f32(&rows(dl, n), out);
+            outer_sum_rows(dl, n, out);
             q_sum(out);
             if self.normalize {
                 let mut s = d.sum(w);
@@ -361,9 +361,23 @@ impl TaskMerge {
     }
 }
 
-/// The first `n` elements of each model's run in a `BLOCK`-strided buffer.
-fn rows(v: &[f32], n: usize) -> Vec<&[f32]> {
-    v.chunks(BLOCK).map(|c| &c[..n]).collect()
+/// [`tc::outer_sum_f32`] of the first `n` elements of each model's run in a
+/// `BLOCK`-strided buffer. It runs a few times a block, so the runs are listed on the stack
+/// (up to 8 models) rather than in a new Vec each time.
+#[inline(always)]
+fn outer_sum_rows(v: &[f32], n: usize, out: &mut [f32]) {
+    let mut runs = v.chunks(BLOCK).map(|c| &c[..n.min(c.len())]);
+    if v.len() <= 8 * BLOCK {
+        let mut listed: [&[f32]; 8] = [&[]; 8];
+        let mut k = 0;
+        for (slot, run) in listed.iter_mut().zip(&mut runs) {
+            *slot = run;
+            k += 1;
+        }
+        tc::outer_sum_f32(&listed[..k], out)
+    } else {
+        tc::outer_sum_f32(&runs.collect::<Vec<_>>(), out)
+    }
 }
 
 /// Elements per block of [`TaskMerge::combine_block`]: a block's buffers stay in L1.

@@ -198,18 +198,9 @@ fn write_bits(bits: &mut [u64], first: usize, mask: &[bool]) {
     }
 }
 
-/// The bits of `bits` from bit `first` on, into `mask` (a word at a time).
+/// The bits of `bits` from bit `first` on, into `mask`.
 fn read_bits(bits: &[u64], first: usize, mask: &mut [bool]) {
-    let mut e = 0;
-    while e < mask.len() {
-        let bit = first + e;
-        let word = bits[bit / 64] >> (bit % 64);
-        let take = (64 - bit % 64).min(mask.len() - e);
-        for (i, m) in mask[e..e + take].iter_mut().enumerate() {
-            *m = word >> i & 1 == 1;
-        }
-        e += take;
-    }
+    kernels::spread_bits(bits, first, mask)
 }
 
 /// `x − base` in place of a run of `x`, rounded to D: a model's delta.
