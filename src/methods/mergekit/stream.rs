@@ -358,17 +358,20 @@ pub struct LaneSum {
 
 impl LaneSum {
     /// Add `f(x)` for the values `v`, whose first is element `start` of the tensor.
-    #[inline]
+    #[inline(always)]
     pub fn add_with(&mut self, start: usize, v: &[f32], f: impl Fn(f32) -> f64) {
         Self::add_zip([self], start, v, v, |x, _| [f(x)]);
     }
 
-    /// Add the values themselves.
+    /// Add the values themselves. (Inlined, like every sum here, so it vectorizes in the
+    /// caller's `kernels::vectorized` loop rather than compiling for the baseline CPU.)
+    #[inline(always)]
     pub fn add(&mut self, start: usize, v: &[f32]) {
         self.add_with(start, v, |x| x as f64);
     }
 
     /// Add the squares of the values.
+    #[inline(always)]
     pub fn add_sq(&mut self, start: usize, v: &[f32]) {
         self.add_with(start, v, |x| (x as f64) * (x as f64));
     }
