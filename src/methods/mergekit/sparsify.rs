@@ -265,8 +265,12 @@ impl DellaRows {
             starts,
             lowest,
             highest,
-            // Rising limits: no bucket's bounds are outside the row's.
-            row: crate::kernels::bucket_bounds(lowest[0], highest[n]),
+            // Rising limits: no bucket's bounds are outside the row's (both tables have
+            // n + 1 entries, made with `limits`).
+            row: crate::kernels::bucket_bounds(
+                lowest.first().copied().unwrap_or(0),
+                highest.get(n).copied().unwrap_or(0),
+            ),
         };
         crate::kernels::bounded_keep(&bucketed, mask, open, &mut self.scratch);
         let undecided = &mut self.undecided;
