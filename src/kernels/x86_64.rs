@@ -705,14 +705,8 @@ unsafe fn bounded_keep_avx2(
             undecided |= u64::from(d >= lo && d < hi) << i;
         }
         *bits = undecided;
-        for (q, out) in keep[w * 64..w * 64 + 64].chunks_exact_mut(4).enumerate() {
-            // Bits 4q.. of `kept` to 4 bytes (0 or 1: valid bools).
-            let nibble = (kept >> (q * 4)) as u32 & 0xF;
-            let bytes = (nibble.wrapping_mul(0x0020_4081) & 0x0101_0101).to_le_bytes();
-            for (o, b) in out.iter_mut().zip(bytes) {
-                *o = b == 1;
-            }
-        }
+        // SAFETY: this function's features are spread_bits_avx2's.
+        unsafe { spread_bits_avx2(&[kept], 0, &mut keep[w * 64..w * 64 + 64]) };
     }
     let tail = &mut open[whole / 64..];
     scalar::bounded_keep(&x.from(whole), &mut keep[whole..n], tail, scratch);
