@@ -303,3 +303,126 @@ fn non_float_tensors_pass_through_and_cannot_be_blended() {
         ],
     );
 }
+
+/// Pseudo-random finite f16 bits (|x| < 2), `n` of them, from `seed`.
+fn f16_noise(n: usize, seed: u64) -> Vec<u8> {
+    let mut s = seed;
+    (0..n)
+        .flat_map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let bits = ((s >> 33) as u16) & 0xbfff; // exponent below 0x10 (|x| < 2)
+            bits.to_le_bytes()
+        })
+        .collect()
+}
+
+/// Under `--io read` an elementwise chunk's plain operands are read a window at a time as
+/// its tiles reach them (1 MiB spans), and a step's LoRA factors are read once per worker:
+/// tensors of several windows, a second model with fewer embedding rows (the first's rows
+/// are kept past them, so the second's windows run out before the chunk does) and a LoRA on
+/// the second give the same bytes as mapped reads, at the default budget and with small
+/// chunks.
+#[test]
+fn read_io_windows_and_shared_lora_factors_give_the_mapped_bytes() {
+    use std::collections::BTreeMap;
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |rows: usize, cols: usize, seed: u64| Tensor {
+        dtype: "F16".into(),
+        shape: vec![rows, cols],
+        bytes: f16_noise(rows * cols, seed),
+    };
+    let (embed, proj) = (
+        "model.embed_tokens.weight",
+        "model.layers.0.self_attn.k_proj.weight",
+    );
+    let a: BTreeMap<String, Tensor> = [
+        (embed.into(), t(5000, 256, 1)),
+        (proj.into(), t(2600, 256, 2)),
+    ]
+    .into();
+    let b: BTreeMap<String, Tensor> = [
+        (embed.into(), t(2500, 256, 3)),
+        (proj.into(), t(2600, 256, 4)),
+    ]
+    .into();
+    write_model(&tmp.path().join("a"), &a);
+    write_model(&tmp.path().join("b"), &b);
+    // A rank-8 LoRA on b's k_proj (factors as f32 noise, small).
+    let lora = tmp.path().join("lora");
+    std::fs::create_dir_all(&lora).unwrap();
+    std::fs::copy(
+        golden().join("models/lora/adapter_config.json"),
+        lora.join("adapter_config.json"),
+    )
+    .unwrap();
+    let f32_noise = |n: usize, seed: u64| -> Vec<u8> {
+        let h = f16_noise(n, seed);
+        h.chunks(2)
+            .flat_map(|c| (half::f16::from_le_bytes([c[0], c[1]]).to_f32() / 16.0).to_le_bytes())
+            .collect()
+    };
+    let key = "base_model.model.model.layers.0.self_attn.k_proj";
+    let factors: BTreeMap<String, Tensor> = [
+        (
+            format!("{key}.lora_A.weight"),
+            Tensor {
+                dtype: "F32".into(),
+                shape: vec![8, 256],
+                bytes: f32_noise(8 * 256, 5),
+            },
+        ),
+        (
+            format!("{key}.lora_B.weight"),
+            Tensor {
+                dtype: "F32".into(),
+                shape: vec![2600, 8],
+                bytes: f32_noise(2600 * 8, 6),
+            },
+        ),
+    ]
+    .into();
+    write_model(&lora, &factors);
+    std::fs::rename(
+        lora.join("model.safetensors"),
+        lora.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    std::fs::remove_file(lora.join("config.json")).unwrap();
+    let run = |io: &str, limit: &str| {
+        let out = tmp.path().join(format!("out-{io}-{limit}"));
+        let (m1, m2) = (tmp.path().join("a"), tmp.path().join("b"));
+        let extra = [
+            "--lora2",
+            lora.to_str().unwrap(),
+            "--lora2-weight",
+            "0.5",
+            "--io",
+            io,
+            "--memory-limit",
+            limit,
+            "--quiet",
+        ];
+        blockmerge_ok(
+            tmp.path(),
+            m1.to_str().unwrap(),
+            m2.to_str().unwrap(),
+            &out,
+            "[0.9, 0.3]",
+            &extra,
+        );
+        load_dir(&out)
+    };
+    let mapped = run("mmap", "1GiB");
+    assert_eq!(mapped[embed].shape, vec![5000, 256]);
+    for (io, limit) in [("read", "1GiB"), ("read", "1MiB"), ("auto", "1MiB")] {
+        let got = run(io, limit);
+        for name in [embed, proj] {
+            assert!(
+                got[name] == mapped[name],
+                "--io {io} at {limit}: {name} differs"
+            );
+        }
+    }
+}

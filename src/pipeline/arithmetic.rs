@@ -20,14 +20,83 @@ use crate::methods::mergekit::Capability;
 use crate::plan::{Method, Operand, Plan, Recipe, Step};
 use crate::shape::RowMajor;
 
+use super::reader::FileRange;
+
 /// Elements per tile of the elementwise passes: a few such f32 arrays fit in L2.
 const TILE_ELEMS: usize = 32 * 1024;
 
 /// One operand's bytes for the chunk: its rows (clamped to the rows it provides) and the
 /// data of its patches.
 pub struct OperandData<'a> {
+    /// The rows' stored bytes (empty when `window` is set).
     pub bytes: &'a [u8],
+    /// The rows, to be read a window at a time as the chunk is computed, in place of `bytes`.
+    pub window: Option<&'a FileRange>,
     pub patches: Vec<PatchData<'a>>,
+}
+
+/// Stored bytes per window of the operands read a window at a time: with the chunk's
+/// other buffers they stay in the CPU cache from the read to the decode.
+const WINDOW_BYTES: usize = 1 << 20;
+
+/// The current window of each operand read a window at a time (an empty buffer for the
+/// others), a span of whole tiles of the chunk's rows.
+struct Windows {
+    bufs: Vec<Vec<u8>>,
+    /// The chunk's first row in the span read.
+    first: usize,
+}
+
+thread_local! {
+    /// Window buffers of this worker, kept between chunks: a new buffer is zeroed first.
+    static WINDOW_BUFS: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl Windows {
+    /// Buffers for `count` operands, reused from this worker's last chunk when `windowed`.
+    fn new(count: usize, windowed: bool) -> Windows {
+        let mut bufs = match windowed {
+            true => WINDOW_BUFS.with(|w| std::mem::take(&mut *w.borrow_mut())),
+            false => Vec::new(),
+        };
+        bufs.resize_with(count, Vec::new);
+        Windows { bufs, first: 0 }
+    }
+
+    /// Read rows `span` (clamped to the rows each operand provides) of each windowed operand.
+    fn fill(
+        &mut self,
+        plan: &Plan,
+        operands: &[Operand],
+        data: &[OperandData<'_>],
+        op_rows: &[usize],
+        span: Range<usize>,
+    ) -> Result<()> {
+        self.first = span.start;
+        for (((buf, op), d), &n) in self.bufs.iter_mut().zip(operands).zip(data).zip(op_rows) {
+            let Some(window) = d.window else { continue };
+            let rb = op.stored(plan).1 as usize;
+            let (a, b) = (span.start.min(n), span.end.min(n));
+            // Longer than needed is fine (tiles index from the start): a shorter last
+            // window need not cost zeroing the next chunk's.
+            let need = (b - a) * rb;
+            if buf.len() < need {
+                buf.resize(need, 0);
+            }
+            window.read_at((a * rb) as u64, &mut buf[..need])?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Windows {
+    fn drop(&mut self) {
+        // At most one window per operand per worker, outside the budget (1 MiB each).
+        if self.bufs.iter().any(|b| b.capacity() > 0) {
+            let bufs = std::mem::take(&mut self.bufs);
+            let _ = WINDOW_BUFS.try_with(|w| w.replace(bufs));
+        }
+    }
 }
 
 /// An operand's rows of one tile: stored bytes and the LoRA products (unscaled) of each patch.
@@ -110,6 +179,45 @@ fn scratch_give(v: Vec<f32>) {
     });
 }
 
+/// What a chunk's tiles are cut from.
+struct ChunkParts<'c, 'a> {
+    plan: &'c Plan,
+    operands: &'c [Operand],
+    data: &'c [OperandData<'a>],
+    deltas: &'c [Vec<Vec<f32>>],
+    op_rows: &'c [usize],
+    cols: usize,
+}
+
+impl ChunkParts<'_, '_> {
+    /// Rows `t` of each operand, from its bytes or its current window.
+    fn tile<'w>(&'w self, t: Range<usize>, windows: &'w Windows) -> Vec<OperandTile<'w>> {
+        let cols = self.cols;
+        self.data
+            .iter()
+            .zip(self.deltas)
+            .zip(self.operands)
+            .zip(self.op_rows)
+            .zip(&windows.bufs)
+            .map(|((((d, ds), op), &n), window)| {
+                let (a, b) = (t.start.min(n), t.end.min(n));
+                let row_bytes = op.stored(self.plan).1 as usize;
+                let bytes = match d.window {
+                    None => &d.bytes[a * row_bytes..b * row_bytes],
+                    Some(_) => {
+                        let first = windows.first.min(n);
+                        &window[(a - first) * row_bytes..(b - first) * row_bytes]
+                    }
+                };
+                OperandTile {
+                    bytes,
+                    deltas: ds.iter().map(|v| &v[a * cols..b * cols]).collect(),
+                }
+            })
+            .collect()
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn compute_with_deltas(
     plan: &Plan,
@@ -124,26 +232,24 @@ fn compute_with_deltas(
     nrows: usize,
     out: &mut Vec<u8>,
 ) -> Result<()> {
-    let tile = |t: Range<usize>| -> Vec<OperandTile<'_>> {
-        data.iter()
-            .zip(deltas)
-            .zip(operands)
-            .zip(op_rows)
-            .map(|(((d, ds), op), &n)| {
-                let (a, b) = (t.start.min(n), t.end.min(n));
-                let row_bytes = op.stored(plan).1 as usize;
-                OperandTile {
-                    bytes: &d.bytes[a * row_bytes..b * row_bytes],
-                    deltas: ds.iter().map(|v| &v[a * cols..b * cols]).collect(),
-                }
-            })
-            .collect()
+    let parts = ChunkParts {
+        plan,
+        operands,
+        data,
+        deltas,
+        op_rows,
+        cols,
     };
+    let windowed = data.iter().any(|d| d.window.is_some());
+    let mut windows = Windows::new(data.len(), windowed);
     if let Method::Mergekit(r) = method
         && r.capability() != Capability::Elementwise
     {
         // Whole-tensor statistics: the chunk is the whole tensor.
-        let tiles = tile(0..nrows);
+        if windowed {
+            windows.fill(plan, operands, data, op_rows, 0..nrows)?;
+        }
+        let tiles = parts.tile(0..nrows, &windows);
         let xs: Vec<Vec<f32>> = operands
             .iter()
             .zip(data)
@@ -167,10 +273,25 @@ fn compute_with_deltas(
     // Filled tile by tile, in order.
     out.reserve(nrows * out_row_bytes);
     let tile_rows = (TILE_ELEMS / cols.max(1)).max(1);
+    // Windowed operands are read a span of whole tiles at a time.
+    let widest = operands.iter().map(|op| op.stored(plan).1 as usize).max();
+    let span_rows = match windowed {
+        true => tile_rows * (WINDOW_BYTES / (tile_rows * widest.unwrap_or(1)).max(1)).max(1),
+        false => nrows,
+    };
     let mut t0 = 0;
     while t0 < nrows {
+        if windowed && t0 % span_rows == 0 {
+            windows.fill(
+                plan,
+                operands,
+                data,
+                op_rows,
+                t0..(t0 + span_rows).min(nrows),
+            )?;
+        }
         let t1 = (t0 + tile_rows).min(nrows);
-        let tiles = tile(t0..t1);
+        let tiles = parts.tile(t0..t1, &windows);
         let r0 = rows.start as usize + t0;
         compute_tile(
             plan,

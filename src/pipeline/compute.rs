@@ -32,6 +32,7 @@ fn operand_data<'a>(
         .zip(loaded)
         .map(|(op, lo)| OperandData {
             bytes: &lo.bytes,
+            window: lo.window.as_ref(),
             patches: op
                 .patches
                 .iter()
@@ -40,10 +41,10 @@ fn operand_data<'a>(
                     let at = plan.tensor(p.a);
                     let bt = plan.tensor(p.b);
                     PatchData {
-                        a,
+                        a: &a[..],
                         a_dtype: at.dtype,
                         a_shape: [at.shape[0] as usize, at.shape[1] as usize],
-                        b,
+                        b: &b[..],
                         b_dtype: bt.dtype,
                         b_shape: [bt.shape[0] as usize, bt.shape[1] as usize],
                         magnitude: m
@@ -92,7 +93,7 @@ fn windowed(
         return Ok(None);
     }
     let t = plan.tensor(op.tensor);
-    let range = reader::windowed_rows(&inputs[op.tensor.source][t.file], t, rows)?;
+    let range = reader::windowed_rows(&inputs[op.tensor.source][t.file], t, rows, true)?;
     Ok(range.map(|range| -> ReadAt { Box::new(move |at, buf| range.read_at(at, buf)) }))
 }
 
@@ -185,6 +186,7 @@ pub(crate) fn run_streamed(io: &StreamIo<'_>, si: usize, chunk_rows: u64, hold: 
     };
     let cols = step.row_elems() as usize;
     let held = HeldChunks::new(hold);
+    super::factors::enter(si);
     let load = |rows: Range<u64>| -> Result<Chunk> {
         if (io.stopped)() {
             return Err(Error::new(ErrorKind::Interrupted));

@@ -18,6 +18,7 @@ pub mod chunking;
 mod compute;
 mod direct;
 pub mod extract_lora;
+mod factors;
 pub mod journal;
 pub mod reader;
 pub mod writer;
@@ -201,9 +202,17 @@ pub(crate) struct Loaded {
 }
 
 pub(crate) struct LoadedOperand {
+    /// The operand's rows, read (empty when `window` is set).
     bytes: Buf,
-    patches: Vec<(Buf, Buf, Option<Buf>)>,
+    /// The operand's rows, to be read a window at a time as the chunk is computed
+    /// ([`reader::windowed_rows`]), in place of `bytes`.
+    window: Option<reader::FileRange>,
+    patches: Vec<Factors>,
 }
+
+/// A patch's LoRA factors A and B and its DoRA magnitude, shared by a step's chunks
+/// ([`factors`]).
+pub(crate) type Factors = (Arc<Buf>, Arc<Buf>, Option<Arc<Buf>>);
 
 /// Output bytes ready for the writer.
 pub(crate) struct Written {
@@ -352,6 +361,7 @@ pub fn execute_resumable(
         for _ in 0..workers {
             let rx = work_rx.clone();
             let worker = move || {
+                let _kept = factors::scope();
                 for item in rx {
                     if stopped() {
                         continue; // drain: dropping items returns their permits
@@ -396,6 +406,7 @@ pub fn execute_resumable(
 
         // Reader (this thread): steps in input order, chunked, each chunk under a permit;
         // the worker that takes a chunk of local inputs reads it.
+        let _kept = factors::scope();
         let order = read_order(plan);
         'steps: for &si in &order {
             let step = &plan.steps[si];
@@ -527,6 +538,7 @@ fn load_chunk(
     permit: Permit,
 ) -> Result<Chunk> {
     let step = &plan.steps[si];
+    factors::enter(si);
     match &step.recipe {
         Recipe::Copy(t) => {
             let offset = step.offset + chunk_offset(step, rows.start);
@@ -544,12 +556,22 @@ fn load_chunk(
                 permit,
             }))
         }
-        Recipe::Compute { .. } => Ok(Chunk::Work(Loaded {
-            step: si,
-            operands: load_operands(plan, inputs, step, rows.clone(), whole_statistics(step))?,
-            rows,
-            permit,
-        })),
+        Recipe::Compute { operands, .. } => {
+            let whole = whole_statistics(step);
+            let operands = operands
+                .iter()
+                .map(|op| match whole {
+                    true => load_operand(plan, inputs, op, rows.clone(), true),
+                    false => load_elementwise(plan, inputs, op, rows.clone()),
+                })
+                .collect::<Result<_>>()?;
+            Ok(Chunk::Work(Loaded {
+                step: si,
+                operands,
+                rows,
+                permit,
+            }))
+        }
     }
 }
 
@@ -596,25 +618,34 @@ fn operand_hints(repeated: bool) -> reader::ReadHints {
     }
 }
 
-/// The bytes of every operand of a computed step for rows `rows` (each clamped to the rows
-/// it provides), with their LoRA factors; `repeated` for a pass of a streamed step.
-pub(crate) fn load_operands(
+/// Operand `op` of an elementwise step for rows `rows`: a plain tensor of a local file read
+/// with copies (`--io read`) is left to be read a window at a time as the chunk is computed,
+/// so each window is still in the CPU cache when it is used (seed recipe, `--io read`: see
+/// README); anything else is read now ([`load_operand`]).
+fn load_elementwise(
     plan: &Plan,
     inputs: &[Vec<InputFile>],
-    step: &Step,
+    op: &Operand,
     rows: Range<u64>,
-    repeated: bool,
-) -> Result<Vec<LoadedOperand>> {
-    let Recipe::Compute { operands, .. } = &step.recipe else {
-        return Ok(Vec::new());
-    };
-    operands
-        .iter()
-        .map(|op| load_operand(plan, inputs, op, rows.clone(), repeated))
-        .collect()
+) -> Result<LoadedOperand> {
+    let t = plan.tensor(op.tensor);
+    if op.vocab.is_none() && t.dtype.bits() >= 8 {
+        let end = rows.end.min(op.rows).max(rows.start);
+        let file = &inputs[op.tensor.source][t.file];
+        if let Some(window) = reader::windowed_rows(file, t, rows.start..end, false)? {
+            return Ok(LoadedOperand {
+                bytes: Buf::Owned(Vec::new()),
+                window: Some(window),
+                patches: load_patches(plan, inputs, op, operand_hints(false))?,
+            });
+        }
+    }
+    load_operand(plan, inputs, op, rows, false)
 }
 
-/// [`load_operands`] for one operand.
+/// The bytes of an operand of a computed step for rows `rows` (clamped to the rows it
+/// provides), with its LoRA factors; `repeated` for a pass of a streamed step or a method
+/// with whole-tensor statistics.
 pub(crate) fn load_operand(
     plan: &Plan,
     inputs: &[Vec<InputFile>],
@@ -628,17 +659,26 @@ pub(crate) fn load_operand(
         Some((v, slot)) => aligned_rows(plan, inputs, v, *slot, rows.start..end, repeated)?,
         None => read_tensor(plan, inputs, op.tensor, Some(rows.start..end), hints)?,
     };
-    let mut patches = Vec::with_capacity(op.patches.len());
-    for p in &op.patches {
-        let a = read_tensor(plan, inputs, p.a, None, hints)?;
-        let b = read_tensor(plan, inputs, p.b, None, hints)?;
-        let m = p
-            .magnitude
-            .map(|m| read_tensor(plan, inputs, m, None, hints))
-            .transpose()?;
-        patches.push((a, b, m));
-    }
-    Ok(LoadedOperand { bytes, patches })
+    Ok(LoadedOperand {
+        bytes,
+        window: None,
+        patches: load_patches(plan, inputs, op, hints)?,
+    })
+}
+
+/// The LoRA factors (and magnitudes) of operand `op`'s patches, read whole, or kept from
+/// an earlier chunk of the step by this thread ([`factors`]).
+fn load_patches(
+    plan: &Plan,
+    inputs: &[Vec<InputFile>],
+    op: &Operand,
+    hints: reader::ReadHints,
+) -> Result<Vec<Factors>> {
+    let read = |r| factors::factor(r, || read_tensor(plan, inputs, r, None, hints));
+    op.patches
+        .iter()
+        .map(|p| Ok((read(p.a)?, read(p.b)?, p.magnitude.map(read).transpose()?)))
+        .collect()
 }
 
 /// Rows `rows` of slot `slot`'s tensor aligned to the merged vocabulary, as f32 (see

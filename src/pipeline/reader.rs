@@ -186,9 +186,15 @@ impl InputFile {
     }
 
     /// The file, for reading bytes `offset..offset+len` a window at a time (checked to lie
-    /// within it), when this file reads that way (see [`windowed_rows`]).
-    fn windowed(&self, offset: u64, len: u64) -> std::io::Result<Option<Arc<dyn SourceFile>>> {
-        let copied = self.mode == IoMode::Read || self.chosen;
+    /// within it), when this file reads that way (see [`windowed_rows`]); `repeated` as in
+    /// [`ReadHints`].
+    fn windowed(
+        &self,
+        offset: u64,
+        len: u64,
+        repeated: bool,
+    ) -> std::io::Result<Option<Arc<dyn SourceFile>>> {
+        let copied = self.mode == IoMode::Read || (repeated && self.chosen);
         if !copied || self.file.prefers_reads() {
             return Ok(None);
         }
@@ -261,18 +267,19 @@ fn read_failed(e: std::io::Error, path: &Path, tensor: &str) -> Error {
     Error::io("read failed", e).in_file(path).at_tensor(tensor)
 }
 
-/// Rows `rows` of tensor `t` in `file`, to be read a window at a time pass after pass, when
-/// a repeated read of them would copy them from a local file's page cache (`read`, or
-/// `auto`'s choice; see [`ReadHints::repeated`]) and `t` is stored row-major (a gathered view
-/// is read whole, by [`read_rows`]); `None` in other modes and for network files (read in
-/// large pieces). Windows that stay in the CPU cache save writing a whole chunk's copy to
-/// DRAM and reading it back (one pass over a model with a trivial decode: 0.58–0.68 s with
-/// 16 MiB reads, 0.28–0.30 s with 1 MiB windows; nuslerp's CPU: −5%, the page cache's own
-/// copy being most of the rest). Errors name the file and the tensor.
+/// Rows `rows` of tensor `t` in `file`, to be read a window at a time as they are used, when
+/// a read of them would copy them from a local file's page cache (`read`, or `auto`'s
+/// choice for a `repeated` read; see [`ReadHints::repeated`]) and `t` is stored row-major (a
+/// gathered view is read whole, by [`read_rows`]); `None` in other modes and for network
+/// files (read in large pieces). Windows that stay in the CPU cache save writing a whole
+/// chunk's copy to DRAM and reading it back (one pass over a model with a trivial decode:
+/// 0.58–0.68 s with 16 MiB reads, 0.28–0.30 s with 1 MiB windows; nuslerp's CPU: −5%, the
+/// page cache's own copy being most of the rest). Errors name the file and the tensor.
 pub fn windowed_rows(
     file: &InputFile,
     t: &TensorInfo,
     rows: Range<u64>,
+    repeated: bool,
 ) -> Result<Option<FileRange>> {
     if !matches!(t.layout, Layout::Contiguous) {
         return Ok(None);
@@ -280,7 +287,7 @@ pub fn windowed_rows(
     let rb = t.row_bytes();
     let (offset, len) = (t.offset + rows.start * rb, (rows.end - rows.start) * rb);
     let range = file
-        .windowed(offset, len)
+        .windowed(offset, len, repeated)
         .map_err(|e| read_failed(e, file.path(), &t.name))?;
     Ok(range.map(|file| FileRange {
         file,
@@ -385,20 +392,25 @@ mod tests {
         assert_eq!(kind(IoMode::Read, once), "read");
     }
 
-    /// Windowed ranges exist where a repeated read would copy from a local file (`read`,
-    /// `auto`), not under `mmap`; they read the range's bytes, refuse reads outside it and
+    /// Windowed ranges exist where a read would copy from a local file (`read`, and `auto`
+    /// for a repeated read), not under `mmap`; they read the range's bytes, refuse reads outside it and
     /// ranges past the end of the file, and report a file truncated under them.
     #[test]
     fn windowed_ranges_read_their_bytes_and_report_truncation() {
         use crate::source::Source;
         let (dir, data, src) = test_file();
         let open = |mode| InputFile::new(src.open("x").unwrap(), mode);
-        assert!(open(IoMode::Mmap).windowed(0, 10).unwrap().is_none());
-        let past = open(IoMode::Read).windowed(19_000, 2000).err().unwrap();
+        assert!(open(IoMode::Mmap).windowed(0, 10, true).unwrap().is_none());
+        assert!(open(IoMode::Auto).windowed(0, 10, false).unwrap().is_none());
+        assert!(open(IoMode::Read).windowed(0, 10, false).unwrap().is_some());
+        let past = open(IoMode::Read)
+            .windowed(19_000, 2000, false)
+            .err()
+            .unwrap();
         assert_eq!(past.kind(), std::io::ErrorKind::UnexpectedEof);
         let f = open(IoMode::Auto);
         let range = FileRange {
-            file: f.windowed(1000, 5000).unwrap().unwrap(),
+            file: f.windowed(1000, 5000, true).unwrap().unwrap(),
             offset: 1000,
             len: 5000,
             tensor: "layer.weight".into(),
