@@ -407,8 +407,10 @@ pub fn execute_resumable(
         // Reader (this thread): steps in input order, chunked, each chunk under a permit;
         // the worker that takes a chunk of local inputs reads it.
         let _kept = factors::scope();
-        let order = read_order(plan);
-        'steps: for &si in &order {
+        // Every chunk and streamed step first (cheap: row ranges), so that copied chunks can
+        // be spread among the computed ones.
+        let mut items = Vec::new();
+        for &si in &read_order(plan) {
             let step = &plan.steps[si];
             if step.len == 0 || skip[si] {
                 continue;
@@ -418,52 +420,76 @@ pub fn execute_resumable(
                 && (chunk_cost(plan, step, step.rows().max(1)) > whole_limit
                     || prefers_streaming(step))
             {
-                let chunk_rows = stream_rows(plan, step, target);
-                let cost = chunk_cost(plan, step, chunk_rows) * 2;
-                let hold = held_bytes(plan, step, opts.memory_limit, workers);
-                let Some(permit) = budget.acquire(cost + hold, stopped) else {
-                    break;
-                };
-                let w = Work::Streamed {
-                    step: si,
-                    chunk_rows,
-                    hold,
-                    _permit: permit,
-                };
-                if work_tx.send(w).is_err() {
-                    break;
-                }
+                items.push(Planned::Streamed(si));
                 continue;
             }
             let per_chunk = rows_per_chunk(plan, step, target);
+            let rows = step.rows().max(1);
             let mut r0 = 0;
-            while r0 < step.rows().max(1) {
-                let r1 = (r0 + per_chunk).min(step.rows().max(1));
-                if stopped() {
-                    break 'steps;
+            while r0 < rows {
+                let r1 = (r0 + per_chunk).min(rows);
+                items.push(Planned::Rows(si, r0..r1));
+                r0 = r1;
+            }
+        }
+        // Remote inputs are fetched in file order; local ones may be read in any.
+        if !read_here {
+            items = spread_copies(items, |item| match item {
+                Planned::Rows(si, rows) => {
+                    let step = &plan.steps[*si];
+                    (
+                        matches!(step.recipe, Recipe::Copy(_)),
+                        chunk_len(step, rows),
+                    )
                 }
-                let Some(permit) = budget.acquire(chunk_cost(plan, step, r1 - r0), stopped) else {
-                    break 'steps;
-                };
-                let work = if read_here {
-                    match load_chunk(plan, inputs, si, r0..r1, permit) {
-                        Ok(c) => Work::Read(c),
-                        Err(e) => {
-                            fail(e.at_tensor(&step.name));
-                            break 'steps;
+                Planned::Streamed(si) => (false, plan.steps[*si].len),
+            });
+        }
+        for item in items {
+            if stopped() {
+                break;
+            }
+            let work = match item {
+                Planned::Streamed(si) => {
+                    let step = &plan.steps[si];
+                    let chunk_rows = stream_rows(plan, step, target);
+                    let cost = chunk_cost(plan, step, chunk_rows) * 2;
+                    let hold = held_bytes(plan, step, opts.memory_limit, workers);
+                    let Some(permit) = budget.acquire(cost + hold, stopped) else {
+                        break;
+                    };
+                    Work::Streamed {
+                        step: si,
+                        chunk_rows,
+                        hold,
+                        _permit: permit,
+                    }
+                }
+                Planned::Rows(si, rows) => {
+                    let step = &plan.steps[si];
+                    let cost = chunk_cost(plan, step, rows.end - rows.start);
+                    let Some(permit) = budget.acquire(cost, stopped) else {
+                        break;
+                    };
+                    if read_here {
+                        match load_chunk(plan, inputs, si, rows, permit) {
+                            Ok(c) => Work::Read(c),
+                            Err(e) => {
+                                fail(e.at_tensor(&step.name));
+                                break;
+                            }
+                        }
+                    } else {
+                        Work::Rows {
+                            step: si,
+                            rows,
+                            permit,
                         }
                     }
-                } else {
-                    Work::Rows {
-                        step: si,
-                        rows: r0..r1,
-                        permit,
-                    }
-                };
-                if work_tx.send(work).is_err() {
-                    break 'steps;
                 }
-                r0 = r1;
+            };
+            if work_tx.send(work).is_err() {
+                break;
             }
         }
         drop(work_tx);
@@ -498,6 +524,57 @@ fn open_inputs(plan: &Plan, io: IoMode) -> Result<Vec<Vec<InputFile>>> {
                 .collect()
         })
         .collect()
+}
+
+/// A unit of the reader's work, before its permit: a chunk of rows of a step, or a whole
+/// step to stream in passes.
+enum Planned {
+    Rows(usize, Range<u64>),
+    Streamed(usize),
+}
+
+/// `items` with the copied ones (`class` gives whether an item is a copy, and its bytes)
+/// spread evenly by bytes among the rest, each kind in its own order. Copies cost the
+/// cores nothing and computed chunks little disk: in file order the seed recipe copies its
+/// embeddings and lm_head first, the cores idle, then computes with the disk half idle
+/// (seed recipe + LoRA: see README).
+fn spread_copies<T>(items: Vec<T>, class: impl Fn(&T) -> (bool, u64)) -> Vec<T> {
+    let (mut copies, mut computed) = (Vec::new(), Vec::new());
+    for item in items {
+        let (copy, bytes) = class(&item);
+        match copy {
+            true => copies.push((item, bytes)),
+            false => computed.push((item, bytes)),
+        }
+    }
+    let total = |v: &[(T, u64)]| v.iter().map(|(_, b)| u128::from(*b)).sum::<u128>();
+    let (copy_total, computed_total) = (total(&copies), total(&computed));
+    let mut out = Vec::with_capacity(copies.len() + computed.len());
+    let (mut copies, mut computed) = (
+        copies.into_iter().peekable(),
+        computed.into_iter().peekable(),
+    );
+    let (mut copy_done, mut computed_done) = (0u128, 0u128);
+    loop {
+        // The next copy goes when the copies' share done is behind the computed one's.
+        let take_copy = match (copies.peek(), computed.peek()) {
+            (None, None) => break,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (Some(_), Some(_)) => copy_done * computed_total <= computed_done * copy_total,
+        };
+        let next = match take_copy {
+            true => copies.next(),
+            false => computed.next(),
+        };
+        let Some((item, bytes)) = next else { break };
+        match take_copy {
+            true => copy_done += u128::from(bytes),
+            false => computed_done += u128::from(bytes),
+        }
+        out.push(item);
+    }
+    out
 }
 
 /// Steps ordered so that each input file is read front to back.
@@ -785,4 +862,46 @@ fn pad_mean(
         .into_iter()
         .map(|s| (s / tokens.max(1) as f64) as f32)
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::spread_copies;
+
+    /// Copies are spread by bytes among the computed items, each kind kept in its order.
+    #[test]
+    fn copies_spread_evenly_by_bytes_among_computed_items() {
+        // (name, is a copy, bytes)
+        let items = vec![
+            ("e1", true, 50),
+            ("e2", true, 50),
+            ("c1", false, 100),
+            ("c2", false, 100),
+            ("c3", false, 100),
+            ("c4", false, 100),
+            ("h1", true, 100),
+        ];
+        let order: Vec<&str> = spread_copies(items, |(_, copy, b)| (*copy, *b))
+            .into_iter()
+            .map(|(n, _, _)| n)
+            .collect();
+        // Copies 200 bytes of 400 computed: one copy byte per two computed bytes.
+        assert_eq!(order, ["e1", "c1", "e2", "c2", "h1", "c3", "c4"]);
+        // One kind alone, or nothing, comes back as it was.
+        let only = vec![(1, true, 5), (2, true, 0), (3, true, 7)];
+        let back: Vec<i32> = spread_copies(only, |(_, c, b)| (*c, *b))
+            .into_iter()
+            .map(|(n, _, _)| n)
+            .collect();
+        assert_eq!(back, [1, 2, 3]);
+        assert!(spread_copies(Vec::<u8>::new(), |_| (true, 1)).is_empty());
+        // Zero-byte items on either side still all come out once.
+        let zeros = vec![(1, true, 0), (2, false, 0), (3, true, 0), (4, false, 9)];
+        let mut got: Vec<i32> = spread_copies(zeros, |(_, c, b)| (*c, *b))
+            .into_iter()
+            .map(|(n, _, _)| n)
+            .collect();
+        got.sort();
+        assert_eq!(got, [1, 2, 3, 4]);
+    }
 }
