@@ -321,9 +321,9 @@ fn f16_noise(n: usize, seed: u64) -> Vec<u8> {
 /// Under `--io read` an elementwise chunk's plain operands are read a window at a time as
 /// its tiles reach them (1 MiB spans), and a step's LoRA factors are read once per worker:
 /// tensors of several windows, a second model with fewer embedding rows (the first's rows
-/// are kept past them, so the second's windows run out before the chunk does) and a LoRA on
-/// the second give the same bytes as mapped reads, at the default budget and with small
-/// chunks.
+/// are kept past them, so the second's windows run out before the chunk does, and whole
+/// chunks lie past its rows) and a LoRA on the second give the same bytes as mapped reads,
+/// at the default budget and with small chunks.
 #[test]
 fn read_io_windows_and_shared_lora_factors_give_the_mapped_bytes() {
     use std::collections::BTreeMap;
@@ -337,8 +337,11 @@ fn read_io_windows_and_shared_lora_factors_give_the_mapped_bytes() {
         "model.embed_tokens.weight",
         "model.layers.0.self_attn.k_proj.weight",
     );
+    // a's embedding is 10 MB, cut into chunks at 1 MiB (4 MiB chunks); b's 2500 rows end
+    // in the first, so its later chunks have none of b's rows (and b's file ends long
+    // before where those rows would be).
     let a: BTreeMap<String, Tensor> = [
-        (embed.into(), t(5000, 256, 1)),
+        (embed.into(), t(20000, 256, 1)),
         (proj.into(), t(2600, 256, 2)),
     ]
     .into();
@@ -415,7 +418,7 @@ fn read_io_windows_and_shared_lora_factors_give_the_mapped_bytes() {
         load_dir(&out)
     };
     let mapped = run("mmap", "1GiB");
-    assert_eq!(mapped[embed].shape, vec![5000, 256]);
+    assert_eq!(mapped[embed].shape, vec![20000, 256]);
     for (io, limit) in [("read", "1GiB"), ("read", "1MiB"), ("auto", "1MiB")] {
         let got = run(io, limit);
         for name in [embed, proj] {

@@ -91,7 +91,13 @@ impl Windows {
 
 impl Drop for Windows {
     fn drop(&mut self) {
-        // At most one window per operand per worker, outside the budget (1 MiB each).
+        // At most one window per operand per worker, outside the budget (1 MiB each; the
+        // one row wider than that a span can hold is let go).
+        for b in &mut self.bufs {
+            if b.capacity() > WINDOW_BYTES {
+                *b = Vec::new();
+            }
+        }
         if self.bufs.iter().any(|b| b.capacity() > 0) {
             let bufs = std::mem::take(&mut self.bufs);
             let _ = WINDOW_BUFS.try_with(|w| w.replace(bufs));
@@ -247,7 +253,10 @@ fn compute_with_deltas(
     {
         // Whole-tensor statistics: the chunk is the whole tensor.
         if windowed {
-            windows.fill(plan, operands, data, op_rows, 0..nrows)?;
+            // The loader reads such steps' chunks whole (a window here would be the tensor).
+            return Err(Error::internal(
+                "a whole-tensor method was given windowed operands",
+            ));
         }
         let tiles = parts.tile(0..nrows, &windows);
         let xs: Vec<Vec<f32>> = operands
@@ -442,6 +451,8 @@ pub fn operand_f32(
     nrows: usize,
     cols: usize,
 ) -> Result<Vec<f32>> {
+    // The streamed loader never windows an operand it hands here.
+    debug_assert!(data.window.is_none());
     let mut deltas: Vec<Vec<f32>> = Vec::with_capacity(op.patches.len());
     for (p, pd) in op.patches.iter().zip(&data.patches) {
         let mut delta = vec![0f32; nrows * cols];

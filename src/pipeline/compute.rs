@@ -193,7 +193,8 @@ pub(crate) fn run_streamed(io: &StreamIo<'_>, si: usize, chunk_rows: u64, hold: 
         }
         let mut chunk = Chunk::default();
         for (k, op) in operands.iter().enumerate() {
-            let n = (rows.end.min(op.rows).max(rows.start) - rows.start) as usize;
+            let own = super::provided_rows(op, &rows);
+            let n = (own.end - own.start) as usize;
             let (dtype, _) = op.stored(plan);
             // Without patches the bytes are decoded (and rounded) a block at a time where
             // the method reads them: from a window of the file, or from the chunk read whole.
@@ -203,7 +204,6 @@ pub(crate) fn run_streamed(io: &StreamIo<'_>, si: usize, chunk_rows: u64, hold: 
                 r
             };
             let plain = op.patches.is_empty() && dtype.bits() >= 8;
-            let own = rows.start..rows.start + n as u64;
             let stored = n * cols * dtype.size();
             // A chunk read to be kept but found short is used as read, not read again.
             let mut read_once = None;

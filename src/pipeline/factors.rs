@@ -5,8 +5,9 @@
 //! read (`--io read`, remote sources) it copied 3.4 GB of factors for a 1.3 GB LoRA run
 //! (seed recipe + rank-64 LoRA, 2 layers of 13B: more than the model bytes themselves).
 //! A thread keeps the factors of the step it works on and lets them go when it starts
-//! another step, so what it keeps is what its current chunk's permit already counts
-//! (`chunking::chunk_cost` charges each chunk the whole factors).
+//! another step or runs out of work, so what it keeps is what the permits of the step's
+//! chunks in flight (which share them) already count: `chunking::chunk_cost` charges each
+//! chunk the whole factors. Only a thread inside a [`Scope`] keeps anything.
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -18,6 +19,8 @@ use super::reader::Buf;
 
 #[derive(Default)]
 struct StepFactors {
+    /// Inside a [`Scope`].
+    active: bool,
     step: Option<usize>,
     kept: Vec<(TensorRef, Arc<Buf>)>,
 }
@@ -31,6 +34,12 @@ thread_local! {
 pub(crate) struct Scope(());
 
 pub(crate) fn scope() -> Scope {
+    KEPT.with(|k| {
+        *k.borrow_mut() = StepFactors {
+            active: true,
+            ..StepFactors::default()
+        }
+    });
     Scope(())
 }
 
@@ -46,13 +55,24 @@ impl Drop for Scope {
 }
 
 /// This thread now works on step `step`: factors kept for another step are let go.
+/// Outside a [`Scope`] nothing is kept, so no later run (whose plan reuses the step
+/// numbers) can be served another's factors.
 pub(crate) fn enter(step: usize) {
     KEPT.with(|k| {
         let mut k = k.borrow_mut();
         if k.step != Some(step) {
             k.kept.clear();
-            k.step = Some(step);
+            k.step = Some(step).filter(|_| k.active);
         }
+    });
+}
+
+/// This thread has no work for now: its factors are let go (no permit counts them).
+pub(crate) fn leave() {
+    KEPT.with(|k| {
+        let mut k = k.borrow_mut();
+        k.kept.clear();
+        k.step = None;
     });
 }
 
@@ -110,11 +130,19 @@ mod tests {
         let err = factor(t(2), || Err(crate::error::Error::invalid("bad factor")));
         assert!(err.is_err());
         assert_eq!(&**factor(t(2), || read(1)).unwrap(), &[1; 3]);
-        // The end of the scope lets everything go, and without a step nothing is kept.
+        // Running out of work lets the factors go.
+        leave();
+        assert_eq!(&**factor(t(2), || read(2)).unwrap(), &[2; 3]);
+        assert_eq!(reads.get(), 5);
+        // The end of the scope lets everything go, and outside one nothing is kept, even
+        // after `enter`.
+        enter(5);
+        assert_eq!(&**factor(t(2), || read(2)).unwrap(), &[2; 3]);
         drop(scope);
+        enter(5);
         assert_eq!(&**factor(t(2), || read(3)).unwrap(), &[3; 3]);
         assert_eq!(&**factor(t(2), || read(4)).unwrap(), &[4; 3]);
-        assert_eq!(reads.get(), 6);
+        assert_eq!(reads.get(), 8);
         // Another thread keeps its own (nothing here).
         std::thread::spawn(|| {
             let fresh = factor(t(0), || Ok(Buf::Owned(vec![2]))).unwrap();

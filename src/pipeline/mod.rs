@@ -362,7 +362,7 @@ pub fn execute_resumable(
             let rx = work_rx.clone();
             let worker = move || {
                 let _kept = factors::scope();
-                for item in rx {
+                for item in &rx {
                     if stopped() {
                         continue; // drain: dropping items returns their permits
                     }
@@ -393,6 +393,9 @@ pub fn execute_resumable(
                     };
                     if let Err(e) = result {
                         fail(e);
+                    }
+                    if rx.is_empty() {
+                        factors::leave();
                     }
                 }
             };
@@ -467,6 +470,10 @@ pub fn execute_resumable(
                 }
                 Planned::Rows(si, rows) => {
                     let step = &plan.steps[si];
+                    if read_here && matches!(step.recipe, Recipe::Compute { .. }) {
+                        // Another step's factors go before waiting on the budget.
+                        factors::enter(si);
+                    }
                     let cost = chunk_cost(plan, step, rows.end - rows.start);
                     let Some(permit) = budget.acquire(cost, stopped) else {
                         break;
@@ -615,7 +622,6 @@ fn load_chunk(
     permit: Permit,
 ) -> Result<Chunk> {
     let step = &plan.steps[si];
-    factors::enter(si);
     match &step.recipe {
         Recipe::Copy(t) => {
             let offset = step.offset + chunk_offset(step, rows.start);
@@ -634,6 +640,8 @@ fn load_chunk(
             }))
         }
         Recipe::Compute { operands, .. } => {
+            // (Not for copies: spread among a step's chunks, they would let its factors go.)
+            factors::enter(si);
             let whole = whole_statistics(step);
             let operands = operands
                 .iter()
@@ -695,6 +703,15 @@ fn operand_hints(repeated: bool) -> reader::ReadHints {
     }
 }
 
+/// The rows of chunk `rows` that operand `op` provides (the vocabulary rule lets an operand
+/// have fewer rows than the step). A chunk wholly past them gets the empty range at their
+/// end, not one at its own start: that offset may lie past the tensor, even past the end of
+/// its file, and would fail the read.
+pub(crate) fn provided_rows(op: &Operand, rows: &Range<u64>) -> Range<u64> {
+    let start = rows.start.min(op.rows);
+    start..rows.end.min(op.rows).max(start)
+}
+
 /// Operand `op` of an elementwise step for rows `rows`: a plain tensor of a local file read
 /// with copies (`--io read`) is left to be read a window at a time as the chunk is computed,
 /// so each window is still in the CPU cache when it is used (seed recipe, `--io read`: see
@@ -707,9 +724,8 @@ fn load_elementwise(
 ) -> Result<LoadedOperand> {
     let t = plan.tensor(op.tensor);
     if op.vocab.is_none() && t.dtype.bits() >= 8 {
-        let end = rows.end.min(op.rows).max(rows.start);
         let file = &inputs[op.tensor.source][t.file];
-        if let Some(window) = reader::windowed_rows(file, t, rows.start..end, false)? {
+        if let Some(window) = reader::windowed_rows(file, t, provided_rows(op, &rows), false)? {
             return Ok(LoadedOperand {
                 bytes: Buf::Owned(Vec::new()),
                 window: Some(window),
@@ -731,10 +747,10 @@ pub(crate) fn load_operand(
     repeated: bool,
 ) -> Result<LoadedOperand> {
     let hints = operand_hints(repeated);
-    let end = rows.end.min(op.rows).max(rows.start);
+    let own = provided_rows(op, &rows);
     let bytes = match &op.vocab {
-        Some((v, slot)) => aligned_rows(plan, inputs, v, *slot, rows.start..end, repeated)?,
-        None => read_tensor(plan, inputs, op.tensor, Some(rows.start..end), hints)?,
+        Some((v, slot)) => aligned_rows(plan, inputs, v, *slot, own, repeated)?,
+        None => read_tensor(plan, inputs, op.tensor, Some(own), hints)?,
     };
     Ok(LoadedOperand {
         bytes,
