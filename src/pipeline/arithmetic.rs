@@ -20,6 +20,8 @@ use crate::methods::mergekit::Capability;
 use crate::plan::{Method, Operand, Plan, Recipe, Step};
 use crate::shape::RowMajor;
 
+use crate::methods::mergekit::stream::WINDOW_BYTES;
+
 use super::reader::FileRange;
 
 /// Elements per tile of the elementwise passes: a few such f32 arrays fit in L2.
@@ -34,10 +36,6 @@ pub struct OperandData<'a> {
     pub window: Option<&'a FileRange>,
     pub patches: Vec<PatchData<'a>>,
 }
-
-/// Stored bytes per window of the operands read a window at a time: with the chunk's
-/// other buffers they stay in the CPU cache from the read to the decode.
-const WINDOW_BYTES: usize = 1 << 20;
 
 /// The current window of each operand read a window at a time (an empty buffer for the
 /// others), a span of whole tiles of the chunk's rows.

@@ -125,8 +125,9 @@ pub struct Chunk {
 /// Reads an operand's stored bytes from a byte offset on (errors name the file and tensor).
 pub type ReadAt = Box<dyn Fn(u64, &mut [u8]) -> Result<()>>;
 
-/// Bytes per window of a windowed operand: small enough that a chunk's windows (one per
-/// operand, per worker) stay in the CPU cache between the read and the decode.
+/// Bytes per window of a windowed operand (streamed passes here, elementwise chunks in the
+/// pipeline): small enough that a chunk's windows (one per operand, per worker) stay in the
+/// CPU cache between the read and the decode.
 pub(crate) const WINDOW_BYTES: usize = 1 << 20;
 
 /// The window of a windowed operand currently read: elements `first..first + n`.
