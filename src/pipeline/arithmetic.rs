@@ -17,10 +17,9 @@ use crate::kernels::active;
 use crate::kernels::bytes::{decode_append, encode_append, halves, round_to};
 use crate::methods::lora::{self, PatchData};
 use crate::methods::mergekit::Capability;
+use crate::methods::mergekit::stream::WINDOW_BYTES;
 use crate::plan::{Method, Operand, Plan, Recipe, Step};
 use crate::shape::RowMajor;
-
-use crate::methods::mergekit::stream::WINDOW_BYTES;
 
 use super::reader::FileRange;
 

@@ -38,7 +38,7 @@ use crate::shape::RowMajor;
 use budget::{Budget, Permit};
 use chunking::{
     chunk_cost, chunk_target, chunkable, held_bytes, prefers_streaming, rows_per_chunk,
-    stream_rows, streamable,
+    spread_copies, stream_rows, streamable,
 };
 use reader::{Buf, InputFile, IoMode};
 use writer::ShardFiles;
@@ -540,50 +540,6 @@ enum Planned {
     Streamed(usize),
 }
 
-/// `items` with the copied ones (`class` gives whether an item is a copy, and its bytes)
-/// spread evenly by bytes among the rest, each kind in its own order. Copies cost the
-/// cores nothing and computed chunks little disk: in file order the seed recipe copies its
-/// embeddings and lm_head first, the cores idle, then computes with the disk half idle
-/// (seed recipe + LoRA: see README).
-fn spread_copies<T>(items: Vec<T>, class: impl Fn(&T) -> (bool, u64)) -> Vec<T> {
-    let (mut copies, mut computed) = (Vec::new(), Vec::new());
-    for item in items {
-        let (copy, bytes) = class(&item);
-        match copy {
-            true => copies.push((item, bytes)),
-            false => computed.push((item, bytes)),
-        }
-    }
-    let total = |v: &[(T, u64)]| v.iter().map(|(_, b)| u128::from(*b)).sum::<u128>();
-    let (copy_total, computed_total) = (total(&copies), total(&computed));
-    let mut out = Vec::with_capacity(copies.len() + computed.len());
-    let (mut copies, mut computed) = (
-        copies.into_iter().peekable(),
-        computed.into_iter().peekable(),
-    );
-    let (mut copy_done, mut computed_done) = (0u128, 0u128);
-    loop {
-        // The next copy goes when the copies' share done is behind the computed one's.
-        let take_copy = match (copies.peek(), computed.peek()) {
-            (None, None) => break,
-            (Some(_), None) => true,
-            (None, Some(_)) => false,
-            (Some(_), Some(_)) => copy_done * computed_total <= computed_done * copy_total,
-        };
-        let next = match take_copy {
-            true => copies.next(),
-            false => computed.next(),
-        };
-        let Some((item, bytes)) = next else { break };
-        match take_copy {
-            true => copy_done += u128::from(bytes),
-            false => computed_done += u128::from(bytes),
-        }
-        out.push(item);
-    }
-    out
-}
-
 /// Steps ordered so that each input file is read front to back.
 fn read_order(plan: &Plan) -> Vec<usize> {
     let mut order: Vec<usize> = (0..plan.steps.len()).collect();
@@ -878,46 +834,4 @@ fn pad_mean(
         .into_iter()
         .map(|s| (s / tokens.max(1) as f64) as f32)
         .collect())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::spread_copies;
-
-    /// Copies are spread by bytes among the computed items, each kind kept in its order.
-    #[test]
-    fn copies_spread_evenly_by_bytes_among_computed_items() {
-        // (name, is a copy, bytes)
-        let items = vec![
-            ("e1", true, 50),
-            ("e2", true, 50),
-            ("c1", false, 100),
-            ("c2", false, 100),
-            ("c3", false, 100),
-            ("c4", false, 100),
-            ("h1", true, 100),
-        ];
-        let order: Vec<&str> = spread_copies(items, |(_, copy, b)| (*copy, *b))
-            .into_iter()
-            .map(|(n, _, _)| n)
-            .collect();
-        // Copies 200 bytes of 400 computed: one copy byte per two computed bytes.
-        assert_eq!(order, ["e1", "c1", "e2", "c2", "h1", "c3", "c4"]);
-        // One kind alone, or nothing, comes back as it was.
-        let only = vec![(1, true, 5), (2, true, 0), (3, true, 7)];
-        let back: Vec<i32> = spread_copies(only, |(_, c, b)| (*c, *b))
-            .into_iter()
-            .map(|(n, _, _)| n)
-            .collect();
-        assert_eq!(back, [1, 2, 3]);
-        assert!(spread_copies(Vec::<u8>::new(), |_| (true, 1)).is_empty());
-        // Zero-byte items on either side still all come out once.
-        let zeros = vec![(1, true, 0), (2, false, 0), (3, true, 0), (4, false, 9)];
-        let mut got: Vec<i32> = spread_copies(zeros, |(_, c, b)| (*c, *b))
-            .into_iter()
-            .map(|(n, _, _)| n)
-            .collect();
-        got.sort();
-        assert_eq!(got, [1, 2, 3, 4]);
-    }
 }
